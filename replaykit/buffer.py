@@ -1,0 +1,300 @@
+"""The synthetic replay buffer and its on-disk format.
+
+A :class:`SyntheticBuffer` is what every distiller returns and what the Avalanche
+plugin and the edge exporter consume: images in the dataset's normalised space,
+hard or soft labels, the class each image stands for, and metadata.
+
+On disk it is one safetensors file (never pickle). The header's metadata holds
+a JSON document with the buffer's metadata and a sha256 over the stored tensors,
+so a truncated, corrupt or tampered file is refused on load.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from .fileio import atomic_write, sha256_bytes
+
+__all__ = ["SyntheticBuffer", "BufferFormatError", "FORMAT_VERSION", "STORAGE_DTYPES"]
+
+FORMAT_VERSION = 1
+STORAGE_DTYPES = ("float32", "float16", "uint8")
+_BYTES_PER_PIXEL = {"float32": 4, "float16": 2, "uint8": 1}
+_HEADER_KEY = "replaykit"
+
+
+class BufferFormatError(ValueError):
+    """A buffer (in memory or on disk) is malformed, corrupt or tampered with."""
+
+
+def _versions() -> dict[str, str]:
+    from . import __version__
+
+    return {"replaykit": __version__, "torch": torch.__version__}
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class SyntheticBuffer:
+    """Replay images with their labels.
+
+    Attributes:
+        images: float32 ``[N, C, H, W]`` in the dataset's normalised space.
+        labels: int64 ``[N]`` class indices, or float32 ``[N, K]`` soft labels (logits
+            or probabilities are the distiller's choice; ``meta['label_kind']`` says).
+        num_classes: K, the size of the label space.
+        class_ids: int64 ``[N]``: the class each image stands for (the per-class
+            index); equal to ``labels`` for hard labels. Defaults to ``argmax`` of soft labels.
+        meta: JSON-serialisable metadata: dataset, mean, std, method, ipc, seed, ...
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    num_classes: int
+    class_ids: torch.Tensor | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.images = torch.as_tensor(self.images)
+        self.labels = torch.as_tensor(self.labels)
+        if self.class_ids is None:
+            self.class_ids = self.labels if self.labels.ndim == 1 else self.labels.argmax(dim=1)
+        self.class_ids = torch.as_tensor(self.class_ids)
+        self.meta = dict(self.meta)
+        self.meta.setdefault("created", _now())
+        self.meta.setdefault("versions", _versions())
+        self.meta.setdefault("label_kind", "soft" if self.labels.ndim == 2 else "hard")
+        self.validate()
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> None:
+        """Raise :class:`BufferFormatError` naming the first problem found."""
+        x, y, ids, k = self.images, self.labels, self.class_ids, self.num_classes
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise BufferFormatError(f"num_classes must be a positive int, got {k!r}")
+        if x.ndim != 4:
+            raise BufferFormatError(f"images must be [N, C, H, W], got shape {tuple(x.shape)}")
+        if x.dtype != torch.float32:
+            raise BufferFormatError(f"images must be float32, got {x.dtype}")
+        n = x.shape[0]
+        if y.ndim == 1:
+            if y.dtype != torch.int64:
+                raise BufferFormatError(f"hard labels must be int64, got {y.dtype}")
+        elif y.ndim == 2:
+            if y.dtype != torch.float32:
+                raise BufferFormatError(f"soft labels must be float32, got {y.dtype}")
+            if y.shape[1] != k:
+                raise BufferFormatError(f"soft labels have {y.shape[1]} columns but num_classes is {k}")
+            if n and not torch.isfinite(y).all():
+                raise BufferFormatError("soft labels contain NaN or inf")
+            if n and ((y < 0).any() or not torch.allclose(y.sum(1), torch.ones(n), atol=1e-3)):
+                raise BufferFormatError("soft labels must be probability rows (non-negative, summing to 1); store softmax of learned logits")
+        else:
+            raise BufferFormatError(f"labels must be [N] or [N, K], got shape {tuple(y.shape)}")
+        if y.shape[0] != n or ids.shape != (n,):
+            raise BufferFormatError(
+                f"{n} images but {y.shape[0]} labels and {tuple(ids.shape)} class ids; counts must match"
+            )
+        if ids.dtype != torch.int64:
+            raise BufferFormatError(f"class_ids must be int64, got {ids.dtype}")
+        if n:
+            if not torch.isfinite(x).all():
+                raise BufferFormatError("images contain NaN or inf")
+            for name, t in (("class ids", ids), ("labels", y if y.ndim == 1 else ids)):
+                lo, hi = int(t.min()), int(t.max())
+                if lo < 0 or hi >= k:
+                    raise BufferFormatError(f"{name} must lie in [0, {k - 1}], found range [{lo}, {hi}]")
+
+    # ------------------------------------------------------------- properties
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def is_soft(self) -> bool:
+        return self.labels.ndim == 2
+
+    @property
+    def classes(self) -> list[int]:
+        """Sorted list of the classes held."""
+        return sorted(int(c) for c in torch.unique(self.class_ids))
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.images.shape[1:])  # type: ignore[return-value]
+
+    def counts(self) -> dict[int, int]:
+        """Images held per class."""
+        ids, cnt = torch.unique(self.class_ids, return_counts=True)
+        return {int(c): int(n) for c, n in zip(ids, cnt)}
+
+    def indices_of(self, cls: int) -> torch.Tensor:
+        return torch.nonzero(self.class_ids == cls, as_tuple=False).flatten()
+
+    def nbytes(self, storage: str = "float32") -> int:
+        """Bytes the buffer takes when images are stored as ``storage`` (labels included)."""
+        if storage not in _BYTES_PER_PIXEL:
+            raise ValueError(f"storage must be one of {STORAGE_DTYPES}, got {storage!r}")
+        label_bytes = self.labels.numel() * (4 if self.is_soft else 1)
+        return self.images.numel() * _BYTES_PER_PIXEL[storage] + label_bytes
+
+    # ------------------------------------------------------------ operations
+    def subset(self, index: torch.Tensor | Sequence[int]) -> "SyntheticBuffer":
+        """A new buffer with the images at ``index`` (metadata copied)."""
+        idx = torch.as_tensor(index, dtype=torch.int64)
+        return SyntheticBuffer(
+            self.images[idx].clone(), self.labels[idx].clone(), self.num_classes, self.class_ids[idx].clone(), dict(self.meta)
+        )
+
+    def select_classes(self, classes: Iterable[int]) -> "SyntheticBuffer":
+        wanted = torch.as_tensor(sorted(set(int(c) for c in classes)), dtype=torch.int64)
+        return self.subset(torch.nonzero(torch.isin(self.class_ids, wanted)).flatten())
+
+    def soft_targets(self) -> torch.Tensor:
+        """Labels as ``[N, K]`` float targets (one-hot for hard labels)."""
+        if self.is_soft:
+            return self.labels
+        return torch.nn.functional.one_hot(self.labels, self.num_classes).float()
+
+    @classmethod
+    def concat(cls, buffers: Sequence["SyntheticBuffer"], meta: dict[str, Any] | None = None) -> "SyntheticBuffer":
+        """Join buffers of the same image shape and label space.
+
+        Hard and soft labels mix by turning hard labels into one-hot rows.
+        """
+        if not buffers:
+            raise ValueError("concat needs at least one buffer")
+        k = buffers[0].num_classes
+        shapes = {b.image_shape for b in buffers if len(b)}
+        if len(shapes) > 1 or any(b.num_classes != k for b in buffers):
+            raise BufferFormatError(
+                f"cannot join buffers with image shapes {sorted(shapes)} and num_classes {[b.num_classes for b in buffers]}"
+            )
+        soft = any(b.is_soft for b in buffers)
+        labels = [b.soft_targets() if soft else b.labels for b in buffers]
+        merged_meta = dict(buffers[0].meta) if meta is None else dict(meta)
+        return cls(
+            torch.cat([b.images for b in buffers]),
+            torch.cat(labels),
+            k,
+            torch.cat([b.class_ids for b in buffers]),
+            merged_meta,
+        )
+
+    @classmethod
+    def empty(cls, image_shape: Sequence[int], num_classes: int, meta: dict[str, Any] | None = None) -> "SyntheticBuffer":
+        return cls(
+            torch.zeros(0, *image_shape), torch.zeros(0, dtype=torch.int64), num_classes, torch.zeros(0, dtype=torch.int64), meta or {}
+        )
+
+    def pixels(self) -> torch.Tensor:
+        """Images mapped back to [0, 1] pixels with the stored mean / std, clipped."""
+        mean, std = _mean_std(self.meta, self.images.shape[1])
+        return (self.images * std + mean).clamp_(0.0, 1.0)
+
+    # -------------------------------------------------------------- file I/O
+    def _stored_images(self, storage: str) -> torch.Tensor:
+        if storage == "float32":
+            return self.images.contiguous()
+        if storage == "float16":
+            return self.images.to(torch.float16).contiguous()
+        if storage == "uint8":
+            return (self.pixels() * 255.0).round_().to(torch.uint8).contiguous()
+        raise ValueError(f"storage must be one of {STORAGE_DTYPES}, got {storage!r}")
+
+    def save(self, path: str | os.PathLike, storage: str = "float32") -> Path:
+        """Write the buffer atomically as safetensors; images stored as ``storage``.
+
+        ``float16`` and ``uint8`` trade precision for 2x / 4x smaller files; ``uint8``
+        quantises pixels after undoing the normalisation.
+        """
+        from safetensors.torch import save_file
+
+        tensors = {
+            "images": self._stored_images(storage),
+            "labels": self.labels.clone(),
+            "class_ids": self.class_ids.clone(),
+        }
+        header = {
+            "format_version": FORMAT_VERSION,
+            "num_classes": self.num_classes,
+            "storage": storage,
+            "meta": self.meta,
+            "sha256": _tensor_digest(tensors),
+        }
+        metadata = {_HEADER_KEY: json.dumps(header, sort_keys=True)}
+        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "SyntheticBuffer":
+        """Read a buffer written by :meth:`save`, verifying structure and checksum."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no buffer file at {path}")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        except Exception as exc:  # safetensors raises its own error types for bad headers / truncation
+            raise BufferFormatError(f"{path} is not a readable safetensors buffer (truncated or corrupt?): {exc}") from exc
+        if _HEADER_KEY not in metadata:
+            raise BufferFormatError(f"{path} has no ReplayKit header; it was not written by SyntheticBuffer.save")
+        try:
+            header = json.loads(metadata[_HEADER_KEY])
+        except json.JSONDecodeError as exc:
+            raise BufferFormatError(f"{path}: the ReplayKit header is not valid JSON: {exc}") from exc
+        if header.get("format_version") != FORMAT_VERSION:
+            raise BufferFormatError(f"{path}: format version {header.get('format_version')!r}, this ReplayKit reads {FORMAT_VERSION}")
+        missing = {"images", "labels", "class_ids"} - tensors.keys()
+        if missing:
+            raise BufferFormatError(f"{path} lacks tensors {sorted(missing)}")
+        if _tensor_digest(tensors) != header.get("sha256"):
+            raise BufferFormatError(f"{path}: checksum mismatch; the file was modified or corrupted after it was written")
+        storage = header.get("storage")
+        expected = {"float32": torch.float32, "float16": torch.float16, "uint8": torch.uint8}.get(storage)
+        if expected is None or tensors["images"].dtype != expected:
+            raise BufferFormatError(f"{path}: images stored as {tensors['images'].dtype}, header says {storage!r}")
+        meta = header.get("meta", {})
+        images = tensors["images"]
+        if images.ndim != 4:
+            raise BufferFormatError(f"{path}: images must be [N, C, H, W], got shape {tuple(images.shape)}")
+        if storage == "uint8":
+            mean, std = _mean_std(meta, images.shape[1])
+            images = (images.float() / 255.0 - mean) / std
+        return cls(images.float(), tensors["labels"], int(header["num_classes"]), tensors["class_ids"], meta)
+
+    def __repr__(self) -> str:
+        kind = "soft" if self.is_soft else "hard"
+        return (
+            f"SyntheticBuffer({len(self)} images {self.image_shape}, {kind} labels, "
+            f"classes={self.counts()}, method={self.meta.get('method')!r})"
+        )
+
+
+def _mean_std(meta: dict[str, Any], channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalisation of ``meta`` as broadcastable tensors (identity when absent)."""
+    mean = torch.tensor(meta.get("mean", [0.0] * channels), dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(meta.get("std", [1.0] * channels), dtype=torch.float32).view(1, -1, 1, 1)
+    if mean.shape[1] != channels or std.shape[1] != channels:
+        raise BufferFormatError(f"meta mean/std have {mean.shape[1]}/{std.shape[1]} channels, images have {channels}")
+    return mean, std
+
+
+def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    parts: list[bytes] = []
+    for key in sorted(tensors):
+        t = tensors[key].contiguous()
+        parts.append(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
+        parts.append(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return sha256_bytes(*parts)

@@ -1,0 +1,45 @@
+"""Distillation methods and selection baselines behind one interface and one registry.
+
+>>> from replaykit import distill
+>>> distill.available()                      # doctest: +SKIP
+['dm', 'dm-multi', 'gm', 'herding', 'kcenter', 'krr', 'random', 'tm']
+>>> buffer = distill.make("dm", ipc=10).distill(images, labels)   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from .base import DistillResult, Distiller, check_training_data
+from .random_subset import RandomSubset
+
+__all__ = ["Distiller", "DistillResult", "check_training_data", "available", "make", "register", "REGISTRY"]
+
+#: Method name -> class. Add a method by decorating its class with :func:`register`.
+REGISTRY: dict[str, type[Distiller]] = {}
+
+
+def register(cls: type[Distiller]) -> type[Distiller]:
+    """Class decorator: add a distiller to the registry under ``cls.name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no registry name")
+    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
+        raise ValueError(f"a distiller named {cls.name!r} is already registered ({REGISTRY[cls.name].__name__})")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def available() -> list[str]:
+    """Sorted registry names."""
+    return sorted(REGISTRY)
+
+
+def make(name: str, **options) -> Distiller:
+    """Build the distiller registered as ``name`` with ``options`` for its ``__init__``."""
+    try:
+        cls = REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown distillation method {name!r}; available: {', '.join(available())}") from None
+    return cls(**options)
+
+
+for _cls in (RandomSubset,):
+    register(_cls)

@@ -18,7 +18,6 @@ from . import __version__
 
 # Order here is the order in ``replaykit --help``.
 SUBCOMMANDS: list[str] = [
-    "replaykit.demo",
     "replaykit.viz",
 ]
 

@@ -59,11 +59,11 @@ class DatasetInfo:
     std: tuple[float, ...]
     class_names: tuple[str, ...] = field(default=())
 
-    def to_json(self) -> dict:
+    def meta(self) -> dict:
+        """JSON metadata that buffers and bundles carry about their dataset."""
         return {
-            "name": self.name,
+            "dataset": self.name,
             "in_shape": list(self.in_shape),
-            "num_classes": self.num_classes,
             "mean": list(self.mean),
             "std": list(self.std),
             "class_names": list(self.class_names),

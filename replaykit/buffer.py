@@ -110,7 +110,8 @@ class SyntheticBuffer:
         if n:
             if not torch.isfinite(x).all():
                 raise BufferFormatError("images contain NaN or inf")
-            for name, t in (("class ids", ids), ("labels", y if y.ndim == 1 else ids)):
+            checks = [("labels", y)] if y.ndim == 1 else []
+            for name, t in checks + [("class ids", ids)]:
                 lo, hi = int(t.min()), int(t.max())
                 if lo < 0 or hi >= k:
                     raise BufferFormatError(f"{name} must lie in [0, {k - 1}], found range [{lo}, {hi}]")

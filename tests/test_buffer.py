@@ -1,0 +1,187 @@
+import json
+import struct
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from replaykit.buffer import BufferFormatError, SyntheticBuffer
+
+META = {"dataset": "digits", "mean": [0.3], "std": [0.4], "method": "test", "ipc": 2}
+
+
+def make_buffer(n_per_class=2, classes=(0, 1, 2), k=3, soft=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.tensor([c for c in classes for _ in range(n_per_class)], dtype=torch.int64)
+    images = torch.randn(len(ids), 1, 8, 8, generator=gen)
+    labels = torch.softmax(torch.randn(len(ids), k, generator=gen), 1) if soft else ids.clone()
+    return SyntheticBuffer(images, labels, k, ids, dict(META))
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_float32_round_trip_is_exact(tmp_path, soft):
+    buf = make_buffer(soft=soft)
+    path = buf.save(tmp_path / "buf.safetensors")
+    back = SyntheticBuffer.load(path)
+    assert torch.equal(back.images, buf.images)
+    assert torch.equal(back.labels, buf.labels)
+    assert torch.equal(back.class_ids, buf.class_ids)
+    assert back.num_classes == 3 and back.is_soft == soft
+    assert back.meta["method"] == "test" and back.meta["created"] == buf.meta["created"]
+    assert back.meta["versions"]["torch"] == torch.__version__
+
+
+def test_reduced_precision_storage_is_smaller_and_close(tmp_path):
+    buf = make_buffer(n_per_class=20)
+    buf.images = buf.images.clamp(-0.3 / 0.4, 0.7 / 0.4)  # inside the pixel range [0, 1]
+    sizes = {}
+    for storage, tol in [("float32", 0), ("float16", 2e-3), ("uint8", 0.5 / 255 / 0.4 + 1e-5)]:
+        path = buf.save(tmp_path / f"{storage}.safetensors", storage=storage)
+        sizes[storage] = path.stat().st_size
+        back = SyntheticBuffer.load(path)
+        assert back.images.dtype == torch.float32
+        assert (back.images - buf.images).abs().max() <= tol
+    assert sizes["uint8"] < sizes["float16"] < sizes["float32"]
+    assert buf.nbytes("uint8") * 4 - buf.labels.numel() * 3 == buf.nbytes("float32")
+
+
+def test_tampered_file_is_refused(tmp_path):
+    path = make_buffer().save(tmp_path / "buf.safetensors")
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0xFF  # flip bits inside the tensor data
+    path.write_bytes(bytes(raw))
+    with pytest.raises(BufferFormatError, match="checksum"):
+        SyntheticBuffer.load(path)
+
+
+def test_truncated_file_is_refused(tmp_path):
+    path = make_buffer().save(tmp_path / "buf.safetensors")
+    path.write_bytes(path.read_bytes()[:-40])
+    with pytest.raises(BufferFormatError, match="truncated or corrupt"):
+        SyntheticBuffer.load(path)
+
+
+def test_garbage_and_foreign_files_are_refused(tmp_path):
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00" * 7)
+    with pytest.raises(BufferFormatError):
+        SyntheticBuffer.load(junk)
+    from safetensors.torch import save_file
+
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"images": torch.zeros(1, 1, 2, 2)}, str(foreign))
+    with pytest.raises(BufferFormatError, match="no ReplayKit header"):
+        SyntheticBuffer.load(foreign)
+    with pytest.raises(FileNotFoundError):
+        SyntheticBuffer.load(tmp_path / "missing.safetensors")
+
+
+def _rewrite_header(path, edit):
+    """Edit the JSON header of a safetensors file in place (keeping its length valid)."""
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    edit(header)
+    text = json.dumps(header).encode()
+    text += b" " * ((8 - len(text) % 8) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n :])
+
+
+def test_header_claiming_other_checksum_or_version_is_refused(tmp_path):
+    path = make_buffer().save(tmp_path / "buf.safetensors")
+
+    def bump_version(header):
+        meta = json.loads(header["__metadata__"]["replaykit"])
+        meta["format_version"] = 99
+        header["__metadata__"]["replaykit"] = json.dumps(meta)
+
+    _rewrite_header(path, bump_version)
+    with pytest.raises(BufferFormatError, match="format version"):
+        SyntheticBuffer.load(path)
+
+
+def test_nan_written_by_someone_else_is_refused_even_with_valid_checksum(tmp_path):
+    # A file whose checksum matches its (bad) content: structure checks must still catch it.
+    buf = make_buffer()
+    path = buf.save(tmp_path / "buf.safetensors")
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from replaykit.buffer import _tensor_digest
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors["images"][0, 0, 0, 0] = float("nan")
+    header = json.loads(meta["replaykit"])
+    header["sha256"] = _tensor_digest(tensors)
+    save_file(tensors, str(path), metadata={"replaykit": json.dumps(header)})
+    with pytest.raises(BufferFormatError, match="NaN"):
+        SyntheticBuffer.load(path)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(images=torch.randn(2, 8, 8), labels=torch.tensor([0, 1])), r"\[N, C, H, W\]"),
+        (dict(images=torch.randn(2, 1, 8, 8).double(), labels=torch.tensor([0, 1])), "float32"),
+        (dict(images=torch.randn(2, 1, 8, 8), labels=torch.tensor([0, 1], dtype=torch.int32)), "int64"),
+        (dict(images=torch.randn(3, 1, 8, 8), labels=torch.tensor([0, 1])), "counts must match"),
+        (dict(images=torch.randn(2, 1, 8, 8), labels=torch.tensor([0, 5])), r"labels must lie in \[0, 2\]"),
+        (dict(images=torch.randn(2, 1, 8, 8), labels=torch.tensor([-1, 0])), r"must lie in \[0, 2\]"),
+        (dict(images=torch.full((2, 1, 8, 8), float("inf")), labels=torch.tensor([0, 1])), "NaN or inf"),
+        (dict(images=torch.randn(2, 1, 8, 8), labels=torch.rand(2, 3)), "probability rows"),
+        (dict(images=torch.randn(2, 1, 8, 8), labels=torch.softmax(torch.randn(2, 4), 1)), "columns"),
+        (dict(images=torch.randn(2, 1, 8, 8), labels=torch.tensor([[float("nan"), 1.0, 0.0]] * 2)), "NaN"),
+    ],
+)
+def test_malformed_buffers_are_refused_with_the_problem_named(kwargs, message):
+    with pytest.raises(BufferFormatError, match=message):
+        SyntheticBuffer(num_classes=3, **kwargs)
+
+
+def test_class_index_subset_and_concat():
+    a = make_buffer(classes=(0, 1))
+    b = make_buffer(classes=(2,), n_per_class=3, soft=True, seed=1)
+    joined = SyntheticBuffer.concat([a, b])
+    assert joined.is_soft and len(joined) == 7
+    assert joined.counts() == {0: 2, 1: 2, 2: 3}
+    assert torch.equal(joined.soft_targets()[:4].argmax(1), a.labels)
+    only2 = joined.select_classes([2])
+    assert only2.classes == [2] and torch.equal(only2.images, b.images)
+    assert torch.equal(joined.indices_of(1), torch.tensor([2, 3]))
+    with pytest.raises(BufferFormatError, match="cannot join"):
+        SyntheticBuffer.concat([a, SyntheticBuffer(torch.zeros(1, 1, 4, 4), torch.tensor([0]), 3)])
+
+
+def test_pixels_undo_normalisation():
+    buf = make_buffer()
+    px = buf.pixels()
+    expected = (buf.images * 0.4 + 0.3).clamp(0, 1)
+    assert torch.allclose(px, expected)
+    assert px.min() >= 0 and px.max() <= 1
+
+
+def test_empty_buffer_round_trips(tmp_path):
+    empty = SyntheticBuffer.empty((1, 8, 8), 10, META)
+    back = SyntheticBuffer.load(empty.save(tmp_path / "e.safetensors"))
+    assert len(back) == 0 and back.classes == [] and back.image_shape == (1, 8, 8)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 6),
+    c=st.sampled_from([1, 3]),
+    k=st.integers(1, 5),
+    storage=st.sampled_from(["float32", "float16"]),
+    seed=st.integers(0, 1000),
+)
+def test_round_trip_property(tmp_path_factory, n, c, k, storage, seed):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, k, (n,), generator=gen)
+    buf = SyntheticBuffer(torch.randn(n, c, 5, 4, generator=gen), ids, k, meta={"mean": [0.5] * c, "std": [0.2] * c})
+    path = buf.save(tmp_path_factory.mktemp("prop") / "b.safetensors", storage=storage)
+    back = SyntheticBuffer.load(path)
+    assert back.counts() == buf.counts()
+    assert torch.allclose(back.images, buf.images, atol=0 if storage == "float32" else 5e-3 * buf.images.abs().max().item())

@@ -18,6 +18,7 @@ from . import __version__
 
 # Order here is the order in ``replaykit --help``.
 SUBCOMMANDS: list[str] = [
+    "replaykit.data",
     "replaykit.viz",
 ]
 

@@ -261,3 +261,31 @@ def load_tensors(
     if tuple(images.shape[1:]) != info.in_shape:
         raise ValueError(f"{key}: expected images of shape {info.in_shape}, found {tuple(images.shape[1:])}")
     return (normalize(images, info) if normalized else images), labels
+
+
+def _data_command(args) -> int:
+    root = data_root(args.root)
+    print(f"data root: {root}")
+    print(f"cache:     {cache_dir()}")
+    for key in args.datasets or sorted(DATASETS):
+        key = _canonical(key)
+        try:
+            x, _ = load_tensors(key, train=True, root=args.root, download=args.download)
+            xt, _ = load_tensors(key, train=False, root=args.root, download=False)
+            status = f"ok: {len(x)} train / {len(xt)} test images of shape {tuple(x.shape[1:])}"
+        except DatasetNotFoundError as exc:
+            status = f"missing ({exc})"
+        print(f"  {key:<14} {status}")
+    return 0
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser(
+        "data",
+        help="show which datasets are found under the data root",
+        description="List the datasets ReplayKit can read offline (and, with --download, fetch the missing ones).",
+    )
+    p.add_argument("datasets", nargs="*", help=f"dataset names (default: all of {', '.join(sorted(DATASETS))})")
+    p.add_argument("--root", help="data root (default: $REPLAYKIT_DATA, ../shared/data, or the user cache)")
+    p.add_argument("--download", action="store_true", help="download missing datasets with torchvision (needs internet)")
+    p.set_defaults(func=_data_command)

@@ -33,3 +33,10 @@ def test_user_errors_exit_2_without_traceback(tmp_path):
     result = subprocess.run([sys.executable, "-m", "replaykit.cli", "show", str(bad)], capture_output=True, text=True)
     assert result.returncode == 2
     assert "replaykit show: error:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_data_command_reports_found_and_missing(tmp_path, capsys):
+    assert main(["data", "digits", "cifar10", "--root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "digits" in out and "ok: 1438 train / 359 test" in out
+    assert "cifar10" in out and "missing" in out

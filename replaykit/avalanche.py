@@ -1,0 +1,420 @@
+"""Distilled replay for Avalanche 0.6: a storage policy and the plugin that drives it.
+
+Add one plugin to the strategy you already have::
+
+    from replaykit.avalanche import DistilledReplayPlugin
+    plugin = DistilledReplayPlugin(mem_size=100, method="dm", dataset_meta=dataset_info("mnist").meta())
+    strategy = Naive(model, optimizer, plugins=[plugin, LwFPlugin()], train_mb_size=128)
+
+:class:`DistilledBuffer` is an Avalanche ``ExemplarsBuffer``: after each experience
+it distills that experience's data class by class with a method from
+:mod:`replaykit.distill` and keeps at most ``max_size`` images in total. When new
+classes arrive every class's quota shrinks to ``max_size // classes_seen`` (the
+remainder goes to the lowest class ids) and the classes already held are
+re-compressed: the held synthetic set of a class is distilled further with the
+same method (``recompress="distill"``) or a seeded random part of it is kept
+(``recompress="select"``). Because it is an ``ExemplarsBuffer`` it also works as
+``ReplayPlugin(storage_policy=DistilledBuffer(...))``.
+
+Well-defined edge cases:
+
+* a class with fewer real images than its quota keeps all of them (the method is
+  asked for exactly that many), so the buffer may hold fewer than ``max_size``;
+* a budget smaller than the number of classes seen raises ``ValueError`` before
+  training on the experience that would break it;
+* an experience with new data for a class already held: the new data is distilled
+  at the class's quota, joined to the held images and re-compressed to the quota,
+  so old and new data weigh the same;
+* a buffer (loaded or passed in) whose image shape or dataset differs from the
+  stream's raises ``ValueError`` naming both.
+
+:class:`DistilledReplayPlugin` replays with Avalanche's ``ReplayDataLoader``
+(``batch_size`` new + ``batch_size_mem`` buffer samples per mini-batch). Buffers
+with soft labels cannot share a collated target tensor with the hard labels of
+the new data, so for them the plugin draws a buffer batch itself (as Avalanche's
+DER does) and adds the soft-label cross-entropy to the strategy's loss before the
+backward pass. Distillation seconds per experience are published through
+``strategy.evaluator`` as ``DistillSeconds/train_phase/train_stream/ExpNNN`` so
+every Avalanche logger sees them. Checkpointing with Avalanche's
+``save_checkpoint`` / ``maybe_load_checkpoint`` restores the buffer; on its own the
+buffer is written with :meth:`DistilledBuffer.save` in ReplayKit's safetensors format.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import torch
+from avalanche.benchmarks.utils import AvalancheDataset
+from avalanche.benchmarks.utils.classification_dataset import _make_taskaware_classification_dataset
+from avalanche.evaluation.metric_results import MetricValue
+from avalanche.training.plugins import ReplayPlugin
+from avalanche.training.storage_policy import ExemplarsBuffer
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
+
+from . import distill as _distill
+from .buffer import SyntheticBuffer
+from .training import soft_cross_entropy
+
+if TYPE_CHECKING:
+    from avalanche.training.templates import SupervisedTemplate
+
+__all__ = ["DistilledBuffer", "DistilledReplayPlugin", "dataset_tensors", "class_quotas"]
+
+RECOMPRESS_MODES = ("distill", "select")
+
+
+def class_quotas(classes: Sequence[int], mem_size: int) -> dict[int, int]:
+    """Split ``mem_size`` images over ``classes``: equal shares, remainder to the lowest ids."""
+    classes = sorted(set(int(c) for c in classes))
+    if not classes:
+        return {}
+    if mem_size < len(classes):
+        raise ValueError(
+            f"memory budget of {mem_size} images is smaller than the {len(classes)} classes seen so far "
+            f"({classes}); every class needs at least one image: raise mem_size to >= {len(classes)}"
+        )
+    base, extra = divmod(mem_size, len(classes))
+    return {c: base + (1 if i < extra else 0) for i, c in enumerate(classes)}
+
+
+def dataset_tensors(dataset: AvalancheDataset, batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """All images and labels of an Avalanche classification dataset, with its eval transforms."""
+    data = dataset.eval() if hasattr(dataset, "eval") else dataset
+    collate = getattr(data, "collate_fn", None)
+    xs, ys = [], []
+    for batch in DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate):
+        xs.append(torch.as_tensor(batch[0]).float())
+        ys.append(torch.as_tensor(batch[1]).long().reshape(-1))
+    if not xs:
+        raise ValueError("the experience has no training data to distill")
+    return torch.cat(xs), torch.cat(ys)
+
+
+class _LabelledImages(TensorDataset):
+    """Tensor dataset with the ``targets`` list Avalanche's classification datasets need."""
+
+    def __init__(self, images: torch.Tensor, class_ids: torch.Tensor) -> None:
+        super().__init__(images, class_ids)
+        self.targets = [int(c) for c in class_ids]
+
+
+class DistilledBuffer(ExemplarsBuffer):
+    """Avalanche storage policy holding a fixed-size buffer of distilled images.
+
+    Args:
+        max_size: M, the most images held in total.
+        method: a name from :func:`replaykit.distill.available` (``dm`` is the default).
+        method_options: keyword options for the method's constructor (not ``ipc`` / ``seed``).
+        recompress: ``"distill"`` (distill a held class's synthetic set further) or
+            ``"select"`` (keep a seeded random part of it) when its quota shrinks.
+        dataset_meta: the stream's dataset metadata (``dataset_info(name).meta()``):
+            carried into the buffer and checked against loaded buffers.
+        num_classes: size of the label space; default grows with the largest class seen.
+        seed: every distillation call derives its seed from it.
+        progress: show progress bars while distilling.
+    """
+
+    def __init__(
+        self,
+        max_size: int,
+        method: str = "dm",
+        method_options: dict[str, Any] | None = None,
+        *,
+        recompress: str = "distill",
+        dataset_meta: dict[str, Any] | None = None,
+        num_classes: int | None = None,
+        seed: int = 0,
+        progress: bool = True,
+    ) -> None:
+        if not isinstance(max_size, int) or isinstance(max_size, bool) or max_size < 1:
+            raise ValueError(f"max_size must be a positive int, got {max_size!r}")
+        if method not in _distill.REGISTRY:
+            raise ValueError(f"unknown distillation method {method!r}; available: {', '.join(_distill.available())}")
+        options = dict(method_options or {})
+        clash = {"ipc", "seed", "progress"} & options.keys()
+        if clash:
+            raise ValueError(f"method_options must not set {sorted(clash)}: the buffer chooses them")
+        if recompress not in RECOMPRESS_MODES:
+            raise ValueError(f"recompress must be one of {RECOMPRESS_MODES}, got {recompress!r}")
+        super().__init__(max_size)
+        self.method = method
+        self.method_options = options
+        self.recompress = recompress
+        self.dataset_meta = dict(dataset_meta or {})
+        self.num_classes = num_classes
+        self.seed = seed
+        self.progress = progress
+        self.synthetic: SyntheticBuffer | None = None
+        self.distill_seconds: list[float] = []
+        self._updates = 0
+        self._dataset_cache: AvalancheDataset | None = None
+
+    # ----------------------------------------------------------- Avalanche API
+    @property
+    def buffer(self) -> AvalancheDataset:
+        """The held images as an Avalanche classification dataset (task label 0)."""
+        if self.synthetic is None or len(self.synthetic) == 0:
+            return AvalancheDataset([])
+        if self._dataset_cache is None:
+            base = _LabelledImages(self.synthetic.images, self.synthetic.class_ids)
+            self._dataset_cache = _make_taskaware_classification_dataset(base, task_labels=0)
+        return self._dataset_cache
+
+    @buffer.setter
+    def buffer(self, new_buffer: AvalancheDataset) -> None:
+        # ExemplarsBuffer.__init__ assigns an empty dataset; the synthetic buffer is the state.
+        self._dataset_cache = None
+
+    def post_adapt(self, agent_state: Any, exp: Any) -> None:
+        """Distill the experience's training data into the buffer (Avalanche calls this after training)."""
+        images, labels = dataset_tensors(exp.dataset)
+        self.update_from_tensors(images, labels)
+
+    def resize(self, strategy: Any, new_size: int) -> None:
+        """Change M; held classes are re-compressed when it shrinks."""
+        if not isinstance(new_size, int) or new_size < 1:
+            raise ValueError(f"new_size must be a positive int, got {new_size!r}")
+        self.max_size = new_size
+        if self.synthetic is not None and len(self.synthetic):
+            quotas = class_quotas(self.synthetic.classes, new_size)
+            self._set(self._recompress(self.synthetic, quotas, desc="resize"))
+
+    # ----------------------------------------------------------- ReplayKit API
+    def check_experience(self, classes: Sequence[int], image_shape: Sequence[int] | None = None) -> None:
+        """Raise ``ValueError`` if adding ``classes`` (of ``image_shape``) would break the budget or the buffer."""
+        seen = set(self.synthetic.classes if self.synthetic is not None else []) | {int(c) for c in classes}
+        class_quotas(seen, self.max_size)
+        if image_shape is not None and self.synthetic is not None and len(self.synthetic):
+            if tuple(image_shape) != self.synthetic.image_shape:
+                raise ValueError(
+                    f"the stream's images have shape {tuple(image_shape)} but the buffer holds images of shape "
+                    f"{self.synthetic.image_shape} (dataset {self.synthetic.meta.get('dataset')!r}); "
+                    "a buffer from another dataset cannot be replayed here"
+                )
+
+    def update_from_tensors(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+        """Distill ``(images, labels)`` class by class into the buffer; return the seconds it took."""
+        _distill.check_training_data(images, labels, None)
+        self.check_experience(torch.unique(labels).tolist(), tuple(images.shape[1:]))
+        start = time.perf_counter()
+        held = self.synthetic
+        new_classes = sorted(int(c) for c in torch.unique(labels))
+        k = max([self.num_classes or 0, max(new_classes) + 1] + ([held.num_classes] if held is not None else []))
+        quotas = class_quotas(set(new_classes) | set(held.classes if held is not None else []), self.max_size)
+        parts: list[SyntheticBuffer] = []
+        exp_tag = f"exp {self._updates}"
+        bar = tqdm(new_classes, desc=f"distill {exp_tag} ({self.method})", disable=not self.progress, leave=False)
+        for cls in bar:
+            bar.set_postfix(cls=cls, ipc=quotas[cls])
+            mask = labels == cls
+            fresh = self._run_method(images[mask], labels[mask], min(quotas[cls], int(mask.sum())), k, cls)
+            if held is not None and cls in held.classes:  # new data for a class already held
+                joined = SyntheticBuffer.concat([_pad(held.select_classes([cls]), k), fresh])
+                fresh = self._recompress(joined, {cls: quotas[cls]}, desc=f"{exp_tag} merge")
+            parts.append(fresh)
+        if held is not None:
+            old = [c for c in held.classes if c not in new_classes]
+            if old:
+                kept = self._recompress(_pad(held.select_classes(old), k), {c: quotas[c] for c in old}, desc=exp_tag)
+                parts.insert(0, kept)
+        seconds = time.perf_counter() - start
+        self.distill_seconds.append(round(seconds, 3))
+        self._updates += 1
+        self._set(SyntheticBuffer.concat([_pad(p, k) for p in parts], meta=self._meta()))
+        return seconds
+
+    def load(self, path: str | os.PathLike) -> SyntheticBuffer:
+        """Replace the held buffer with one saved by :meth:`save` / :meth:`SyntheticBuffer.save`."""
+        buffer = SyntheticBuffer.load(path)
+        self.set_synthetic(buffer)
+        return buffer
+
+    def set_synthetic(self, buffer: SyntheticBuffer) -> None:
+        """Hold ``buffer`` (e.g. distilled elsewhere); it must fit the budget and the stream's dataset."""
+        if not isinstance(buffer, SyntheticBuffer):
+            raise TypeError(f"expected a SyntheticBuffer, got {type(buffer).__name__}")
+        ours, theirs = self.dataset_meta.get("dataset"), buffer.meta.get("dataset")
+        if ours and theirs and ours != theirs:
+            raise ValueError(f"the buffer was distilled from {theirs!r} but this stream is {ours!r}")
+        expected = self.dataset_meta.get("in_shape")
+        if expected and len(buffer) and tuple(expected) != buffer.image_shape:
+            raise ValueError(
+                f"the buffer holds images of shape {buffer.image_shape} but the stream's dataset "
+                f"{ours!r} has shape {tuple(expected)}"
+            )
+        if len(buffer) > self.max_size:
+            raise ValueError(f"the buffer holds {len(buffer)} images, more than max_size={self.max_size}")
+        self._set(buffer)
+
+    def save(self, path: str | os.PathLike, storage: str = "float32") -> Path:
+        """Write the held buffer in ReplayKit's safetensors format (atomically)."""
+        if self.synthetic is None:
+            raise ValueError("the buffer is empty: nothing has been distilled yet")
+        return self.synthetic.save(path, storage=storage)
+
+    def nbytes(self, storage: str = "float32") -> int:
+        return 0 if self.synthetic is None else self.synthetic.nbytes(storage)
+
+    # --------------------------------------------------------------- helpers
+    def _set(self, buffer: SyntheticBuffer) -> None:
+        self.synthetic = buffer
+        self._dataset_cache = None
+
+    def _meta(self) -> dict[str, Any]:
+        meta = dict(self.dataset_meta)
+        meta.update(
+            method=self.method,
+            method_options=self.method_options,
+            mem_size=self.max_size,
+            recompress=self.recompress,
+            seed=self.seed,
+            experiences=self._updates,
+            distill_seconds=list(self.distill_seconds),
+        )
+        return meta
+
+    def _run_method(self, images: torch.Tensor, labels: torch.Tensor, ipc: int, k: int, cls: int) -> SyntheticBuffer:
+        seed = self.seed * 1_000_003 + self._updates * 1009 + cls
+        distiller = _distill.make(self.method, ipc=ipc, seed=seed, progress=self.progress, **self.method_options)
+        return distiller.distill(images, labels, num_classes=k, meta=self.dataset_meta)
+
+    def _recompress(self, held: SyntheticBuffer, quotas: dict[int, int], desc: str) -> SyntheticBuffer:
+        """Shrink each class of ``held`` to its quota (classes already within it are kept as they are)."""
+        parts = []
+        for cls in held.classes:
+            part = held.select_classes([cls])
+            quota = quotas[cls]
+            if len(part) > quota:
+                if self.recompress == "select":
+                    gen = torch.Generator().manual_seed(self.seed * 7919 + self._updates * 31 + cls)
+                    part = part.subset(torch.randperm(len(part), generator=gen)[:quota].sort().values)
+                else:
+                    chosen = self._run_method(part.images, part.class_ids, quota, held.num_classes, cls)
+                    # a selecting method picks held images: keep their own (possibly soft) labels
+                    part = part.subset(_match_rows(part.images, chosen.images)) if _distill.REGISTRY[self.method].selects else chosen
+            parts.append(part)
+        return SyntheticBuffer.concat(parts, meta=held.meta)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_dataset_cache"] = None  # rebuilt on demand; keeps checkpoints small
+        return state
+
+
+def _match_rows(pool: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
+    """Indices into ``pool`` of the images in ``picked`` (each pool row used at most once)."""
+    flat_pool, used, index = pool.flatten(1), torch.zeros(pool.shape[0], dtype=torch.bool), []
+    for row in picked.flatten(1):
+        hits = torch.nonzero((flat_pool == row).all(1) & ~used).flatten()
+        if hits.numel() == 0:
+            raise RuntimeError("a selecting distiller returned an image that is not in its input")
+        used[hits[0]] = True
+        index.append(int(hits[0]))
+    return torch.tensor(index, dtype=torch.int64)
+
+
+def _pad(buffer: SyntheticBuffer, num_classes: int) -> SyntheticBuffer:
+    """The same buffer over a label space of ``num_classes`` (soft rows padded with zeros)."""
+    if buffer.num_classes == num_classes:
+        return buffer
+    labels = buffer.labels
+    if buffer.is_soft:
+        labels = torch.nn.functional.pad(labels, (0, num_classes - buffer.num_classes))
+    return SyntheticBuffer(buffer.images, labels, num_classes, buffer.class_ids, buffer.meta)
+
+
+def _cycle(loader: DataLoader) -> Iterator:
+    while True:
+        yield from loader
+
+
+class DistilledReplayPlugin(ReplayPlugin):
+    """Replay of a fixed-size distilled buffer beside each experience's data.
+
+    Args:
+        mem_size: M, the most images held in total after any experience.
+        method: distillation method name (see :func:`replaykit.distill.available`).
+        method_options: options for the method's constructor.
+        batch_size: new samples per mini-batch (default: the strategy's ``train_mb_size``).
+        batch_size_mem: buffer samples per mini-batch (default: the strategy's ``train_mb_size``).
+        soft_loss_weight: weight of the soft-label replay loss (soft-label buffers only).
+        storage_policy: a ready :class:`DistilledBuffer` (overrides the options above).
+        Other keyword arguments go to :class:`DistilledBuffer`.
+    """
+
+    def __init__(
+        self,
+        mem_size: int = 100,
+        method: str = "dm",
+        method_options: dict[str, Any] | None = None,
+        *,
+        batch_size: int | None = None,
+        batch_size_mem: int | None = None,
+        recompress: str = "distill",
+        dataset_meta: dict[str, Any] | None = None,
+        num_classes: int | None = None,
+        soft_loss_weight: float = 1.0,
+        seed: int = 0,
+        progress: bool = True,
+        storage_policy: DistilledBuffer | None = None,
+    ) -> None:
+        if storage_policy is None:
+            storage_policy = DistilledBuffer(
+                mem_size, method, method_options, recompress=recompress, dataset_meta=dataset_meta,
+                num_classes=num_classes, seed=seed, progress=progress,
+            )
+        elif not isinstance(storage_policy, DistilledBuffer):
+            raise TypeError(f"storage_policy must be a DistilledBuffer, got {type(storage_policy).__name__}")
+        elif storage_policy.max_size != mem_size:
+            raise ValueError(f"storage_policy.max_size={storage_policy.max_size} differs from mem_size={mem_size}")
+        super().__init__(mem_size=mem_size, batch_size=batch_size, batch_size_mem=batch_size_mem, storage_policy=storage_policy)
+        self.soft_loss_weight = soft_loss_weight
+        self.seed = seed
+        self._soft_batches: Iterator | None = None
+
+    @property
+    def buffer(self) -> SyntheticBuffer | None:
+        """The held :class:`SyntheticBuffer` (``None`` before the first experience)."""
+        return self.storage_policy.synthetic
+
+    def before_training_exp(self, strategy: "SupervisedTemplate", num_workers: int = 0, shuffle: bool = True,
+                            drop_last: bool = False, **kwargs: Any) -> None:
+        exp = strategy.experience
+        classes = getattr(exp, "classes_in_this_experience", None)
+        if classes is None:
+            classes = exp.dataset.targets.uniques
+        sample = exp.dataset[0][0] if len(exp.dataset) else None
+        self.storage_policy.check_experience(list(classes), tuple(sample.shape) if sample is not None else None)
+        synthetic = self.storage_policy.synthetic
+        if synthetic is not None and synthetic.is_soft and len(synthetic):
+            gen = torch.Generator().manual_seed(self.seed * 104729 + strategy.clock.train_exp_counter)
+            size = self.batch_size_mem or strategy.train_mb_size
+            loader = DataLoader(TensorDataset(synthetic.images, synthetic.labels), batch_size=size, shuffle=True, generator=gen)
+            self._soft_batches = _cycle(loader)
+            return
+        super().before_training_exp(strategy, num_workers=num_workers, shuffle=shuffle, drop_last=drop_last, **kwargs)
+
+    def before_backward(self, strategy: "SupervisedTemplate", **kwargs: Any) -> None:
+        if self._soft_batches is None:
+            return
+        images, targets = next(self._soft_batches)
+        logits = strategy.model(images.to(strategy.device))
+        strategy.loss += self.soft_loss_weight * soft_cross_entropy(logits, targets.to(strategy.device))
+
+    def after_training_exp(self, strategy: "SupervisedTemplate", **kwargs: Any) -> None:
+        self._soft_batches = None  # generators cannot be checkpointed
+        self.storage_policy.post_adapt(strategy, strategy.experience)
+        seconds = self.storage_policy.distill_seconds[-1]
+        exp_id = int(getattr(strategy.experience, "current_experience", len(self.storage_policy.distill_seconds) - 1))
+        evaluator = getattr(strategy, "evaluator", None)
+        if evaluator is not None:
+            name = f"DistillSeconds/train_phase/train_stream/Exp{exp_id:03d}"
+            evaluator.publish_metric_value(MetricValue(self, name, seconds, strategy.clock.train_iterations))
+            evaluator.publish_metric_value(
+                MetricValue(self, "BufferImages/train_phase/train_stream", len(self.storage_policy.synthetic), strategy.clock.train_iterations)
+            )

@@ -1,0 +1,279 @@
+"""Class-incremental runs of PROTOCOL part A, shared by the demo, the benchmark and the tests.
+
+One function builds the Avalanche stream (:func:`make_stream`), one the strategy
+(:func:`make_strategy`), and :func:`run` trains it experience by experience,
+evaluating on the whole test stream after each, and returns a :class:`RunResult`
+(accuracy matrix, Avalanche's final stream accuracy and forgetting, distillation
+seconds, memory). Every strategy is Avalanche's own; distilled replay is Naive
+plus :class:`replaykit.avalanche.DistilledReplayPlugin`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .data import dataset_info, load_tensors
+from .networks import ConvNet
+
+__all__ = [
+    "KINDS",
+    "StrategySpec",
+    "RunConfig",
+    "RunResult",
+    "class_order",
+    "make_stream",
+    "make_strategy",
+    "run",
+    "forgetting",
+    "parse_spec",
+]
+
+#: Strategy kinds :func:`make_strategy` builds.
+KINDS = ("naive", "joint", "replay", "class-balanced", "herding", "gdumb", "der", "distilled")
+_NEEDS_MEMORY = {"replay", "class-balanced", "herding", "gdumb", "der", "distilled"}
+
+
+def class_order(seed: int, num_classes: int = 10) -> list[int]:
+    """PROTOCOL A's class order: natural for seed 0, else ``default_rng(seed).permutation``."""
+    if seed == 0:
+        return list(range(num_classes))
+    return [int(c) for c in np.random.default_rng(seed).permutation(num_classes)]
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """What to run: a strategy ``kind`` with its memory budget (and method, for distilled replay)."""
+
+    kind: str
+    mem_size: int = 0
+    method: str = "dm"
+    method_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown strategy {self.kind!r}; choose from {', '.join(KINDS)}")
+        if self.kind in _NEEDS_MEMORY and self.mem_size < 1:
+            raise ValueError(f"strategy {self.kind!r} needs a memory budget mem_size >= 1")
+
+    @property
+    def label(self) -> str:
+        if self.kind == "distilled":
+            return f"distilled-{self.method} M={self.mem_size}"
+        if self.kind in _NEEDS_MEMORY:
+            return f"{self.kind} M={self.mem_size}"
+        return self.kind
+
+
+def parse_spec(text: str) -> StrategySpec:
+    """``"naive"``, ``"replay:200"``, ``"distilled:100:dm"`` -> :class:`StrategySpec`."""
+    parts = text.split(":")
+    kind = parts[0]
+    mem = int(parts[1]) if len(parts) > 1 else 0
+    if kind == "distilled":
+        return StrategySpec(kind, mem, parts[2] if len(parts) > 2 else "dm")
+    return StrategySpec(kind, mem)
+
+
+@dataclass
+class RunConfig:
+    """Training settings shared by every strategy of a table (PROTOCOL A, with stated departures)."""
+
+    dataset: str = "mnist"
+    seed: int = 0
+    epochs: int = 1
+    width: int = 128
+    depth: int = 3
+    batch_size: int = 128
+    batch_size_mem: int = 128
+    lr: float = 0.01
+    momentum: float = 0.9
+    train_per_class: int | None = None  # subsample the training set (tests, quick runs)
+    test_per_class: int | None = None
+    num_experiences: int = 5
+    data_root: str | None = None
+
+
+@dataclass
+class RunResult:
+    """Outcome of one strategy on one stream."""
+
+    label: str
+    kind: str
+    mem_size: int
+    method: str | None
+    seed: int
+    class_order: list[int]
+    accuracy_matrix: list[list[float]]  # row i: after training experience i; column j: test experience j
+    stream_accuracy: list[float]  # Avalanche's stream accuracy after each experience
+    final_accuracy: float
+    forgetting: float | None
+    distill_seconds: list[float]
+    train_seconds: float
+    total_seconds: float
+    memory_images: int
+    memory_bytes: int
+    buffer: Any = None  # the final SyntheticBuffer of distilled replay
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("buffer")
+        return out
+
+
+def _subsample(x: torch.Tensor, y: torch.Tensor, per_class: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if per_class is None:
+        return x, y
+    gen = torch.Generator().manual_seed(seed)
+    keep = []
+    for cls in torch.unique(y):
+        idx = torch.nonzero(y == cls).flatten()
+        keep.append(idx[torch.randperm(idx.numel(), generator=gen)[:per_class]])
+    index = torch.cat(keep).sort().values
+    return x[index], y[index]
+
+
+class _Tensors(torch.utils.data.TensorDataset):
+    """Tensor dataset with the ``targets`` list Avalanche's benchmark builders read."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        super().__init__(x, y)
+        self.targets = y.tolist()
+
+
+def make_stream(config: RunConfig):
+    """Avalanche class-incremental benchmark of ``config.dataset`` in PROTOCOL A's class order."""
+    from avalanche.benchmarks.scenarios.supervised import class_incremental_benchmark
+
+    info = dataset_info(config.dataset)
+    x, y = load_tensors(config.dataset, train=True, root=config.data_root)
+    xt, yt = load_tensors(config.dataset, train=False, root=config.data_root)
+    x, y = _subsample(x, y, config.train_per_class, 10_000 + config.seed)
+    xt, yt = _subsample(xt, yt, config.test_per_class, 20_000 + config.seed)
+    return class_incremental_benchmark(
+        {"train": _Tensors(x, y), "test": _Tensors(xt, yt)},
+        class_order=class_order(config.seed, info.num_classes),
+        num_experiences=config.num_experiences,
+    )
+
+
+def make_strategy(spec: StrategySpec, config: RunConfig, *, progress: bool = False):
+    """The Avalanche strategy of ``spec`` with a fresh ConvNet, SGD and an accuracy/forgetting evaluator."""
+    from avalanche.evaluation.metrics import accuracy_metrics, forgetting_metrics
+    from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin
+    from avalanche.training.storage_policy import ClassBalancedBuffer, HerdingSelectionStrategy, ParametricBuffer
+    from avalanche.training.supervised import DER, GDumb, JointTraining, Naive
+
+    from .avalanche import DistilledReplayPlugin
+
+    info = dataset_info(config.dataset)
+    torch.manual_seed(config.seed)
+    model = ConvNet(info.in_shape, info.num_classes, width=config.width, depth=config.depth)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
+    evaluator = EvaluationPlugin(
+        accuracy_metrics(experience=True, stream=True), forgetting_metrics(experience=True, stream=True), loggers=[]
+    )
+    common = dict(
+        model=model, optimizer=optimizer, criterion=torch.nn.CrossEntropyLoss(), train_mb_size=config.batch_size,
+        train_epochs=config.epochs, eval_mb_size=1024, device="cpu", evaluator=evaluator,
+    )
+    m, kind = spec.mem_size, spec.kind
+    if kind == "naive":
+        return Naive(**common)
+    if kind == "joint":
+        return JointTraining(**common)
+    if kind == "gdumb":
+        return GDumb(mem_size=m, **common)
+    if kind == "der":
+        # DER replays only once its buffer holds batch_size_mem images (drop_last), so cap it at M.
+        return DER(mem_size=m, batch_size_mem=min(config.batch_size_mem, m), **common)
+    if kind == "replay":
+        plugin = ReplayPlugin(mem_size=m, batch_size_mem=config.batch_size_mem)
+    elif kind == "class-balanced":
+        plugin = ReplayPlugin(mem_size=m, batch_size_mem=config.batch_size_mem, storage_policy=ClassBalancedBuffer(m, adaptive_size=True))
+    elif kind == "herding":
+        policy = ParametricBuffer(m, groupby="class", selection_strategy=HerdingSelectionStrategy(model, "features"))
+        plugin = ReplayPlugin(mem_size=m, batch_size_mem=config.batch_size_mem, storage_policy=policy)
+    else:  # distilled
+        plugin = DistilledReplayPlugin(
+            mem_size=m, method=spec.method, method_options=dict(spec.method_options), batch_size_mem=config.batch_size_mem,
+            dataset_meta=info.meta(), num_classes=info.num_classes, seed=config.seed, progress=progress,
+        )
+    return Naive(plugins=[plugin], **common)
+
+
+def forgetting(matrix: Sequence[Sequence[float]]) -> float | None:
+    """Average forgetting: accuracy on each earlier experience right after learning it minus at the end."""
+    if len(matrix) < 2:
+        return None
+    last = len(matrix) - 1
+    return float(np.mean([matrix[j][j] - matrix[last][j] for j in range(last)]))
+
+
+def _stored_images(strategy: Any, kind: str) -> tuple[int, Any]:
+    for plugin in getattr(strategy, "plugins", []):
+        policy = getattr(plugin, "storage_policy", None)
+        if policy is not None:
+            return len(policy.buffer), getattr(policy, "synthetic", None)
+    policy = getattr(strategy, "storage_policy", None)  # DER
+    if policy is not None:
+        return len(policy.buffer), None
+    gdumb = [p for p in getattr(strategy, "plugins", []) if type(p).__name__ == "GDumbPlugin"]
+    if gdumb:
+        return sum(len(v) for v in gdumb[0].buffer.values()) if isinstance(gdumb[0].buffer, dict) else len(gdumb[0].buffer), None
+    return 0, None
+
+
+def run(spec: StrategySpec, config: RunConfig, benchmark=None, *, progress: bool = False) -> RunResult:
+    """Train ``spec`` on the class-incremental stream and evaluate after every experience."""
+    from avalanche.training.determinism.rng_manager import RNGManager
+
+    benchmark = benchmark if benchmark is not None else make_stream(config)
+    info = dataset_info(config.dataset)
+    RNGManager.set_random_seeds(config.seed)
+    start = time.perf_counter()
+    strategy = make_strategy(spec, config, progress=progress)
+    n = len(benchmark.train_stream)
+    matrix: list[list[float]] = []
+    stream_acc: list[float] = []
+    train_seconds = 0.0
+
+    def evaluate() -> None:
+        results = strategy.eval(benchmark.test_stream)
+        matrix.append([float(results[f"Top1_Acc_Exp/eval_phase/test_stream/Exp{j:03d}"]) for j in range(n)])
+        stream_acc.append(float(results["Top1_Acc_Stream/eval_phase/test_stream"]))
+
+    if spec.kind == "joint":
+        t0 = time.perf_counter()
+        strategy.train(benchmark.train_stream)
+        train_seconds += time.perf_counter() - t0
+        evaluate()
+    else:
+        for exp in tqdm(benchmark.train_stream, desc=spec.label, disable=not progress, leave=False):
+            t0 = time.perf_counter()
+            strategy.train(exp)
+            train_seconds += time.perf_counter() - t0
+            evaluate()
+    images, synthetic = _stored_images(strategy, spec.kind)
+    if synthetic is not None:
+        seconds = list(synthetic.meta.get("distill_seconds", []))
+        memory_bytes = synthetic.nbytes("float32")
+    else:
+        seconds = []
+        pixels = int(np.prod(info.in_shape))
+        memory_bytes = images * (pixels + 1)  # real images as uint8 pixels + a one-byte label
+    if spec.kind == "der":
+        memory_bytes += images * info.num_classes * 4  # DER also stores float32 logits
+    return RunResult(
+        label=spec.label, kind=spec.kind, mem_size=spec.mem_size, method=spec.method if spec.kind == "distilled" else None,
+        seed=config.seed, class_order=class_order(config.seed, info.num_classes), accuracy_matrix=matrix,
+        stream_accuracy=stream_acc, final_accuracy=stream_acc[-1], forgetting=forgetting(matrix),
+        distill_seconds=seconds, train_seconds=round(train_seconds - sum(seconds), 3),
+        total_seconds=round(time.perf_counter() - start, 3), memory_images=images, memory_bytes=int(memory_bytes),
+        buffer=synthetic,
+    )

@@ -57,7 +57,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from . import distill as _distill
-from .buffer import SyntheticBuffer
+from .buffer import STORAGE_DTYPES, SyntheticBuffer
 from .training import soft_cross_entropy
 
 if TYPE_CHECKING:
@@ -112,6 +112,10 @@ class DistilledBuffer(ExemplarsBuffer):
         method_options: keyword options for the method's constructor (not ``ipc`` / ``seed``).
         recompress: ``"distill"`` (distill a held class's synthetic set further) or
             ``"select"`` (keep a seeded random part of it) when its quota shrinks.
+        storage: ``"float32"``, ``"float16"`` or ``"uint8"``: the held images are rounded to
+            this precision after every update, so what is replayed is exactly what
+            :meth:`save` writes and :meth:`nbytes` counts (``uint8`` needs the dataset's
+            mean / std in ``dataset_meta``).
         dataset_meta: the stream's dataset metadata (``dataset_info(name).meta()``):
             carried into the buffer and checked against loaded buffers.
         num_classes: size of the label space; default grows with the largest class seen.
@@ -126,6 +130,7 @@ class DistilledBuffer(ExemplarsBuffer):
         method_options: dict[str, Any] | None = None,
         *,
         recompress: str = "distill",
+        storage: str = "float32",
         dataset_meta: dict[str, Any] | None = None,
         num_classes: int | None = None,
         seed: int = 0,
@@ -141,8 +146,13 @@ class DistilledBuffer(ExemplarsBuffer):
             raise ValueError(f"method_options must not set {sorted(clash)}: the buffer chooses them")
         if recompress not in RECOMPRESS_MODES:
             raise ValueError(f"recompress must be one of {RECOMPRESS_MODES}, got {recompress!r}")
+        if storage not in STORAGE_DTYPES:
+            raise ValueError(f"storage must be one of {STORAGE_DTYPES}, got {storage!r}")
+        if storage == "uint8" and not {"mean", "std"} <= set(dataset_meta or {}):
+            raise ValueError("storage='uint8' needs dataset_meta with the dataset's mean and std (dataset_info(name).meta())")
         super().__init__(max_size)
         self.method = method
+        self.storage = storage
         self.method_options = options
         self.recompress = recompress
         self.dataset_meta = dict(dataset_meta or {})
@@ -182,7 +192,7 @@ class DistilledBuffer(ExemplarsBuffer):
         self.max_size = new_size
         if self.synthetic is not None and len(self.synthetic):
             quotas = class_quotas(self.synthetic.classes, new_size)
-            self._set(self._recompress(self.synthetic, quotas, desc="resize"))
+            self._set(_quantize(self._recompress(self.synthetic, quotas, desc="resize"), self.storage))
 
     # ----------------------------------------------------------- ReplayKit API
     def check_experience(self, classes: Sequence[int], image_shape: Sequence[int] | None = None) -> None:
@@ -225,7 +235,7 @@ class DistilledBuffer(ExemplarsBuffer):
         seconds = time.perf_counter() - start
         self.distill_seconds.append(round(seconds, 3))
         self._updates += 1
-        self._set(SyntheticBuffer.concat([_pad(p, k) for p in parts], meta=self._meta()))
+        self._set(_quantize(SyntheticBuffer.concat([_pad(p, k) for p in parts], meta=self._meta()), self.storage))
         return seconds
 
     def load(self, path: str | os.PathLike) -> SyntheticBuffer:
@@ -251,14 +261,15 @@ class DistilledBuffer(ExemplarsBuffer):
             raise ValueError(f"the buffer holds {len(buffer)} images, more than max_size={self.max_size}")
         self._set(buffer)
 
-    def save(self, path: str | os.PathLike, storage: str = "float32") -> Path:
-        """Write the held buffer in ReplayKit's safetensors format (atomically)."""
+    def save(self, path: str | os.PathLike, storage: str | None = None) -> Path:
+        """Write the held buffer in ReplayKit's safetensors format (atomically), by default at its storage precision."""
         if self.synthetic is None:
             raise ValueError("the buffer is empty: nothing has been distilled yet")
-        return self.synthetic.save(path, storage=storage)
+        return self.synthetic.save(path, storage=storage or self.storage)
 
-    def nbytes(self, storage: str = "float32") -> int:
-        return 0 if self.synthetic is None else self.synthetic.nbytes(storage)
+    def nbytes(self) -> int:
+        """Bytes the held buffer takes at its storage precision (labels included)."""
+        return 0 if self.synthetic is None else self.synthetic.nbytes(self.storage)
 
     # --------------------------------------------------------------- helpers
     def _set(self, buffer: SyntheticBuffer) -> None:
@@ -272,6 +283,7 @@ class DistilledBuffer(ExemplarsBuffer):
             method_options=self.method_options,
             mem_size=self.max_size,
             recompress=self.recompress,
+            storage=self.storage,
             seed=self.seed,
             experiences=self._updates,
             distill_seconds=list(self.distill_seconds),
@@ -318,6 +330,18 @@ def _match_rows(pool: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
     return torch.tensor(index, dtype=torch.int64)
 
 
+def _quantize(buffer: SyntheticBuffer, storage: str) -> SyntheticBuffer:
+    """``buffer`` with its images rounded to ``storage`` precision (what saving would keep)."""
+    if storage == "float32" or len(buffer) == 0:
+        return buffer
+    if storage == "float16":
+        images = buffer.images.half().float()
+    else:
+        mean, std = (torch.tensor(buffer.meta[key], dtype=torch.float32).view(1, -1, 1, 1) for key in ("mean", "std"))
+        images = ((buffer.pixels() * 255.0).round() / 255.0 - mean) / std
+    return SyntheticBuffer(images.contiguous(), buffer.labels, buffer.num_classes, buffer.class_ids, buffer.meta)
+
+
 def _pad(buffer: SyntheticBuffer, num_classes: int) -> SyntheticBuffer:
     """The same buffer over a label space of ``num_classes`` (soft rows padded with zeros)."""
     if buffer.num_classes == num_classes:
@@ -356,6 +380,7 @@ class DistilledReplayPlugin(ReplayPlugin):
         batch_size: int | None = None,
         batch_size_mem: int | None = None,
         recompress: str = "distill",
+        storage: str = "float32",
         dataset_meta: dict[str, Any] | None = None,
         num_classes: int | None = None,
         soft_loss_weight: float = 1.0,
@@ -365,7 +390,7 @@ class DistilledReplayPlugin(ReplayPlugin):
     ) -> None:
         if storage_policy is None:
             storage_policy = DistilledBuffer(
-                mem_size, method, method_options, recompress=recompress, dataset_meta=dataset_meta,
+                mem_size, method, method_options, recompress=recompress, storage=storage, dataset_meta=dataset_meta,
                 num_classes=num_classes, seed=seed, progress=progress,
             )
         elif not isinstance(storage_policy, DistilledBuffer):

@@ -20,6 +20,7 @@ from . import __version__
 SUBCOMMANDS: list[str] = [
     "replaykit.data",
     "replaykit.viz",
+    "replaykit.demo",
 ]
 
 

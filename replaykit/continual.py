@@ -54,6 +54,7 @@ class StrategySpec:
     mem_size: int = 0
     method: str = "dm"
     method_options: dict[str, Any] = field(default_factory=dict)
+    storage: str = "float32"  # distilled replay: precision the buffer's images are held at
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -64,19 +65,21 @@ class StrategySpec:
     @property
     def label(self) -> str:
         if self.kind == "distilled":
-            return f"distilled-{self.method} M={self.mem_size}"
+            suffix = "" if self.storage == "float32" else f" {self.storage}"
+            return f"distilled-{self.method} M={self.mem_size}{suffix}"
         if self.kind in _NEEDS_MEMORY:
             return f"{self.kind} M={self.mem_size}"
         return self.kind
 
 
 def parse_spec(text: str) -> StrategySpec:
-    """``"naive"``, ``"replay:200"``, ``"distilled:100:dm"`` -> :class:`StrategySpec`."""
+    """``"naive"``, ``"replay:200"``, ``"distilled:100:dm"``, ``"distilled:100:dm:uint8"`` -> :class:`StrategySpec`."""
     parts = text.split(":")
     kind = parts[0]
     mem = int(parts[1]) if len(parts) > 1 else 0
     if kind == "distilled":
-        return StrategySpec(kind, mem, parts[2] if len(parts) > 2 else "dm")
+        method = parts[2] if len(parts) > 2 else "dm"
+        return StrategySpec(kind, mem, method, storage=parts[3] if len(parts) > 3 else "float32")
     return StrategySpec(kind, mem)
 
 
@@ -202,7 +205,7 @@ def make_strategy(spec: StrategySpec, config: RunConfig, *, progress: bool = Fal
     else:  # distilled
         plugin = DistilledReplayPlugin(
             mem_size=m, method=spec.method, method_options=dict(spec.method_options), batch_size_mem=config.batch_size_mem,
-            dataset_meta=info.meta(), num_classes=info.num_classes, seed=config.seed, progress=progress,
+            storage=spec.storage, dataset_meta=info.meta(), num_classes=info.num_classes, seed=config.seed, progress=progress,
         )
     return Naive(plugins=[plugin], **common)
 
@@ -262,7 +265,7 @@ def run(spec: StrategySpec, config: RunConfig, benchmark=None, *, progress: bool
     images, synthetic = _stored_images(strategy, spec.kind)
     if synthetic is not None:
         seconds = list(synthetic.meta.get("distill_seconds", []))
-        memory_bytes = synthetic.nbytes("float32")
+        memory_bytes = synthetic.nbytes(spec.storage)
     else:
         seconds = []
         pixels = int(np.prod(info.in_shape))

@@ -98,7 +98,7 @@ def test_checkpoint_save_and_restore_gives_the_same_buffer(stream, tmp_path):
     assert restored.plugins[0].buffer.classes == [0, 1, 2, 3, 4, 5]
 
     # and on its own, in the safetensors buffer format
-    file = strategy.plugins[0].storage_policy.save(tmp_path / "buffer.safetensors", storage="float32")
+    file = strategy.plugins[0].storage_policy.save(tmp_path / "buffer.safetensors")
     fresh = DistilledBuffer(20, method="random", dataset_meta=DIGITS, progress=False)
     loaded = fresh.load(file)
     assert torch.equal(loaded.images, before.images) and len(fresh.buffer) == 20
@@ -226,3 +226,15 @@ def test_same_seed_gives_the_same_buffer(digits):
         policy.update_from_tensors(x[(y >= 4) & (y < 6)], y[(y >= 4) & (y < 6)])
         buffers.append(policy.synthetic)
     assert torch.equal(buffers[0].images, buffers[1].images)
+
+
+def test_uint8_storage_replays_exactly_what_is_saved(digits, tmp_path):
+    x, y = digits
+    policy = DistilledBuffer(20, method="random", storage="uint8", dataset_meta=DIGITS, progress=False)
+    policy.update_from_tensors(x[y < 4], y[y < 4])
+    held = policy.synthetic
+    assert policy.nbytes() == 20 * 64 + 20  # one byte per pixel and per hard label
+    reloaded = SyntheticBuffer.load(policy.save(tmp_path / "b.safetensors"))
+    assert torch.allclose(reloaded.images, held.images, atol=1e-5)
+    with pytest.raises(ValueError, match="needs dataset_meta with the dataset's mean and std"):
+        DistilledBuffer(20, method="random", storage="uint8")

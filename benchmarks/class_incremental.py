@@ -1,0 +1,204 @@
+"""PROTOCOL part A: class-incremental replay at equal memory on Split-MNIST / Split-Fashion-MNIST (/ Split-CIFAR-10).
+
+Every strategy trains the same ConvNet-3 with the same epochs, SGD lr 0.01 momentum 0.9,
+batch 128 new + 128 replayed, on 5 experiences of 2 classes (class order per PROTOCOL A),
+and is evaluated on the whole test set after each experience with Avalanche's metrics.
+
+    python benchmarks/class_incremental.py --quick                 # CI smoke, about a minute
+    python benchmarks/class_incremental.py --datasets mnist fashion-mnist --seeds 0 1 2
+
+Writes ``results.json`` (every run, rewritten after each one so a long run can be resumed
+with ``--resume``), ``results.md`` (mean ± std over seeds) and one PNG per dataset with the
+accuracy after each experience, to ``--out`` (default ``runs/class_incremental``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from replaykit import distill
+from replaykit.continual import RunConfig, StrategySpec, make_stream, run
+from replaykit.data import DatasetNotFoundError, dataset_info, load_tensors
+from replaykit.fileio import atomic_write, atomic_write_json
+from replaykit.viz import save_accuracy_plot
+
+PROTOCOL_WIDTH = 128
+BASELINES = ["naive", "joint", "replay:100", "replay:200", "replay:500", "class-balanced:100", "herding:100", "gdumb:100", "der:100"]
+DISTILLED_M = 100
+# Selection baselines and every synthesising method of the registry are run as distilled replay.
+
+
+def _specs(methods: list[str], baselines: list[str], options: dict[str, dict[str, Any]], storage: str) -> list[StrategySpec]:
+    from replaykit.continual import parse_spec
+
+    specs = [parse_spec(b) for b in baselines]
+    specs += [StrategySpec("distilled", DISTILLED_M, m, dict(options.get(m, {})), storage=storage) for m in methods]
+    return specs
+
+
+def _check_data(datasets: list[str], root: str | None) -> None:
+    for name in datasets:
+        try:
+            dataset_info(name)
+            if name != "digits":
+                load_tensors(name, train=False, root=root)
+        except DatasetNotFoundError as exc:
+            raise SystemExit(f"class_incremental: dataset {name!r} is not available: {exc}") from None
+
+
+def _table(runs: list[dict[str, Any]], config: dict[str, Any]) -> str:
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in runs:
+        groups[(r["dataset"], r["label"])].append(r)
+    lines = [
+        f"Network: ConvNet-3 width {config['width']} (PROTOCOL: {PROTOCOL_WIDTH}"
+        + ("" if config["width"] == PROTOCOL_WIDTH else "; narrower for the 2-core CPU budget, same for every method")
+        + f"), instance norm; {config['epochs']} epoch(s) per experience for every method; SGD lr 0.01 momentum 0.9; "
+        f"batch {config['batch_size']} new + {config['batch_size_mem']} replayed (DER: min(128, M) replayed).",
+        f"Training data: {'full training sets' if config.get('train_per_class') is None else str(config['train_per_class']) + ' images per class (subsample)'}; "
+        f"test: {'full test sets' if config.get('test_per_class') is None else str(config['test_per_class']) + ' per class (subsample)'}.",
+        "replay = Avalanche ReplayPlugin default storage (ExperienceBalancedBuffer: reservoir sampling within each experience). "
+        "Memory bytes: real images as uint8 + 1-byte label; distilled images at the stated storage precision; DER adds float32 logits.",
+        "",
+        "| dataset | strategy | seeds | final avg acc (%) | forgetting (%) | distill s (sum over exps) | run s | memory images | memory bytes |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (dataset, label), rs in groups.items():
+        acc = np.array([100 * r["final_accuracy"] for r in rs])
+        fg = [100 * r["forgetting"] for r in rs if r["forgetting"] is not None]
+        ds = np.array([sum(r["distill_seconds"]) for r in rs])
+        secs = np.array([r["total_seconds"] for r in rs])
+        forget = f"{np.mean(fg):.1f} ± {np.std(fg):.1f}" if fg else "-"
+        lines.append(
+            f"| {dataset} | {label} | {len(rs)} | {acc.mean():.2f} ± {acc.std():.2f} | {forget} | "
+            f"{ds.mean():.1f} | {secs.mean():.0f} | {rs[0]['memory_images']} | {rs[0]['memory_bytes']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _plots(runs: list[dict[str, Any]], out: Path) -> list[str]:
+    paths = []
+    by_dataset: dict[str, dict[str, list[list[float]]]] = defaultdict(lambda: defaultdict(list))
+    for r in runs:
+        if r["kind"] != "joint":
+            by_dataset[r["dataset"]][r["label"]].append([100 * a for a in r["stream_accuracy"]])
+    for dataset, curves in by_dataset.items():
+        means = {k: list(np.mean(v, axis=0)) for k, v in curves.items()}
+        stds = {k: list(np.std(v, axis=0)) for k, v in curves.items()}
+        paths.append(str(save_accuracy_plot(
+            means, out / f"accuracy_{dataset}.png", title=f"Split-{dataset}: accuracy on all test classes after each experience",
+            ylabel="stream accuracy, all 10 classes (%)", errors=stds,
+        )))
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", default=["mnist", "fashion-mnist"], help="mnist, fashion-mnist, cifar10 (digits for tests)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--seed", type=int, default=None, help="run one seed (overrides --seeds)")
+    parser.add_argument("--methods", nargs="*", default=None, help="distillation methods (default: every registered one; none: give the flag alone)")
+    parser.add_argument("--baselines", nargs="*", default=None, help=f"baseline specs (default: {' '.join(BASELINES)})")
+    parser.add_argument("--method-options", default="{}", help='JSON: {"dm": {"iterations": 200}, ...}')
+    parser.add_argument("--storage", default="float32", choices=["float32", "float16", "uint8"], help="distilled buffer precision")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs per experience, the same for every strategy")
+    parser.add_argument("--width", type=int, default=32, help=f"ConvNet width (PROTOCOL: {PROTOCOL_WIDTH})")
+    parser.add_argument("--train-per-class", type=int, default=None, help="subsample the training sets (quick runs only)")
+    parser.add_argument("--test-per-class", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--out", default="runs/class_incremental")
+    parser.add_argument("--resume", action="store_true", help="keep the runs already in OUT/results.json")
+    parser.add_argument("--quick", action="store_true", help="CI smoke: small MNIST subsets, every strategy, one seed")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+
+    options = json.loads(args.method_options)
+    seeds = [args.seed] if args.seed is not None else args.seeds
+    baselines = BASELINES if args.baselines is None else args.baselines
+    methods = distill.available() if args.methods is None else args.methods
+    if args.quick:
+        seeds = [seeds[0]]
+        args.datasets = args.datasets if argv and "--datasets" in argv else ["mnist"]
+        args.train_per_class = args.train_per_class or 100
+        args.test_per_class = args.test_per_class or 50
+        args.epochs = max(args.epochs, 2)
+        args.width = min(args.width, 16)
+        baselines = args.baselines if args.baselines is not None else ["naive", "joint", "replay:100", "class-balanced:100", "herding:100", "gdumb:100", "der:100"]
+        methods = args.methods if args.methods is not None else ["random"] + [m for m in ("dm",) if m in distill.available()]
+        for name, quick in QUICK_OPTIONS.items():
+            options.setdefault(name, quick)
+    unknown = [m for m in methods if m not in distill.available()]
+    if unknown:
+        raise SystemExit(f"class_incremental: unknown methods {unknown}; registered: {distill.available()}")
+    _check_data(args.datasets, args.data_root)
+    torch.set_num_threads(args.threads)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.json"
+    config = {
+        "width": args.width, "depth": 3, "epochs": args.epochs, "batch_size": 128, "batch_size_mem": 128,
+        "train_per_class": args.train_per_class, "test_per_class": args.test_per_class, "storage": args.storage,
+        "method_options": options, "quick": args.quick,
+    }
+    runs: list[dict[str, Any]] = []
+    if args.resume and results_path.is_file():
+        runs = json.loads(results_path.read_text())["runs"]
+    done = {(r["dataset"], r["seed"], r["label"]) for r in runs}
+    specs = _specs(methods, baselines, options, args.storage)
+    start = time.perf_counter()
+    for dataset in args.datasets:
+        for seed in seeds:
+            cfg = RunConfig(
+                dataset=dataset, seed=seed, epochs=args.epochs, width=args.width, train_per_class=args.train_per_class,
+                test_per_class=args.test_per_class, data_root=args.data_root,
+            )
+            stream = None
+            for spec in specs:
+                if (dataset, seed, spec.label) in done:
+                    continue
+                stream = stream or make_stream(cfg)
+                result = run(spec, cfg, stream, progress=not args.quiet)
+                record = {"dataset": dataset, **result.to_json()}
+                runs.append(record)
+                if not args.quiet:
+                    print(f"{dataset} seed {seed} {spec.label}: final acc {100 * result.final_accuracy:.2f} %, "
+                          f"distill {sum(result.distill_seconds):.1f} s, run {result.total_seconds:.0f} s", flush=True)
+                atomic_write_json(results_path, _document(config, runs))
+    document = _document(config, runs)
+    document["wall_seconds_this_invocation"] = round(time.perf_counter() - start, 1)
+    atomic_write_json(results_path, document)
+    table = _table(runs, config)
+    atomic_write(out / "results.md", lambda tmp: tmp.write_text(table))
+    plots = _plots(runs, out)
+    print(table)
+    print(f"wrote {results_path}, {out / 'results.md'}, {', '.join(plots)}")
+    return 0
+
+
+# Cheap settings for --quick only (the smoke run checks the code paths, not the numbers).
+QUICK_OPTIONS: dict[str, dict[str, Any]] = {}
+
+
+def _document(config: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "benchmark": "class_incremental (PROTOCOL A)",
+        "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads, no GPU",
+        "config": config,
+        "runs": runs,
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

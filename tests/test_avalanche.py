@@ -238,3 +238,16 @@ def test_uint8_storage_replays_exactly_what_is_saved(digits, tmp_path):
     assert torch.allclose(reloaded.images, held.images, atol=1e-5)
     with pytest.raises(ValueError, match="needs dataset_meta with the dataset's mean and std"):
         DistilledBuffer(20, method="random", storage="uint8")
+
+
+@pytest.mark.parametrize("other", ["lwf", "ewc"])
+def test_composes_with_lwf_and_ewc(stream, other):
+    from avalanche.training.plugins import EWCPlugin, LwFPlugin
+
+    plugin = DistilledReplayPlugin(mem_size=10, method="random", dataset_meta=DIGITS, progress=False, batch_size_mem=16)
+    strategy = make_strategy(StrategySpec("naive"), RunConfig(**{**CONFIG.__dict__, "epochs": 2}))
+    strategy.plugins.extend([plugin, LwFPlugin(alpha=1.0, temperature=2.0) if other == "lwf" else EWCPlugin(ewc_lambda=10.0)])
+    for exp in stream.train_stream[:3]:
+        strategy.train(exp)
+    assert plugin.buffer.counts() == {0: 2, 1: 2, 2: 2, 3: 2, 4: 1, 5: 1}
+    assert all(torch.isfinite(p).all() for p in strategy.model.parameters())

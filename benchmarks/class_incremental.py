@@ -66,6 +66,7 @@ def _table(runs: list[dict[str, Any]], config: dict[str, Any]) -> str:
         + f"), instance norm; {config['epochs']} epoch(s) per experience for every method; SGD lr 0.01 momentum 0.9; "
         f"batch {config['batch_size']} new + {config['batch_size_mem']} replayed (DER: min(128, M) replayed).",
         f"Training data: {'full training sets' if config.get('train_per_class') is None else str(config['train_per_class']) + ' images per class (subsample)'}; "
+        f"evaluated on: {config.get('evaluated_on', 'test set')}; "
         f"test: {'full test sets' if config.get('test_per_class') is None else str(config['test_per_class']) + ' per class (subsample)'}.",
         "replay = Avalanche ReplayPlugin default storage (ExperienceBalancedBuffer: reservoir sampling within each experience). "
         "Memory bytes: real images as uint8 + 1-byte label; distilled images at the stated storage precision; DER adds float32 logits.",
@@ -118,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--out", default="runs/class_incremental")
+    parser.add_argument("--validation", action="store_true", help="evaluate on a held-out tenth of the training set (for tuning)")
     parser.add_argument("--resume", action="store_true", help="keep the runs already in OUT/results.json")
     parser.add_argument("--quick", action="store_true", help="CI smoke: small MNIST subsets, every strategy, one seed")
     parser.add_argument("--quiet", action="store_true")
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     config = {
         "width": args.width, "depth": 3, "epochs": args.epochs, "batch_size": 128, "batch_size_mem": 128,
         "train_per_class": args.train_per_class, "test_per_class": args.test_per_class, "storage": args.storage,
-        "method_options": options, "quick": args.quick,
+        "method_options": options, "quick": args.quick, "evaluated_on": "validation split of train" if args.validation else "test set",
     }
     runs: list[dict[str, Any]] = []
     if args.resume and results_path.is_file():
@@ -162,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds:
             cfg = RunConfig(
                 dataset=dataset, seed=seed, epochs=args.epochs, width=args.width, train_per_class=args.train_per_class,
-                test_per_class=args.test_per_class, data_root=args.data_root,
+                test_per_class=args.test_per_class, data_root=args.data_root, validation=args.validation,
             )
             stream = None
             for spec in specs:

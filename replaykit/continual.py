@@ -100,6 +100,7 @@ class RunConfig:
     test_per_class: int | None = None
     num_experiences: int = 5
     data_root: str | None = None
+    validation: bool = False  # evaluate on 10 % of the training set held out (for tuning), never the test set
 
 
 @dataclass
@@ -150,12 +151,21 @@ class _Tensors(torch.utils.data.TensorDataset):
 
 
 def make_stream(config: RunConfig):
-    """Avalanche class-incremental benchmark of ``config.dataset`` in PROTOCOL A's class order."""
+    """Avalanche class-incremental benchmark of ``config.dataset`` in PROTOCOL A's class order.
+
+    With ``config.validation`` the evaluation stream is a held-out tenth of the training set,
+    so that settings can be chosen without looking at the test set.
+    """
     from avalanche.benchmarks.scenarios.supervised import class_incremental_benchmark
 
     info = dataset_info(config.dataset)
     x, y = load_tensors(config.dataset, train=True, root=config.data_root)
-    xt, yt = load_tensors(config.dataset, train=False, root=config.data_root)
+    if config.validation:
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(30_000 + config.seed))
+        cut = len(y) // 10
+        xt, yt, x, y = x[order[:cut]], y[order[:cut]], x[order[cut:]], y[order[cut:]]
+    else:
+        xt, yt = load_tensors(config.dataset, train=False, root=config.data_root)
     x, y = _subsample(x, y, config.train_per_class, 10_000 + config.seed)
     xt, yt = _subsample(xt, yt, config.test_per_class, 20_000 + config.seed)
     return class_incremental_benchmark(

@@ -74,3 +74,13 @@ def test_same_seed_same_result(stream):
     a, b = run(spec, CONFIG, stream), run(spec, CONFIG, stream)
     assert a.accuracy_matrix == b.accuracy_matrix
     assert torch.equal(a.buffer.images, b.buffer.images)
+
+
+def test_validation_stream_is_carved_from_the_training_set():
+    from replaykit.data import load_tensors
+
+    val = make_stream(RunConfig(**{**CONFIG.__dict__, "validation": True}))
+    n_train = len(load_tensors("digits")[1])
+    n_val = sum(len(e.dataset) for e in val.test_stream)
+    assert n_val == n_train // 10
+    assert n_val + sum(len(e.dataset) for e in val.train_stream) == n_train

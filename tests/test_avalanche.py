@@ -40,9 +40,21 @@ def _fake_exp(images: torch.Tensor, labels: torch.Tensor):
 
 # ----------------------------------------------------------------- in a strategy
 def test_buffer_stays_within_budget_and_holds_every_seen_class(stream):
+    from avalanche.logging import BaseLogger
+
+    class Capture(BaseLogger):
+        def __init__(self):
+            super().__init__()
+            self.logged: dict[str, float] = {}
+
+        def log_single_metric(self, name, value, x_plot):
+            self.logged[name] = value
+
     plugin = DistilledReplayPlugin(mem_size=20, method="random", dataset_meta=DIGITS, progress=False, batch_size_mem=32)
     strategy = make_strategy(StrategySpec("naive"), CONFIG)
     strategy.plugins.append(plugin)
+    logger = Capture()
+    strategy.evaluator.loggers.append(logger)
     seen: set[int] = set()
     for exp in stream.train_stream:
         strategy.train(exp)
@@ -55,6 +67,7 @@ def test_buffer_stays_within_budget_and_holds_every_seen_class(stream):
     names = [f"DistillSeconds/train_phase/train_stream/Exp{i:03d}" for i in range(5)]
     assert all(name in metrics for name in names), sorted(metrics)
     assert all(metrics[name][1][0] >= 0 for name in names)
+    assert set(names) <= set(logger.logged)  # Avalanche loggers receive them too
     assert plugin.buffer.meta["dataset"] == "digits" and plugin.buffer.meta["method"] == "random"
 
 

@@ -56,6 +56,14 @@ def _check_data(datasets: list[str], root: str | None) -> None:
             raise SystemExit(f"class_incremental: dataset {name!r} is not available: {exc}") from None
 
 
+def _has_data(name: str, root: str | None) -> bool:
+    try:
+        load_tensors(name, train=False, root=root)
+    except DatasetNotFoundError:
+        return False
+    return True
+
+
 def _table(runs: list[dict[str, Any]], config: dict[str, Any]) -> str:
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in runs:
@@ -105,7 +113,10 @@ def _plots(runs: list[dict[str, Any]], out: Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datasets", nargs="+", default=["mnist", "fashion-mnist"], help="mnist, fashion-mnist, cifar10 (digits for tests)")
+    parser.add_argument(
+        "--datasets", nargs="+", default=None,
+        help="mnist, fashion-mnist, cifar10 (digits for tests); default: mnist and fashion-mnist, plus cifar10 when its files are in the data root",
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--seed", type=int, default=None, help="run one seed (overrides --seeds)")
     parser.add_argument("--methods", nargs="*", default=None, help="distillation methods (default: every registered one; none: give the flag alone)")
@@ -131,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     methods = distill.available() if args.methods is None else args.methods
     if args.quick:
         seeds = [seeds[0]]
-        args.datasets = args.datasets if argv and "--datasets" in argv else ["mnist"]
+        args.datasets = args.datasets or ["mnist"]
         args.train_per_class = args.train_per_class or 100
         args.test_per_class = args.test_per_class or 50
         args.epochs = max(args.epochs, 2)
@@ -143,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in methods if m not in distill.available()]
     if unknown:
         raise SystemExit(f"class_incremental: unknown methods {unknown}; registered: {distill.available()}")
+    if args.datasets is None:
+        args.datasets = ["mnist", "fashion-mnist"] + (["cifar10"] if _has_data("cifar10", args.data_root) else [])
+        if "cifar10" not in args.datasets and not args.quiet:
+            print("note: CIFAR-10 files are not in the data root; Split-CIFAR-10 is left out (ask with --datasets cifar10)")
     _check_data(args.datasets, args.data_root)
     torch.set_num_threads(args.threads)
 

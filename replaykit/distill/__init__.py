@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 from .base import DistillResult, Distiller, check_training_data
+from .dm import DistributionMatching
+from .gm import GradientMatching
 from .random_subset import RandomSubset
 
 __all__ = ["Distiller", "DistillResult", "check_training_data", "available", "make", "register", "REGISTRY"]
@@ -41,5 +43,5 @@ def make(name: str, **options) -> Distiller:
     return cls(**options)
 
 
-for _cls in (RandomSubset,):
+for _cls in (RandomSubset, DistributionMatching, GradientMatching):
     register(_cls)

@@ -1,0 +1,165 @@
+"""``dm``: distribution matching (Zhao & Bilen, "Dataset Condensation with Distribution Matching", WACV 2023).
+
+For each class, learn synthetic images whose mean embedding matches the mean
+embedding of the real images of that class, under a *new randomly initialised*
+ConvNet every iteration. No bi-level optimisation and no network training,
+which is why it is the fast method on CPU. Classes never interact, so each class
+is distilled with its own random streams: the images of class ``c`` do not
+depend on which other classes were distilled in the same call.
+
+:class:`MatchingDistiller` holds the loop shared with ``dm-multi``; subclasses
+only define :meth:`MatchingDistiller.match_loss`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .base import DistillResult, Distiller
+from .features import RandomConvNets, class_index, derive_seed, real_init
+
+__all__ = ["MatchingDistiller", "DistributionMatching"]
+
+SiameseAugment = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+def _load_siamese_augment(dataset: str | None) -> SiameseAugment | None:
+    """DSA from :mod:`replaykit.augment` as ``f(images, seed)``; the same seed gives the same transform."""
+    try:
+        from .. import augment as augment_module  # written by the augmentation work package
+    except ImportError:
+        return None
+    make = getattr(augment_module, "siamese_augment", None)
+    return make(dataset) if callable(make) else None
+
+
+class MatchingDistiller(Distiller):
+    """Shared loop: per-iteration random ConvNet, per-class real batch, siamese augmentation.
+
+    Args:
+        ipc: synthetic images per class.
+        iterations: maximum number of outer iterations (one random network each).
+        time_budget: seconds; stop before an iteration that would overrun it. ``None``: no limit.
+            If not even one iteration fits, ``distill`` raises ``ValueError``.
+        lr: learning rate of the synthetic images (SGD, momentum 0.5, as in the reference code).
+        real_batch: real images per class per iteration.
+        width, depth: the random ConvNet (narrower than the evaluation ConvNet for CPU speed).
+        augment: differentiable siamese augmentation of real and synthetic batches.
+        init: ``"real"`` (start from random real images) or ``"noise"``.
+        dataset: dataset name for augmentation choices (no flips for digits); default from ``distill(meta=...)``.
+    """
+
+    def __init__(
+        self,
+        ipc: int = 10,
+        *,
+        iterations: int = 500,
+        time_budget: float | None = None,
+        lr: float = 1.0,
+        real_batch: int = 128,
+        width: int = 64,
+        depth: int = 3,
+        augment: bool = True,
+        init: str = "real",
+        seed: int = 0,
+        progress: bool = True,
+    ) -> None:
+        super().__init__(ipc, seed=seed, progress=progress)
+        if not isinstance(iterations, int) or iterations < 1:
+            raise ValueError(f"iterations must be a positive int, got {iterations!r}")
+        if time_budget is not None and not (isinstance(time_budget, (int, float)) and math.isfinite(time_budget) and time_budget > 0):
+            raise ValueError(f"time_budget must be a positive number of seconds or None, got {time_budget!r}")
+        if not (lr > 0 and math.isfinite(lr)):
+            raise ValueError(f"lr must be positive, got {lr!r}")
+        if real_batch < 1 or width < 1 or depth < 1:
+            raise ValueError(f"real_batch, width and depth must be >= 1, got {real_batch}, {width}, {depth}")
+        if init not in ("real", "noise"):
+            raise ValueError(f"init must be 'real' or 'noise', got {init!r}")
+        self.iterations = iterations
+        self.time_budget = None if time_budget is None else float(time_budget)
+        self.lr = float(lr)
+        self.real_batch = real_batch
+        self.width = width
+        self.depth = depth
+        self.augment = augment
+        self.init = init
+
+    def match_loss(self, net, real: torch.Tensor, syn: torch.Tensor) -> torch.Tensor:
+        """Discrepancy between the real and synthetic batches of one class under ``net``."""
+        raise NotImplementedError
+
+    def distill(self, images, labels, *, num_classes=None, meta=None):  # noqa: D102 (documented in Distiller)
+        self._dataset = (meta or {}).get("dataset")
+        return super().distill(images, labels, num_classes=num_classes, meta=meta)
+
+    def _distill(self, images: torch.Tensor, labels: torch.Tensor, classes: list[int], num_classes: int) -> DistillResult:
+        start = time.perf_counter()
+        nets = RandomConvNets(images.shape[1:], width=self.width, depth=self.depth)
+        siamese = _load_siamese_augment(getattr(self, "_dataset", None)) if self.augment else None
+        index = {c: class_index(labels, c) for c in classes}
+        gens = {c: torch.Generator().manual_seed(derive_seed(self.seed, c, 1)) for c in classes}
+        syn: dict[int, torch.Tensor] = {}
+        for c in classes:
+            if self.init == "real":
+                start_images = real_init(images, index[c], self.ipc, derive_seed(self.seed, c, 0))
+            else:
+                start_images = torch.randn((self.ipc, *images.shape[1:]), generator=gens[c])
+            syn[c] = start_images.requires_grad_(True)
+        opt = torch.optim.SGD(list(syn.values()), lr=self.lr, momentum=0.5)
+
+        done, stopped_by, per_iter = 0, "iterations", 0.0
+        bar = tqdm(total=self.iterations, desc=self.name, disable=not self.progress, leave=False)
+        for it in range(self.iterations):
+            elapsed = time.perf_counter() - start
+            if self.time_budget is not None and done and elapsed + per_iter > self.time_budget:
+                stopped_by = "time_budget"
+                break
+            net = nets.sample(derive_seed(self.seed, it, 2))
+            opt.zero_grad(set_to_none=True)
+            total = 0.0
+            for c in classes:  # per class: smaller batches run faster on CPU than one big one
+                pick = index[c][torch.randint(index[c].numel(), (self.real_batch,), generator=gens[c])]
+                real, fake = images[pick], syn[c]
+                if siamese is not None:
+                    aug_seed = derive_seed(self.seed, c, it, 3)
+                    real, fake = siamese(real, aug_seed), siamese(fake, aug_seed)
+                loss = self.match_loss(net, real, fake)
+                loss.backward()
+                total += float(loss.detach()) / len(classes)
+            opt.step()
+            done += 1
+            per_iter = (time.perf_counter() - start) / done
+            bar.update(1)
+            bar.set_postfix(loss=f"{total:.3g}")
+        bar.close()
+        elapsed = time.perf_counter() - start
+        if self.time_budget is not None and elapsed > self.time_budget and done <= 1:
+            raise ValueError(
+                f"time_budget of {self.time_budget:g} s is too small: one {self.name} iteration took {elapsed:.2f} s "
+                f"on this machine ({len(classes)} classes); raise the budget or lower real_batch/width"
+            )
+        out = torch.cat([syn[c].detach() for c in classes])
+        ids = torch.tensor([c for c in classes for _ in range(self.ipc)], dtype=torch.int64)
+        extra: dict[str, Any] = {
+            "iterations_done": done,
+            "stopped_by": stopped_by,
+            "augmented": siamese is not None,
+            "label_kind": "hard",
+        }
+        return DistillResult(out, ids.clone(), ids, extra)
+
+
+class DistributionMatching(MatchingDistiller):
+    """``dm``: match the mean final embedding of each class (one layer)."""
+
+    name = "dm"
+
+    def match_loss(self, net, real: torch.Tensor, syn: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            real_mean = net.embed(real).mean(0)
+        return ((real_mean - net.embed(syn).mean(0)) ** 2).sum()

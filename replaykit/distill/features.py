@@ -1,0 +1,130 @@
+"""Feature extractors shared by the distillers (DM, DM-multi, herding, k-center, KRR).
+
+Several methods look at images through a network rather than in pixel space:
+distribution matching compares mean embeddings under *randomly initialised*
+ConvNets, the selection baselines pick images in an embedding space, and kernel
+methods build kernels from random features. This module holds those pieces
+once:
+
+* :class:`RandomConvNets` — a reusable ConvNet whose weights are re-drawn from a
+  seed on demand (cheaper than building a new module every iteration, and
+  reproducible: the same seed gives the same network).
+* :func:`embed` — batched, gradient-free embeddings.
+* :func:`trained_embedding_net` — a ConvNet briefly trained on the data, whose
+  embedding is a class-aware feature space for the selection baselines.
+* :func:`class_index` / :func:`real_init` — per-class indices and the
+  "initialise the synthetic set from real images" step.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..networks import ConvNet
+from ..training import seeded, train_classifier
+
+__all__ = ["RandomConvNets", "embed", "trained_embedding_net", "class_index", "real_init", "derive_seed"]
+
+
+def derive_seed(*parts: int) -> int:
+    """A deterministic 63-bit seed from integers (seed, class, iteration...).
+
+    Lets a method give every class / iteration its own random stream, so that the
+    result for one class does not depend on which other classes were distilled
+    alongside it.
+    """
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h ^= (int(p) + 0x9E3779B97F4A7C15 + ((h << 6) & 0xFFFFFFFFFFFFFFFF) + (h >> 2)) & 0xFFFFFFFFFFFFFFFF
+        h = (h * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+class RandomConvNets:
+    """Randomly initialised ConvNet-D feature extractors, re-drawn by seed.
+
+    Holds one :class:`~replaykit.networks.ConvNet` and re-initialises its weights in
+    place for every :meth:`sample` (PyTorch's default initialisation, as in the DM
+    reference code). Parameters never require gradients: the networks are fixed
+    probes, only the images they look at are learned.
+
+    Args:
+        in_shape: ``(C, H, W)`` of the images.
+        width, depth, norm: ConvNet options (see :class:`ConvNet`).
+    """
+
+    def __init__(self, in_shape: Sequence[int], *, width: int = 128, depth: int = 3, norm: str = "instance") -> None:
+        self.net = ConvNet(in_shape, num_classes=1, width=width, depth=depth, norm=norm)
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+        self.net.eval()
+        self.embedding_dim = self.net.embedding_dim
+
+    def sample(self, seed: int) -> ConvNet:
+        """Re-draw every weight from ``seed``; return the (shared) network."""
+        with seeded(seed), torch.no_grad():
+            for module in self.net.modules():
+                if module is not self.net and hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+        return self.net
+
+
+@torch.no_grad()
+def embed(net: nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """``net.embed(images)`` in eval mode, in batches, without building a graph."""
+    was_training = net.training
+    net.eval()
+    out = torch.cat([net.embed(images[i : i + batch_size]) for i in range(0, images.shape[0], batch_size)])
+    net.train(was_training)
+    return out
+
+
+def trained_embedding_net(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    *,
+    epochs: int = 3,
+    width: int = 32,
+    depth: int = 3,
+    max_images: int = 20000,
+    seed: int = 0,
+    progress: bool = False,
+) -> ConvNet:
+    """A ConvNet briefly trained on ``(images, labels)``; its embedding separates the classes.
+
+    The selection baselines (herding, k-center) need a feature space in which
+    distances mean "looks like the same kind of example"; a random network gives
+    mostly low-level similarity, a few epochs of training give class-aware
+    features (this is what iCaRL's herding uses). At most ``max_images`` (a seeded
+    random subset) are used, to keep the cost bounded on CPU.
+    """
+    with seeded(seed):
+        net = ConvNet(images.shape[1:], num_classes=num_classes, width=width, depth=depth)
+    if images.shape[0] > max_images:
+        keep = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))[:max_images]
+        images, labels = images[keep], labels[keep]
+    train_classifier(net, images, labels, epochs=epochs, batch_size=128, lr=0.01, seed=seed, progress=progress, desc="feature net")
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net.eval()
+
+
+def class_index(labels: torch.Tensor, cls: int) -> torch.Tensor:
+    """Indices of the images of class ``cls``."""
+    return torch.nonzero(labels == cls).flatten()
+
+
+def real_init(images: torch.Tensor, index: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """``count`` distinct real images drawn (seeded) from ``images[index]``, cloned.
+
+    Distillation methods start from real images by default: it converges faster
+    and to better sets than noise.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    pick = index[torch.randperm(index.numel(), generator=gen)[:count]]
+    return images[pick].clone()

@@ -1,0 +1,37 @@
+"""Shared fixtures for distiller tests: the small, always-available ``digits`` data and a cheap evaluation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from replaykit.buffer import SyntheticBuffer
+from replaykit.data import load_tensors
+from replaykit.networks import ConvNet
+from replaykit.training import accuracy, seeded, train_classifier
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """``(train_x, train_y, test_x, test_y)`` of scikit-learn's 8x8 digits (1438 / 359 images)."""
+    x, y = load_tensors("digits", train=True)
+    xt, yt = load_tensors("digits", train=False)
+    return x, y, xt, yt
+
+
+@pytest.fixture(scope="session")
+def quick_accuracy():
+    """``f(buffer, test_x, test_y)``: mean test accuracy of small ConvNets trained only on the buffer."""
+    return _quick_accuracy
+
+
+def _quick_accuracy(buffer: SyntheticBuffer, test_x: torch.Tensor, test_y: torch.Tensor, seeds=(0, 1, 2), epochs: int = 100) -> float:
+    """Mean test accuracy of small ConvNets trained only on ``buffer`` (a cheap PROTOCOL-B stand-in)."""
+    accs = []
+    for s in seeds:
+        with seeded(s):
+            net = ConvNet(buffer.image_shape, buffer.num_classes, width=32)
+        train_classifier(net, buffer.images, buffer.soft_targets() if buffer.is_soft else buffer.labels,
+                         epochs=epochs, lr_milestones=(epochs // 2,), seed=s)
+        accs.append(accuracy(net, test_x, test_y))
+    return sum(accs) / len(accs)

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from .base import DistillResult, Distiller, check_training_data
 from .dm import DistributionMatching
+from .dm_multi import MultiLayerDistributionMatching
+from .herding import Herding
+from .kcenter import KCenter
 from .gm import GradientMatching
 from .random_subset import RandomSubset
 
@@ -43,5 +46,5 @@ def make(name: str, **options) -> Distiller:
     return cls(**options)
 
 
-for _cls in (RandomSubset, DistributionMatching, GradientMatching):
+for _cls in (RandomSubset, DistributionMatching, MultiLayerDistributionMatching, Herding, KCenter, GradientMatching):
     register(_cls)

@@ -15,27 +15,22 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from ..augment import DSA
 from .base import DistillResult, Distiller
 from .features import RandomConvNets, class_index, derive_seed, real_init
 
-__all__ = ["MatchingDistiller", "DistributionMatching"]
-
-SiameseAugment = Callable[[torch.Tensor, int], torch.Tensor]
+__all__ = ["MatchingDistiller", "DistributionMatching", "dsa_for"]
 
 
-def _load_siamese_augment(dataset: str | None) -> SiameseAugment | None:
-    """DSA from :mod:`replaykit.augment` as ``f(images, seed)``; the same seed gives the same transform."""
-    try:
-        from .. import augment as augment_module  # written by the augmentation work package
-    except ImportError:
-        return None
-    make = getattr(augment_module, "siamese_augment", None)
-    return make(dataset) if callable(make) else None
+def dsa_for(dataset: str | None) -> DSA:
+    """The DSA transform set for a dataset: no flips or colour for digits, everything for natural images."""
+    natural = dataset is not None and dataset.lower().replace("-", "") in ("cifar10",)
+    return DSA("color_crop_cutout_flip_scale_rotate" if natural else "crop_scale_rotate_cutout", seed=0)
 
 
 class MatchingDistiller(Distiller):
@@ -100,7 +95,7 @@ class MatchingDistiller(Distiller):
     def _distill(self, images: torch.Tensor, labels: torch.Tensor, classes: list[int], num_classes: int) -> DistillResult:
         start = time.perf_counter()
         nets = RandomConvNets(images.shape[1:], width=self.width, depth=self.depth)
-        siamese = _load_siamese_augment(getattr(self, "_dataset", None)) if self.augment else None
+        dsa = dsa_for(getattr(self, "_dataset", None)) if self.augment else None
         index = {c: class_index(labels, c) for c in classes}
         gens = {c: torch.Generator().manual_seed(derive_seed(self.seed, c, 1)) for c in classes}
         syn: dict[int, torch.Tensor] = {}
@@ -125,9 +120,9 @@ class MatchingDistiller(Distiller):
             for c in classes:  # per class: smaller batches run faster on CPU than one big one
                 pick = index[c][torch.randint(index[c].numel(), (self.real_batch,), generator=gens[c])]
                 real, fake = images[pick], syn[c]
-                if siamese is not None:
-                    aug_seed = derive_seed(self.seed, c, it, 3)
-                    real, fake = siamese(real, aug_seed), siamese(fake, aug_seed)
+                if dsa is not None:  # siamese: one parameter draw applied to both batches
+                    params = dsa.reseed(derive_seed(self.seed, c, it, 3)).sample(1)
+                    real, fake = dsa.apply(real, params), dsa.apply(fake, params)
                 loss = self.match_loss(net, real, fake)
                 loss.backward()
                 total += float(loss.detach()) / len(classes)
@@ -148,7 +143,7 @@ class MatchingDistiller(Distiller):
         extra: dict[str, Any] = {
             "iterations_done": done,
             "stopped_by": stopped_by,
-            "augmented": siamese is not None,
+            "augment": repr(dsa) if dsa is not None else None,
             "label_kind": "hard",
         }
         return DistillResult(out, ids.clone(), ids, extra)

@@ -26,7 +26,10 @@ from torch import nn
 from ..networks import ConvNet
 from ..training import seeded, train_classifier
 
-__all__ = ["RandomConvNets", "embed", "trained_embedding_net", "class_index", "real_init", "derive_seed"]
+__all__ = [
+    "RandomConvNets", "embed", "trained_embedding_net", "selection_features", "SelectionOptions",
+    "class_index", "real_init", "derive_seed",
+]
 
 
 def derive_seed(*parts: int) -> int:
@@ -128,3 +131,45 @@ def real_init(images: torch.Tensor, index: torch.Tensor, count: int, seed: int) 
     gen = torch.Generator().manual_seed(seed)
     pick = index[torch.randperm(index.numel(), generator=gen)[:count]]
     return images[pick].clone()
+
+
+def selection_features(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    *,
+    feature: str = "trained",
+    width: int = 32,
+    epochs: int = 2,
+    seed: int = 0,
+    progress: bool = False,
+) -> torch.Tensor:
+    """L2-normalised embeddings ``[N, D]`` in which the selection baselines pick images.
+
+    ``feature="trained"`` (default): a ConvNet trained for a few ``epochs`` on the
+    data, so that nearness means similar class-relevant content (iCaRL's choice
+    for herding). ``"random"``: a randomly initialised ConvNet: no training cost,
+    but mostly low-level similarity.
+    """
+    if feature == "trained":
+        net = trained_embedding_net(images, labels, num_classes, epochs=epochs, width=width, seed=seed, progress=progress)
+    elif feature == "random":
+        net = RandomConvNets(images.shape[1:], width=width).sample(seed)
+    else:
+        raise ValueError(f"feature must be 'trained' or 'random', got {feature!r}")
+    return torch.nn.functional.normalize(embed(net, images), dim=1)
+
+
+class SelectionOptions:
+    """Constructor options shared by the selection baselines (mixed into their classes)."""
+
+    def _init_selection(self, feature: str, feature_width: int, feature_epochs: int) -> None:
+        if feature not in ("trained", "random"):
+            raise ValueError(f"feature must be 'trained' or 'random', got {feature!r}")
+        if feature_width < 1 or feature_epochs < 0:
+            raise ValueError(f"feature_width must be >= 1 and feature_epochs >= 0, got {feature_width}, {feature_epochs}")
+        self.feature, self.feature_width, self.feature_epochs = feature, feature_width, feature_epochs
+
+    def _features(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+        return selection_features(images, labels, num_classes, feature=self.feature, width=self.feature_width,
+                                  epochs=self.feature_epochs, seed=self.seed, progress=self.progress)

@@ -1,0 +1,180 @@
+"""Distilled-set quality per PROTOCOL part B, as a function and as ``replaykit evaluate``.
+
+Fresh networks are trained *only* on the buffer and tested on the real test set
+(mean ± std over several networks); the same buffer is also scored on other
+architectures (the cross-architecture drop shows whether the images overfit the
+ConvNet they were distilled with); and a privacy check compares how close the
+synthetic images sit to real training images with how close a random real
+subset of the same size does (a real subset is at distance 0 by construction,
+so the reference is its distance to the *other* training images).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .augment import DSA
+from .buffer import SyntheticBuffer
+from .networks import make_network
+from .training import accuracy, seeded, train_classifier
+
+__all__ = ["evaluate_buffer", "nearest_real_distance", "privacy_check", "add_cli"]
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    return float(statistics.fmean(values)), float(statistics.pstdev(values)) if len(values) > 1 else 0.0
+
+
+@torch.no_grad()
+def nearest_real_distance(queries: torch.Tensor, real: torch.Tensor, *, exclude_self: bool = False, batch_size: int = 256) -> torch.Tensor:
+    """For each query image, the L2 distance (in the stored, normalised space) to its nearest real image.
+
+    With ``exclude_self`` (queries drawn from ``real``) a zero distance to the
+    identical image is ignored, so a real subset is compared with the *rest* of the data.
+    """
+    q = queries.flatten(1).double()
+    r = real.flatten(1).double()
+    r_sq = (r * r).sum(1)
+    best = []
+    for i in range(0, q.shape[0], batch_size):
+        qb = q[i : i + batch_size]
+        d2 = (qb * qb).sum(1, keepdim=True) + r_sq[None] - 2 * qb @ r.T
+        d2.clamp_(min=0)
+        if exclude_self:
+            d2[d2 <= 1e-9] = math.inf
+        best.append(d2.min(1).values.sqrt())
+    return torch.cat(best).float()
+
+
+def privacy_check(buffer: SyntheticBuffer, train_images: torch.Tensor, *, seed: int = 0) -> dict[str, float]:
+    """Median / min nearest-real distance of the buffer's images next to a random real subset of equal size."""
+    if train_images.shape[1:] != buffer.images.shape[1:]:
+        raise ValueError(f"training images have shape {tuple(train_images.shape[1:])}, buffer images {buffer.image_shape}")
+    syn = nearest_real_distance(buffer.images, train_images)
+    gen = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(train_images.shape[0], generator=gen)[: len(buffer)]
+    ref = nearest_real_distance(train_images[pick], train_images, exclude_self=True)
+    return {
+        "synthetic_median": float(syn.median()),
+        "synthetic_min": float(syn.min()),
+        "real_subset_median": float(ref.median()),
+        "real_subset_min": float(ref.min()),
+        "synthetic_exact_copies": int((syn < 1e-4).sum()),
+    }
+
+
+def evaluate_buffer(
+    buffer: SyntheticBuffer,
+    test_images: torch.Tensor,
+    test_labels: torch.Tensor,
+    *,
+    networks: Sequence[str] = ("convnet",),
+    num_networks: int = 5,
+    epochs: int = 300,
+    lr: float = 0.01,
+    batch_size: int = 256,
+    augment: bool = True,
+    width: int = 128,
+    train_images: torch.Tensor | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train ``num_networks`` fresh networks of each architecture on ``buffer`` only; test on the real test set.
+
+    PROTOCOL B: SGD lr 0.01, momentum 0.9, weight decay 5e-4, lr x0.1 at half the
+    epochs, batch 256, DSA augmentation during training. ``width`` is the ConvNet
+    width (128 in the protocol). Returns accuracies in [0, 1]: per architecture the
+    list, mean and std; ``drop`` = ConvNet mean minus each other architecture's mean
+    (when ConvNet is evaluated); and ``privacy`` when ``train_images`` is given.
+    """
+    if len(buffer) == 0:
+        raise ValueError("the buffer is empty: nothing to train on")
+    if test_images.ndim != 4 or tuple(test_images.shape[1:]) != buffer.image_shape:
+        raise ValueError(f"test images must be [N, {', '.join(map(str, buffer.image_shape))}], got {tuple(test_images.shape)}")
+    if test_labels.shape != (test_images.shape[0],):
+        raise ValueError(f"{test_images.shape[0]} test images but test labels of shape {tuple(test_labels.shape)}")
+    if test_labels.numel() and (int(test_labels.min()) < 0 or int(test_labels.max()) >= buffer.num_classes):
+        raise ValueError(f"test labels must lie in [0, {buffer.num_classes - 1}]")
+    if num_networks < 1 or epochs < 1:
+        raise ValueError(f"num_networks and epochs must be >= 1, got {num_networks} and {epochs}")
+    targets = buffer.soft_targets() if buffer.is_soft else buffer.labels
+    dataset = str(buffer.meta.get("dataset", ""))
+    natural = dataset.lower().replace("-", "") == "cifar10"
+    results: dict[str, Any] = {"per_network": {}, "config": dict(
+        networks=list(networks), num_networks=num_networks, epochs=epochs, lr=lr, batch_size=batch_size,
+        augment=augment, width=width, seed=seed, buffer_images=len(buffer),
+    )}
+    jobs = [(arch, i) for arch in networks for i in range(num_networks)]
+    for arch, i in tqdm(jobs, desc="evaluate", disable=not progress, leave=False):
+        net_seed = seed * 1000 + i
+        opts = {"width": width} if arch == "convnet" else {}
+        with seeded(net_seed):
+            net = make_network(arch, buffer.image_shape, buffer.num_classes, **opts)
+        aug = DSA("color_crop_cutout_flip_scale_rotate" if natural else "crop_scale_rotate_cutout", seed=net_seed) if augment else None
+        train_classifier(net, buffer.images, targets, epochs=epochs, batch_size=batch_size, lr=lr,
+                         lr_milestones=(epochs // 2,), augment=aug, seed=net_seed)
+        results["per_network"].setdefault(arch, []).append(accuracy(net, test_images, test_labels))
+    for arch, accs in results["per_network"].items():
+        mean, std = _mean_std(accs)
+        results[arch] = {"mean": mean, "std": std}
+    if "convnet" in results["per_network"]:
+        results["drop"] = {a: results["convnet"]["mean"] - results[a]["mean"] for a in results["per_network"] if a != "convnet"}
+    if train_images is not None:
+        results["privacy"] = privacy_check(buffer, train_images, seed=seed)
+    return results
+
+
+def _evaluate_command(args) -> int:
+    from .data import dataset_info, load_tensors
+
+    buffer = SyntheticBuffer.load(args.buffer)
+    dataset = args.dataset or buffer.meta.get("dataset")
+    if not dataset:
+        raise ValueError("the buffer does not name its dataset; pass --dataset")
+    info = dataset_info(dataset)
+    if tuple(info.in_shape) != buffer.image_shape:
+        raise ValueError(f"buffer images are {buffer.image_shape} but {info.name} images are {tuple(info.in_shape)}")
+    test_x, test_y = load_tensors(dataset, train=False, root=args.data_root)
+    train_x = load_tensors(dataset, train=True, root=args.data_root)[0] if not args.no_privacy else None
+    networks = [n.strip() for n in args.networks.split(",") if n.strip()]
+    res = evaluate_buffer(buffer, test_x, test_y, networks=networks, num_networks=args.num_networks, epochs=args.epochs,
+                          width=args.width, augment=not args.no_augment, train_images=train_x, seed=args.seed,
+                          progress=not args.quiet)
+    res["buffer"] = str(args.buffer)
+    res["dataset"] = info.name
+    for arch in networks:
+        line = f"{arch:8s} {100 * res[arch]['mean']:.2f} ± {100 * res[arch]['std']:.2f} %"
+        if arch in res.get("drop", {}):
+            line += f"   (drop vs convnet {100 * res['drop'][arch]:+.2f})"
+        print(line)
+    if "privacy" in res:
+        p = res["privacy"]
+        print(f"nearest real image: synthetic median {p['synthetic_median']:.3f}, random real subset median {p['real_subset_median']:.3f}")
+    if args.json:
+        from .fileio import atomic_write_json
+
+        atomic_write_json(args.json, res)
+    return 0
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser("evaluate", help="train fresh networks on a buffer and test them on the real test set (PROTOCOL B)")
+    p.add_argument("buffer", help="a .safetensors buffer written by 'replaykit distill'")
+    p.add_argument("--dataset", help="dataset of the test set (default: the buffer's metadata)")
+    p.add_argument("--data-root", help="data root (default: $REPLAYKIT_DATA or ../shared/data)")
+    p.add_argument("--networks", default="convnet", help="comma-separated: convnet,mlp,lenet")
+    p.add_argument("--num-networks", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=300)
+    p.add_argument("--width", type=int, default=128, help="ConvNet width (protocol: 128)")
+    p.add_argument("--no-augment", action="store_true", help="train without DSA augmentation")
+    p.add_argument("--no-privacy", action="store_true", help="skip the nearest-real-image check")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write the results to this JSON file")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_evaluate_command)

@@ -13,6 +13,7 @@ from .dm import DistributionMatching
 from .dm_multi import MultiLayerDistributionMatching
 from .herding import Herding
 from .kcenter import KCenter
+from .gm import GradientMatching
 from .random_subset import RandomSubset
 
 __all__ = ["Distiller", "DistillResult", "check_training_data", "available", "make", "register", "REGISTRY"]
@@ -45,5 +46,5 @@ def make(name: str, **options) -> Distiller:
     return cls(**options)
 
 
-for _cls in (RandomSubset, DistributionMatching, MultiLayerDistributionMatching, Herding, KCenter):
+for _cls in (RandomSubset, DistributionMatching, MultiLayerDistributionMatching, Herding, KCenter, GradientMatching):
     register(_cls)

@@ -14,6 +14,7 @@ from .dm_multi import MultiLayerDistributionMatching
 from .herding import Herding
 from .kcenter import KCenter
 from .gm import GradientMatching
+from .krr import KernelRidgeDistiller
 from .random_subset import RandomSubset
 
 __all__ = ["Distiller", "DistillResult", "check_training_data", "available", "make", "register", "REGISTRY"]
@@ -46,5 +47,5 @@ def make(name: str, **options) -> Distiller:
     return cls(**options)
 
 
-for _cls in (RandomSubset, DistributionMatching, MultiLayerDistributionMatching, Herding, KCenter, GradientMatching):
+for _cls in (RandomSubset, DistributionMatching, MultiLayerDistributionMatching, Herding, KCenter, GradientMatching, KernelRidgeDistiller):
     register(_cls)

@@ -19,6 +19,8 @@ from . import __version__
 # Order here is the order in ``replaykit --help``.
 SUBCOMMANDS: list[str] = [
     "replaykit.data",
+    "replaykit.distill.cli",
+    "replaykit.evaluate",
     "replaykit.viz",
     "replaykit.demo",
 ]

@@ -1,0 +1,135 @@
+"""The on-disk bundle: file names, manifest, checksums and crash-safe parameter saves.
+
+Torch-free on purpose: the device reads and rewrites bundles with numpy,
+onnxruntime, safetensors and the standard library only.
+
+A bundle is a folder::
+
+    model.onnx          inference graph, every parameter a graph input
+    train_step.onnx     one SGD-with-momentum step as a pure function
+    buffer.safetensors  replay images + labels, current parameters and momentum
+    manifest.json       format version, shapes, normalisation, classes, mode,
+                        size and sha256 of every other file
+
+``save`` commits new parameters with a small journal so that a crash at any
+point leaves a bundle that opens with either the old or the new parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from replaykit.fileio import atomic_write, atomic_write_json, sha256_file
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+MODEL = "model.onnx"
+TRAIN_STEP = "train_step.onnx"
+BUFFER = "buffer.safetensors"
+BUNDLE_FILES = (MODEL, TRAIN_STEP, BUFFER)
+PENDING = ".pending"  # suffix of the journal files written by ``save_state``
+
+PARAM_PREFIX = "param."
+STATE_PREFIX = "state."
+MODES = ("head", "full")
+STORAGES = ("uint8", "float16")
+
+
+class BundleError(ValueError):
+    """A bundle that is missing, tampered with, truncated or inconsistent."""
+
+
+def file_entry(path: Path) -> dict[str, Any]:
+    return {"size": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def recover(bundle_dir: Path) -> None:
+    """Finish or discard an interrupted ``save_state`` (see module docstring)."""
+    new_manifest = bundle_dir / (MANIFEST + PENDING)
+    new_buffer = bundle_dir / (BUFFER + PENDING)
+    if new_manifest.exists() and not new_buffer.exists():
+        # The buffer was already swapped in; the pending manifest describes it.
+        os.replace(new_manifest, bundle_dir / MANIFEST)
+    else:
+        # Crash before the commit started: the old files are untouched.
+        new_manifest.unlink(missing_ok=True)
+        new_buffer.unlink(missing_ok=True)
+
+
+def read_manifest(bundle_dir: str | os.PathLike, verify: bool = True) -> dict[str, Any]:
+    """Load ``manifest.json`` and check that every listed file has its recorded size and sha256."""
+    bundle_dir = Path(bundle_dir)
+    if not bundle_dir.is_dir():
+        raise FileNotFoundError(f"no bundle folder at {bundle_dir}")
+    recover(bundle_dir)
+    path = bundle_dir / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"{bundle_dir} has no {MANIFEST}; it is not an edge bundle")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path} is not valid JSON (truncated or corrupt?): {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != "replaykit-edge-bundle":
+        raise BundleError(f"{path} is not a ReplayKit edge bundle manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise BundleError(f"{path}: format version {manifest.get('format_version')!r}; this runtime reads {FORMAT_VERSION}")
+    files = manifest.get("files", {})
+    missing = [name for name in BUNDLE_FILES if name not in files]
+    if missing:
+        raise BundleError(f"{path} does not list {missing}")
+    for key in ("input_shape", "num_classes", "mode", "mean", "std", "params", "trainable", "image_storage"):
+        if key not in manifest:
+            raise BundleError(f"{path} lacks the field {key!r}")
+    if verify:
+        for name, entry in files.items():
+            file = bundle_dir / name
+            if not file.is_file():
+                raise BundleError(f"bundle file {file} is missing")
+            size = file.stat().st_size
+            if size != entry["size"]:
+                raise BundleError(
+                    f"{file} has {size} bytes, the manifest says {entry['size']}: truncated or replaced"
+                )
+            if sha256_file(file) != entry["sha256"]:
+                raise BundleError(f"{file} does not match its sha256 in the manifest: the file was modified or corrupted")
+    return manifest
+
+
+def load_tensors(bundle_dir: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(str(bundle_dir / BUFFER))
+    except Exception as exc:  # safetensors raises its own types for bad headers
+        raise BundleError(f"{bundle_dir / BUFFER} is not readable safetensors: {exc}") from exc
+
+
+def write_tensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
+    from safetensors.numpy import save_file
+
+    arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(arrays, str(tmp)))
+
+
+def save_state(bundle_dir: Path, manifest: dict[str, Any], tensors: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Replace the parameters in ``buffer.safetensors`` and the manifest as one commit.
+
+    Order: write both new files under ``*.pending`` (fsynced), delete nothing yet;
+    swap the buffer in, then the manifest. ``recover`` (run on every open) rolls a
+    half-done swap forward and throws away a half-written journal.
+    """
+    new_buffer = bundle_dir / (BUFFER + PENDING)
+    new_manifest_path = bundle_dir / (MANIFEST + PENDING)
+    write_tensors(new_buffer, tensors)
+    manifest = json.loads(json.dumps(manifest))
+    manifest["files"][BUFFER] = file_entry(new_buffer)
+    manifest["saves"] = int(manifest.get("saves", 0)) + 1
+    atomic_write_json(new_manifest_path, manifest)
+    os.replace(new_buffer, bundle_dir / BUFFER)
+    os.replace(new_manifest_path, bundle_dir / MANIFEST)
+    return manifest

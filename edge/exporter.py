@@ -1,0 +1,412 @@
+"""PyTorch -> edge bundle. The only torch-importing module of ``edge``.
+
+Route (see issue 5): write the SGD step as a pure function with ``torch.func``,
+trace it into plain aten ops with ``make_fx`` (with decompositions for the
+backward ops the ONNX exporter lacks), export that graph with the dynamo ONNX
+exporter, then check the ONNX graphs against PyTorch before the bundle is
+declared written.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from replaykit.fileio import atomic_write_bytes, atomic_write_json
+
+from .bundle import (
+    BUFFER, FORMAT_VERSION, MANIFEST, MODEL, MODES, PARAM_PREFIX, STATE_PREFIX, STORAGES, TRAIN_STEP,
+    file_entry, write_tensors,
+)
+
+aten = torch.ops.aten
+
+# Every ONNX graph in a bundle must run on stock onnxruntime: default domain only.
+ALLOWED_DOMAINS = ("", "ai.onnx")
+
+
+# ----------------------------------------------------------------- decompositions
+def _avg_pool2d_backward(grad, inp, kernel, stride, padding, ceil_mode, count_include_pad, divisor):
+    """Non-overlapping average pooling backward: spread each gradient evenly over its window."""
+    kh, kw = kernel
+    if tuple(stride) not in ((kh, kw), ()) or any(padding) or ceil_mode or divisor is not None:
+        raise NotImplementedError("edge export supports only non-overlapping, unpadded average pooling")
+    g = grad.repeat_interleave(kh, dim=2).repeat_interleave(kw, dim=3) / (kh * kw)
+    # Rows / columns that floor-mode pooling dropped get no gradient.
+    return F.pad(g, (0, inp.shape[3] - g.shape[3], 0, inp.shape[2] - g.shape[2]))
+
+
+def _convolution_backward(grad, inp, weight, bias_sizes, stride, padding, dilation, transposed, output_padding, groups, mask):
+    """Conv2d backward as two forward convolutions (stride 1, no dilation, one group)."""
+    if transposed or groups != 1 or any(s != 1 for s in stride) or any(d != 1 for d in dilation) or weight.ndim != 4:
+        raise NotImplementedError("edge export supports plain stride-1 Conv2d layers only")
+    kh, kw = weight.shape[2], weight.shape[3]
+    ph, pw = padding
+    grad_input = grad_weight = grad_bias = None
+    if mask[0]:
+        flipped = weight.flip(2, 3).transpose(0, 1)
+        grad_input = F.conv2d(grad, flipped, padding=(kh - 1 - ph, kw - 1 - pw))
+    if mask[1]:
+        grad_weight = F.conv2d(inp.transpose(0, 1), grad.transpose(0, 1), padding=(ph, pw)).transpose(0, 1)
+    if mask[2]:
+        grad_bias = grad.sum((0, 2, 3))
+    return grad_input, grad_weight, grad_bias
+
+
+def _decompositions() -> dict:
+    from torch._decomp import core_aten_decompositions
+
+    table = dict(core_aten_decompositions())
+    table[aten.avg_pool2d_backward.default] = _avg_pool2d_backward
+    table[aten.convolution_backward.default] = _convolution_backward
+    return table
+
+
+# ----------------------------------------------------------------- pure functions
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of -sum(p * log softmax); one-hot rows give the usual cross-entropy.
+
+    Written out (rather than ``F.cross_entropy``) so the traced backward is plain
+    elementwise ops: exporting ``nll_loss_backward`` scales the gradient by the batch size.
+    """
+    return -(targets * torch.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+def make_step_fn(model: nn.Module, frozen: Sequence[str], trainable: Sequence[str]) -> Callable:
+    """(frozen..., trainable..., state..., x, targets, lr, momentum, weight_decay) -> (loss, new params..., new state...)."""
+    from torch.func import functional_call, grad_and_value
+
+    nf, nt = len(frozen), len(trainable)
+
+    def loss_of(train: dict, fixed: dict, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return soft_cross_entropy(functional_call(model, {**fixed, **train}, (x,)), targets)
+
+    def step(*args: torch.Tensor):
+        fixed = dict(zip(frozen, args[:nf]))
+        params = args[nf: nf + nt]
+        state = args[nf + nt: nf + 2 * nt]
+        x, targets, lr, momentum, weight_decay = args[nf + 2 * nt:]
+        grads, loss = grad_and_value(loss_of)(dict(zip(trainable, params)), fixed, x, targets)
+        # torch.optim.SGD: g += wd * p; v = momentum * v + g; p -= lr * v
+        new_state = [momentum * v + grads[name] + weight_decay * p for name, p, v in zip(trainable, params, state)]
+        new_params = [p - lr * v for p, v in zip(params, new_state)]
+        return (loss, *new_params, *new_state)
+
+    return step
+
+
+def make_forward_fn(model: nn.Module, names: Sequence[str]) -> Callable:
+    from torch.func import functional_call
+
+    def forward(*args: torch.Tensor) -> torch.Tensor:
+        return functional_call(model, dict(zip(names, args[:-1])), (args[-1],))
+
+    return forward
+
+
+# ----------------------------------------------------------------- ONNX
+class _Traced(nn.Module):
+    def __init__(self, graph: nn.Module) -> None:
+        super().__init__()
+        self.graph = graph
+
+    def forward(self, *args):
+        return self.graph(*args)
+
+
+def _rename(model, old_to_new: dict[str, str]) -> None:
+    graph = model.graph
+    for value in list(graph.input) + list(graph.output) + list(graph.value_info):
+        if value.name in old_to_new:
+            value.name = old_to_new[value.name]
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in old_to_new:
+                node.input[i] = old_to_new[name]
+        for i, name in enumerate(node.output):
+            if name in old_to_new:
+                node.output[i] = old_to_new[name]
+
+
+def trace_to_onnx(fn: Callable, args: Sequence[torch.Tensor], input_names: Sequence[str], output_names: Sequence[str],
+                  batch_inputs: Sequence[int]) -> bytes:
+    """Trace ``fn`` with make_fx, export with the dynamo exporter, name the graph's inputs and outputs."""
+    import onnx
+    import onnx.inliner
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    graph = make_fx(fn, decomposition_table=_decompositions(), tracing_mode="symbolic")(*args)
+    batch = torch.export.Dim("batch", min=1)
+    dynamic = tuple({0: batch} if i in batch_inputs else None for i in range(len(args)))
+    program = torch.onnx.export(_Traced(graph), tuple(args), dynamo=True, dynamic_shapes=(dynamic,), verbose=False,
+                                optimize=True)
+    proto = program.model_proto
+    proto = onnx.inliner.inline_local_functions(proto)
+    if len(proto.graph.input) != len(input_names) or len(proto.graph.output) != len(output_names):
+        raise RuntimeError(
+            f"exported graph has {len(proto.graph.input)} inputs / {len(proto.graph.output)} outputs, "
+            f"expected {len(input_names)} / {len(output_names)}"
+        )
+    mapping = {v.name: n for v, n in zip(proto.graph.input, input_names)}
+    mapping.update({v.name: n for v, n in zip(proto.graph.output, output_names)})
+    _rename(proto, mapping)
+    del proto.functions[:]
+    domains = {node.domain for node in proto.graph.node} | {op.domain for op in proto.opset_import}
+    custom = sorted(d for d in domains if d not in ALLOWED_DOMAINS)
+    if custom:
+        raise RuntimeError(f"exported graph uses non-standard operator domains {custom}")
+    onnx.checker.check_model(proto, full_check=True)
+    return proto.SerializeToString()
+
+
+# ----------------------------------------------------------------- export
+def _targets(buffer, num_classes: int) -> np.ndarray:
+    soft = buffer.soft_targets().detach().float()
+    if soft.shape[1] < num_classes:
+        soft = F.pad(soft, (0, num_classes - soft.shape[1]))
+    return soft.numpy().astype(np.float32)
+
+
+def _stored_images(buffer, storage: str) -> np.ndarray:
+    if storage == "uint8":
+        return (buffer.pixels() * 255.0).round().to(torch.uint8).numpy()
+    return buffer.images.detach().to(torch.float16).numpy()
+
+
+def export(
+    model: nn.Module,
+    buffer,
+    out_dir: str | Path,
+    *,
+    mode: str = "head",
+    storage: str = "uint8",
+    lr: float = 0.01,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    class_names: Sequence[str] | None = None,
+    verify: bool = True,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> Path:
+    """Write an edge bundle for ``model`` and its replay ``buffer`` into ``out_dir``.
+
+    ``mode="head"`` freezes ``model.features`` and trains ``model.classifier``;
+    ``mode="full"`` trains every parameter. The model's output size fixes the
+    classes a device may learn: it may learn classes the buffer lacks as long as
+    the classifier has an output for them (export a model with spare outputs to
+    leave room for new classes). The bundle is built in a temporary folder and
+    moved into place only after its graphs matched PyTorch.
+    """
+    from replaykit.buffer import SyntheticBuffer
+
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if storage not in STORAGES:
+        raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
+    if not isinstance(buffer, SyntheticBuffer):
+        raise TypeError(f"buffer must be a SyntheticBuffer, got {type(buffer).__name__}")
+    if not hasattr(model, "classifier") or not isinstance(model.classifier, nn.Linear) or not hasattr(model, "features"):
+        raise ValueError("model must have .features and a linear .classifier (a replaykit.networks network)")
+    for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
+        if not np.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True to replace it")
+    num_classes = int(model.classifier.out_features)
+    in_shape = tuple(int(s) for s in buffer.image_shape)
+    model_shape = tuple(getattr(model, "in_shape", in_shape))
+    if model_shape != in_shape:
+        raise ValueError(f"buffer images are {in_shape} but the model expects {model_shape}")
+    if len(buffer) == 0:
+        raise ValueError("the buffer is empty; a bundle needs replay images")
+    if buffer.num_classes > num_classes or (buffer.classes and max(buffer.classes) >= num_classes):
+        raise ValueError(f"buffer has classes up to {max(buffer.classes)} but the model has {num_classes} outputs")
+    meta = buffer.meta or {}
+    channels = in_shape[0]
+    mean = [float(v) for v in meta.get("mean", [0.0] * channels)]
+    std = [float(v) for v in meta.get("std", [1.0] * channels)]
+    names_meta = list(class_names) if class_names is not None else list(meta.get("class_names", []))
+    if len(names_meta) < num_classes:
+        names_meta = names_meta + [str(i) for i in range(len(names_meta), num_classes)]
+    names_meta = names_meta[:num_classes]
+
+    model = model.eval()
+    named = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+    buffers = [n for n, _ in model.named_buffers()]
+    if buffers:
+        raise ValueError(f"models with buffers (e.g. BatchNorm running stats: {buffers[:3]}) are not supported; use norm='instance'")
+    names = list(named)
+    trainable = [n for n in names if n.startswith("classifier.")] if mode == "head" else names
+    frozen = [n for n in names if n not in trainable]
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        example_x = torch.randn(3, *in_shape)
+        example_t = torch.softmax(torch.randn(3, num_classes), dim=1)
+    scalars = [torch.tensor(lr, dtype=torch.float32), torch.tensor(momentum, dtype=torch.float32),
+               torch.tensor(weight_decay, dtype=torch.float32)]
+    state = [torch.zeros_like(named[n]) for n in trainable]
+    step_args = [named[n] for n in frozen] + [named[n] for n in trainable] + state + [example_x, example_t] + scalars
+    step_inputs = ([PARAM_PREFIX + n for n in frozen] + [PARAM_PREFIX + n for n in trainable]
+                   + [STATE_PREFIX + n for n in trainable] + ["x", "targets", "lr", "momentum", "weight_decay"])
+    step_outputs = ["loss"] + ["new." + PARAM_PREFIX + n for n in trainable] + ["new." + STATE_PREFIX + n for n in trainable]
+    nb = len(frozen) + 2 * len(trainable)
+    step_fn = make_step_fn(model, frozen, trainable)
+    forward_fn = make_forward_fn(model, names)
+
+    model_bytes = trace_to_onnx(forward_fn, [named[n] for n in names] + [example_x],
+                                [PARAM_PREFIX + n for n in names] + ["x"], ["logits"], [len(names)])
+    step_bytes = trace_to_onnx(step_fn, step_args, step_inputs, step_outputs, [nb, nb + 1])
+
+    tensors: dict[str, np.ndarray] = {
+        "images": _stored_images(buffer, storage),
+        "targets": _targets(buffer, num_classes),
+        "class_ids": buffer.class_ids.numpy().astype(np.int64),
+    }
+    tensors.update({PARAM_PREFIX + n: named[n].numpy() for n in names})
+    tensors.update({STATE_PREFIX + n: np.zeros_like(named[n].numpy()) for n in trainable})
+
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent if out_dir.parent.exists() else None))
+    try:
+        atomic_write_bytes(tmp_dir / MODEL, model_bytes)
+        atomic_write_bytes(tmp_dir / TRAIN_STEP, step_bytes)
+        write_tensors(tmp_dir / BUFFER, tensors)
+        manifest: dict[str, Any] = {
+            "format": "replaykit-edge-bundle",
+            "format_version": FORMAT_VERSION,
+            "input_shape": list(in_shape),
+            "num_classes": num_classes,
+            "class_names": names_meta,
+            "buffer_classes": sorted(int(c) for c in buffer.classes),
+            "buffer_size": len(buffer),
+            "soft_labels": bool(buffer.is_soft),
+            "image_storage": storage,
+            "mean": mean,
+            "std": std,
+            "mode": mode,
+            "params": {n: list(named[n].shape) for n in names},
+            "trainable": trainable,
+            "frozen": frozen,
+            "optimizer": {"name": "sgd", "lr": lr, "momentum": momentum, "weight_decay": weight_decay},
+            "loss": "soft_cross_entropy",
+            "network": _network_spec(model),
+            "train_step_inputs": step_inputs,
+            "train_step_outputs": step_outputs,
+            "activation_floats_per_sample": _activation_floats(model, in_shape),
+            "dataset": meta.get("dataset"),
+            "distill_method": meta.get("method"),
+            "saves": 0,
+            "files": {},
+        }
+        manifest["files"] = {name: file_entry(tmp_dir / name) for name in (MODEL, TRAIN_STEP, BUFFER)}
+        atomic_write_json(tmp_dir / MANIFEST, manifest)
+        if verify:
+            errors = verify_bundle(model, tmp_dir)
+            worst = max(errors.values())
+            if not worst <= 1e-4:
+                raise RuntimeError(f"exported graphs disagree with PyTorch (max abs error {worst:.2e}): {errors}")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp_dir.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _network_spec(model: nn.Module) -> dict[str, Any]:
+    spec: dict[str, Any] = {"class": type(model).__name__}
+    for key in ("width", "depth", "norm", "embedding_dim"):
+        if hasattr(model, key):
+            spec[key] = getattr(model, key)
+    return spec
+
+
+def _activation_floats(model: nn.Module, in_shape: tuple[int, ...]) -> int:
+    """Floats of every module output for one sample: the device's memory planner scales it by batch size."""
+    total = 0
+
+    def hook(_module, _inputs, output):
+        nonlocal total
+        if isinstance(output, torch.Tensor):
+            total += output[0].numel()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *in_shape))
+    finally:
+        for h in handles:
+            h.remove()
+    return int(total + int(np.prod(in_shape)))
+
+
+# ----------------------------------------------------------------- verification
+def torch_step(model: nn.Module, params: dict[str, torch.Tensor], state: dict[str, torch.Tensor], x: torch.Tensor,
+               targets: torch.Tensor, lr: float, momentum: float, weight_decay: float, trainable: Sequence[str]):
+    """The reference step in PyTorch eager (autograd + the torch.optim.SGD update rule)."""
+    from torch.func import functional_call
+
+    leaves = {n: p.detach().clone().requires_grad_(n in trainable) for n, p in params.items()}
+    loss = soft_cross_entropy(functional_call(model, leaves, (x,)), targets)
+    grads = torch.autograd.grad(loss, [leaves[n] for n in trainable])
+    new_params, new_state = dict(params), dict(state)
+    with torch.no_grad():
+        for n, g in zip(trainable, grads):
+            v = momentum * state[n] + g + weight_decay * params[n]
+            new_state[n] = v
+            new_params[n] = params[n] - lr * v
+    return float(loss.detach()), new_params, new_state
+
+
+def verify_bundle(model: nn.Module, bundle_dir: str | Path, steps: int = 3, batch: int = 5, seed: int = 0) -> dict[str, float]:
+    """Largest absolute difference, ONNX vs PyTorch, per output: logits, loss and every parameter after ``steps`` steps."""
+    import onnxruntime as ort
+
+    from .bundle import load_tensors
+
+    bundle_dir = Path(bundle_dir)
+    manifest = json.loads((bundle_dir / MANIFEST).read_text())
+    tensors = load_tensors(bundle_dir)
+    names, trainable = list(manifest["params"]), manifest["trainable"]
+    opt = manifest["optimizer"]
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, *manifest["input_shape"], generator=gen)
+    targets = torch.softmax(torch.randn(batch, manifest["num_classes"], generator=gen), dim=1)
+    params = {n: torch.from_numpy(tensors[PARAM_PREFIX + n].copy()) for n in names}
+    state = {n: torch.zeros_like(params[n]) for n in trainable}
+    errors: dict[str, float] = {}
+
+    infer = ort.InferenceSession(str(bundle_dir / MODEL), providers=["CPUExecutionProvider"])
+    feeds = {PARAM_PREFIX + n: params[n].numpy() for n in names}
+    logits = infer.run(["logits"], {**feeds, "x": x.numpy()})[0]
+    with torch.no_grad():
+        ref_logits = model(x)
+    errors["logits"] = float(np.abs(logits - ref_logits.numpy()).max())
+
+    step = ort.InferenceSession(str(bundle_dir / TRAIN_STEP), providers=["CPUExecutionProvider"])
+    onnx_params = {n: p.numpy() for n, p in params.items()}
+    onnx_state = {n: v.numpy() for n, v in state.items()}
+    scalars = {k: np.array(opt[k], dtype=np.float32) for k in ("lr", "momentum", "weight_decay")}
+    for _ in range(steps):
+        feed = {PARAM_PREFIX + n: onnx_params[n] for n in names}
+        feed.update({STATE_PREFIX + n: onnx_state[n] for n in trainable})
+        feed.update({"x": x.numpy(), "targets": targets.numpy(), **scalars})
+        out = dict(zip(manifest["train_step_outputs"], step.run(manifest["train_step_outputs"], feed)))
+        loss, params, state = torch_step(model, params, state, x, targets, opt["lr"], opt["momentum"], opt["weight_decay"], trainable)
+        errors["loss"] = max(errors.get("loss", 0.0), abs(float(out["loss"]) - loss))
+        for n in trainable:
+            onnx_params[n] = out["new." + PARAM_PREFIX + n]
+            onnx_state[n] = out["new." + STATE_PREFIX + n]
+    for n in trainable:
+        errors[n] = float(np.abs(onnx_params[n] - params[n].numpy()).max())
+    return errors

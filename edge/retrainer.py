@@ -1,0 +1,305 @@
+"""On-device retraining with onnxruntime + numpy only (no torch in this process)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from .bundle import (
+    MODEL, PARAM_PREFIX, STATE_PREFIX, TRAIN_STEP, BundleError, load_tensors, read_manifest, save_state,
+)
+from .memory import MemoryLimitError, current_rss_mb, peak_rss_mb
+
+OPTIMIZATION_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+# Bytes per activation float kept alive by one training step (forward values,
+# their gradients and onnxruntime temporaries), used to plan the batch size.
+_STEP_BYTES_PER_FLOAT = 4 * 4
+_SAFETY_MB = 8.0
+
+
+class Retrainer:
+    """Open a bundle, learn new samples mixed with its replay buffer, predict, save.
+
+    Images are ``[N, C, H, W]`` arrays: ``uint8`` raw pixels (normalised here with
+    the bundle's mean / std) or ``float32`` already normalised like the training
+    data. Labels are integer classes below the bundle's ``num_classes`` (the
+    exported classifier's output size: a bundle leaves room for new classes only
+    if its model had spare outputs) or float32 probability rows ``[N, num_classes]``.
+    """
+
+    def __init__(self, bundle_dir: str | os.PathLike, memory_limit_mb: float | None = None, seed: int = 0,
+                 optimization: str = "all", threads: int | None = None, progress: bool = False) -> None:
+        self.bundle_dir = Path(bundle_dir)
+        self.memory_limit_mb = memory_limit_mb
+        self.progress = progress
+        if memory_limit_mb is not None:
+            if not memory_limit_mb > 0:
+                raise ValueError(f"memory_limit_mb must be positive, got {memory_limit_mb}")
+            self._check_memory("before opening the bundle")
+        if optimization not in OPTIMIZATION_LEVELS:
+            raise ValueError(f"optimization must be one of {sorted(OPTIMIZATION_LEVELS)}, got {optimization!r}")
+        self.manifest = read_manifest(self.bundle_dir)
+        m = self.manifest
+        self.input_shape = tuple(int(s) for s in m["input_shape"])
+        self.num_classes = int(m["num_classes"])
+        self.class_names = list(m.get("class_names", []))
+        self.mode = m["mode"]
+        self._mean = np.asarray(m["mean"], dtype=np.float32).reshape(1, -1, 1, 1)
+        self._std = np.asarray(m["std"], dtype=np.float32).reshape(1, -1, 1, 1)
+        tensors = load_tensors(self.bundle_dir)
+        self.params, self.state = self._read_parameters(tensors)
+        self.buffer_x, self.buffer_targets = self._read_buffer(tensors)
+        del tensors
+        self.optimizer = dict(m["optimizer"])
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
+        if threads is not None:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        if memory_limit_mb is not None:
+            options.enable_cpu_mem_arena = False  # return step temporaries to the OS between steps
+            options.enable_mem_pattern = False
+        try:
+            self._infer = ort.InferenceSession(str(self.bundle_dir / MODEL), options, providers=["CPUExecutionProvider"])
+            self._step = ort.InferenceSession(str(self.bundle_dir / TRAIN_STEP), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own error types for bad graphs
+            raise BundleError(f"{self.bundle_dir}: onnxruntime cannot load the graphs: {exc}") from exc
+        self._check_graphs()
+        self._rng = np.random.default_rng(seed)
+        self.peak_rss_mb = current_rss_mb()
+        if memory_limit_mb is not None:
+            self._check_memory("after loading the bundle")
+
+    # ------------------------------------------------------------ loading
+    def _read_parameters(self, tensors: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        params, state = {}, {}
+        for name, shape in self.manifest["params"].items():
+            array = tensors.get(PARAM_PREFIX + name)
+            if array is None:
+                raise BundleError(f"{self.bundle_dir}: parameter {name!r} listed in the manifest is not in the buffer file")
+            if list(array.shape) != list(shape) or array.dtype != np.float32:
+                raise BundleError(
+                    f"{self.bundle_dir}: parameter {name!r} is {array.dtype}{list(array.shape)}, manifest says float32{shape}"
+                )
+            params[name] = array
+        for name in self.manifest["trainable"]:
+            array = tensors.get(STATE_PREFIX + name)
+            if array is None or array.shape != params[name].shape:
+                raise BundleError(f"{self.bundle_dir}: optimizer state for {name!r} is missing or mis-shaped")
+            state[name] = array
+        return params, state
+
+    def _read_buffer(self, tensors: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        images, targets = tensors.get("images"), tensors.get("targets")
+        if images is None or targets is None:
+            raise BundleError(f"{self.bundle_dir}: the buffer file lacks images or targets")
+        if tuple(images.shape[1:]) != self.input_shape or targets.shape != (images.shape[0], self.num_classes):
+            raise BundleError(
+                f"{self.bundle_dir}: buffer images {images.shape} / targets {targets.shape} do not match the manifest "
+                f"(input {self.input_shape}, {self.num_classes} classes)"
+            )
+        storage = self.manifest["image_storage"]
+        expected = {"uint8": np.uint8, "float16": np.float16}.get(storage)
+        if expected is None or images.dtype != expected:
+            raise BundleError(f"{self.bundle_dir}: images stored as {images.dtype}, manifest says {storage!r}")
+        if storage == "uint8":
+            decoded = (images.astype(np.float32) / 255.0 - self._mean) / self._std
+        else:
+            decoded = images.astype(np.float32)
+        return np.ascontiguousarray(decoded, dtype=np.float32), targets.astype(np.float32)
+
+    def _check_graphs(self) -> None:
+        step_inputs = [i.name for i in self._step.get_inputs()]
+        step_outputs = [o.name for o in self._step.get_outputs()]
+        if step_inputs != self.manifest["train_step_inputs"] or step_outputs != self.manifest["train_step_outputs"]:
+            raise BundleError(f"{self.bundle_dir}: {TRAIN_STEP} does not have the inputs / outputs its manifest lists")
+        infer_inputs = {i.name for i in self._infer.get_inputs()}
+        if infer_inputs != {PARAM_PREFIX + n for n in self.params} | {"x"}:
+            raise BundleError(f"{self.bundle_dir}: {MODEL} inputs do not match the bundle's parameters")
+
+    # ------------------------------------------------------------ input checks
+    def _images(self, x: Any, what: str = "x") -> np.ndarray:
+        if not isinstance(x, np.ndarray):
+            raise TypeError(f"{what} must be a numpy array, got {type(x).__name__}")
+        if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"{what} must have shape [N, {', '.join(map(str, self.input_shape))}], got {list(x.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError(f"{what} is empty")
+        if x.dtype == np.uint8:
+            return x
+        if x.dtype != np.float32:
+            raise ValueError(f"{what} must be uint8 pixels or float32 normalised images, got dtype {x.dtype}")
+        if not np.isfinite(x).all():
+            raise ValueError(f"{what} contains NaN or infinite values")
+        return x
+
+    def _normalised(self, x: np.ndarray) -> np.ndarray:
+        if x.dtype == np.uint8:
+            return ((x.astype(np.float32) / 255.0 - self._mean) / self._std).astype(np.float32)
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def _targets(self, y: Any, n: int) -> np.ndarray:
+        y = np.asarray(y)
+        if y.shape[:1] != (n,):
+            raise ValueError(f"got {n} images but labels of shape {list(y.shape)}")
+        if y.ndim == 1 and np.issubdtype(y.dtype, np.integer):
+            bad = y[(y < 0) | (y >= self.num_classes)]
+            if bad.size:
+                raise ValueError(
+                    f"labels {sorted(set(bad.tolist()))[:5]} are outside this bundle's classes 0..{self.num_classes - 1}; "
+                    "new classes need a model exported with spare outputs"
+                )
+            return np.eye(self.num_classes, dtype=np.float32)[y]
+        if y.ndim == 2 and y.shape[1] == self.num_classes and np.issubdtype(y.dtype, np.floating):
+            if not np.isfinite(y).all() or (y < 0).any() or not np.allclose(y.sum(1), 1.0, atol=1e-3):
+                raise ValueError("soft labels must be finite, non-negative rows that sum to 1")
+            return y.astype(np.float32)
+        raise ValueError(f"labels must be integer classes [N] or float probability rows [N, {self.num_classes}], got "
+                         f"{y.dtype}{list(y.shape)}")
+
+    # ------------------------------------------------------------ memory
+    def _check_memory(self, when: str) -> None:
+        rss = current_rss_mb()
+        self.peak_rss_mb = max(getattr(self, "peak_rss_mb", 0.0), rss)
+        if self.memory_limit_mb is not None and rss > self.memory_limit_mb:
+            raise MemoryLimitError(
+                f"process resident memory is {rss:.1f} MB {when}, above memory_limit_mb={self.memory_limit_mb:g}; "
+                "the cap cannot be met"
+            )
+
+    def plan_batch(self, batch_size: int, replay_batch_size: int) -> tuple[int, int]:
+        """Largest (new, replay) batch no bigger than asked whose step fits under the memory cap."""
+        total = batch_size + replay_batch_size
+        if self.memory_limit_mb is None:
+            return batch_size, replay_batch_size
+        per_sample_mb = int(self.manifest["activation_floats_per_sample"]) * _STEP_BYTES_PER_FLOAT / 2**20
+        room = self.memory_limit_mb - current_rss_mb() - _SAFETY_MB
+        fits = int(room // per_sample_mb) if per_sample_mb > 0 else total
+        minimum = 2 if replay_batch_size else 1
+        if fits < minimum:
+            raise MemoryLimitError(
+                f"memory_limit_mb={self.memory_limit_mb:g} leaves {room:.1f} MB for training but one step needs "
+                f"~{per_sample_mb * minimum:.1f} MB; the cap cannot be met"
+            )
+        if fits >= total:
+            return batch_size, replay_batch_size
+        new = max(1, round(fits * batch_size / total))
+        return new, max(minimum - 1, fits - new) if replay_batch_size else 0
+
+    # ------------------------------------------------------------ training
+    def _run_step(self, x: np.ndarray, targets: np.ndarray) -> float:
+        feed = {PARAM_PREFIX + n: p for n, p in self.params.items()}
+        feed.update({STATE_PREFIX + n: v for n, v in self.state.items()})
+        feed.update({
+            "x": x, "targets": targets,
+            "lr": np.array(self.optimizer["lr"], dtype=np.float32),
+            "momentum": np.array(self.optimizer["momentum"], dtype=np.float32),
+            "weight_decay": np.array(self.optimizer["weight_decay"], dtype=np.float32),
+        })
+        outputs = self._step.run(self.manifest["train_step_outputs"], feed)
+        loss = float(outputs[0])
+        if not np.isfinite(loss):
+            raise FloatingPointError("the training loss became NaN/inf; lower the learning rate")
+        trainable = self.manifest["trainable"]
+        for name, value in zip(trainable, outputs[1: 1 + len(trainable)]):
+            self.params[name] = value
+        for name, value in zip(trainable, outputs[1 + len(trainable):]):
+            self.state[name] = value
+        return loss
+
+    def fit(self, x_new: np.ndarray, y_new: Any, epochs: int = 1, batch_size: int = 32,
+            replay_batch_size: int | None = None, lr: float | None = None) -> dict[str, Any]:
+        """Learn ``x_new`` / ``y_new``; each step mixes ``batch_size`` new samples with ``replay_batch_size``
+        buffer samples (default: as many as new ones; 0 trains without replay)."""
+        x_new = self._images(x_new, "x_new")
+        targets = self._targets(y_new, x_new.shape[0])
+        if epochs < 1 or batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
+        replay = batch_size if replay_batch_size is None else int(replay_batch_size)
+        if replay < 0:
+            raise ValueError(f"replay_batch_size must be >= 0, got {replay}")
+        if replay and len(self.buffer_x) == 0:
+            raise ValueError("this bundle's buffer is empty; pass replay_batch_size=0")
+        if lr is not None:
+            if not (np.isfinite(lr) and lr > 0):
+                raise ValueError(f"lr must be a positive number, got {lr}")
+            self.optimizer["lr"] = float(lr)
+        new_bs, replay_bs = self.plan_batch(batch_size, replay)
+        losses: list[float] = []
+        steps = epochs * -(-x_new.shape[0] // new_bs)
+        bar = _progress(steps, self.progress)
+        for _ in range(epochs):
+            order = self._rng.permutation(x_new.shape[0])
+            for start in range(0, len(order), new_bs):
+                idx = order[start: start + new_bs]
+                xb, tb = self._normalised(x_new[idx]), targets[idx]
+                if replay_bs:
+                    pick = self._rng.choice(len(self.buffer_x), size=replay_bs, replace=replay_bs > len(self.buffer_x))
+                    xb = np.concatenate([xb, self.buffer_x[pick]])
+                    tb = np.concatenate([tb, self.buffer_targets[pick]])
+                losses.append(self._run_step(xb, tb))
+                if self.memory_limit_mb is not None:
+                    self._check_memory("during fit")
+                if bar is not None:
+                    bar.update(1)
+        if bar is not None:
+            bar.close()
+        self.peak_rss_mb = max(self.peak_rss_mb, current_rss_mb())
+        return {"losses": losses, "steps": len(losses), "batch_size": new_bs, "replay_batch_size": replay_bs}
+
+    # ------------------------------------------------------------ inference
+    def logits(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        x = self._images(x)
+        feed = {PARAM_PREFIX + n: p for n, p in self.params.items()}
+        chunks = []
+        for start in range(0, x.shape[0], batch_size):
+            feed["x"] = self._normalised(x[start: start + batch_size])
+            chunks.append(self._infer.run(["logits"], feed)[0])
+        return np.concatenate(chunks)
+
+    def predict(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """Predicted class index per image (int64)."""
+        return self.logits(x, batch_size).argmax(axis=1).astype(np.int64)
+
+    def evaluate(self, x: np.ndarray, y: Any, batch_size: int = 256) -> float:
+        """Top-1 accuracy in [0, 1] on integer labels (or the argmax of soft labels)."""
+        x = self._images(x)
+        targets = self._targets(y, x.shape[0])
+        return float((self.predict(x, batch_size) == targets.argmax(axis=1)).mean())
+
+    def save(self) -> Path:
+        """Write the current parameters and optimizer state into the bundle (crash-safe)."""
+        from .bundle import BUFFER  # noqa: F401  (documented file name)
+        from .bundle import load_tensors as _load
+
+        tensors = _load(self.bundle_dir)
+        tensors.update({PARAM_PREFIX + n: p for n, p in self.params.items()})
+        tensors.update({STATE_PREFIX + n: v for n, v in self.state.items()})
+        manifest = dict(self.manifest)
+        manifest["optimizer"] = dict(self.optimizer)
+        self.manifest = save_state(self.bundle_dir, manifest, tensors)
+        return self.bundle_dir
+
+    def memory_report(self) -> dict[str, float]:
+        """Peak resident memory of the whole process (VmHWM) and of this retrainer's lifetime (sampled)."""
+        return {"process_peak_rss_mb": peak_rss_mb(), "sampled_peak_rss_mb": self.peak_rss_mb, "rss_mb": current_rss_mb()}
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm is optional on a device
+        return None
+    return tqdm(total=total, desc="retrain", unit="step")

@@ -1,0 +1,88 @@
+"""Shared, session-scoped bundles: exporting costs seconds, so each test copies one."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+# ``tests/`` is on sys.path (rootdir conftest), so this folder would shadow the real
+# ``edge`` package as a namespace package: put the repository root first.
+_REPO = str(Path(__file__).resolve().parents[2])
+if sys.path[:1] != [_REPO]:
+    sys.path.insert(0, _REPO)
+if getattr(sys.modules.get("edge"), "__file__", "") is None:
+    del sys.modules["edge"]
+
+OLD_CLASSES = list(range(8))
+
+
+@pytest.fixture(scope="session")
+def digits_split():
+    """Digits (8x8) split into old classes 0-7 and new classes 8-9, train and test."""
+    from replaykit.data import load_tensors
+
+    x_train, y_train = load_tensors("digits", train=True)
+    x_test, y_test = load_tensors("digits", train=False)
+    return x_train, y_train, x_test, y_test
+
+
+@pytest.fixture(scope="session")
+def trained_model(digits_split):
+    """A small ConvNet with 10 outputs trained on classes 0-7 only (room for 8 and 9)."""
+    from replaykit.networks import ConvNet
+    from replaykit.training import seeded, train_classifier
+
+    torch.set_num_threads(2)
+    x_train, y_train, _, _ = digits_split
+    old = y_train < 8
+    with seeded(0):
+        model = ConvNet((1, 8, 8), 10, width=16, depth=2)
+    train_classifier(model, x_train[old], y_train[old], epochs=15, batch_size=64, lr=0.01, seed=0)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def replay_buffer(digits_split):
+    from replaykit.distill import make
+
+    x_train, y_train, _, _ = digits_split
+    old = y_train < 8
+    return make("random", ipc=10, seed=0, progress=False).distill(x_train[old], y_train[old], num_classes=10,
+                                                                   meta=_digits_meta())
+
+
+def _digits_meta() -> dict:
+    from replaykit.data import dataset_info
+
+    return dataset_info("digits").meta()
+
+
+@pytest.fixture(scope="session")
+def head_bundle(tmp_path_factory, trained_model, replay_buffer) -> Path:
+    import edge
+
+    return edge.export(trained_model, replay_buffer, tmp_path_factory.mktemp("bundles") / "head", mode="head",
+                       lr=0.05, momentum=0.9)
+
+
+@pytest.fixture(scope="session")
+def full_bundle(tmp_path_factory, trained_model, replay_buffer) -> Path:
+    import edge
+
+    return edge.export(trained_model, replay_buffer, tmp_path_factory.mktemp("bundles") / "full", mode="full",
+                       storage="float16", lr=0.02, momentum=0.9)
+
+
+@pytest.fixture
+def head_copy(head_bundle, tmp_path) -> Path:
+    """A private copy of the head bundle that a test may modify."""
+    return Path(shutil.copytree(head_bundle, tmp_path / "bundle"))
+
+
+def as_numpy(x: torch.Tensor) -> np.ndarray:
+    return x.detach().numpy().astype(np.float32)

@@ -1,0 +1,128 @@
+"""Exported graphs match PyTorch: inference, one-step and multi-step training, any optimisation level."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import edge
+from edge.bundle import MODEL, PARAM_PREFIX, STATE_PREFIX, TRAIN_STEP
+from edge.exporter import torch_step
+
+LEVELS = [
+    ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+]
+
+
+def test_manifest_lists_every_file_and_the_bundle_contract(head_bundle, trained_model):
+    manifest = json.loads((head_bundle / "manifest.json").read_text())
+    assert manifest["format_version"] == edge.FORMAT_VERSION
+    assert set(manifest["files"]) == {"model.onnx", "train_step.onnx", "buffer.safetensors"}
+    for name, entry in manifest["files"].items():
+        assert (head_bundle / name).stat().st_size == entry["size"]
+        assert len(entry["sha256"]) == 64
+    assert manifest["input_shape"] == [1, 8, 8]
+    assert manifest["num_classes"] == 10 and manifest["buffer_classes"] == list(range(8))
+    assert manifest["mode"] == "head" and manifest["trainable"] == ["classifier.weight", "classifier.bias"]
+    assert manifest["image_storage"] == "uint8" and len(manifest["mean"]) == 1
+    assert len(manifest["class_names"]) == 10
+    assert set(manifest["params"]) == {n for n, _ in trained_model.named_parameters()}
+
+
+@pytest.mark.parametrize("bundle_name", ["head_bundle", "full_bundle"])
+def test_graphs_use_standard_onnx_ops_and_a_dynamic_batch(bundle_name, request):
+    bundle = request.getfixturevalue(bundle_name)
+    for name in (MODEL, TRAIN_STEP):
+        proto = onnx.load(str(bundle / name))
+        onnx.checker.check_model(proto)
+        assert {node.domain for node in proto.graph.node} <= {"", "ai.onnx"}
+        assert len(proto.functions) == 0
+        x = next(v for v in proto.graph.input if v.name == "x")
+        assert not x.type.tensor_type.shape.dim[0].HasField("dim_value"), "batch dimension must be symbolic"
+
+
+@pytest.mark.parametrize("bundle_name", ["head_bundle", "full_bundle"])
+def test_train_steps_match_pytorch(bundle_name, request, trained_model):
+    """Five steps on batches of two sizes: every trained parameter within 1e-5 of PyTorch eager."""
+    bundle = request.getfixturevalue(bundle_name)
+    errors = edge.verify_bundle(trained_model, bundle, steps=5, batch=7)
+    assert max(errors.values()) < 1e-5, errors
+    manifest = edge.read_manifest(bundle)
+    assert set(manifest["trainable"]) <= set(errors)
+    errors = edge.verify_bundle(trained_model, bundle, steps=2, batch=64, seed=1)
+    assert max(errors.values()) < 1e-5, errors
+
+
+def test_full_mode_gradients_match_layer_by_layer(full_bundle, trained_model):
+    """One step from zero momentum with lr=1: new_state is exactly the gradient of each layer."""
+    manifest = edge.read_manifest(full_bundle)
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(full_bundle / "buffer.safetensors"))
+    names = list(manifest["params"])
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(9, 1, 8, 8, generator=gen)
+    y = torch.nn.functional.one_hot(torch.randint(0, 10, (9,), generator=gen), 10).float()
+    session = ort.InferenceSession(str(full_bundle / TRAIN_STEP), providers=["CPUExecutionProvider"])
+    feed = {PARAM_PREFIX + n: tensors[PARAM_PREFIX + n] for n in names}
+    feed.update({STATE_PREFIX + n: np.zeros_like(tensors[PARAM_PREFIX + n]) for n in manifest["trainable"]})
+    feed.update({"x": x.numpy(), "targets": y.numpy(), "lr": np.array(1.0, np.float32), "momentum": np.array(0.9, np.float32),
+                 "weight_decay": np.array(0.0, np.float32)})
+    out = dict(zip(manifest["train_step_outputs"], session.run(manifest["train_step_outputs"], feed)))
+    params = {n: torch.from_numpy(tensors[PARAM_PREFIX + n].copy()) for n in names}
+    zeros = {n: torch.zeros_like(params[n]) for n in names}
+    _, _, grads = torch_step(trained_model, params, zeros, x, y, 1.0, 0.9, 0.0, names)
+    assert len(names) == 10  # 2 conv blocks x (conv w, b, norm w, b) + classifier w, b
+    for n in names:
+        scale = float(grads[n].abs().max()) + 1e-8
+        assert np.abs(out[f"new.{STATE_PREFIX}{n}"] - grads[n].numpy()).max() <= 1e-4 * max(scale, 1.0), n
+
+
+@pytest.mark.parametrize("level", LEVELS, ids=lambda lv: str(lv).rsplit(".", 1)[-1])
+def test_inference_uses_fed_parameters_at_every_optimisation_level(level, head_bundle, trained_model):
+    """Parameters are graph inputs, so constant folding can never bake in stale values."""
+    manifest = edge.read_manifest(head_bundle)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = level
+    session = ort.InferenceSession(str(head_bundle / MODEL), options, providers=["CPUExecutionProvider"])
+    proto = onnx.load(str(head_bundle / MODEL))
+    initializer_names = {init.name for init in proto.graph.initializer}
+    assert not initializer_names & {PARAM_PREFIX + n for n in manifest["params"]}
+    gen = torch.Generator().manual_seed(1)
+    changed = {n: p.detach() + 0.1 * torch.randn(p.shape, generator=gen) for n, p in trained_model.named_parameters()}
+    x = torch.randn(4, 1, 8, 8, generator=gen)
+    feed = {PARAM_PREFIX + n: v.numpy() for n, v in changed.items()}
+    logits = session.run(["logits"], {**feed, "x": x.numpy()})[0]
+    expected = torch.func.functional_call(trained_model, changed, (x,))
+    assert np.abs(logits - expected.detach().numpy()).max() < 1e-4
+
+
+def test_export_refuses_bad_input(tmp_path, trained_model, replay_buffer):
+    from replaykit.buffer import SyntheticBuffer
+    from replaykit.networks import ConvNet
+
+    with pytest.raises(ValueError, match="mode"):
+        edge.export(trained_model, replay_buffer, tmp_path / "a", mode="everything")
+    with pytest.raises(ValueError, match="storage"):
+        edge.export(trained_model, replay_buffer, tmp_path / "a", storage="int4")
+    wrong = SyntheticBuffer(torch.zeros(4, 1, 28, 28), torch.tensor([0, 1, 2, 3]), 10)
+    with pytest.raises(ValueError, match="model expects"):
+        edge.export(trained_model, wrong, tmp_path / "a", verify=False)
+    too_many = SyntheticBuffer(torch.zeros(2, 1, 8, 8), torch.tensor([0, 11]), 12)
+    with pytest.raises(ValueError, match="outputs"):
+        edge.export(trained_model, too_many, tmp_path / "a", verify=False)
+    with pytest.raises(ValueError, match="BatchNorm"):
+        edge.export(ConvNet((1, 8, 8), 10, width=4, depth=1, norm="batch"), replay_buffer, tmp_path / "a", verify=False)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x").write_text("keep me")
+    with pytest.raises(FileExistsError):
+        edge.export(trained_model, replay_buffer, tmp_path / "busy", verify=False)
+    assert (tmp_path / "busy" / "x").read_text() == "keep me"

@@ -38,11 +38,13 @@ DISTILLED_M = 100
 # Selection baselines and every synthesising method of the registry are run as distilled replay.
 
 
-def _specs(methods: list[str], baselines: list[str], options: dict[str, dict[str, Any]], storage: str) -> list[StrategySpec]:
+def _specs(methods: list[str], baselines: list[str], options: dict[str, dict[str, Any]], storage: str, recompress: str) -> list[StrategySpec]:
     from replaykit.continual import parse_spec
 
     specs = [parse_spec(b) for b in baselines]
-    specs += [StrategySpec("distilled", DISTILLED_M, m, dict(options.get(m, {})), storage=storage) for m in methods]
+    specs += [
+        StrategySpec("distilled", DISTILLED_M, m, dict(options.get(m, {})), storage=storage, recompress=recompress) for m in methods
+    ]
     return specs
 
 
@@ -123,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baselines", nargs="*", default=None, help=f"baseline specs (default: {' '.join(BASELINES)})")
     parser.add_argument("--method-options", default="{}", help='JSON: {"dm": {"iterations": 200}, ...}')
     parser.add_argument("--storage", default="float32", choices=["float32", "float16", "uint8"], help="distilled buffer precision")
+    parser.add_argument("--recompress", default="distill", choices=["distill", "select"], help="how held classes shrink")
     parser.add_argument("--epochs", type=int, default=1, help="epochs per experience, the same for every strategy")
     parser.add_argument("--width", type=int, default=32, help=f"ConvNet width (PROTOCOL: {PROTOCOL_WIDTH})")
     parser.add_argument("--train-per-class", type=int, default=None, help="subsample the training sets (quick runs only)")
@@ -166,14 +169,14 @@ def main(argv: list[str] | None = None) -> int:
     results_path = out / "results.json"
     config = {
         "width": args.width, "depth": 3, "epochs": args.epochs, "batch_size": 128, "batch_size_mem": 128,
-        "train_per_class": args.train_per_class, "test_per_class": args.test_per_class, "storage": args.storage,
+        "train_per_class": args.train_per_class, "test_per_class": args.test_per_class, "storage": args.storage, "recompress": args.recompress,
         "method_options": options, "quick": args.quick, "evaluated_on": "validation split of train" if args.validation else "test set",
     }
     runs: list[dict[str, Any]] = []
     if args.resume and results_path.is_file():
         runs = json.loads(results_path.read_text())["runs"]
     done = {(r["dataset"], r["seed"], r["label"]) for r in runs}
-    specs = _specs(methods, baselines, options, args.storage)
+    specs = _specs(methods, baselines, options, args.storage, args.recompress)
     start = time.perf_counter()
     for dataset in args.datasets:
         for seed in seeds:
@@ -187,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 stream = stream or make_stream(cfg)
                 result = run(spec, cfg, stream, progress=not args.quiet)
-                record = {"dataset": dataset, **result.to_json()}
+                record = {"dataset": dataset, **result.to_json(), "width": args.width, "epochs": args.epochs}
+                if spec.kind == "distilled":
+                    record.update(method_options=spec.method_options, storage=spec.storage, recompress=spec.recompress)
                 runs.append(record)
                 if not args.quiet:
                     print(f"{dataset} seed {seed} {spec.label}: final acc {100 * result.final_accuracy:.2f} %, "

@@ -55,6 +55,7 @@ class StrategySpec:
     method: str = "dm"
     method_options: dict[str, Any] = field(default_factory=dict)
     storage: str = "float32"  # distilled replay: precision the buffer's images are held at
+    recompress: str = "distill"  # distilled replay: how held classes shrink ("distill" or "select")
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -215,7 +216,7 @@ def make_strategy(spec: StrategySpec, config: RunConfig, *, progress: bool = Fal
     else:  # distilled
         plugin = DistilledReplayPlugin(
             mem_size=m, method=spec.method, method_options=dict(spec.method_options), batch_size_mem=config.batch_size_mem,
-            storage=spec.storage, dataset_meta=info.meta(), num_classes=info.num_classes, seed=config.seed, progress=progress,
+            storage=spec.storage, recompress=spec.recompress, dataset_meta=info.meta(), num_classes=info.num_classes, seed=config.seed, progress=progress,
         )
     return Naive(plugins=[plugin], **common)
 

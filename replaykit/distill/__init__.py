@@ -16,6 +16,7 @@ from .kcenter import KCenter
 from .gm import GradientMatching
 from .krr import KernelRidgeDistiller
 from .random_subset import RandomSubset
+from .tm import TrajectoryMatching
 
 __all__ = ["Distiller", "DistillResult", "check_training_data", "available", "make", "register", "REGISTRY"]
 
@@ -47,5 +48,5 @@ def make(name: str, **options) -> Distiller:
     return cls(**options)
 
 
-for _cls in (RandomSubset, DistributionMatching, MultiLayerDistributionMatching, Herding, KCenter, GradientMatching, KernelRidgeDistiller):
+for _cls in (RandomSubset, DistributionMatching, MultiLayerDistributionMatching, Herding, KCenter, GradientMatching, KernelRidgeDistiller, TrajectoryMatching):
     register(_cls)

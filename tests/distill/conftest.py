@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from replaykit.augment import DSA
 from replaykit.buffer import SyntheticBuffer
 from replaykit.data import load_tensors
 from replaykit.networks import ConvNet
@@ -26,12 +27,12 @@ def quick_accuracy():
 
 
 def _quick_accuracy(buffer: SyntheticBuffer, test_x: torch.Tensor, test_y: torch.Tensor, seeds=(0, 1, 2), epochs: int = 100) -> float:
-    """Mean test accuracy of small ConvNets trained only on ``buffer`` (a cheap PROTOCOL-B stand-in)."""
+    """Mean test accuracy of small ConvNets trained only on ``buffer`` with DSA (a cheap PROTOCOL-B stand-in)."""
     accs = []
     for s in seeds:
         with seeded(s):
             net = ConvNet(buffer.image_shape, buffer.num_classes, width=32)
         train_classifier(net, buffer.images, buffer.soft_targets() if buffer.is_soft else buffer.labels,
-                         epochs=epochs, lr_milestones=(epochs // 2,), seed=s)
+                         epochs=epochs, lr_milestones=(epochs // 2,), augment=DSA(seed=s), seed=s)
         accs.append(accuracy(net, test_x, test_y))
     return sum(accs) / len(accs)

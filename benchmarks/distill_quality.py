@@ -1,0 +1,264 @@
+"""PROTOCOL part B: distilled-set quality of every registered method, next to the published figures.
+
+For each dataset, IPC and method: distill the whole training set (10 classes), then train
+fresh networks only on the buffer and test them on the real test set (``replaykit.evaluate``):
+ConvNet-3 mean ± std over ``--num-networks`` networks, MLP and LeNet-5 for the
+cross-architecture drop, and the privacy check (distance of each synthetic image to its
+nearest real training image, next to a random real subset's).
+
+    python benchmarks/distill_quality.py --quick                       # CI smoke (digits), well under a minute
+    python benchmarks/distill_quality.py --datasets mnist --ipcs 10 --methods dm random --budget 300
+    python benchmarks/distill_quality.py --validation ...              # tune on a held-out tenth of the training set
+
+Writes ``results.json`` (rewritten after every run), ``results.md`` and, per dataset, a bar
+chart of ConvNet accuracy and a grid of the best buffer, to ``--out`` (default ``runs/distill_quality``).
+Departures from PROTOCOL B (fewer networks or epochs, a narrower evaluation ConvNet, a
+distillation time budget) are recorded in the JSON and printed above the table.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Idle OpenMP threads must sleep, not spin: on a shared 2-core machine spinning workers
+# slow small convolutions down by an order of magnitude. Must be set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import inspect  # noqa: E402
+import platform  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
+
+from replaykit import distill  # noqa: E402
+from replaykit.data import DatasetNotFoundError, dataset_info, load_tensors  # noqa: E402
+from replaykit.evaluate import evaluate_buffer  # noqa: E402
+from replaykit.fileio import atomic_write, atomic_write_bytes, atomic_write_json  # noqa: E402
+
+PUBLISHED = {  # PROTOCOL B, ConvNet-3, IPC 1 / 10 / 50 (%)
+    "mnist": {"DC": (91.7, 97.4, 98.8), "DSA": (88.7, 97.8, 99.2), "KIP": (90.1, 97.5, 98.4)},
+    "fashion-mnist": {"DC": (70.5, 82.3, 83.6), "DSA": (70.6, 84.6, 88.7), "KIP": (73.8, 86.8, 87.8)},
+    "cifar10": {"random": (14.4, 26.0, 43.4), "herding": (21.5, 31.6, 40.4), "DC": (28.3, 44.9, 53.9),
+                "DSA": (28.8, 52.1, 60.6), "DM": (26.0, 48.9, 63.0), "MTT": (46.3, 65.3, 71.6)},
+}
+PROTOCOL = {"num_networks": 5, "epochs": 300, "width": 128}
+
+
+def _accepted_options(name: str) -> set[str]:
+    accepted: set[str] = set()
+    for klass in distill.REGISTRY[name].__mro__:
+        if "__init__" in vars(klass):
+            accepted |= set(inspect.signature(klass.__init__).parameters)
+    return accepted
+
+
+def _method_options(name: str, args) -> dict[str, Any]:
+    """Budget options for learned methods (those that take them); selection baselines take none."""
+    accepted = _accepted_options(name)
+    opts: dict[str, Any] = {}
+    if args.budget is not None and "time_budget" in accepted:
+        opts["time_budget"] = args.budget
+    if args.iterations is not None and "iterations" in accepted:
+        opts["iterations"] = args.iterations
+    if args.quick:
+        for key, value in (("width", 16), ("real_batch", 32), ("feature_epochs", 1), ("feature_width", 16)):
+            if key in accepted:
+                opts[key] = value
+    return opts
+
+
+def _load(name: str, args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, str]:
+    """Train and evaluation tensors; with ``--validation`` the evaluation set is a held-out tenth of train."""
+    x, y = load_tensors(name, train=True, root=args.data_root)
+    if args.train_subset:
+        keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[: args.train_subset]
+        x, y = x[keep], y[keep]
+    if args.validation:
+        perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(12345))
+        n_val = len(y) // 10
+        return x[perm[n_val:]], y[perm[n_val:]], x[perm[:n_val]], y[perm[:n_val]], "validation (held-out tenth of train)"
+    xt, yt = load_tensors(name, train=False, root=args.data_root)
+    return x, y, xt, yt, "test"
+
+
+def _pct(m: dict[str, float] | None) -> str:
+    return "–" if m is None else f"{100 * m['mean']:.2f} ± {100 * m['std']:.2f}"
+
+
+def _table(runs: list[dict[str, Any]], config: dict[str, Any]) -> str:
+    lines = [f"Evaluation on the {config['eval_split']} set; {config['num_networks']} ConvNet-3 (width {config['width']}) x "
+             f"{config['epochs']} epochs; cross-architecture: {', '.join(config['cross_networks']) or 'none'} "
+             f"({config['cross_num_networks']} network(s) each). Machine: {config['machine']}."]
+    if config["departures"]:
+        lines.append("Departures from PROTOCOL B: " + "; ".join(config["departures"]) + ".")
+    lines += ["", "| dataset | IPC | method | distill s | ConvNet acc % | MLP drop | LeNet drop | nearest-real median (syn / real subset) | published (ConvNet) |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        ev = r["evaluation"]
+        drop = ev.get("drop", {})
+        pub = PUBLISHED.get(r["dataset"], {})
+        col = {1: 0, 10: 1, 50: 2}.get(r["ipc"])
+        published = ", ".join(f"{k} {v[col]}" for k, v in pub.items()) if col is not None else ""
+        priv = ev.get("privacy")
+        priv_text = f"{priv['synthetic_median']:.2f} / {priv['real_subset_median']:.2f}" if priv else "–"
+        drops = " | ".join(f"{100 * drop[a]:+.2f}" if a in drop else "–" for a in ("mlp", "lenet"))
+        lines.append(
+            f"| {r['dataset']} | {r['ipc']} | {r['method']} | {r['distill_seconds']:.1f} | {_pct(ev.get('convnet'))} | "
+            f"{drops} | {priv_text} | {published} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _bar_chart(runs: list[dict[str, Any]], dataset: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in runs if r["dataset"] == dataset and "convnet" in r["evaluation"]]
+    ipcs = sorted({r["ipc"] for r in rows})
+    methods = sorted({r["method"] for r in rows})
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / max(len(methods), 1)
+    for j, m in enumerate(methods):
+        means, errs = [], []
+        for ipc in ipcs:
+            match = [r for r in rows if r["ipc"] == ipc and r["method"] == m]
+            means.append(100 * match[0]["evaluation"]["convnet"]["mean"] if match else 0)
+            errs.append(100 * match[0]["evaluation"]["convnet"]["std"] if match else 0)
+        ax.bar([i + j * width for i in range(len(ipcs))], means, width, yerr=errs, label=m)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(ipcs))], [f"IPC {i}" for i in ipcs])
+    ax.set_ylabel("ConvNet accuracy (%)")
+    ax.set_title(f"{dataset}: training only on the distilled set")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(axis="y", alpha=0.3)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="CI smoke run: digits, IPC 1, tiny budgets, 1 small network")
+    p.add_argument("--datasets", nargs="+", help="default: mnist fashion-mnist (+ cifar10 when present)")
+    p.add_argument("--ipcs", nargs="+", type=int, help="default: 1 10")
+    p.add_argument("--methods", nargs="+", help="default: every registered method")
+    p.add_argument("--seed", type=int, default=0, help="distillation and evaluation seed")
+    p.add_argument("--budget", type=float, help="distillation time budget (s) per (method, IPC) for methods that take one")
+    p.add_argument("--iterations", type=int, help="iterations for methods that take them")
+    p.add_argument("--num-networks", type=int, default=PROTOCOL["num_networks"])
+    p.add_argument("--epochs", type=int, default=PROTOCOL["epochs"])
+    p.add_argument("--width", type=int, default=PROTOCOL["width"], help="evaluation ConvNet width")
+    p.add_argument("--cross-networks", default="mlp,lenet", help="comma-separated; empty for none")
+    p.add_argument("--cross-num-networks", type=int, default=1)
+    p.add_argument("--no-privacy", action="store_true")
+    p.add_argument("--validation", action="store_true", help="evaluate on a held-out tenth of the training set (for tuning)")
+    p.add_argument("--train-subset", type=int, help="distill from a random subset of this many training images")
+    p.add_argument("--data-root")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")
+    p.add_argument("--out", default="runs/distill_quality")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.datasets = args.datasets or ["digits"]
+        args.ipcs = args.ipcs or [1]
+        args.iterations = 10 if args.iterations is None else args.iterations
+        if "--num-networks" not in (argv or sys.argv):
+            args.num_networks = 1
+        if "--epochs" not in (argv or sys.argv):
+            args.epochs = 50
+        if "--width" not in (argv or sys.argv):
+            args.width = 16
+    args.ipcs = args.ipcs or [1, 10]
+    args.methods = args.methods or distill.available()
+    unknown = [m for m in args.methods if m not in distill.REGISTRY]
+    if unknown:
+        p.error(f"unknown method(s) {unknown}; available: {distill.available()}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.datasets is None:
+        args.datasets = ["mnist", "fashion-mnist"]
+        try:
+            load_tensors("cifar10", train=False, root=args.data_root)
+            args.datasets.append("cifar10")
+        except DatasetNotFoundError:
+            pass
+    for name in args.datasets:
+        try:
+            dataset_info(name)
+            load_tensors(name, train=False, root=args.data_root)
+        except (DatasetNotFoundError, ValueError) as exc:
+            print(f"distill_quality: dataset {name!r} is not available: {exc}", file=sys.stderr)
+            return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cross = [n for n in args.cross_networks.split(",") if n.strip()]
+    departures = []
+    if args.num_networks != PROTOCOL["num_networks"]:
+        departures.append(f"{args.num_networks} ConvNet(s) instead of 5")
+    if args.epochs != PROTOCOL["epochs"]:
+        departures.append(f"{args.epochs} epochs instead of 300 (lr x0.1 at half)")
+    if args.width != PROTOCOL["width"]:
+        departures.append(f"evaluation ConvNet width {args.width} instead of 128")
+    if args.budget is not None:
+        departures.append(f"distillation time budget {args.budget:g} s per (method, IPC) on a 2-core CPU")
+    if args.train_subset:
+        departures.append(f"distilled from a random {args.train_subset}-image subset of the training set")
+    config = {
+        "datasets": args.datasets, "ipcs": args.ipcs, "methods": args.methods, "seed": args.seed, "budget": args.budget,
+        "iterations": args.iterations, "num_networks": args.num_networks, "epochs": args.epochs, "width": args.width,
+        "cross_networks": cross, "cross_num_networks": args.cross_num_networks, "quick": args.quick,
+        "eval_split": "validation" if args.validation else "test", "departures": departures, "threads": args.threads,
+        "machine": f"{os.cpu_count()}-core CPU ({platform.machine()}), no GPU" if not torch.cuda.is_available() else "GPU",
+        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    runs: list[dict[str, Any]] = []
+    for name in args.datasets:
+        x, y, xe, ye, split = _load(name, args)
+        meta = dataset_info(name).meta()
+        for ipc in args.ipcs:
+            for method in args.methods:
+                opts = _method_options(method, args)
+                distiller = distill.make(method, ipc=ipc, seed=args.seed, progress=not args.quiet, **opts)
+                buffer = distiller.distill(x, y, num_classes=dataset_info(name).num_classes, meta=meta)
+                buffer.save(out / f"{name}_ipc{ipc}_{method}.safetensors")
+                ev = evaluate_buffer(buffer, xe, ye, networks=["convnet"], num_networks=args.num_networks, epochs=args.epochs,
+                                     width=args.width, train_images=None if args.no_privacy else x, seed=args.seed,
+                                     progress=not args.quiet)
+                if cross:
+                    ev_cross = evaluate_buffer(buffer, xe, ye, networks=cross, num_networks=args.cross_num_networks,
+                                               epochs=args.epochs, width=args.width, seed=args.seed, progress=not args.quiet)
+                    for arch in cross:
+                        ev[arch] = ev_cross[arch]
+                        ev["per_network"][arch] = ev_cross["per_network"][arch]
+                    ev["drop"] = {a: ev["convnet"]["mean"] - ev[a]["mean"] for a in cross}
+                run = {"dataset": name, "ipc": ipc, "method": method, "seed": args.seed, "options": opts,
+                       "distill_seconds": buffer.meta["distill_seconds"], "iterations_done": buffer.meta.get("iterations_done"),
+                       "stopped_by": buffer.meta.get("stopped_by"), "evaluation": ev}
+                runs.append(run)
+                if not args.quiet:
+                    print(f"{name} ipc={ipc} {method}: {buffer.meta['distill_seconds']:.1f} s, ConvNet {_pct(ev['convnet'])} %", flush=True)
+                atomic_write_json(out / "results.json", {"config": config, "runs": runs})
+        _bar_chart(runs, name, out / f"accuracy_{name}.png")
+        best = max((r for r in runs if r["dataset"] == name and r["ipc"] == max(args.ipcs)),
+                   key=lambda r: r["evaluation"]["convnet"]["mean"])
+        from replaykit.buffer import SyntheticBuffer
+        from replaykit.viz import save_buffer_grid
+
+        save_buffer_grid(SyntheticBuffer.load(out / f"{name}_ipc{best['ipc']}_{best['method']}.safetensors"), out / f"best_{name}.png")
+    table = _table(runs, config)
+    atomic_write_bytes(out / "results.md", table.encode("utf-8"))
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

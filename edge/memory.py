@@ -9,7 +9,7 @@ from pathlib import Path
 _STATUS = Path("/proc/self/status")
 
 
-class MemoryLimitError(MemoryError):
+class MemoryLimitError(MemoryError, ValueError):
     """The memory cap cannot be met (or was about to be exceeded)."""
 
 

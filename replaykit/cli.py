@@ -23,6 +23,7 @@ SUBCOMMANDS: list[str] = [
     "replaykit.evaluate",
     "replaykit.viz",
     "replaykit.demo",
+    "edge.cli",
 ]
 
 

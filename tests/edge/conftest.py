@@ -82,7 +82,3 @@ def full_bundle(tmp_path_factory, trained_model, replay_buffer) -> Path:
 def head_copy(head_bundle, tmp_path) -> Path:
     """A private copy of the head bundle that a test may modify."""
     return Path(shutil.copytree(head_bundle, tmp_path / "bundle"))
-
-
-def as_numpy(x: torch.Tensor) -> np.ndarray:
-    return x.detach().numpy().astype(np.float32)

@@ -1,0 +1,251 @@
+"""The device runtime: torch-free, verifies bundles, retrains with replay, saves crash-safely, honours a memory cap."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import edge
+from edge import BundleError, MemoryLimitError, Retrainer
+from edge import bundle as bundle_module
+
+
+
+def _split(digits_split, classes, train=True):
+    x_train, y_train, x_test, y_test = digits_split
+    x, y = (x_train, y_train) if train else (x_test, y_test)
+    keep = np.isin(y.numpy(), classes)
+    return x[keep].numpy().astype(np.float32), y.numpy()[keep].astype(np.int64)
+
+
+def test_retrainer_matches_the_exported_model_before_training(head_bundle, trained_model, digits_split):
+    x, y = _split(digits_split, list(range(8)), train=False)
+    retrainer = Retrainer(head_bundle)
+    import torch
+
+    with torch.no_grad():
+        expected = trained_model(torch.from_numpy(x)).argmax(1).numpy()
+    assert (retrainer.predict(x) == expected).mean() > 0.99
+    assert retrainer.evaluate(x, y) > 0.85  # the exported model knows the old classes
+
+
+def test_device_side_runs_where_torch_cannot_be_imported(head_copy, digits_split, tmp_path):
+    x_new, y_new = _split(digits_split, [8, 9])
+    x_test, y_test = _split(digits_split, list(range(10)), train=False)
+    np.savez(tmp_path / "new.npz", x=x_new, y=y_new)
+    np.savez(tmp_path / "test.npz", x=x_test, y=y_test)
+    script = textwrap.dedent(f"""
+        import importlib.abc, json, sys
+        class NoTorch(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch" or name.startswith("torch."):
+                    raise ImportError("torch is not available on this device")
+        sys.meta_path.insert(0, NoTorch())
+        import numpy as np
+        import edge
+        retrainer = edge.Retrainer({str(head_copy)!r}, memory_limit_mb=400, seed=0)
+        new, test = np.load({str(tmp_path / 'new.npz')!r}), np.load({str(tmp_path / 'test.npz')!r})
+        before = retrainer.evaluate(test["x"], test["y"])
+        history = retrainer.fit(new["x"], new["y"], epochs=2, batch_size=32)
+        after = retrainer.evaluate(test["x"], test["y"])
+        retrainer.save()
+        reopened = edge.Retrainer({str(head_copy)!r})
+        same = bool((reopened.predict(test["x"]) == retrainer.predict(test["x"])).all())
+        try:
+            import torch
+            torch_importable = True
+        except ImportError:
+            torch_importable = False
+        print(json.dumps(dict(before=before, after=after, steps=history["steps"], same=same,
+                              torch_importable=torch_importable,
+                              torch_modules=[m for m in sys.modules if m.split(".")[0] == "torch"])))
+    """)
+    env = {**os.environ, "PYTHONPATH": str(Path(edge.__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["torch_importable"] is False and report["torch_modules"] == []
+    assert report["steps"] == 2 * -(-len(x_new) // 32)
+    assert report["after"] > report["before"] + 0.05  # it learned 8 and 9
+    assert report["same"]
+
+
+def test_replay_buffer_reduces_forgetting(head_bundle, digits_split):
+    """Learning 8-9 with 32 new + 32 buffer samples per step keeps old classes far better than without the buffer."""
+    x_new, y_new = _split(digits_split, [8, 9])
+    x_old, y_old = _split(digits_split, list(range(8)), train=False)
+    x_new_test, y_new_test = _split(digits_split, [8, 9], train=False)
+    results = {}
+    for name, replay in (("with_buffer", 32), ("without_buffer", 0)):
+        retrainer = Retrainer(head_bundle, seed=0)
+        retrainer.fit(x_new, y_new, epochs=3, batch_size=32, replay_batch_size=replay)
+        results[name] = (retrainer.evaluate(x_old, y_old), retrainer.evaluate(x_new_test, y_new_test))
+    old_with, new_with = results["with_buffer"]
+    old_without, new_without = results["without_buffer"]
+    assert old_with >= old_without + 0.3, results
+    assert new_with >= 0.5 and new_without >= 0.9, results
+
+
+def test_save_round_trips_parameters_and_momentum(head_copy, digits_split):
+    x_new, y_new = _split(digits_split, [8, 9])
+    retrainer = Retrainer(head_copy)
+    retrainer.fit(x_new[:64], y_new[:64], epochs=1, batch_size=32)
+    retrainer.save()
+    reopened = Retrainer(head_copy)
+    for name in retrainer.params:
+        np.testing.assert_array_equal(reopened.params[name], retrainer.params[name])
+    for name in retrainer.state:
+        np.testing.assert_array_equal(reopened.state[name], retrainer.state[name])
+    assert reopened.manifest["saves"] == 1
+    assert not list(head_copy.glob("*.pending")) and not list(head_copy.glob(".*.tmp"))
+
+
+def _params_of(bundle_dir: Path) -> dict[str, np.ndarray]:
+    return {k: v.copy() for k, v in Retrainer(bundle_dir).params.items()}
+
+
+@pytest.mark.parametrize("crash_at", ["buffer_write", "manifest_write", "first_swap", "second_swap"])
+def test_crash_during_save_leaves_a_consistent_bundle(crash_at, head_copy, digits_split, monkeypatch):
+    x_new, y_new = _split(digits_split, [8, 9])
+    old = _params_of(head_copy)
+    retrainer = Retrainer(head_copy)
+    retrainer.fit(x_new[:64], y_new[:64], epochs=1, batch_size=32)
+    new = {k: v.copy() for k, v in retrainer.params.items()}
+
+    class Crash(Exception):
+        pass
+
+    replaces = []
+    real_replace, real_json = os.replace, bundle_module.atomic_write_json
+
+    def fake_replace(src, dst):
+        if not str(src).endswith(".pending"):  # atomic_write's own renames of temp files
+            return real_replace(src, dst)
+        replaces.append(dst)
+        if (crash_at == "first_swap" and len(replaces) == 1) or (crash_at == "second_swap" and len(replaces) == 2):
+            raise Crash("power cut")
+        return real_replace(src, dst)
+
+    def fake_json(path, obj):
+        raise Crash("power cut")
+
+    if crash_at == "buffer_write":
+        monkeypatch.setattr(bundle_module, "write_tensors", lambda path, tensors: (Path(path).write_bytes(b"partial"), (_ for _ in ()).throw(Crash())))
+    elif crash_at == "manifest_write":
+        monkeypatch.setattr(bundle_module, "atomic_write_json", fake_json)
+    else:
+        monkeypatch.setattr(bundle_module.os, "replace", fake_replace)
+    with pytest.raises(Crash):
+        retrainer.save()
+    monkeypatch.undo()
+
+    reopened = _params_of(head_copy)  # opening must succeed: checksums consistent
+    expected = new if crash_at == "second_swap" else old
+    for name in expected:
+        np.testing.assert_array_equal(reopened[name], expected[name])
+    assert not list(head_copy.glob("*.pending"))
+
+
+def _rewrite_manifest(bundle_dir: Path, change) -> None:
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    change(manifest)
+    (bundle_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_tampered_truncated_and_mismatched_bundles_are_refused(head_copy, full_bundle, tmp_path):
+    import shutil
+
+    # One flipped byte in a graph.
+    tampered = Path(shutil.copytree(head_copy, tmp_path / "tampered"))
+    data = bytearray((tampered / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (tampered / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="sha256"):
+        Retrainer(tampered)
+
+    truncated = Path(shutil.copytree(head_copy, tmp_path / "truncated"))
+    blob = (truncated / "buffer.safetensors").read_bytes()
+    (truncated / "buffer.safetensors").write_bytes(blob[: len(blob) - 100])
+    with pytest.raises(BundleError, match="truncated"):
+        Retrainer(truncated)
+
+    # A buffer from another bundle, with the manifest's checksum "fixed" to match it.
+    mismatched = Path(shutil.copytree(head_copy, tmp_path / "mismatched"))
+    shutil.copy(full_bundle / "buffer.safetensors", mismatched / "buffer.safetensors")
+    entry = bundle_module.file_entry(mismatched / "buffer.safetensors")
+    _rewrite_manifest(mismatched, lambda m: m["files"].__setitem__("buffer.safetensors", entry))
+    with pytest.raises(BundleError, match="images stored as"):
+        Retrainer(mismatched)
+
+    # A train step graph from the full-mode bundle (different inputs).
+    swapped = Path(shutil.copytree(head_copy, tmp_path / "swapped"))
+    shutil.copy(full_bundle / "train_step.onnx", swapped / "train_step.onnx")
+    entry = bundle_module.file_entry(swapped / "train_step.onnx")
+    _rewrite_manifest(swapped, lambda m: m["files"].__setitem__("train_step.onnx", entry))
+    with pytest.raises(BundleError, match="inputs / outputs"):
+        Retrainer(swapped)
+
+    broken = Path(shutil.copytree(head_copy, tmp_path / "broken"))
+    (broken / "manifest.json").write_text('{"format": "replaykit-edge')
+    with pytest.raises(BundleError, match="JSON"):
+        Retrainer(broken)
+    (broken / "manifest.json").unlink()
+    with pytest.raises(BundleError, match="manifest.json"):
+        Retrainer(broken)
+    with pytest.raises(FileNotFoundError):
+        Retrainer(tmp_path / "nowhere")
+
+
+def test_bad_inputs_are_refused_with_clear_errors(head_bundle, digits_split):
+    retrainer = Retrainer(head_bundle)
+    x, y = _split(digits_split, [8, 9])
+    with pytest.raises(ValueError, match=r"shape \[N, 1, 8, 8\]"):
+        retrainer.fit(x[:, :, :4], y)
+    with pytest.raises(ValueError, match="dtype float64"):
+        retrainer.fit(x.astype(np.float64), y)
+    bad = x.copy()
+    bad[0, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        retrainer.predict(bad)
+    with pytest.raises(ValueError, match="outside this bundle's classes"):
+        retrainer.fit(x, np.full_like(y, 10))
+    with pytest.raises(ValueError, match="empty"):
+        retrainer.fit(x[:0], y[:0])
+    with pytest.raises(ValueError, match="labels of shape"):
+        retrainer.fit(x, y[:-1])
+    with pytest.raises(ValueError, match="sum to 1"):
+        retrainer.fit(x[:4], np.full((4, 10), 0.5, dtype=np.float32))
+    with pytest.raises(TypeError):
+        retrainer.predict(x.tolist())
+    before = {k: v.copy() for k, v in retrainer.params.items()}
+    for name in before:  # refused input never touched the parameters
+        np.testing.assert_array_equal(before[name], retrainer.params[name])
+    pixels = np.clip(np.round((x * 0.5 + 0.5) * 255), 0, 255).astype(np.uint8)  # uint8 pixels are accepted
+    assert retrainer.predict(pixels).shape == (len(x),)
+
+
+def test_memory_cap_is_refused_when_it_cannot_be_met(head_bundle, digits_split):
+    x, y = _split(digits_split, [8, 9])
+    rss = edge.current_rss_mb()
+    with pytest.raises(MemoryLimitError, match="cannot be met"):
+        Retrainer(head_bundle, memory_limit_mb=rss / 2)
+    tight = Retrainer(head_bundle, memory_limit_mb=edge.current_rss_mb() + 40)
+    tight.memory_limit_mb = edge.current_rss_mb() + 1  # less room than one sample's step needs
+    with pytest.raises(MemoryLimitError, match="cannot be met"):
+        tight.fit(x, y, batch_size=32)
+    roomy = Retrainer(head_bundle, memory_limit_mb=edge.current_rss_mb() + 200)
+    history = roomy.fit(x, y, batch_size=32)
+    assert history["batch_size"] == 32 and history["replay_batch_size"] == 32
+    assert roomy.memory_report()["sampled_peak_rss_mb"] <= roomy.memory_limit_mb
+    # A cap with room for only a few samples plans a smaller batch instead of exceeding it.
+    per_sample_mb = roomy.manifest["activation_floats_per_sample"] * 16 / 2**20
+    roomy.memory_limit_mb = edge.current_rss_mb() + 8 + 10 * per_sample_mb
+    new, replay = roomy.plan_batch(32, 32)
+    assert 2 <= new + replay <= 11

@@ -1,0 +1,379 @@
+"""PROTOCOL part C: on-device retraining with an ONNX bundle vs the same step in PyTorch eager.
+
+One run, same CPU, per seed:
+  1. train a ConvNet briefly on MNIST classes 0-7 (10 outputs: room for 8 and 9);
+  2. distil a 100-image replay buffer of the old classes (``--buffer-method``);
+  3. export head- and full-mode bundles (uint8 buffer);
+  4. parity: 50 steps of 32 new + 32 buffer samples in onnxruntime and PyTorch, max |param diff|;
+  5. PyTorch eager step latency (this process) and the device side in a separate process where
+     torch cannot be imported: step latency, peak resident memory (VmHWM), accuracy on old / new
+     classes after learning 8-9 with the buffer and without it.
+
+    python benchmarks/edge_retrain.py --quick            # CI smoke (~1-2 min)
+    flock /tmp/replaykit-bench.lock python benchmarks/edge_retrain.py --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import edge  # noqa: E402
+from edge.bundle import PARAM_PREFIX, STATE_PREFIX, TRAIN_STEP  # noqa: E402
+from edge.exporter import soft_cross_entropy  # noqa: E402
+from replaykit.data import dataset_info, load_tensors  # noqa: E402
+from replaykit.fileio import atomic_write, atomic_write_bytes, atomic_write_json  # noqa: E402
+from replaykit.networks import ConvNet  # noqa: E402
+from replaykit.training import seeded, train_classifier  # noqa: E402
+
+OLD, NEW = list(range(8)), [8, 9]
+
+# Runs in a child process: torch is blocked, only numpy + onnxruntime + safetensors + edge.
+DEVICE_SCRIPT = textwrap.dedent("""
+    import importlib.abc, json, statistics, sys
+    class NoTorch(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "torch" or name.startswith("torch."):
+                raise ImportError("torch is blocked in the device process")
+    sys.meta_path.insert(0, NoTorch())
+    import numpy as np
+    import edge
+    job = json.loads(sys.argv[1])
+    new, old_test, new_test = (np.load(job[k]) for k in ("new", "old_test", "new_test"))
+    report = {}
+    for replay in job["replays"]:
+        r = edge.Retrainer(job["bundle"], memory_limit_mb=job["memory_limit_mb"], seed=job["seed"], threads=job["threads"])
+        h = r.fit(new["x"], new["y"], epochs=job["epochs"], batch_size=32, replay_batch_size=replay)
+        times = h["step_seconds"][job["warmup"]:] or h["step_seconds"]
+        report["with_buffer" if replay else "without_buffer"] = dict(
+            old_acc=r.evaluate(old_test["x"], old_test["y"]), new_acc=r.evaluate(new_test["x"], new_test["y"]),
+            steps=h["steps"], step_ms_median=1000 * statistics.median(times), final_loss=h["losses"][-1])
+    report["peak_rss_mb"] = edge.peak_rss_mb()
+    report["torch_loaded"] = any(m.split(".")[0] == "torch" for m in sys.modules)
+    print(json.dumps(report))
+""")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="CI smoke: small data, one seed, few steps")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: 0 1 2; --quick: 0)")
+    p.add_argument("--seed", type=int, default=None, help="a single seed (same as --seeds N)")
+    p.add_argument("--out", default=None, help="output folder (default runs/edge_retrain[_quick])")
+    p.add_argument("--width", type=int, default=32, help="ConvNet width (PROTOCOL's 128 gives a >1 MB bundle; see RESULTS)")
+    p.add_argument("--depth", type=int, default=3)
+    p.add_argument("--buffer-method", default="random", help="distillation method for the replay buffer (random, dm, ...)")
+    p.add_argument("--buffer-size", type=int, default=100)
+    p.add_argument("--threads", type=int, default=2, help="threads for both PyTorch and onnxruntime")
+    p.add_argument("--parity-steps", type=int, default=50)
+    p.add_argument("--latency-steps", type=int, default=None, help="timed PyTorch steps (default 60; quick 15)")
+    p.add_argument("--memory-limit-mb", type=float, default=300.0, help="cap given to the device Retrainer")
+    p.add_argument("--size-widths", type=int, nargs="*", default=None, help="also report bundle sizes at these widths")
+    p.add_argument("--data-root", default=None)
+    args = p.parse_args(argv)
+    if args.seed is not None:
+        args.seeds = [args.seed]
+    if args.seeds is None:
+        args.seeds = [0] if args.quick else [0, 1, 2]
+    if args.out is None:
+        args.out = str(REPO / "runs" / ("edge_retrain_quick" if args.quick else "edge_retrain"))
+    if args.latency_steps is None:
+        args.latency_steps = 15 if args.quick else 60
+    if args.size_widths is None:
+        args.size_widths = [] if args.quick else [128]
+    return args
+
+
+def _settings(quick: bool) -> dict[str, Any]:
+    if quick:
+        return dict(base_train=3000, base_epochs=2, new_per_class=100, test_per_class=100, device_epochs=1, distill_pool=600)
+    return dict(base_train=20000, base_epochs=2, new_per_class=500, test_per_class=None, device_epochs=2, distill_pool=3000)
+
+
+def _take(x, y, classes, per_class, gen):
+    idx = []
+    for c in classes:
+        where = torch.nonzero(y == c).flatten()
+        where = where[torch.randperm(len(where), generator=gen)]
+        idx.append(where if per_class is None else where[:per_class])
+    index = torch.cat(idx)
+    return x[index], y[index]
+
+
+def _to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    return (pixels.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+
+
+def _normalise_uint8(x: np.ndarray, info) -> torch.Tensor:
+    mean = torch.tensor(info.mean).view(1, -1, 1, 1)
+    std = torch.tensor(info.std).view(1, -1, 1, 1)
+    return (torch.from_numpy(x).float() / 255.0 - mean) / std
+
+
+def _bundle_bytes(bundle: Path) -> dict[str, int]:
+    sizes = {p.name: p.stat().st_size for p in bundle.iterdir() if p.is_file()}
+    sizes["total"] = sum(sizes.values())
+    return sizes
+
+
+def _batches(x_new: torch.Tensor, y_new: torch.Tensor, buf_x: torch.Tensor, buf_t: torch.Tensor, steps: int, seed: int):
+    """The same sequence of 32 new + 32 buffer batches for onnxruntime and PyTorch."""
+    rng = np.random.default_rng(seed)
+    onehot = torch.nn.functional.one_hot(y_new, 10).float()
+    for _ in range(steps):
+        i = torch.from_numpy(rng.choice(len(x_new), 32, replace=False))
+        j = torch.from_numpy(rng.choice(len(buf_x), 32, replace=len(buf_x) < 32))
+        yield torch.cat([x_new[i], buf_x[j]]), torch.cat([onehot[i], buf_t[j]])
+
+
+def _torch_trainer(model: torch.nn.Module, mode: str, opt: dict):
+    """The PyTorch eager step a user would write: frozen features in head mode, torch.optim.SGD."""
+    import copy
+
+    net = copy.deepcopy(model).train()
+    for name, p in net.named_parameters():
+        p.requires_grad_(mode == "full" or name.startswith("classifier."))
+    params = [p for p in net.parameters() if p.requires_grad]
+    sgd = torch.optim.SGD(params, lr=opt["lr"], momentum=opt["momentum"], weight_decay=opt["weight_decay"])
+
+    def step(x, t):
+        sgd.zero_grad(set_to_none=True)
+        loss = soft_cross_entropy(net(x), t)
+        loss.backward()
+        sgd.step()
+        return float(loss)
+
+    return net, step
+
+
+def parity_and_torch_latency(model, bundle: Path, x_new, y_new, buf_x, buf_t, args, seed) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    manifest = edge.read_manifest(bundle)
+    tensors = __import__("safetensors.numpy", fromlist=["load_file"]).load_file(str(bundle / "buffer.safetensors"))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = args.threads
+    session = ort.InferenceSession(str(bundle / TRAIN_STEP), options, providers=["CPUExecutionProvider"])
+    params = {n: tensors[PARAM_PREFIX + n] for n in manifest["params"]}
+    state = {n: tensors[STATE_PREFIX + n] for n in manifest["trainable"]}
+    opt = manifest["optimizer"]
+    scalars = {k: np.array(opt[k], dtype=np.float32) for k in ("lr", "momentum", "weight_decay")}
+    net, torch_step = _torch_trainer(model, manifest["mode"], opt)
+    names_out = manifest["train_step_outputs"]
+    trainable = manifest["trainable"]
+    for x, t in _batches(x_new, y_new, buf_x, buf_t, args.parity_steps, seed):
+        feed = {PARAM_PREFIX + n: v for n, v in params.items()}
+        feed.update({STATE_PREFIX + n: v for n, v in state.items()})
+        feed.update(x=x.numpy(), targets=t.numpy(), **scalars)
+        out = session.run(names_out, feed)
+        for k, n in enumerate(trainable):
+            params[n], state[n] = out[1 + k], out[1 + len(trainable) + k]
+        torch_step(x, t)
+    torch_params = dict(net.named_parameters())
+    diffs = {n: float(np.abs(params[n] - torch_params[n].detach().numpy()).max()) for n in trainable}
+    # PyTorch eager latency, same batch shapes (warm-up excluded).
+    times = []
+    for k, (x, t) in enumerate(_batches(x_new, y_new, buf_x, buf_t, args.latency_steps + 5, seed + 1)):
+        started = time.perf_counter()
+        torch_step(x, t)
+        if k >= 5:
+            times.append(time.perf_counter() - started)
+    return {"parity_max_abs_diff": max(diffs.values()), "parity_per_param": diffs,
+            "torch_step_ms_median": 1000 * statistics.median(times)}
+
+
+def run_device(bundle: Path, files: dict[str, str], args, seed: int, epochs: int) -> dict[str, Any]:
+    job = dict(bundle=str(bundle), seed=seed, threads=args.threads, epochs=epochs, replays=[32, 0], warmup=3,
+               memory_limit_mb=args.memory_limit_mb, **files)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", DEVICE_SCRIPT, json.dumps(job)], capture_output=True, text=True, env=env,
+                          timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"device process failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_seed(seed: int, args, out: Path) -> dict[str, Any]:
+    from replaykit.distill import make
+
+    torch.set_num_threads(args.threads)
+    s = _settings(args.quick)
+    info = dataset_info("mnist")
+    gen = torch.Generator().manual_seed(seed)
+    x_train, y_train = load_tensors("mnist", train=True, root=args.data_root, normalized=False)
+    x_test, y_test = load_tensors("mnist", train=False, root=args.data_root, normalized=False)
+    # Everything goes through uint8 pixels, exactly as a device would receive it.
+    norm = lambda px: _normalise_uint8(_to_uint8(px), info)  # noqa: E731
+    base_x, base_y = _take(x_train, y_train, OLD, s["base_train"] // len(OLD), gen)
+    pool_x, pool_y = _take(x_train, y_train, OLD, s["distill_pool"] // len(OLD), gen)
+    new_x, new_y = _take(x_train, y_train, NEW, s["new_per_class"], gen)
+    old_tx, old_ty = _take(x_test, y_test, OLD, s["test_per_class"], gen)
+    new_tx, new_ty = _take(x_test, y_test, NEW, s["test_per_class"], gen)
+
+    t0 = time.perf_counter()
+    with seeded(seed):
+        model = ConvNet(info.in_shape, 10, width=args.width, depth=args.depth)
+    train_classifier(model, norm(base_x), base_y, epochs=s["base_epochs"], batch_size=128, lr=0.01, seed=seed)
+    model.eval()
+    base_seconds = time.perf_counter() - t0
+
+    ipc = -(-args.buffer_size // len(OLD))
+    distiller = make(args.buffer_method, ipc=ipc, seed=seed, progress=False)
+    buffer = distiller.distill(norm(pool_x), pool_y, num_classes=10, meta=info.meta())
+    keep = torch.cat([buffer.indices_of(c)[: ipc - (1 if k >= len(OLD) - (ipc * len(OLD) - args.buffer_size) else 0)]
+                      for k, c in enumerate(OLD)])
+    buffer = buffer.subset(keep)
+
+    data_dir = out / f"seed{seed}"
+    files = {}
+    for name, (x, y) in {"new": (new_x, new_y), "old_test": (old_tx, old_ty), "new_test": (new_tx, new_ty)}.items():
+        path = data_dir / f"{name}.npz"
+        atomic_write(path, lambda tmp, x=x, y=y: np.savez(open(tmp, "wb"), x=_to_uint8(x), y=y.numpy()))
+        files[name] = str(path)
+    x_new_t = _normalise_uint8(np.load(files["new"])["x"], info)
+    buf_x = (torch.from_numpy(_to_uint8(buffer.pixels())).float() / 255.0 - torch.tensor(info.mean).view(1, -1, 1, 1)) / torch.tensor(info.std).view(1, -1, 1, 1)
+    buf_t = buffer.soft_targets().float()
+    buf_t = torch.nn.functional.pad(buf_t, (0, 10 - buf_t.shape[1]))
+
+    with torch.no_grad():
+        base_old = float((model(norm(old_tx)).argmax(1) == old_ty).float().mean())
+    result: dict[str, Any] = {"seed": seed, "base_train_seconds": base_seconds, "base_old_acc": base_old,
+                              "buffer_images": len(buffer), "buffer_counts": buffer.counts(), "modes": {}}
+    for mode in ("head", "full"):
+        bundle = data_dir / f"bundle_{mode}"
+        started = time.perf_counter()
+        edge.export(model, buffer, bundle, mode=mode, storage="uint8", lr=0.01, momentum=0.9, overwrite=True, seed=seed)
+        export_seconds = time.perf_counter() - started
+        row = parity_and_torch_latency(model, bundle, x_new_t, new_y, buf_x, buf_t, args, seed)
+        row["device"] = run_device(bundle, files, args, seed, s["device_epochs"])
+        row["ort_step_ms_median"] = row["device"]["with_buffer"]["step_ms_median"]
+        row["latency_ratio_ort_over_torch"] = row["ort_step_ms_median"] / row["torch_step_ms_median"]
+        row["bundle_bytes"] = _bundle_bytes(bundle)
+        row["export_seconds"] = export_seconds
+        result["modes"][mode] = row
+        print(f"seed {seed} {mode}: parity {row['parity_max_abs_diff']:.2e}, ORT {row['ort_step_ms_median']:.2f} ms vs "
+              f"torch {row['torch_step_ms_median']:.2f} ms, peak RSS {row['device']['peak_rss_mb']:.1f} MB, "
+              f"bundle {row['bundle_bytes']['total'] / 1024:.1f} KB, old acc with/without buffer "
+              f"{row['device']['with_buffer']['old_acc']:.3f}/{row['device']['without_buffer']['old_acc']:.3f}", flush=True)
+    return result
+
+
+def size_at_width(width: int, args, out: Path) -> dict[str, Any]:
+    """Bundle size (uint8 buffer of ``--buffer-size`` images) for another width; untrained weights, sizes only."""
+    info = dataset_info("mnist")
+    from replaykit.buffer import SyntheticBuffer
+
+    with seeded(0):
+        model = ConvNet(info.in_shape, 10, width=width, depth=args.depth)
+        images = torch.randn(args.buffer_size, *info.in_shape)
+    buffer = SyntheticBuffer(images, torch.arange(args.buffer_size) % 8, 10, meta=info.meta())
+    sizes = {}
+    for mode in ("head", "full"):
+        bundle = edge.export(model, buffer, out / f"size_w{width}_{mode}", mode=mode, overwrite=True, verify=False)
+        sizes[mode] = _bundle_bytes(bundle)["total"]
+    return {"width": width, "params": sum(p.numel() for p in model.parameters()), "bundle_bytes": sizes}
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def summarise(results: list[dict], sizes: list[dict], args) -> tuple[dict, str]:
+    summary: dict[str, Any] = {}
+    lines = [
+        f"Edge retraining, MNIST ConvNet-{args.depth} width {args.width}, {args.buffer_size}-image {args.buffer_method} buffer "
+        f"(uint8), seeds {args.seeds}, {args.threads} threads{' (QUICK smoke run)' if args.quick else ''}",
+        "",
+        "| mode | parity max abs diff (50 steps) | ORT step ms | PyTorch step ms | ratio ORT/PyTorch | device peak RSS MB | bundle KB | "
+        "old acc with buffer | old acc without | new acc with buffer | new acc without |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for mode in ("head", "full"):
+        rows = [r["modes"][mode] for r in results]
+        stats = {
+            "parity": [r["parity_max_abs_diff"] for r in rows],
+            "ort_ms": [r["ort_step_ms_median"] for r in rows],
+            "torch_ms": [r["torch_step_ms_median"] for r in rows],
+            "ratio": [r["latency_ratio_ort_over_torch"] for r in rows],
+            "rss": [r["device"]["peak_rss_mb"] for r in rows],
+            "kb": [r["bundle_bytes"]["total"] / 1024 for r in rows],
+            "old_with": [r["device"]["with_buffer"]["old_acc"] for r in rows],
+            "old_without": [r["device"]["without_buffer"]["old_acc"] for r in rows],
+            "new_with": [r["device"]["with_buffer"]["new_acc"] for r in rows],
+            "new_without": [r["device"]["without_buffer"]["new_acc"] for r in rows],
+        }
+        summary[mode] = {k: {"mean": _mean_std(v)[0], "std": _mean_std(v)[1], "values": v} for k, v in stats.items()}
+        fmt = lambda k, d=2: f"{summary[mode][k]['mean']:.{d}f} ± {summary[mode][k]['std']:.{d}f}"  # noqa: E731
+        lines.append(
+            f"| {mode} | {max(stats['parity']):.1e} (max) | {fmt('ort_ms')} | {fmt('torch_ms')} | {fmt('ratio')} | {fmt('rss', 1)} | "
+            f"{fmt('kb', 1)} | {fmt('old_with', 3)} | {fmt('old_without', 3)} | {fmt('new_with', 3)} | {fmt('new_without', 3)} |"
+        )
+    base = [r["base_old_acc"] for r in results]
+    lines += ["", f"Base model accuracy on old classes before the device learns 8-9: "
+                  f"{_mean_std(base)[0]:.3f} ± {_mean_std(base)[1]:.3f}"]
+    for s in sizes:
+        lines.append(f"Bundle size at width {s['width']} ({s['params']} params, float32): head "
+                     f"{s['bundle_bytes']['head'] / 1024:.1f} KB, full {s['bundle_bytes']['full'] / 1024:.1f} KB")
+    return summary, "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    labels = ["old, with buffer", "old, without", "new, with buffer", "new, without"]
+    keys = ["old_with", "old_without", "new_with", "new_without"]
+    width = 0.38
+    for k, mode in enumerate(("head", "full")):
+        means = [summary[mode][key]["mean"] for key in keys]
+        errs = [summary[mode][key]["std"] for key in keys]
+        ax.bar(np.arange(4) + (k - 0.5) * width, means, width, yerr=errs, label=f"{mode} mode", capsize=3)
+    ax.set_xticks(np.arange(4), labels)
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title("Device learns MNIST 8-9: old classes 0-7 with vs without replay")
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    results = [run_seed(seed, args, out) for seed in args.seeds]
+    sizes = [size_at_width(w, args, out) for w in args.size_widths]
+    summary, table = summarise(results, sizes, args)
+    payload = {"args": vars(args), "settings": _settings(args.quick), "results": results, "sizes": sizes,
+               "summary": summary, "seconds": time.time() - started,
+               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               "machine_note": "2-core CPU, no GPU, shared with other work"}
+    atomic_write_json(out / "results.json", payload)
+    atomic_write_bytes(out / "results.md", table.encode())
+    plot(summary, out / "forgetting.png")
+    print(table)
+    print(f"wrote {out}/results.json, results.md, forgetting.png in {payload['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -11,7 +11,6 @@ so the reference is its distance to the *other* training images).
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from typing import Any, Sequence
@@ -48,7 +47,8 @@ def nearest_real_distance(queries: torch.Tensor, real: torch.Tensor, *, exclude_
         d2.clamp_(min=0)
         if exclude_self:
             d2[d2 <= 1e-9] = math.inf
-        best.append(d2.min(1).values.sqrt())
+        nearest = d2.argmin(1)  # recompute the winner's distance exactly (the expansion above rounds)
+        best.append((qb - r[nearest]).norm(dim=1))
     return torch.cat(best).float()
 
 

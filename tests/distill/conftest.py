@@ -36,3 +36,22 @@ def _quick_accuracy(buffer: SyntheticBuffer, test_x: torch.Tensor, test_y: torch
                          epochs=epochs, lr_milestones=(epochs // 2,), augment=DSA(seed=s), seed=s)
         accs.append(accuracy(net, test_x, test_y))
     return sum(accs) / len(accs)
+
+
+@pytest.fixture(scope="session")
+def mnist_small(real_data_root):
+    """Five MNIST classes (0-4): 200 training images each and 100 test images each, for learning tests."""
+    x, y = load_tensors("mnist", train=True, root=real_data_root)
+    xt, yt = load_tensors("mnist", train=False, root=real_data_root)
+    train = torch.cat([torch.nonzero(y == c).flatten()[:200] for c in range(5)])
+    test = torch.cat([torch.nonzero(yt == c).flatten()[:100] for c in range(5)])
+    return x[train], y[train], xt[test], yt[test]
+
+
+@pytest.fixture(scope="session")
+def random_accuracy(mnist_small):
+    """:func:`_quick_accuracy` of the ``random`` baseline at IPC 1 on ``mnist_small`` (seed 0), computed once."""
+    from replaykit import distill
+
+    x, y, xt, yt = mnist_small
+    return _quick_accuracy(distill.make("random", ipc=1, seed=0, progress=False).distill(x, y), xt, yt)

@@ -22,6 +22,12 @@ __all__ = ["DemoConfig", "run_demo", "format_table", "add_cli"]
 # The digits are 8x8: a 2-block ConvNet ends on 2x2 maps, where instance norm still has pixels to
 # normalise; 20 epochs of 32 new + 32 replayed images per step fit the one-minute budget on 2 cores.
 DEMO_WIDTH, DEMO_DEPTH, DEMO_EPOCHS, DEMO_BATCH = 32, 2, 20, 32
+# DM settings that fit the budget: 100 iterations of a width-32 random ConvNet per class; when a
+# class's quota shrinks, the buffer keeps part of its distilled images ("select") instead of
+# distilling again. Chosen on a validation split of the digits training set (seed 0: distilled
+# 83.9 % vs raw replay 79.7 % vs random real images 70.6 % at M=20), never on the test split.
+DEMO_DM_OPTIONS = {"iterations": 100, "width": 32, "real_batch": 64}
+DEMO_RECOMPRESS = "select"
 
 
 def default_method() -> str:
@@ -51,6 +57,8 @@ def run_demo(
     if mem_size < 10:
         raise ValueError(f"--mem must be at least 10 (one image per digit class), got {mem_size}")
     method = method or default_method()
+    if method_options is None:
+        method_options = dict(DEMO_DM_OPTIONS) if method == "dm" else {}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -61,7 +69,7 @@ def run_demo(
     specs = [
         StrategySpec("naive"),
         StrategySpec("replay", mem_size),
-        StrategySpec("distilled", mem_size, method, dict(method_options or {})),
+        StrategySpec("distilled", mem_size, method, dict(method_options), recompress=DEMO_RECOMPRESS),
     ]
     start = time.perf_counter()
     stream = make_stream(config)
@@ -80,6 +88,8 @@ def run_demo(
         "seed": seed,
         "mem_size": mem_size,
         "method": method,
+        "method_options": method_options,
+        "recompress": DEMO_RECOMPRESS,
         "network": f"ConvNet width {DEMO_WIDTH} depth {DEMO_DEPTH} instance norm",
         "epochs": epochs,
         "batch": f"{DEMO_BATCH} new + {DEMO_BATCH} replayed",

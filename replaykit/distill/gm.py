@@ -52,8 +52,9 @@ class GradientMatching(Distiller):
     Args:
         ipc: images per class.
         iterations: outer iterations (each draws a fresh network).
-        time_budget: seconds; stop after the iteration that crosses it (at least
-            one image update always happens). ``None``: no limit.
+        time_budget: seconds; checked after every image update, so the run stops
+            at most one update past it (at least one update always happens).
+            ``None``: no limit.
         outer_loop: image updates per network (default from ``ipc``: see ``_default_loops``).
         inner_loop: network training steps on the synthetic set between image updates.
         lr_img: SGD (momentum 0.5) learning rate of the images.
@@ -117,7 +118,7 @@ class GradientMatching(Distiller):
         opt_img = torch.optim.SGD([syn], lr=self.lr_img, momentum=0.5)
         augment = DSA(self.dsa, seed=derive_seed(self.seed, 1))
         gen = torch.Generator().manual_seed(derive_seed(self.seed, 2))
-        done, stopped_by = 0, "iterations"
+        done, updates, stopped_by = 0, 0, "iterations"
         bar = tqdm(range(self.iterations), desc="gm", disable=not self.progress, leave=False)
         for it in bar:
             with seeded(derive_seed(self.seed, 3, it)):
@@ -140,17 +141,20 @@ class GradientMatching(Distiller):
                 opt_img.zero_grad(set_to_none=True)
                 loss.backward()
                 opt_img.step()
+                updates += 1
+                if self.time_budget is not None and time.perf_counter() - start > self.time_budget:
+                    stopped_by = "time_budget"
+                    break
                 if ol == self.outer_loop - 1:
                     break
                 _train_steps(net, opt_net, syn.detach(), syn_labels, self.inner_loop, augment)
             done = it + 1
             bar.set_postfix(loss=f"{float(loss.detach()) / len(classes):.3f}")
-            if self.time_budget is not None and time.perf_counter() - start > self.time_budget:
-                stopped_by = "time_budget"
+            if stopped_by == "time_budget":
                 break
         bar.close()
         return DistillResult(
-            syn.detach().clone(), syn_labels, syn_labels.clone(), {"iterations_done": done, "stopped_by": stopped_by}
+            syn.detach().clone(), syn_labels, syn_labels.clone(), {"iterations_done": done, "image_updates": updates, "stopped_by": stopped_by}
         )
 
 

@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO))
 import edge  # noqa: E402
 from edge.bundle import PARAM_PREFIX, STATE_PREFIX, TRAIN_STEP  # noqa: E402
 from edge.exporter import soft_cross_entropy  # noqa: E402
+from edge.exporter import torch_step as edge_torch_step  # noqa: E402
 from replaykit.data import dataset_info, load_tensors  # noqa: E402
 from replaykit.fileio import atomic_write, atomic_write_bytes, atomic_write_json  # noqa: E402
 from replaykit.networks import ConvNet  # noqa: E402
@@ -61,7 +62,8 @@ DEVICE_SCRIPT = textwrap.dedent("""
         times = h["step_seconds"][job["warmup"]:] or h["step_seconds"]
         report["with_buffer" if replay else "without_buffer"] = dict(
             old_acc=r.evaluate(old_test["x"], old_test["y"]), new_acc=r.evaluate(new_test["x"], new_test["y"]),
-            steps=h["steps"], step_ms_median=1000 * statistics.median(times), final_loss=h["losses"][-1])
+            steps=h["steps"], step_ms_median=1000 * statistics.median(times), final_loss=h["losses"][-1],
+            batch=[h["batch_size"], h["replay_batch_size"]])
     report["peak_rss_mb"] = edge.peak_rss_mb()
     report["torch_loaded"] = any(m.split(".")[0] == "torch" for m in sys.modules)
     print(json.dumps(report))
@@ -79,7 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--buffer-method", default="random", help="distillation method for the replay buffer (random, dm, ...)")
     p.add_argument("--buffer-size", type=int, default=100)
     p.add_argument("--threads", type=int, default=2, help="threads for both PyTorch and onnxruntime")
-    p.add_argument("--parity-steps", type=int, default=50)
+    p.add_argument("--parity-steps", type=int, default=None, help="steps compared with PyTorch (default 50; quick 10)")
     p.add_argument("--latency-steps", type=int, default=None, help="timed PyTorch steps (default 60; quick 15)")
     p.add_argument("--memory-limit-mb", type=float, default=300.0, help="cap given to the device Retrainer")
     p.add_argument("--size-widths", type=int, nargs="*", default=None, help="also report bundle sizes at these widths")
@@ -92,7 +94,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.out is None:
         args.out = str(REPO / "runs" / ("edge_retrain_quick" if args.quick else "edge_retrain"))
     if args.latency_steps is None:
-        args.latency_steps = 15 if args.quick else 60
+        args.latency_steps = 10 if args.quick else 60
+    if args.parity_steps is None:
+        args.parity_steps = 10 if args.quick else 50
     if args.size_widths is None:
         args.size_widths = [] if args.quick else [128]
     return args
@@ -100,8 +104,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _settings(quick: bool) -> dict[str, Any]:
     if quick:
-        return dict(base_train=3000, base_epochs=2, new_per_class=100, test_per_class=100, device_epochs=1, distill_pool=600)
-    return dict(base_train=20000, base_epochs=2, new_per_class=500, test_per_class=None, device_epochs=2, distill_pool=3000)
+        return dict(base_train=1600, base_epochs=1, new_per_class=64, test_per_class=50, device_epochs=1, distill_pool=400)
+    return dict(base_train=12000, base_epochs=2, new_per_class=500, test_per_class=None, device_epochs=2, distill_pool=3000)
 
 
 def _take(x, y, classes, per_class, gen):
@@ -150,6 +154,8 @@ def _torch_trainer(model: torch.nn.Module, mode: str, opt: dict):
     params = [p for p in net.parameters() if p.requires_grad]
     sgd = torch.optim.SGD(params, lr=opt["lr"], momentum=opt["momentum"], weight_decay=opt["weight_decay"])
 
+    net._sgd = sgd
+
     def step(x, t):
         sgd.zero_grad(set_to_none=True)
         loss = soft_cross_entropy(net(x), t)
@@ -158,6 +164,12 @@ def _torch_trainer(model: torch.nn.Module, mode: str, opt: dict):
         return float(loss)
 
     return net, step
+
+
+def _momentum(net, name: str):
+    param = dict(net.named_parameters())[name]
+    buf = net._sgd.state.get(param, {}).get("momentum_buffer")
+    return None if buf is None else buf.detach().clone()
 
 
 def parity_and_torch_latency(model, bundle: Path, x_new, y_new, buf_x, buf_t, args, seed) -> dict[str, Any]:
@@ -175,16 +187,34 @@ def parity_and_torch_latency(model, bundle: Path, x_new, y_new, buf_x, buf_t, ar
     net, torch_step = _torch_trainer(model, manifest["mode"], opt)
     names_out = manifest["train_step_outputs"]
     trainable = manifest["trainable"]
+    # Reference 2: the functional PyTorch step (torch.func) -- the float32 noise floor between two PyTorch paths.
+    f_params = {n: torch.from_numpy(v.copy()) for n, v in params.items()}
+    f_state = {n: torch.from_numpy(v.copy()) for n, v in state.items()}
+    one_step = 0.0
     for x, t in _batches(x_new, y_new, buf_x, buf_t, args.parity_steps, seed):
         feed = {PARAM_PREFIX + n: v for n, v in params.items()}
         feed.update({STATE_PREFIX + n: v for n, v in state.items()})
         feed.update(x=x.numpy(), targets=t.numpy(), **scalars)
         out = session.run(names_out, feed)
+        # One step from PyTorch's current state: the graph's own error, without accumulated drift.
+        net_params = {n: p.detach().clone() for n, p in net.named_parameters()}
+        net_state = {n: (sgd_buf if (sgd_buf := _momentum(net, n)) is not None else torch.zeros_like(net_params[n]))
+                     for n in trainable}
+        feed1 = {PARAM_PREFIX + n: v.numpy() for n, v in net_params.items()}
+        feed1.update({STATE_PREFIX + n: v.numpy() for n, v in net_state.items()})
+        feed1.update(x=x.numpy(), targets=t.numpy(), **scalars)
+        out1 = session.run(names_out, feed1)
         for k, n in enumerate(trainable):
             params[n], state[n] = out[1 + k], out[1 + len(trainable) + k]
         torch_step(x, t)
+        _, f_params, f_state = edge_torch_step(model, f_params, f_state, x, t, opt["lr"], opt["momentum"],
+                                               opt["weight_decay"], trainable)
+        after = dict(net.named_parameters())
+        one_step = max(one_step, max(float(np.abs(out1[1 + k] - after[n].detach().numpy()).max())
+                                     for k, n in enumerate(trainable)))
     torch_params = dict(net.named_parameters())
     diffs = {n: float(np.abs(params[n] - torch_params[n].detach().numpy()).max()) for n in trainable}
+    floor = max(float((f_params[n] - torch_params[n].detach()).abs().max()) for n in trainable)
     # PyTorch eager latency, same batch shapes (warm-up excluded).
     times = []
     for k, (x, t) in enumerate(_batches(x_new, y_new, buf_x, buf_t, args.latency_steps + 5, seed + 1)):
@@ -193,6 +223,7 @@ def parity_and_torch_latency(model, bundle: Path, x_new, y_new, buf_x, buf_t, ar
         if k >= 5:
             times.append(time.perf_counter() - started)
     return {"parity_max_abs_diff": max(diffs.values()), "parity_per_param": diffs,
+            "one_step_max_abs_diff": one_step, "torch_func_vs_optim_max_abs_diff": floor,
             "torch_step_ms_median": 1000 * statistics.median(times)}
 
 
@@ -298,14 +329,16 @@ def summarise(results: list[dict], sizes: list[dict], args) -> tuple[dict, str]:
         f"Edge retraining, MNIST ConvNet-{args.depth} width {args.width}, {args.buffer_size}-image {args.buffer_method} buffer "
         f"(uint8), seeds {args.seeds}, {args.threads} threads{' (QUICK smoke run)' if args.quick else ''}",
         "",
-        "| mode | parity max abs diff (50 steps) | ORT step ms | PyTorch step ms | ratio ORT/PyTorch | device peak RSS MB | bundle KB | "
+        f"| mode | parity max abs diff after {args.parity_steps} steps | worst one-step diff | PyTorch-vs-PyTorch after {args.parity_steps} steps | ORT step ms | PyTorch step ms | ratio ORT/PyTorch | device peak RSS MB | bundle KB | "
         "old acc with buffer | old acc without | new acc with buffer | new acc without |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for mode in ("head", "full"):
         rows = [r["modes"][mode] for r in results]
         stats = {
             "parity": [r["parity_max_abs_diff"] for r in rows],
+            "one_step": [r["one_step_max_abs_diff"] for r in rows],
+            "floor": [r["torch_func_vs_optim_max_abs_diff"] for r in rows],
             "ort_ms": [r["ort_step_ms_median"] for r in rows],
             "torch_ms": [r["torch_step_ms_median"] for r in rows],
             "ratio": [r["latency_ratio_ort_over_torch"] for r in rows],
@@ -319,7 +352,7 @@ def summarise(results: list[dict], sizes: list[dict], args) -> tuple[dict, str]:
         summary[mode] = {k: {"mean": _mean_std(v)[0], "std": _mean_std(v)[1], "values": v} for k, v in stats.items()}
         fmt = lambda k, d=2: f"{summary[mode][k]['mean']:.{d}f} ± {summary[mode][k]['std']:.{d}f}"  # noqa: E731
         lines.append(
-            f"| {mode} | {max(stats['parity']):.1e} (max) | {fmt('ort_ms')} | {fmt('torch_ms')} | {fmt('ratio')} | {fmt('rss', 1)} | "
+            f"| {mode} | {max(stats['parity']):.1e} (max) | {max(stats['one_step']):.1e} (max) | {max(stats['floor']):.1e} (max) | {fmt('ort_ms')} | {fmt('torch_ms')} | {fmt('ratio')} | {fmt('rss', 1)} | "
             f"{fmt('kb', 1)} | {fmt('old_with', 3)} | {fmt('old_without', 3)} | {fmt('new_with', 3)} | {fmt('new_without', 3)} |"
         )
     base = [r["base_old_acc"] for r in results]

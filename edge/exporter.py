@@ -64,7 +64,12 @@ def _convolution_backward(grad, inp, weight, bias_sizes, stride, padding, dilati
 def _decompositions() -> dict:
     from torch._decomp import core_aten_decompositions
 
+    from torch._decomp import decomposition_table
+
     table = dict(core_aten_decompositions())
+    # Group norm as plain reductions: the exporter's InstanceNormalization forward does not
+    # share its statistics with the decomposed backward, which drifts from PyTorch over many steps.
+    table[aten.native_group_norm.default] = decomposition_table[aten.native_group_norm.default]
     table[aten.avg_pool2d_backward.default] = _avg_pool2d_backward
     table[aten.convolution_backward.default] = _convolution_backward
     return table
@@ -146,7 +151,7 @@ def trace_to_onnx(fn: Callable, args: Sequence[torch.Tensor], input_names: Seque
     graph = make_fx(fn, decomposition_table=_decompositions(), tracing_mode="symbolic")(*args)
     batch = torch.export.Dim("batch", min=1)
     dynamic = tuple({0: batch} if i in batch_inputs else None for i in range(len(args)))
-    program = torch.onnx.export(_Traced(graph), tuple(args), dynamo=True, dynamic_shapes=(dynamic,), verbose=False,
+    program = torch.onnx.export(_Traced(graph).eval(), tuple(args), dynamo=True, dynamic_shapes=(dynamic,), verbose=False,
                                 optimize=True)
     proto = program.model_proto
     proto = onnx.inliner.inline_local_functions(proto)
@@ -159,12 +164,23 @@ def trace_to_onnx(fn: Callable, args: Sequence[torch.Tensor], input_names: Seque
     mapping.update({v.name: n for v, n in zip(proto.graph.output, output_names)})
     _rename(proto, mapping)
     del proto.functions[:]
+    _strip_metadata(proto)
     domains = {node.domain for node in proto.graph.node} | {op.domain for op in proto.opset_import}
     custom = sorted(d for d in domains if d not in ALLOWED_DOMAINS)
     if custom:
         raise RuntimeError(f"exported graph uses non-standard operator domains {custom}")
     onnx.checker.check_model(proto, full_check=True)
     return proto.SerializeToString()
+
+
+def _strip_metadata(proto) -> None:
+    """Drop the exporter's per-node stack traces and doc strings: they can triple a graph's size."""
+    del proto.metadata_props[:]
+    proto.doc_string = ""
+    proto.graph.doc_string = ""
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
 
 
 # ----------------------------------------------------------------- export

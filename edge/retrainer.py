@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -177,12 +178,18 @@ class Retrainer:
                 "the cap cannot be met"
             )
 
+    def _per_sample_mb(self, training: bool) -> float:
+        floats = int(self.manifest["activation_floats_per_sample"])
+        # Inference and head-mode steps keep forward values only; full mode also keeps their gradients.
+        factor = _STEP_BYTES_PER_FLOAT if training and self.mode == "full" else _STEP_BYTES_PER_FLOAT // 2
+        return floats * factor / 2**20
+
     def plan_batch(self, batch_size: int, replay_batch_size: int) -> tuple[int, int]:
         """Largest (new, replay) batch no bigger than asked whose step fits under the memory cap."""
         total = batch_size + replay_batch_size
         if self.memory_limit_mb is None:
             return batch_size, replay_batch_size
-        per_sample_mb = int(self.manifest["activation_floats_per_sample"]) * _STEP_BYTES_PER_FLOAT / 2**20
+        per_sample_mb = self._per_sample_mb(training=True)
         room = self.memory_limit_mb - current_rss_mb() - _SAFETY_MB
         fits = int(room // per_sample_mb) if per_sample_mb > 0 else total
         minimum = 2 if replay_batch_size else 1
@@ -195,6 +202,21 @@ class Retrainer:
             return batch_size, replay_batch_size
         new = max(1, round(fits * batch_size / total))
         return new, max(minimum - 1, fits - new) if replay_batch_size else 0
+
+    def plan_inference_batch(self, batch_size: int | None) -> int:
+        """Images per inference chunk: ``batch_size`` if given, else as many as the cap allows (at most 64)."""
+        if batch_size is not None:
+            if batch_size < 1:
+                raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            return batch_size
+        if self.memory_limit_mb is None:
+            return 64
+        room = self.memory_limit_mb - current_rss_mb() - _SAFETY_MB
+        fits = int(room // self._per_sample_mb(training=False))
+        if fits < 1:
+            raise MemoryLimitError(f"memory_limit_mb={self.memory_limit_mb:g} leaves {room:.1f} MB: too little to "
+                                   "run inference on one image; the cap cannot be met")
+        return min(64, fits)
 
     # ------------------------------------------------------------ training
     def _run_step(self, x: np.ndarray, targets: np.ndarray) -> float:
@@ -236,6 +258,7 @@ class Retrainer:
             self.optimizer["lr"] = float(lr)
         new_bs, replay_bs = self.plan_batch(batch_size, replay)
         losses: list[float] = []
+        step_seconds: list[float] = []
         steps = epochs * -(-x_new.shape[0] // new_bs)
         bar = _progress(steps, self.progress)
         for _ in range(epochs):
@@ -247,7 +270,9 @@ class Retrainer:
                     pick = self._rng.choice(len(self.buffer_x), size=replay_bs, replace=replay_bs > len(self.buffer_x))
                     xb = np.concatenate([xb, self.buffer_x[pick]])
                     tb = np.concatenate([tb, self.buffer_targets[pick]])
+                started = time.perf_counter()
                 losses.append(self._run_step(xb, tb))
+                step_seconds.append(time.perf_counter() - started)
                 if self.memory_limit_mb is not None:
                     self._check_memory("during fit")
                 if bar is not None:
@@ -255,23 +280,27 @@ class Retrainer:
         if bar is not None:
             bar.close()
         self.peak_rss_mb = max(self.peak_rss_mb, current_rss_mb())
-        return {"losses": losses, "steps": len(losses), "batch_size": new_bs, "replay_batch_size": replay_bs}
+        return {"losses": losses, "steps": len(losses), "batch_size": new_bs, "replay_batch_size": replay_bs,
+                "step_seconds": step_seconds}
 
     # ------------------------------------------------------------ inference
-    def logits(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    def logits(self, x: np.ndarray, batch_size: int | None = None) -> np.ndarray:
         x = self._images(x)
+        batch_size = self.plan_inference_batch(batch_size)
         feed = {PARAM_PREFIX + n: p for n, p in self.params.items()}
         chunks = []
         for start in range(0, x.shape[0], batch_size):
             feed["x"] = self._normalised(x[start: start + batch_size])
             chunks.append(self._infer.run(["logits"], feed)[0])
+            if self.memory_limit_mb is not None:
+                self._check_memory("during inference")
         return np.concatenate(chunks)
 
-    def predict(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    def predict(self, x: np.ndarray, batch_size: int | None = None) -> np.ndarray:
         """Predicted class index per image (int64)."""
         return self.logits(x, batch_size).argmax(axis=1).astype(np.int64)
 
-    def evaluate(self, x: np.ndarray, y: Any, batch_size: int = 256) -> float:
+    def evaluate(self, x: np.ndarray, y: Any, batch_size: int | None = None) -> float:
         """Top-1 accuracy in [0, 1] on integer labels (or the argmax of soft labels)."""
         x = self._images(x)
         targets = self._targets(y, x.shape[0])

@@ -291,7 +291,9 @@ def export(
     tensors.update({PARAM_PREFIX + n: named[n].numpy() for n in names})
     tensors.update({STATE_PREFIX + n: np.zeros_like(named[n].numpy()) for n in trainable})
 
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent if out_dir.parent.exists() else None))
+    # Build next to the target so the final rename stays on one filesystem.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         atomic_write_bytes(tmp_dir / MODEL, model_bytes)
         atomic_write_bytes(tmp_dir / TRAIN_STEP, step_bytes)

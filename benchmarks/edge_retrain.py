@@ -393,7 +393,10 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    results = [run_seed(seed, args, out) for seed in args.seeds]
+    results = []
+    for seed in args.seeds:
+        results.append(run_seed(seed, args, out))
+        atomic_write_json(out / "results_partial.json", {"args": vars(args), "results": results})
     sizes = [size_at_width(w, args, out) for w in args.size_widths]
     summary, table = summarise(results, sizes, args)
     payload = {"args": vars(args), "settings": _settings(args.quick), "results": results, "sizes": sizes,

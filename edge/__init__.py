@@ -2,6 +2,17 @@
 
 ``import edge`` and :class:`Retrainer` need only numpy, onnxruntime, safetensors
 and the standard library. :func:`export` imports torch when it is called.
+
+    edge.export(model, buffer, "bundle", mode="head", storage="uint8")   # host, torch
+    r = edge.Retrainer("bundle", memory_limit_mb=100)                    # device, no torch
+    r.fit(x_new, y_new, epochs=2, batch_size=32)   # each step: 32 new + 32 replayed samples
+    r.evaluate(x_test, y_test); r.save()
+
+New classes: a device may learn any class below the exported classifier's
+output size (``manifest["num_classes"]``), including classes absent from the
+buffer (``manifest["buffer_classes"]``). To leave room for classes that do not
+exist yet, export a model built with spare outputs; labels at or above the
+output size are refused.
 """
 
 from __future__ import annotations

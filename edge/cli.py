@@ -80,7 +80,7 @@ def _export(args: argparse.Namespace) -> int:
     from replaykit.buffer import SyntheticBuffer
     from replaykit.networks import make_network
 
-    from . import export
+    from .exporter import export
 
     weights_path = Path(args.weights)
     if not weights_path.is_file():
@@ -125,7 +125,8 @@ def _load_npz(path: str) -> tuple[Any, Any]:
 
 
 def _retrain(args: argparse.Namespace) -> int:
-    from . import Retrainer, peak_rss_mb
+    from .memory import peak_rss_mb
+    from .retrainer import Retrainer
 
     retrainer = Retrainer(args.bundle, memory_limit_mb=args.memory_limit_mb, seed=args.seed, progress=not args.quiet)
     x, y = _load_npz(args.data)

@@ -140,6 +140,39 @@ def _bar_chart(runs: list[dict[str, Any]], dataset: str, path: Path) -> None:
     plt.close(fig)
 
 
+def dm_speed_bar(args, budget: float, long: float) -> dict[str, Any]:
+    """The issue's speed bar: one two-class MNIST task (about 12 600 images) to 10 images per class.
+
+    Runs ``dm`` under ``budget`` seconds and under a ``long`` budget, and ``random``, and
+    evaluates each on the two classes' test images with the same evaluation settings.
+    """
+    x, y = load_tensors("mnist", train=True, root=args.data_root)
+    xt, yt = load_tensors("mnist", train=False, root=args.data_root)
+    keep, keep_t = y < 2, yt < 2
+    x, y, xt, yt = x[keep], y[keep], xt[keep_t], yt[keep_t]
+    rows = []
+    for label, method, opts in (("random", "random", {}), (f"dm {budget:g} s", "dm", {"time_budget": budget}),
+                                (f"dm {long:g} s", "dm", {"time_budget": long})):
+        buf = distill.make(method, ipc=10, seed=args.seed, progress=not args.quiet, **opts).distill(
+            x, y, num_classes=10, meta=dataset_info("mnist").meta())
+        ev = evaluate_buffer(buf, xt, yt, networks=["convnet"], num_networks=args.num_networks, epochs=args.epochs,
+                             width=args.width, seed=args.seed, progress=False)
+        rows.append({"label": label, "method": method, "options": opts, "distill_seconds": buf.meta["distill_seconds"],
+                     "iterations_done": buf.meta.get("iterations_done"), "convnet": ev["convnet"],
+                     "per_network": ev["per_network"]["convnet"]})
+        if not args.quiet:
+            print(f"speed bar: {label}: {buf.meta['distill_seconds']:.1f} s, {_pct(ev['convnet'])} %", flush=True)
+    return {"task": "MNIST classes 0,1 (12 665 images) -> IPC 10; 2-class test set (2 115 images)", "rows": rows,
+            "train_images": int(len(y))}
+
+
+def _speed_table(speed: dict[str, Any]) -> str:
+    lines = ["", f"dm speed bar: {speed['task']}", "", "| run | distill s | iterations | ConvNet acc % |", "|---|---|---|---|"]
+    for r in speed["rows"]:
+        lines.append(f"| {r['label']} | {r['distill_seconds']:.1f} | {r['iterations_done'] or '–'} | {_pct(r['convnet'])} |")
+    return "\n".join(lines) + "\n"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="CI smoke run: digits, IPC 1, tiny budgets, 1 small network")
@@ -159,6 +192,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-subset", type=int, help="distill from a random subset of this many training images")
     p.add_argument("--data-root")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")
+    p.add_argument("--dm-speed", nargs=2, type=float, metavar=("BUDGET", "LONG"),
+                   help="also run the dm speed bar: MNIST classes 0 and 1 -> IPC 10 within BUDGET s, next to a LONG-s run")
     p.add_argument("--out", default="runs/distill_quality")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
@@ -221,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     runs: list[dict[str, Any]] = []
+    speed = dm_speed_bar(args, *args.dm_speed) if args.dm_speed else None
+    if speed:
+        atomic_write_json(out / "results.json", {"config": config, "runs": runs, "dm_speed": speed})
     for name in args.datasets:
         x, y, xe, ye, split = _load(name, args)
         meta = dataset_info(name).meta()
@@ -246,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(run)
                 if not args.quiet:
                     print(f"{name} ipc={ipc} {method}: {buffer.meta['distill_seconds']:.1f} s, ConvNet {_pct(ev['convnet'])} %", flush=True)
-                atomic_write_json(out / "results.json", {"config": config, "runs": runs})
+                atomic_write_json(out / "results.json", {"config": config, "runs": runs, "dm_speed": speed})
         _bar_chart(runs, name, out / f"accuracy_{name}.png")
         best = max((r for r in runs if r["dataset"] == name and r["ipc"] == max(args.ipcs)),
                    key=lambda r: r["evaluation"]["convnet"]["mean"])
@@ -254,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         from replaykit.viz import save_buffer_grid
 
         save_buffer_grid(SyntheticBuffer.load(out / f"{name}_ipc{best['ipc']}_{best['method']}.safetensors"), out / f"best_{name}.png")
-    table = _table(runs, config)
+    table = _table(runs, config) + (_speed_table(speed) if speed else "")
     atomic_write_bytes(out / "results.md", table.encode("utf-8"))
     print(table)
     return 0

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+# Idle OpenMP threads sleep instead of spinning: on a shared 2-core machine spinning workers slow
+# small convolutions down by an order of magnitude. Read when torch loads, i.e. after this line.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Unpacked datasets go to a throw-away folder, never into the (shared, read-only) data root.
 os.environ.setdefault("REPLAYKIT_CACHE", tempfile.mkdtemp(prefix="replaykit-test-cache-"))
 

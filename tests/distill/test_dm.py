@@ -18,7 +18,7 @@ def test_dm_beats_random_at_equal_ipc(mnist_small, quick_accuracy, random_accura
     dm = distill.make("dm", ipc=1, seed=0, **FAST).distill(x, y, meta={"dataset": "mnist"})
     acc_dm, acc_random = quick_accuracy(dm, xt, yt), random_accuracy
     print(f"dm {acc_dm:.3f} random {acc_random:.3f}")
-    # Measured on this seed: dm 0.912 vs random 0.629; assert a safe part of the margin.
+    # Measured on this seed: dm 0.903 vs random 0.623; assert a safe part of the margin.
     assert acc_dm >= acc_random + 0.1
     assert dm.meta["iterations_done"] == FAST["iterations"] and dm.meta["stopped_by"] == "iterations"
     assert dm.counts() == {c: 1 for c in range(5)} and dm.labels.tolist() == list(range(5))

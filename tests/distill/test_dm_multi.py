@@ -17,7 +17,7 @@ def test_dm_multi_beats_random_at_equal_ipc(mnist_small, quick_accuracy, random_
     buf = distill.make("dm-multi", ipc=1, seed=0, **FAST).distill(x, y, meta={"dataset": "mnist"})
     acc, acc_random = quick_accuracy(buf, xt, yt), random_accuracy
     print(f"dm-multi {acc:.3f} random {acc_random:.3f}")
-    # Measured on this seed: dm-multi 0.903 vs random 0.629; assert a safe part of the margin.
+    # Measured on this seed: dm-multi 0.887 vs random 0.623; assert a safe part of the margin.
     assert acc >= acc_random + 0.1
     assert buf.meta["method"] == "dm-multi" and buf.meta["options"]["match_variance"] is True
 

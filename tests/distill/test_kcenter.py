@@ -13,7 +13,7 @@ def test_kcenter_beats_random_at_equal_ipc(mnist_small, quick_accuracy, random_a
     buf = distill.make("kcenter", ipc=1, seed=0, feature_epochs=1, progress=False).distill(x, y, meta={"dataset": "mnist"})
     acc, acc_random = quick_accuracy(buf, xt, yt), random_accuracy
     print(f"kcenter {acc:.3f} random {acc_random:.3f}")
-    # Measured on this seed: kcenter 0.919 vs random 0.629; assert a safe part of the margin.
+    # Measured on this seed: kcenter 0.928 vs random 0.623; assert a safe part of the margin.
     assert acc >= acc_random + 0.1
     for img, c in zip(buf.images, buf.class_ids):
         assert any(torch.equal(img, r) for r in x[y == c])

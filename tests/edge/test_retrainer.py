@@ -245,7 +245,7 @@ def test_memory_cap_is_refused_when_it_cannot_be_met(head_bundle, digits_split):
     assert history["batch_size"] == 32 and history["replay_batch_size"] == 32
     assert roomy.memory_report()["sampled_peak_rss_mb"] <= roomy.memory_limit_mb
     # A cap with room for only a few samples plans a smaller batch instead of exceeding it.
-    per_sample_mb = roomy.manifest["activation_floats_per_sample"] * 16 / 2**20
+    per_sample_mb = roomy._per_sample_mb(training=True)
     roomy.memory_limit_mb = edge.current_rss_mb() + 8 + 10 * per_sample_mb
     new, replay = roomy.plan_batch(32, 32)
     assert 2 <= new + replay <= 11

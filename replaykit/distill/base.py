@@ -9,6 +9,7 @@ class) so that methods only see clean data, and wraps the result in a
 from __future__ import annotations
 
 import abc
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -17,7 +18,7 @@ import torch
 
 from ..buffer import SyntheticBuffer
 
-__all__ = ["Distiller", "DistillResult", "check_training_data"]
+__all__ = ["Distiller", "DistillResult", "check_training_data", "check_loop_options"]
 
 
 @dataclass
@@ -55,6 +56,16 @@ def check_training_data(images: torch.Tensor, labels: torch.Tensor, num_classes:
     if lo < 0 or hi >= k:
         raise ValueError(f"labels must lie in [0, {k - 1}], found range [{lo}, {hi}]")
     return k
+
+
+def check_loop_options(iterations: int, time_budget: float | None, init: str) -> None:
+    """Validate the options every learned (iterative) method shares; raise ``ValueError`` naming the bad one."""
+    if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
+        raise ValueError(f"iterations must be a positive int, got {iterations!r}")
+    if time_budget is not None and not (isinstance(time_budget, (int, float)) and math.isfinite(time_budget) and time_budget > 0):
+        raise ValueError(f"time_budget must be a positive number of seconds or None, got {time_budget!r}")
+    if init not in ("real", "noise"):
+        raise ValueError(f"init must be 'real' or 'noise', got {init!r}")
 
 
 class Distiller(abc.ABC):

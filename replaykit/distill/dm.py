@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..augment import DSA
-from .base import DistillResult, Distiller
+from .base import DistillResult, Distiller, check_loop_options
 from .features import RandomConvNets, class_index, derive_seed, real_init
 
 __all__ = ["MatchingDistiller", "DistributionMatching", "dsa_for"]
@@ -65,16 +65,11 @@ class MatchingDistiller(Distiller):
         progress: bool = True,
     ) -> None:
         super().__init__(ipc, seed=seed, progress=progress)
-        if not isinstance(iterations, int) or iterations < 1:
-            raise ValueError(f"iterations must be a positive int, got {iterations!r}")
-        if time_budget is not None and not (isinstance(time_budget, (int, float)) and math.isfinite(time_budget) and time_budget > 0):
-            raise ValueError(f"time_budget must be a positive number of seconds or None, got {time_budget!r}")
+        check_loop_options(iterations, time_budget, init)
         if not (lr > 0 and math.isfinite(lr)):
             raise ValueError(f"lr must be positive, got {lr!r}")
         if real_batch < 1 or width < 1 or depth < 1:
             raise ValueError(f"real_batch, width and depth must be >= 1, got {real_batch}, {width}, {depth}")
-        if init not in ("real", "noise"):
-            raise ValueError(f"init must be 'real' or 'noise', got {init!r}")
         self.iterations = iterations
         self.time_budget = None if time_budget is None else float(time_budget)
         self.lr = float(lr)

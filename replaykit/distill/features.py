@@ -14,6 +14,7 @@ once:
   embedding is a class-aware feature space for the selection baselines.
 * :func:`class_index` / :func:`real_init` — per-class indices and the
   "initialise the synthetic set from real images" step.
+* :class:`FeatureSelection` — the base of the selection baselines (herding, k-center).
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from torch import nn
 
 from ..networks import ConvNet
 from ..training import seeded, train_classifier
+from .base import DistillResult, Distiller
 
 __all__ = [
-    "RandomConvNets", "embed", "trained_embedding_net", "selection_features", "SelectionOptions",
+    "RandomConvNets", "embed", "trained_embedding_net", "selection_features", "FeatureSelection",
     "class_index", "real_init", "derive_seed",
 ]
 
@@ -160,16 +162,35 @@ def selection_features(
     return torch.nn.functional.normalize(embed(net, images), dim=1)
 
 
-class SelectionOptions:
-    """Constructor options shared by the selection baselines (mixed into their classes)."""
+class FeatureSelection(Distiller):
+    """Selection baselines: order each class's real images in a feature space, keep the first ``ipc``.
 
-    def _init_selection(self, feature: str, feature_width: int, feature_epochs: int) -> None:
+    Subclasses only say how to order (:meth:`order`). Args: ``feature`` ("trained" |
+    "random"), ``feature_width``, ``feature_epochs`` (see :func:`selection_features`).
+    """
+
+    selects = True
+
+    def __init__(self, ipc: int = 10, *, feature: str = "trained", feature_width: int = 32, feature_epochs: int = 2,
+                 seed: int = 0, progress: bool = True) -> None:
+        super().__init__(ipc, seed=seed, progress=progress)
         if feature not in ("trained", "random"):
             raise ValueError(f"feature must be 'trained' or 'random', got {feature!r}")
         if feature_width < 1 or feature_epochs < 0:
             raise ValueError(f"feature_width must be >= 1 and feature_epochs >= 0, got {feature_width}, {feature_epochs}")
         self.feature, self.feature_width, self.feature_epochs = feature, feature_width, feature_epochs
 
-    def _features(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-        return selection_features(images, labels, num_classes, feature=self.feature, width=self.feature_width,
-                                  epochs=self.feature_epochs, seed=self.seed, progress=self.progress)
+    @staticmethod
+    def order(features: torch.Tensor, count: int) -> torch.Tensor:
+        """Indices of ``count`` distinct rows of ``features`` (one class), in the order chosen."""
+        raise NotImplementedError
+
+    def _distill(self, images: torch.Tensor, labels: torch.Tensor, classes: list[int], num_classes: int) -> DistillResult:
+        feats = selection_features(images, labels, num_classes, feature=self.feature, width=self.feature_width,
+                                   epochs=self.feature_epochs, seed=self.seed, progress=self.progress)
+        picked = []
+        for c in classes:
+            idx = class_index(labels, c)
+            picked.append(idx[self.order(feats[idx], self.ipc)])
+        index = torch.cat(picked)
+        return DistillResult(images[index].clone(), labels[index].clone(), labels[index].clone(), {"feature": self.feature})

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ..augment import DSA
 from ..networks import ConvNet
 from ..training import seeded
-from .base import DistillResult, Distiller
+from .base import DistillResult, Distiller, check_loop_options
 from .features import class_index, derive_seed, real_init
 
 __all__ = ["GradientMatching", "gradient_distance"]
@@ -86,12 +86,7 @@ class GradientMatching(Distiller):
         progress: bool = True,
     ) -> None:
         super().__init__(ipc, seed=seed, progress=progress)
-        if iterations < 1:
-            raise ValueError(f"iterations must be >= 1, got {iterations}")
-        if time_budget is not None and time_budget <= 0:
-            raise ValueError(f"time_budget must be positive seconds or None, got {time_budget}")
-        if init not in ("real", "noise"):
-            raise ValueError(f"init must be 'real' or 'noise', got {init!r}")
+        check_loop_options(iterations, time_budget, init)
         default_outer, default_inner = _default_loops(ipc)
         self.iterations = iterations
         self.time_budget = time_budget

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import DistillResult, Distiller
-from .features import SelectionOptions, class_index
+from .features import FeatureSelection
 
 __all__ = ["Herding", "herding_order"]
 
@@ -34,22 +33,8 @@ def herding_order(features: torch.Tensor, count: int) -> torch.Tensor:
     return torch.tensor(chosen, dtype=torch.int64)
 
 
-class Herding(SelectionOptions, Distiller):
+class Herding(FeatureSelection):
     """Args: ``feature`` ("trained" | "random"), ``feature_width``, ``feature_epochs`` (see ``selection_features``)."""
 
     name = "herding"
-    selects = True
-
-    def __init__(self, ipc: int = 10, *, feature: str = "trained", feature_width: int = 32, feature_epochs: int = 2,
-                 seed: int = 0, progress: bool = True) -> None:
-        super().__init__(ipc, seed=seed, progress=progress)
-        self._init_selection(feature, feature_width, feature_epochs)
-
-    def _distill(self, images: torch.Tensor, labels: torch.Tensor, classes: list[int], num_classes: int) -> DistillResult:
-        feats = self._features(images, labels, num_classes)
-        picked = []
-        for c in classes:
-            idx = class_index(labels, c)
-            picked.append(idx[herding_order(feats[idx], self.ipc)])
-        index = torch.cat(picked)
-        return DistillResult(images[index].clone(), labels[index].clone(), labels[index].clone(), {"feature": self.feature})
+    order = staticmethod(herding_order)

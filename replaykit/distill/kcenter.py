@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import DistillResult, Distiller
-from .features import SelectionOptions, class_index
+from .features import FeatureSelection
 
 __all__ = ["KCenter", "kcenter_order"]
 
@@ -28,22 +27,8 @@ def kcenter_order(features: torch.Tensor, count: int) -> torch.Tensor:
     return torch.tensor(chosen, dtype=torch.int64)
 
 
-class KCenter(SelectionOptions, Distiller):
+class KCenter(FeatureSelection):
     """Args: ``feature`` ("trained" | "random"), ``feature_width``, ``feature_epochs`` (see ``selection_features``)."""
 
     name = "kcenter"
-    selects = True
-
-    def __init__(self, ipc: int = 10, *, feature: str = "trained", feature_width: int = 32, feature_epochs: int = 2,
-                 seed: int = 0, progress: bool = True) -> None:
-        super().__init__(ipc, seed=seed, progress=progress)
-        self._init_selection(feature, feature_width, feature_epochs)
-
-    def _distill(self, images: torch.Tensor, labels: torch.Tensor, classes: list[int], num_classes: int) -> DistillResult:
-        feats = self._features(images, labels, num_classes)
-        picked = []
-        for c in classes:
-            idx = class_index(labels, c)
-            picked.append(idx[kcenter_order(feats[idx], self.ipc)])
-        index = torch.cat(picked)
-        return DistillResult(images[index].clone(), labels[index].clone(), labels[index].clone(), {"feature": self.feature})
+    order = staticmethod(kcenter_order)

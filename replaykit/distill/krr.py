@@ -24,7 +24,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from .base import DistillResult, Distiller
+from .base import DistillResult, Distiller, check_loop_options
 from .features import RandomConvNets, class_index, derive_seed, real_init
 
 __all__ = ["KernelRidgeDistiller", "krr_predict"]
@@ -80,12 +80,7 @@ class KernelRidgeDistiller(Distiller):
         progress: bool = True,
     ) -> None:
         super().__init__(ipc, seed=seed, progress=progress)
-        if iterations < 1:
-            raise ValueError(f"iterations must be >= 1, got {iterations}")
-        if time_budget is not None and time_budget <= 0:
-            raise ValueError(f"time_budget must be positive seconds or None, got {time_budget}")
-        if init not in ("real", "noise"):
-            raise ValueError(f"init must be 'real' or 'noise', got {init!r}")
+        check_loop_options(iterations, time_budget, init)
         if reg <= 0:
             raise ValueError(f"reg must be positive, got {reg}")
         self.iterations, self.time_budget = iterations, time_budget

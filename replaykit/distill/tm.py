@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from ..augment import DSA
 from ..networks import ConvNet
 from ..training import seeded
-from .base import DistillResult, Distiller
+from .base import DistillResult, Distiller, check_loop_options
 from .features import class_index, derive_seed, real_init
 
 __all__ = ["TrajectoryMatching", "record_expert_trajectory"]
@@ -112,12 +112,7 @@ class TrajectoryMatching(Distiller):
         progress: bool = True,
     ) -> None:
         super().__init__(ipc, seed=seed, progress=progress)
-        if iterations < 1:
-            raise ValueError(f"iterations must be >= 1, got {iterations}")
-        if time_budget is not None and time_budget <= 0:
-            raise ValueError(f"time_budget must be positive seconds or None, got {time_budget}")
-        if init not in ("real", "noise"):
-            raise ValueError(f"init must be 'real' or 'noise', got {init!r}")
+        check_loop_options(iterations, time_budget, init)
         if min(num_experts, syn_steps, match_epochs, max_start_epoch, expert_images) < 1:
             raise ValueError("num_experts, syn_steps, match_epochs, max_start_epoch and expert_images must be >= 1")
         if max_start_epoch - 1 + match_epochs > expert_epochs:

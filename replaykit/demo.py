@@ -79,7 +79,8 @@ def run_demo(
     for spec in tqdm(specs, desc="replaykit demo", disable=not progress):
         results.append(run(spec, config, stream, progress=progress))
     curves = {r.label: [100 * a for a in r.stream_accuracy] for r in results}
-    plot = save_accuracy_plot(curves, out / "accuracy.png", title=f"Split-digits, 5 experiences, M={mem_size}, seed {seed}")
+    plot = save_accuracy_plot(curves, out / "accuracy.png", title=f"Split-digits, 5 experiences, M={mem_size}, seed {seed}",
+                              ylabel="accuracy on the test data of all 10 classes (%)")
     buffer = results[-1].buffer
     buffer_path = buffer.save(out / "buffer.safetensors")
     grid = save_buffer_grid(buffer, out / "buffer.png")

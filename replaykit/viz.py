@@ -62,7 +62,7 @@ def save_accuracy_plot(
     path: str | os.PathLike,
     title: str = "",
     xlabel: str = "experience",
-    ylabel: str = "average accuracy on classes seen (%)",
+    ylabel: str = "accuracy (%)",
     errors: Mapping[str, Sequence[float]] | None = None,
 ) -> Path:
     """One line per method: accuracy after each experience (with optional ± bands)."""

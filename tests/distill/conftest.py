@@ -38,6 +38,40 @@ def _quick_accuracy(buffer: SyntheticBuffer, test_x: torch.Tensor, test_y: torch
     return sum(accs) / len(accs)
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: two OpenMP threads on a loaded 2-core machine are many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def digits_pairs(digits):
+    """``((train_x, train_y), (test_x, test_y))`` of the digits."""
+    x, y, xt, yt = digits
+    return (x, y), (xt, yt)
+
+
+@pytest.fixture(scope="session")
+def plain_accuracy():
+    """``f(buffer, (test_x, test_y), nets=3)``: mean accuracy of plain (no augmentation) 2-block ConvNets."""
+    return _plain_accuracy
+
+
+def _plain_accuracy(buffer: SyntheticBuffer, test, nets: int = 3) -> float:
+    xt, yt = test
+    accs = []
+    for s in range(nets):
+        with seeded(s):
+            net = ConvNet(buffer.image_shape, 10, width=32, depth=2)
+        targets = buffer.soft_targets() if buffer.is_soft else buffer.labels
+        train_classifier(net, buffer.images, targets, epochs=100, lr=0.01, seed=s)
+        accs.append(accuracy(net, xt, yt))
+    return sum(accs) / nets
+
+
 @pytest.fixture(scope="session")
 def mnist_small(real_data_root):
     """Five MNIST classes (0-4): 200 training images each and 100 test images each, for learning tests."""

@@ -3,52 +3,26 @@ import torch
 
 from replaykit import distill
 from replaykit.buffer import SyntheticBuffer
-from replaykit.data import load_tensors
 from replaykit.distill.gm import gradient_distance
-from replaykit.networks import ConvNet
-from replaykit.training import accuracy, seeded, train_classifier
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # two OpenMP threads on a loaded 2-core machine are many times slower than one
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def digits():
-    return load_tensors("digits", train=True), load_tensors("digits", train=False)
-
-
-def _evaluate(buffer, test, nets=3):
-    xt, yt = test
-    accs = []
-    for s in range(nets):
-        with seeded(s):
-            net = ConvNet(buffer.image_shape, 10, width=32, depth=2)
-        targets = buffer.soft_targets() if buffer.is_soft else buffer.labels
-        train_classifier(net, buffer.images, targets, epochs=100, lr=0.01, seed=s)
-        accs.append(accuracy(net, xt, yt))
-    return sum(accs) / nets
-
-
-def test_gm_beats_random_at_equal_ipc(digits, tmp_path):
-    (x, y), test = digits
+def test_gm_beats_random_at_equal_ipc(plain_accuracy, digits_pairs, tmp_path):
+    (x, y), test = digits_pairs
     random_buf = distill.make("random", ipc=1, seed=0, progress=False).distill(x, y)
     gm_buf = distill.make("gm", ipc=1, iterations=20, time_budget=None, width=32, depth=2, seed=0, progress=False).distill(x, y)
     assert gm_buf.counts() == {c: 1 for c in range(10)} and gm_buf.meta["iterations_done"] == 20
-    acc_random, acc_gm = _evaluate(random_buf, test), _evaluate(gm_buf, test)
+    acc_random, acc_gm = plain_accuracy(random_buf, test), plain_accuracy(gm_buf, test)
     # measured on this seed: random 0.69, gm 0.86 (30 iterations) -> assert a safe part of the margin
     assert acc_gm > acc_random + 0.06, (acc_gm, acc_random)
     gm_buf.save(tmp_path / "gm.rkb")
     assert torch.equal(SyntheticBuffer.load(tmp_path / "gm.rkb").images, gm_buf.images)
 
 
-def test_gm_is_deterministic_under_a_seed(digits):
-    (x, y), _ = digits
+def test_gm_is_deterministic_under_a_seed(digits_pairs):
+    (x, y), _ = digits_pairs
     make = lambda seed: distill.make("gm", ipc=2, iterations=2, outer_loop=2, inner_loop=2, time_budget=None, width=8, depth=2, seed=seed, progress=False)
     a, b, c = make(0).distill(x, y), make(0).distill(x, y), make(1).distill(x, y)
     assert torch.equal(a.images, b.images)
@@ -56,16 +30,16 @@ def test_gm_is_deterministic_under_a_seed(digits):
     assert a.meta["method"] == "gm" and a.meta["options"]["outer_loop"] == 2
 
 
-def test_gm_honours_time_budget(digits):
-    (x, y), _ = digits
+def test_gm_honours_time_budget(digits_pairs):
+    (x, y), _ = digits_pairs
     buf = distill.make("gm", ipc=1, iterations=100000, time_budget=1.0, width=8, depth=2, progress=False).distill(x, y)
     assert buf.meta["stopped_by"] == "time_budget"
     assert 1 <= buf.meta["iterations_done"] < 100000 and buf.meta["image_updates"] >= 1
     assert buf.meta["distill_seconds"] < 4.0  # budget plus at most one (small) image update
 
 
-def test_gm_changes_images_from_real_init(digits):
-    (x, y), _ = digits
+def test_gm_changes_images_from_real_init(digits_pairs):
+    (x, y), _ = digits_pairs
     gm_buf = distill.make("gm", ipc=1, iterations=1, time_budget=None, width=8, depth=2, progress=False).distill(x, y)
     random_like = distill.make("gm", ipc=1, iterations=1, lr_img=0.0, time_budget=None, width=8, depth=2, progress=False).distill(x, y)
     assert not torch.allclose(gm_buf.images, random_like.images)
@@ -79,13 +53,13 @@ def test_gradient_distance_is_zero_for_parallel_and_positive_otherwise():
     assert float(gradient_distance([-t for t in g], g)) == pytest.approx(2 * (4 + 2), abs=1e-4)  # 1-cos = 2 per output unit; biases skipped
 
 
-def test_gm_rejects_bad_options(digits):
+def test_gm_rejects_bad_options(digits_pairs):
     with pytest.raises(ValueError, match="time_budget"):
         distill.make("gm", time_budget=0)
     with pytest.raises(ValueError, match="init"):
         distill.make("gm", init="zeros")
     with pytest.raises(ValueError, match="unknown augmentation"):
         distill.make("gm", dsa="crop_blur")
-    (x, y), _ = digits
+    (x, y), _ = digits_pairs
     with pytest.raises(ValueError, match="fewer real images"):
         distill.make("gm", ipc=500, progress=False).distill(x, y)

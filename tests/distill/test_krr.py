@@ -3,36 +3,10 @@ import torch
 
 from replaykit import distill
 from replaykit.buffer import SyntheticBuffer
-from replaykit.data import load_tensors
 from replaykit.distill.krr import krr_predict
-from replaykit.networks import ConvNet
-from replaykit.training import accuracy, seeded, train_classifier
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # two OpenMP threads on a loaded 2-core machine are many times slower than one
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_tensors("digits", train=True), load_tensors("digits", train=False)
-
-
-def _evaluate(buffer, test, nets=3):
-    xt, yt = test
-    accs = []
-    for s in range(nets):
-        with seeded(s):
-            net = ConvNet(buffer.image_shape, 10, width=32, depth=2)
-        targets = buffer.soft_targets() if buffer.is_soft else buffer.labels
-        train_classifier(net, buffer.images, targets, epochs=100, lr=0.01, seed=s)
-        accs.append(accuracy(net, xt, yt))
-    return sum(accs) / nets
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _krr(**options):
@@ -40,14 +14,14 @@ def _krr(**options):
     return distill.make("krr", **{**base, **options})
 
 
-def test_krr_beats_random_at_equal_ipc_with_hard_and_soft_labels(digits, tmp_path):
-    (x, y), test = digits
-    acc_random = _evaluate(distill.make("random", ipc=1, seed=0, progress=False).distill(x, y), test)
+def test_krr_beats_random_at_equal_ipc_with_hard_and_soft_labels(plain_accuracy, digits_pairs, tmp_path):
+    (x, y), test = digits_pairs
+    acc_random = plain_accuracy(distill.make("random", ipc=1, seed=0, progress=False).distill(x, y), test)
     hard = _krr().distill(x, y)
     soft = _krr(learn_labels=True).distill(x, y)
     # measured on this seed (100 iterations): random 0.69, krr 0.84, krr + learned labels 0.87
-    assert _evaluate(hard, test) > acc_random + 0.06
-    assert _evaluate(soft, test) > acc_random + 0.06
+    assert plain_accuracy(hard, test) > acc_random + 0.06
+    assert plain_accuracy(soft, test) > acc_random + 0.06
     # soft labels are valid probability rows that still favour the image's class
     assert soft.is_soft and not hard.is_soft
     rows = soft.labels
@@ -59,8 +33,8 @@ def test_krr_beats_random_at_equal_ipc_with_hard_and_soft_labels(digits, tmp_pat
     assert torch.allclose(loaded.labels, soft.labels) and torch.equal(loaded.images, soft.images)
 
 
-def test_soft_labels_cover_only_present_classes(digits):
-    (x, y), _ = digits
+def test_soft_labels_cover_only_present_classes(digits_pairs):
+    (x, y), _ = digits_pairs
     keep = (y == 2) | (y == 7)
     buf = _krr(ipc=2, iterations=5, learn_labels=True).distill(x[keep], y[keep], num_classes=10)
     assert buf.labels.shape == (4, 10)
@@ -69,15 +43,15 @@ def test_soft_labels_cover_only_present_classes(digits):
     assert buf.class_ids.tolist() == [2, 2, 7, 7]
 
 
-def test_krr_is_deterministic_under_a_seed(digits):
-    (x, y), _ = digits
+def test_krr_is_deterministic_under_a_seed(digits_pairs):
+    (x, y), _ = digits_pairs
     a, b, c = _krr(iterations=3).distill(x, y), _krr(iterations=3).distill(x, y), _krr(iterations=3, seed=1).distill(x, y)
     assert torch.equal(a.images, b.images)
     assert not torch.equal(a.images, c.images)
 
 
-def test_krr_honours_time_budget(digits):
-    (x, y), _ = digits
+def test_krr_honours_time_budget(digits_pairs):
+    (x, y), _ = digits_pairs
     buf = _krr(iterations=10**6, time_budget=1.0, width=8).distill(x, y)
     assert buf.meta["stopped_by"] == "time_budget" and 1 <= buf.meta["iterations_done"] < 10**6
     assert buf.meta["distill_seconds"] < 5.0

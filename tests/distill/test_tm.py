@@ -3,35 +3,12 @@ import torch
 
 from replaykit import distill
 from replaykit.buffer import SyntheticBuffer
-from replaykit.data import load_tensors
 from replaykit.distill.tm import record_expert_trajectory
 from replaykit.networks import ConvNet
-from replaykit.training import accuracy, seeded, train_classifier
+from replaykit.training import seeded
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # two OpenMP threads on a loaded 2-core machine are many times slower than one
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_tensors("digits", train=True), load_tensors("digits", train=False)
-
-
-def _evaluate(buffer, test, nets=3):
-    xt, yt = test
-    accs = []
-    for s in range(nets):
-        with seeded(s):
-            net = ConvNet(buffer.image_shape, 10, width=32, depth=2)
-        train_classifier(net, buffer.images, buffer.labels, epochs=100, lr=0.01, seed=s)
-        accs.append(accuracy(net, xt, yt))
-    return sum(accs) / nets
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tm(**options):
@@ -39,11 +16,11 @@ def _tm(**options):
     return distill.make("tm", **{**base, **options})
 
 
-def test_tm_beats_random_at_equal_ipc(digits, tmp_path):
-    (x, y), test = digits
-    acc_random = _evaluate(distill.make("random", ipc=1, seed=0, progress=False).distill(x, y), test)
+def test_tm_beats_random_at_equal_ipc(plain_accuracy, digits_pairs, tmp_path):
+    (x, y), test = digits_pairs
+    acc_random = plain_accuracy(distill.make("random", ipc=1, seed=0, progress=False).distill(x, y), test)
     buf = _tm().distill(x, y)
-    acc_tm = _evaluate(buf, test)
+    acc_tm = plain_accuracy(buf, test)
     # measured on this seed: random 0.69, tm 0.84 (100 iterations)
     assert acc_tm > acc_random + 0.06, (acc_tm, acc_random)
     assert buf.meta["iterations_done"] == 40 and buf.meta["learned_syn_lr"] > 0
@@ -51,16 +28,16 @@ def test_tm_beats_random_at_equal_ipc(digits, tmp_path):
     assert torch.equal(SyntheticBuffer.load(tmp_path / "tm.rkb").images, buf.images)
 
 
-def test_tm_is_deterministic_under_a_seed(digits):
-    (x, y), _ = digits
+def test_tm_is_deterministic_under_a_seed(digits_pairs):
+    (x, y), _ = digits_pairs
     small = dict(iterations=2, width=8, syn_steps=2, expert_images=256)
     a, b, c = _tm(**small).distill(x, y), _tm(**small).distill(x, y), _tm(seed=1, **small).distill(x, y)
     assert torch.equal(a.images, b.images)
     assert not torch.equal(a.images, c.images)
 
 
-def test_tm_honours_time_budget(digits):
-    (x, y), _ = digits
+def test_tm_honours_time_budget(digits_pairs):
+    (x, y), _ = digits_pairs
     buf = _tm(iterations=10**6, time_budget=2.0, width=8, syn_steps=2, expert_images=256).distill(x, y)
     assert buf.meta["stopped_by"] == "time_budget" and 1 <= buf.meta["iterations_done"] < 10**6
     assert buf.meta["distill_seconds"] < 7.0

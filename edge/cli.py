@@ -60,6 +60,9 @@ def add_retrain_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="new samples per step (default 32)")
     p.add_argument("--replay-batch-size", type=int, default=None, help="buffer samples per step (default: batch size; 0: no replay)")
     p.add_argument("--lr", type=float, default=None, help="override the bundle's learning rate")
+    p.add_argument("--micro-batch-size", type=int, default=None,
+                   help="at most this many samples per onnxruntime call (same step, less memory; default: planned "
+                        "from --memory-limit-mb)")
     p.add_argument("--memory-limit-mb", type=float, default=None, help="refuse to run above this resident memory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-save", action="store_true", help="do not write the new parameters back")
@@ -139,17 +142,18 @@ def _retrain(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {"bundle": str(args.bundle), "samples": int(len(x))}
     report["before"] = {name: retrainer.evaluate(ex, ey) for name, (ex, ey) in evals.items()}
     history = retrainer.fit(x, y, epochs=args.epochs, batch_size=args.batch_size,
-                            replay_batch_size=args.replay_batch_size, lr=args.lr)
+                            replay_batch_size=args.replay_batch_size, lr=args.lr,
+                            micro_batch_size=args.micro_batch_size)
     report["after"] = {name: retrainer.evaluate(ex, ey) for name, (ex, ey) in evals.items()}
     report.update(steps=history["steps"], batch_size=history["batch_size"], replay_batch_size=history["replay_batch_size"],
-                  final_loss=history["losses"][-1], peak_rss_mb=peak_rss_mb())
+                  micro_batch_size=history["micro_batch_size"], final_loss=history["losses"][-1], peak_rss_mb=peak_rss_mb())
     if not args.no_save:
         retrainer.save()
     report["saved"] = not args.no_save
     for name in evals:
         print(f"{name}: accuracy {report['before'][name]:.4f} -> {report['after'][name]:.4f}")
-    print(f"{report['steps']} steps of {report['batch_size']} new + {report['replay_batch_size']} replay samples, "
-          f"final loss {report['final_loss']:.4f}, peak RSS {report['peak_rss_mb']:.1f} MB"
+    print(f"{report['steps']} steps of {report['batch_size']} new + {report['replay_batch_size']} replay samples "
+          f"(micro-batches of {report['micro_batch_size']}), final loss {report['final_loss']:.4f}, peak RSS {report['peak_rss_mb']:.1f} MB"
           + ("" if args.no_save else f", saved to {args.bundle}"))
     if args.json:
         from replaykit.fileio import atomic_write_json

@@ -242,10 +242,31 @@ def test_memory_cap_is_refused_when_it_cannot_be_met(head_bundle, digits_split):
         tight.fit(x, y, batch_size=32)
     roomy = Retrainer(head_bundle, memory_limit_mb=edge.current_rss_mb() + 200)
     history = roomy.fit(x, y, batch_size=32)
-    assert history["batch_size"] == 32 and history["replay_batch_size"] == 32
+    assert (history["batch_size"], history["replay_batch_size"], history["micro_batch_size"]) == (32, 32, 64)
     assert roomy.memory_report()["sampled_peak_rss_mb"] <= roomy.memory_limit_mb
-    # A cap with room for only a few samples plans a smaller batch instead of exceeding it.
+    # A cap with room for only a few samples keeps the 32 + 32 step but runs it in small micro-batches.
     per_sample_mb = roomy._per_sample_mb(training=True)
     roomy.memory_limit_mb = edge.current_rss_mb() + 8 + 10 * per_sample_mb
-    new, replay = roomy.plan_batch(32, 32)
-    assert 2 <= new + replay <= 11
+    assert 1 <= roomy.plan_micro_batch(64) <= 11
+    history = roomy.fit(x, y, batch_size=32)
+    assert history["batch_size"] == 32 and history["replay_batch_size"] == 32 and history["micro_batch_size"] <= 11
+
+
+@pytest.mark.parametrize("bundle_name", ["head_bundle", "full_bundle"])
+def test_micro_batched_steps_equal_whole_batch_steps(bundle_name, request, digits_split):
+    """Gradient accumulation over micro-batches is the same SGD step, up to float32 rounding."""
+    bundle = request.getfixturevalue(bundle_name)
+    x, y = _split(digits_split, [8, 9])
+    whole, micro = Retrainer(bundle, seed=3), Retrainer(bundle, seed=3)
+    h_whole = whole.fit(x[:96], y[:96], batch_size=32)
+    h_micro = micro.fit(x[:96], y[:96], batch_size=32, micro_batch_size=5)
+    assert h_whole["micro_batch_size"] == 64 and h_micro["micro_batch_size"] == 5
+    np.testing.assert_allclose(h_micro["losses"], h_whole["losses"], rtol=1e-5, atol=1e-6)
+    moved = max(float(np.abs(whole.params[n] - Retrainer(bundle).params[n]).max()) for n in whole.params)
+    assert moved > 1e-3  # the steps did change the parameters ...
+    for name in whole.params:  # ... and both routes changed them the same way
+        np.testing.assert_allclose(micro.params[name], whole.params[name], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(micro.state[name] if name in micro.state else 0.0,
+                                   whole.state[name] if name in whole.state else 0.0, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        whole.fit(x[:8], y[:8], micro_batch_size=0)

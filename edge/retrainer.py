@@ -21,13 +21,26 @@ OPTIMIZATION_LEVELS = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
-# Bytes per activation float kept alive by one training step (forward values,
-# their gradients and onnxruntime temporaries), used to plan the batch size.
-_STEP_BYTES_PER_FLOAT = 4 * 4
-# Inference and head-mode steps: measured ~1.2 MB per MNIST sample for a width-32 ConvNet-3
-# (onnxruntime keeps every intermediate of a run alive until it ends).
-_FORWARD_BYTES_PER_FLOAT = 12
-_SAFETY_MB = 8.0
+# Bytes per activation float (of one sample's forward pass, see the manifest) that a training step keeps alive:
+# forward values, their gradients and onnxruntime temporaries. Measured on MNIST ConvNet-3 width 32 (full: ~1.0 MB
+# per sample + ~3.5 MB; head mode and inference, which keep forward values only: ~0.4 MB per sample), rounded up.
+_STEP_BYTES_PER_FLOAT = 12
+_FORWARD_BYTES_PER_FLOAT = 6
+_SAFETY_MB = 4.0
+
+
+def _share_one_arena() -> None:
+    """Register one CPU arena for every session of this process that opts in (``session.use_env_allocators``),
+    so that memory the training step released is reused by inference instead of growing a second arena."""
+    global _ARENA_REGISTERED
+    if _ARENA_REGISTERED:
+        return
+    memory_info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    ort.create_and_register_allocator(memory_info, None)
+    _ARENA_REGISTERED = True
+
+
+_ARENA_REGISTERED = False
 
 
 class Retrainer:
@@ -66,13 +79,15 @@ class Retrainer:
         self.optimizer = dict(m["optimizer"])
 
         options = ort.SessionOptions()
+        _share_one_arena()
+        options.add_session_config_entry("session.use_env_allocators", "1")
         options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
         if threads is not None:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         if memory_limit_mb is not None:
-            # Micro-batches of varying size would make onnxruntime re-plan (and keep) one memory pattern per
-            # shape; its arena stays on: bounded by the planned micro-batch, and ~1.5x faster than plain malloc.
+            # Micro-batches of varying size would make onnxruntime plan (and keep) one memory pattern per shape.
+            # The arena stays on: bounded by the planned micro-batch, and ~1.5x faster than plain malloc here.
             options.enable_mem_pattern = False
         try:
             self._infer = ort.InferenceSession(str(self.bundle_dir / MODEL), options, providers=["CPUExecutionProvider"])
@@ -81,7 +96,8 @@ class Retrainer:
             raise BundleError(f"{self.bundle_dir}: onnxruntime cannot load the graphs: {exc}") from exc
         self._check_graphs()
         self._rng = np.random.default_rng(seed)
-        self.peak_rss_mb = current_rss_mb()
+        self.peak_rss_mb = self._opened_rss_mb = current_rss_mb()
+        self._working_mb = 0.0  # largest step / inference working set planned so far (the shared arena keeps it)
         if memory_limit_mb is not None:
             self._check_memory("after loading the bundle")
 
@@ -195,30 +211,41 @@ class Retrainer:
         if self.memory_limit_mb is None:
             return total
         per_sample_mb = self._per_sample_mb(training=True)
-        room = self.memory_limit_mb - current_rss_mb() - _SAFETY_MB
+        room = self._room_mb()
         fits = int(room // per_sample_mb) if per_sample_mb > 0 else total
         if fits < 1:
             raise MemoryLimitError(
                 f"memory_limit_mb={self.memory_limit_mb:g} leaves {room:.1f} MB for training but one sample's step "
                 f"needs ~{per_sample_mb:.1f} MB; the cap cannot be met"
             )
-        return min(total, fits)
+        return self._reserve(min(total, fits), per_sample_mb)
+
+    def _room_mb(self) -> float:
+        """Megabytes a step or an inference chunk may use: the cap minus what the process holds beyond the
+        working memory already planned (onnxruntime's shared arena keeps that and reuses it), minus a margin."""
+        held = max(self._opened_rss_mb, current_rss_mb() - self._working_mb)
+        return self.memory_limit_mb - held - _SAFETY_MB
+
+    def _reserve(self, samples: int, per_sample_mb: float) -> int:
+        self._working_mb = max(self._working_mb, samples * per_sample_mb)
+        return samples
 
     def plan_inference_batch(self, batch_size: int | None) -> int:
         """Images per inference chunk: ``batch_size`` if given, else as many as the cap allows (at most 16:
-        bigger chunks barely speed up a CPU but cost ~1 MB of activations per image)."""
+        bigger chunks barely speed up a CPU but cost ~0.4 MB of activations per MNIST image)."""
         if batch_size is not None:
             if batch_size < 1:
                 raise ValueError(f"batch_size must be >= 1, got {batch_size}")
             return batch_size
         if self.memory_limit_mb is None:
             return 16
-        room = self.memory_limit_mb - current_rss_mb() - _SAFETY_MB
-        fits = int(room // self._per_sample_mb(training=False))
+        per_sample_mb = self._per_sample_mb(training=False)
+        room = self._room_mb()
+        fits = int(room // per_sample_mb)
         if fits < 1:
             raise MemoryLimitError(f"memory_limit_mb={self.memory_limit_mb:g} leaves {room:.1f} MB: too little to "
                                    "run inference on one image; the cap cannot be met")
-        return min(16, fits)
+        return self._reserve(min(16, fits), per_sample_mb)
 
     # ------------------------------------------------------------ training
     def _step_feed(self, x: np.ndarray, targets: np.ndarray, state: dict[str, np.ndarray],

@@ -6,7 +6,6 @@ device runtime (`edge`) can share it with the torch side.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -15,10 +14,18 @@ from typing import Any, Callable
 
 PathLike = str | os.PathLike
 
+try:  # CPython's built-in SHA-256: hashlib would load OpenSSL, ~3.5 MB of resident memory on a device
+    from _sha2 import sha256 as _new_sha256  # Python >= 3.12
+except ImportError:
+    try:
+        from _sha256 import sha256 as _new_sha256  # Python 3.11
+    except ImportError:
+        from hashlib import sha256 as _new_sha256
+
 
 def sha256_bytes(*chunks: bytes | memoryview) -> str:
     """Hex sha256 of the concatenation of ``chunks``."""
-    digest = hashlib.sha256()
+    digest = _new_sha256()
     for chunk in chunks:
         digest.update(chunk)
     return digest.hexdigest()
@@ -26,7 +33,7 @@ def sha256_bytes(*chunks: bytes | memoryview) -> str:
 
 def sha256_file(path: PathLike, block_size: int = 1 << 20) -> str:
     """Hex sha256 of a file's bytes, read in blocks so big files stay cheap."""
-    digest = hashlib.sha256()
+    digest = _new_sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(block_size), b""):
             digest.update(block)

@@ -82,3 +82,18 @@ def full_bundle(tmp_path_factory, trained_model, replay_buffer) -> Path:
 def head_copy(head_bundle, tmp_path) -> Path:
     """A private copy of the head bundle that a test may modify."""
     return Path(shutil.copytree(head_bundle, tmp_path / "bundle"))
+
+
+@pytest.fixture(scope="session")
+def mnist_sized_full_bundle(tmp_path_factory) -> Path:
+    """An untrained MNIST-sized ConvNet (28x28, width 16) in full mode: big enough for memory planning to matter."""
+    import edge
+    from replaykit.buffer import SyntheticBuffer
+    from replaykit.networks import ConvNet
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = ConvNet((1, 28, 28), 10, width=16, depth=3).eval()
+        images = torch.randn(40, 1, 28, 28)
+    buffer = SyntheticBuffer(images, torch.arange(40) % 8, 10)
+    return edge.export(model, buffer, tmp_path_factory.mktemp("bundles") / "mnist_full", mode="full")

@@ -245,11 +245,39 @@ def test_memory_cap_is_refused_when_it_cannot_be_met(head_bundle, digits_split):
     assert (history["batch_size"], history["replay_batch_size"], history["micro_batch_size"]) == (32, 32, 64)
     assert roomy.memory_report()["sampled_peak_rss_mb"] <= roomy.memory_limit_mb
     # A cap with room for only a few samples keeps the 32 + 32 step but runs it in small micro-batches.
-    per_sample_mb = roomy._per_sample_mb(training=True)
-    roomy.memory_limit_mb = edge.current_rss_mb() + 8 + 10 * per_sample_mb
-    assert 1 <= roomy.plan_micro_batch(64) <= 11
-    history = roomy.fit(x, y, batch_size=32)
+    small = Retrainer(head_bundle, memory_limit_mb=edge.current_rss_mb() + 200)
+    per_sample_mb = small._per_sample_mb(training=True)
+    small.memory_limit_mb = edge.current_rss_mb() + 4 + 10.5 * per_sample_mb
+    assert 1 <= small.plan_micro_batch(64) <= 11
+    history = small.fit(x, y, batch_size=32)
     assert history["batch_size"] == 32 and history["replay_batch_size"] == 32 and history["micro_batch_size"] <= 11
+
+
+def test_a_fresh_device_process_stays_under_a_tight_cap(mnist_sized_full_bundle):
+    """The whole process (VmHWM) stays under the cap through training and inference, the step kept at
+    32 + 32 samples by micro-batching, with the cap set a few step-sizes above the opened bundle."""
+    script = textwrap.dedent(f"""
+        import json, numpy as np, edge
+        rng = np.random.default_rng(0)
+        x = rng.integers(0, 256, (256, 1, 28, 28), dtype=np.uint8)
+        y = rng.integers(0, 10, 256)
+        probe = edge.Retrainer({str(mnist_sized_full_bundle)!r}, memory_limit_mb=10_000)
+        per_sample = probe._per_sample_mb(training=True)
+        del probe
+        cap = edge.current_rss_mb() + 4 + 20 * per_sample
+        r = edge.Retrainer({str(mnist_sized_full_bundle)!r}, memory_limit_mb=cap)
+        before = r.evaluate(x, y)
+        history = r.fit(x, y, epochs=1, batch_size=32)
+        after = r.evaluate(x, y)
+        print(json.dumps(dict(cap=cap, peak=edge.peak_rss_mb(), micro=history["micro_batch_size"],
+                              steps=history["steps"], sampled=r.memory_report()["sampled_peak_rss_mb"])))
+    """)
+    env = {**os.environ, "PYTHONPATH": str(Path(edge.__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["steps"] == 8 and 1 <= report["micro"] < 64, report
+    assert report["sampled"] <= report["peak"] <= report["cap"], report
 
 
 @pytest.mark.parametrize("bundle_name", ["head_bundle", "full_bundle"])

@@ -29,18 +29,26 @@ _FORWARD_BYTES_PER_FLOAT = 6
 _SAFETY_MB = 4.0
 
 
-def _share_one_arena() -> None:
-    """Register one CPU arena for every session of this process that opts in (``session.use_env_allocators``),
-    so that memory the training step released is reused by inference instead of growing a second arena."""
-    global _ARENA_REGISTERED
-    if _ARENA_REGISTERED:
-        return
-    memory_info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-    ort.create_and_register_allocator(memory_info, None)
-    _ARENA_REGISTERED = True
+class _SharedArena:
+    """The one onnxruntime CPU arena of this process, used by every Retrainer session.
 
+    Memory a training step released is reused by inference (and by later Retrainers) instead of
+    growing one arena per session. The arena never shrinks, so ``planned_mb`` remembers the largest
+    working set planned so far: that much of the resident memory is free for the next plan to reuse.
+    """
 
-_ARENA_REGISTERED = False
+    registered = False
+    planned_mb = 0.0
+
+    @classmethod
+    def session_options(cls) -> ort.SessionOptions:
+        if not cls.registered:
+            memory_info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+            ort.create_and_register_allocator(memory_info, None)
+            cls.registered = True
+        options = ort.SessionOptions()
+        options.add_session_config_entry("session.use_env_allocators", "1")
+        return options
 
 
 class Retrainer:
@@ -78,9 +86,7 @@ class Retrainer:
         del tensors
         self.optimizer = dict(m["optimizer"])
 
-        options = ort.SessionOptions()
-        _share_one_arena()
-        options.add_session_config_entry("session.use_env_allocators", "1")
+        options = _SharedArena.session_options()
         options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
         if threads is not None:
             options.intra_op_num_threads = threads
@@ -96,8 +102,7 @@ class Retrainer:
             raise BundleError(f"{self.bundle_dir}: onnxruntime cannot load the graphs: {exc}") from exc
         self._check_graphs()
         self._rng = np.random.default_rng(seed)
-        self.peak_rss_mb = self._opened_rss_mb = current_rss_mb()
-        self._working_mb = 0.0  # largest step / inference working set planned so far (the shared arena keeps it)
+        self.peak_rss_mb = current_rss_mb()
         if memory_limit_mb is not None:
             self._check_memory("after loading the bundle")
 
@@ -222,12 +227,12 @@ class Retrainer:
 
     def _room_mb(self) -> float:
         """Megabytes a step or an inference chunk may use: the cap minus what the process holds beyond the
-        working memory already planned (onnxruntime's shared arena keeps that and reuses it), minus a margin."""
-        held = max(self._opened_rss_mb, current_rss_mb() - self._working_mb)
-        return self.memory_limit_mb - held - _SAFETY_MB
+        working memory already planned (the shared arena keeps that and reuses it), minus a margin."""
+        return self.memory_limit_mb - (current_rss_mb() - _SharedArena.planned_mb) - _SAFETY_MB
 
-    def _reserve(self, samples: int, per_sample_mb: float) -> int:
-        self._working_mb = max(self._working_mb, samples * per_sample_mb)
+    @staticmethod
+    def _reserve(samples: int, per_sample_mb: float) -> int:
+        _SharedArena.planned_mb = max(_SharedArena.planned_mb, samples * per_sample_mb)
         return samples
 
     def plan_inference_batch(self, batch_size: int | None) -> int:

@@ -24,10 +24,12 @@ def _status_mb(field: str) -> float | None:
 
 
 def peak_rss_mb() -> float:
-    """Highest resident set size this process has reached (VmHWM, else ru_maxrss)."""
+    """Highest resident set size this process has reached (VmHWM, else ru_maxrss).
+
+    Linux refreshes VmHWM lazily (when memory is unmapped), so the current VmRSS can exceed it."""
     value = _status_mb("VmHWM")
     if value is not None:
-        return value
+        return max(value, _status_mb("VmRSS") or 0.0)
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return maxrss / (1024.0 * 1024.0) if sys.platform == "darwin" else maxrss / 1024.0
 

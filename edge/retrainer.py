@@ -21,34 +21,17 @@ OPTIMIZATION_LEVELS = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
-# Bytes per activation float (of one sample's forward pass, see the manifest) that a training step keeps alive:
-# forward values, their gradients and onnxruntime temporaries. Measured on MNIST ConvNet-3 width 32 (full: ~1.0 MB
-# per sample + ~3.5 MB; head mode and inference, which keep forward values only: ~0.4 MB per sample), rounded up.
-_STEP_BYTES_PER_FLOAT = 12
-_FORWARD_BYTES_PER_FLOAT = 6
+# Working memory of one onnxruntime call, planned as samples x bytes per activation float (of one sample's
+# forward pass, see the manifest) + a fixed part. Measured on MNIST ConvNet-3 width 32: a full-mode step keeps
+# forward values, their gradients and temporaries (~1.0 MB per sample + ~2 MB); head-mode steps and inference
+# keep forward values only (~0.33 MB per sample + ~1 MB). Rounded up.
+_STEP_BYTES_PER_FLOAT = 11
+_FORWARD_BYTES_PER_FLOAT = 4
+_CALL_FIXED_MB = 2.5
 _SAFETY_MB = 4.0
-
-
-class _SharedArena:
-    """The one onnxruntime CPU arena of this process, used by every Retrainer session.
-
-    Memory a training step released is reused by inference (and by later Retrainers) instead of
-    growing one arena per session. The arena never shrinks, so ``planned_mb`` remembers the largest
-    working set planned so far: that much of the resident memory is free for the next plan to reuse.
-    """
-
-    registered = False
-    planned_mb = 0.0
-
-    @classmethod
-    def session_options(cls) -> ort.SessionOptions:
-        if not cls.registered:
-            memory_info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-            ort.create_and_register_allocator(memory_info, None)
-            cls.registered = True
-        options = ort.SessionOptions()
-        options.add_session_config_entry("session.use_env_allocators", "1")
-        return options
+# Run option that returns onnxruntime's arena memory to the system when a call ends: used on the last call of
+# fit() and of inference, so that memory planned for one is free for the other (and for the caller's data).
+_RELEASE_ARENA = ("memory.enable_memory_arena_shrinkage", "cpu:0")
 
 
 class Retrainer:
@@ -86,7 +69,7 @@ class Retrainer:
         del tensors
         self.optimizer = dict(m["optimizer"])
 
-        options = _SharedArena.session_options()
+        options = ort.SessionOptions()
         options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
         if threads is not None:
             options.intra_op_num_threads = threads
@@ -102,6 +85,8 @@ class Retrainer:
             raise BundleError(f"{self.bundle_dir}: onnxruntime cannot load the graphs: {exc}") from exc
         self._check_graphs()
         self._rng = np.random.default_rng(seed)
+        self._release = ort.RunOptions()
+        self._release.add_run_config_entry(*_RELEASE_ARENA)
         self.peak_rss_mb = current_rss_mb()
         if memory_limit_mb is not None:
             self._check_memory("after loading the bundle")
@@ -215,25 +200,18 @@ class Retrainer:
         accumulated over micro-batches), so a memory cap costs speed, never a different optimisation."""
         if self.memory_limit_mb is None:
             return total
-        per_sample_mb = self._per_sample_mb(training=True)
-        room = self._room_mb()
-        fits = int(room // per_sample_mb) if per_sample_mb > 0 else total
+        return min(total, self._fits(self._per_sample_mb(training=True), "a training step"))
+
+    def _fits(self, per_sample_mb: float, what: str) -> int:
+        """Samples whose working memory fits between the process's resident memory now and the cap."""
+        room = self.memory_limit_mb - current_rss_mb() - _SAFETY_MB
+        fits = int((room - _CALL_FIXED_MB) // per_sample_mb)
         if fits < 1:
             raise MemoryLimitError(
-                f"memory_limit_mb={self.memory_limit_mb:g} leaves {room:.1f} MB for training but one sample's step "
-                f"needs ~{per_sample_mb:.1f} MB; the cap cannot be met"
+                f"memory_limit_mb={self.memory_limit_mb:g} leaves {room:.1f} MB but {what} on one sample needs "
+                f"~{per_sample_mb + _CALL_FIXED_MB:.1f} MB; the cap cannot be met"
             )
-        return self._reserve(min(total, fits), per_sample_mb)
-
-    def _room_mb(self) -> float:
-        """Megabytes a step or an inference chunk may use: the cap minus what the process holds beyond the
-        working memory already planned (the shared arena keeps that and reuses it), minus a margin."""
-        return self.memory_limit_mb - (current_rss_mb() - _SharedArena.planned_mb) - _SAFETY_MB
-
-    @staticmethod
-    def _reserve(samples: int, per_sample_mb: float) -> int:
-        _SharedArena.planned_mb = max(_SharedArena.planned_mb, samples * per_sample_mb)
-        return samples
+        return fits
 
     def plan_inference_batch(self, batch_size: int | None) -> int:
         """Images per inference chunk: ``batch_size`` if given, else as many as the cap allows (at most 16:
@@ -244,13 +222,7 @@ class Retrainer:
             return batch_size
         if self.memory_limit_mb is None:
             return 16
-        per_sample_mb = self._per_sample_mb(training=False)
-        room = self._room_mb()
-        fits = int(room // per_sample_mb)
-        if fits < 1:
-            raise MemoryLimitError(f"memory_limit_mb={self.memory_limit_mb:g} leaves {room:.1f} MB: too little to "
-                                   "run inference on one image; the cap cannot be met")
-        return self._reserve(min(16, fits), per_sample_mb)
+        return min(16, self._fits(self._per_sample_mb(training=False), "inference"))
 
     # ------------------------------------------------------------ training
     def _step_feed(self, x: np.ndarray, targets: np.ndarray, state: dict[str, np.ndarray],
@@ -263,12 +235,14 @@ class Retrainer:
     def _hyper(self) -> dict[str, np.ndarray]:
         return {k: np.array(self.optimizer[k], dtype=np.float32) for k in ("lr", "momentum", "weight_decay")}
 
-    def _run_step(self, x: np.ndarray, targets: np.ndarray, micro_batch: int) -> float:
-        """One SGD step on the whole batch; in micro-batches when the memory plan asks for it."""
+    def _run_step(self, x: np.ndarray, targets: np.ndarray, micro_batch: int, last: bool = False) -> float:
+        """One SGD step on the whole batch; in micro-batches when the memory plan asks for it.
+        ``last``: the final step of a fit, whose final call hands the arena's memory back."""
         trainable = self.manifest["trainable"]
         names_out = self.manifest["train_step_outputs"]
         if micro_batch >= len(x):
-            outputs = self._step.run(names_out, self._step_feed(x, targets, self.state, self._hyper()))
+            outputs = self._step.run(names_out, self._step_feed(x, targets, self.state, self._hyper()),
+                                     self._release if last else None)
             loss = _finite_loss(outputs[0])
             for name, value in zip(trainable, outputs[1: 1 + len(trainable)]):
                 self.params[name] = value
@@ -284,7 +258,8 @@ class Retrainer:
         loss = 0.0
         for start in range(0, len(x), micro_batch):
             xb, tb = x[start: start + micro_batch], targets[start: start + micro_batch]
-            outputs = self._step.run(names_out, self._step_feed(xb, tb, zero_state, zeros))
+            final = last and start + micro_batch >= len(x)
+            outputs = self._step.run(names_out, self._step_feed(xb, tb, zero_state, zeros), self._release if final else None)
             weight = np.float32(len(xb) / len(x))
             loss += float(weight) * _finite_loss(outputs[0])
             for name, grad in zip(trainable, outputs[1 + len(trainable):]):
@@ -338,7 +313,7 @@ class Retrainer:
                     xb = np.concatenate([xb, self.buffer_x[pick]])
                     tb = np.concatenate([tb, self.buffer_targets[pick]])
                 started = time.perf_counter()
-                losses.append(self._run_step(xb, tb, micro))
+                losses.append(self._run_step(xb, tb, micro, last=len(losses) == steps - 1))
                 step_seconds.append(time.perf_counter() - started)
                 if self.memory_limit_mb is not None:
                     self._check_memory("during fit")
@@ -358,7 +333,8 @@ class Retrainer:
         chunks = []
         for start in range(0, x.shape[0], batch_size):
             feed["x"] = self._normalised(x[start: start + batch_size])
-            chunks.append(self._infer.run(["logits"], feed)[0])
+            final = start + batch_size >= x.shape[0]
+            chunks.append(self._infer.run(["logits"], feed, self._release if final else None)[0])
             if self.memory_limit_mb is not None:
                 self._check_memory("during inference")
         return np.concatenate(chunks)

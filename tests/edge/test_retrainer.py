@@ -15,7 +15,7 @@ import pytest
 import edge
 from edge import BundleError, MemoryLimitError, Retrainer
 from edge import bundle as bundle_module
-from edge import retrainer as edge_retrainer
+from edge.retrainer import _CALL_FIXED_MB, _SAFETY_MB
 
 
 
@@ -248,8 +248,7 @@ def test_memory_cap_is_refused_when_it_cannot_be_met(head_bundle, digits_split):
     # A cap with room for only a few samples keeps the 32 + 32 step but runs it in small micro-batches.
     small = Retrainer(head_bundle, memory_limit_mb=edge.current_rss_mb() + 200)
     per_sample_mb = small._per_sample_mb(training=True)
-    reusable = edge_retrainer._SharedArena.planned_mb  # the process's arena already holds this much, free to reuse
-    small.memory_limit_mb = edge.current_rss_mb() - reusable + 4 + 10.5 * per_sample_mb
+    small.memory_limit_mb = edge.current_rss_mb() + _SAFETY_MB + _CALL_FIXED_MB + 10.5 * per_sample_mb
     assert 1 <= small.plan_micro_batch(64) <= 11
     history = small.fit(x, y, batch_size=32)
     assert history["batch_size"] == 32 and history["replay_batch_size"] == 32 and history["micro_batch_size"] <= 11
@@ -257,17 +256,15 @@ def test_memory_cap_is_refused_when_it_cannot_be_met(head_bundle, digits_split):
 
 def test_a_fresh_device_process_stays_under_a_tight_cap(mnist_sized_full_bundle):
     """The whole process (VmHWM) stays under the cap through training and inference, the step kept at
-    32 + 32 samples by micro-batching, with the cap set a few step-sizes above the opened bundle."""
+    32 + 32 samples by micro-batching, with the cap set ~20 samples' working memory above the opened bundle."""
     script = textwrap.dedent(f"""
         import json, numpy as np, edge
         rng = np.random.default_rng(0)
         x = rng.integers(0, 256, (256, 1, 28, 28), dtype=np.uint8)
         y = rng.integers(0, 10, 256)
-        probe = edge.Retrainer({str(mnist_sized_full_bundle)!r}, memory_limit_mb=10_000)
-        per_sample = probe._per_sample_mb(training=True)
-        del probe
-        cap = edge.current_rss_mb() + 4 + 20 * per_sample
-        r = edge.Retrainer({str(mnist_sized_full_bundle)!r}, memory_limit_mb=cap)
+        from edge.retrainer import _CALL_FIXED_MB, _SAFETY_MB
+        r = edge.Retrainer({str(mnist_sized_full_bundle)!r}, memory_limit_mb=10_000)
+        cap = r.memory_limit_mb = edge.current_rss_mb() + _SAFETY_MB + _CALL_FIXED_MB + 20 * r._per_sample_mb(True)
         before = r.evaluate(x, y)
         history = r.fit(x, y, epochs=1, batch_size=32)
         after = r.evaluate(x, y)
@@ -279,7 +276,8 @@ def test_a_fresh_device_process_stays_under_a_tight_cap(mnist_sized_full_bundle)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["steps"] == 8 and 1 <= report["micro"] < 64, report
-    assert report["sampled"] <= report["peak"] <= report["cap"], report
+    # Linux keeps VmRSS / VmHWM per-thread and refreshes them lazily, so neither bounds the other exactly.
+    assert max(report["sampled"], report["peak"]) <= report["cap"], report
 
 
 @pytest.mark.parametrize("bundle_name", ["head_bundle", "full_bundle"])

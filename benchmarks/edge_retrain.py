@@ -54,16 +54,23 @@ DEVICE_SCRIPT = textwrap.dedent("""
     import numpy as np
     import edge
     job = json.loads(sys.argv[1])
-    new, old_test, new_test = (np.load(job[k]) for k in ("new", "old_test", "new_test"))
+    with np.load(job["new"]) as new:
+        x_new, y_new = new["x"], new["y"]
+
+    def accuracy(r, key):  # test data is read only while it is scored, as a device would stream it
+        with np.load(job[key]) as data:
+            return r.evaluate(data["x"], data["y"])
+
     report = {}
     for replay in job["replays"]:
         r = edge.Retrainer(job["bundle"], memory_limit_mb=job["memory_limit_mb"], seed=job["seed"], threads=job["threads"])
-        h = r.fit(new["x"], new["y"], epochs=job["epochs"], batch_size=32, replay_batch_size=replay)
+        h = r.fit(x_new, y_new, epochs=job["epochs"], batch_size=32, replay_batch_size=replay)
         times = h["step_seconds"][job["warmup"]:] or h["step_seconds"]
         report["with_buffer" if replay else "without_buffer"] = dict(
-            old_acc=r.evaluate(old_test["x"], old_test["y"]), new_acc=r.evaluate(new_test["x"], new_test["y"]),
+            old_acc=accuracy(r, "old_test"), new_acc=accuracy(r, "new_test"),
             steps=h["steps"], step_ms_median=1000 * statistics.median(times), final_loss=h["losses"][-1],
             batch=[h["batch_size"], h["replay_batch_size"]], micro_batch=h["micro_batch_size"])
+        del r  # one retrainer at a time, as on a device
     report["peak_rss_mb"] = edge.peak_rss_mb()
     report["torch_loaded"] = any(m.split(".")[0] == "torch" for m in sys.modules)
     print(json.dumps(report))

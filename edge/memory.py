@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import resource
 import sys
 from pathlib import Path
@@ -38,3 +40,25 @@ def current_rss_mb() -> float:
     """Resident set size now (VmRSS; falls back to the peak where /proc is absent)."""
     value = _status_mb("VmRSS")
     return value if value is not None else peak_rss_mb()
+
+
+def release_free_heap() -> None:
+    """Hand free malloc memory back to the system (glibc's ``malloc_trim``; a no-op elsewhere), so that
+    the resident size the memory planner reads is memory in use, not fragments freed by earlier calls."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        _MALLOC_TRIM = _find_malloc_trim()
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+def _find_malloc_trim():
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # musl and other libcs have no malloc_trim
+        return False
+
+
+_MALLOC_TRIM = None

@@ -13,7 +13,7 @@ import onnxruntime as ort
 from .bundle import (
     MODEL, PARAM_PREFIX, STATE_PREFIX, TRAIN_STEP, BundleError, load_tensors, read_manifest, save_state,
 )
-from .memory import MemoryLimitError, current_rss_mb, peak_rss_mb
+from .memory import MemoryLimitError, current_rss_mb, peak_rss_mb, release_free_heap
 
 OPTIMIZATION_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -26,12 +26,32 @@ OPTIMIZATION_LEVELS = {
 # forward values, their gradients and temporaries (~1.0 MB per sample + ~2 MB); head-mode steps and inference
 # keep forward values only (~0.33 MB per sample + ~1 MB). Rounded up.
 _STEP_BYTES_PER_FLOAT = 11
-_FORWARD_BYTES_PER_FLOAT = 4
+_FORWARD_BYTES_PER_FLOAT = 6
 _CALL_FIXED_MB = 2.5
 _SAFETY_MB = 4.0
 # Run option that returns onnxruntime's arena memory to the system when a call ends: used on the last call of
 # fit() and of inference, so that memory planned for one is free for the other (and for the caller's data).
 _RELEASE_ARENA = ("memory.enable_memory_arena_shrinkage", "cpu:0")
+
+
+def _session_options() -> ort.SessionOptions:
+    """Session options that use one CPU arena for every Retrainer session of the process.
+
+    Per-session arenas never hand back their first region (sized by the first call), so a step's
+    working memory would stay resident beside inference's. The shared arena starts at 1 MB and
+    every region beyond it is returned by ``_RELEASE_ARENA``.
+    """
+    global _ARENA_REGISTERED
+    if not _ARENA_REGISTERED:
+        memory_info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(memory_info, ort.OrtArenaCfg({"initial_chunk_size_bytes": 1 << 20}))
+        _ARENA_REGISTERED = True
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.use_env_allocators", "1")
+    return options
+
+
+_ARENA_REGISTERED = False
 
 
 class Retrainer:
@@ -69,15 +89,16 @@ class Retrainer:
         del tensors
         self.optimizer = dict(m["optimizer"])
 
-        options = ort.SessionOptions()
+        options = _session_options()
         options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
         if threads is not None:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         if memory_limit_mb is not None:
             # Micro-batches of varying size would make onnxruntime plan (and keep) one memory pattern per shape.
-            # The arena stays on: bounded by the planned micro-batch, and ~1.5x faster than plain malloc here.
             options.enable_mem_pattern = False
+        self._release = ort.RunOptions()
+        self._release.add_run_config_entry(*_RELEASE_ARENA)
         try:
             self._infer = ort.InferenceSession(str(self.bundle_dir / MODEL), options, providers=["CPUExecutionProvider"])
             self._step = ort.InferenceSession(str(self.bundle_dir / TRAIN_STEP), options, providers=["CPUExecutionProvider"])
@@ -85,9 +106,8 @@ class Retrainer:
             raise BundleError(f"{self.bundle_dir}: onnxruntime cannot load the graphs: {exc}") from exc
         self._check_graphs()
         self._rng = np.random.default_rng(seed)
-        self._release = ort.RunOptions()
-        self._release.add_run_config_entry(*_RELEASE_ARENA)
         self.peak_rss_mb = current_rss_mb()
+        self._largest_call_mb = 0.0  # see _fits
         if memory_limit_mb is not None:
             self._check_memory("after loading the bundle")
 
@@ -203,8 +223,13 @@ class Retrainer:
         return min(total, self._fits(self._per_sample_mb(training=True), "a training step"))
 
     def _fits(self, per_sample_mb: float, what: str) -> int:
-        """Samples whose working memory fits between the process's resident memory now and the cap."""
-        room = self.memory_limit_mb - current_rss_mb() - _SAFETY_MB
+        """Samples whose working memory fits under the cap.
+
+        Memory an earlier call used partly stays resident (onnxruntime's per-thread kernel buffers keep
+        their largest size), but the next call reuses it: so the resident size minus the largest working
+        set this retrainer's calls used so far is what is held, and the rest of the cap is room."""
+        release_free_heap()
+        room = self.memory_limit_mb - (current_rss_mb() - self._largest_call_mb) - _SAFETY_MB
         fits = int((room - _CALL_FIXED_MB) // per_sample_mb)
         if fits < 1:
             raise MemoryLimitError(
@@ -212,6 +237,10 @@ class Retrainer:
                 f"~{per_sample_mb + _CALL_FIXED_MB:.1f} MB; the cap cannot be met"
             )
         return fits
+
+    def _ran(self, samples: int, training: bool) -> None:
+        """Record the working set of calls that ran (see ``_fits``)."""
+        self._largest_call_mb = max(self._largest_call_mb, samples * self._per_sample_mb(training) + _CALL_FIXED_MB)
 
     def plan_inference_batch(self, batch_size: int | None) -> int:
         """Images per inference chunk: ``batch_size`` if given, else as many as the cap allows (at most 16:
@@ -244,10 +273,11 @@ class Retrainer:
             outputs = self._step.run(names_out, self._step_feed(x, targets, self.state, self._hyper()),
                                      self._release if last else None)
             loss = _finite_loss(outputs[0])
+            # Copies: onnxruntime's outputs are views into its arena and would pin it, so it could never shrink.
             for name, value in zip(trainable, outputs[1: 1 + len(trainable)]):
-                self.params[name] = value
+                self.params[name] = value.copy()
             for name, value in zip(trainable, outputs[1 + len(trainable):]):
-                self.state[name] = value
+                self.state[name] = value.copy()
             return loss
         # With lr = momentum = weight_decay = 0 and zero state, the graph's new state is exactly the
         # micro-batch's mean gradient; the batch-mean gradient is their size-weighted sum (exact for
@@ -264,6 +294,7 @@ class Retrainer:
             loss += float(weight) * _finite_loss(outputs[0])
             for name, grad in zip(trainable, outputs[1 + len(trainable):]):
                 grads[name] += weight * grad
+            del outputs  # views into onnxruntime's arena: alive during the next call, they would stop it shrinking
             if self.memory_limit_mb is not None:
                 self._check_memory("during a training step")
         lr, momentum, weight_decay = (np.float32(self.optimizer[k]) for k in ("lr", "momentum", "weight_decay"))
@@ -321,6 +352,7 @@ class Retrainer:
                     bar.update(1)
         if bar is not None:
             bar.close()
+        self._ran(micro, training=True)
         self.peak_rss_mb = max(self.peak_rss_mb, current_rss_mb())
         return {"losses": losses, "steps": len(losses), "batch_size": batch_size, "replay_batch_size": replay,
                 "micro_batch_size": micro, "step_seconds": step_seconds}
@@ -334,9 +366,10 @@ class Retrainer:
         for start in range(0, x.shape[0], batch_size):
             feed["x"] = self._normalised(x[start: start + batch_size])
             final = start + batch_size >= x.shape[0]
-            chunks.append(self._infer.run(["logits"], feed, self._release if final else None)[0])
+            chunks.append(self._infer.run(["logits"], feed, self._release if final else None)[0].copy())
             if self.memory_limit_mb is not None:
                 self._check_memory("during inference")
+        self._ran(batch_size, training=False)
         return np.concatenate(chunks)
 
     def predict(self, x: np.ndarray, batch_size: int | None = None) -> np.ndarray:

@@ -126,3 +126,50 @@ def test_export_refuses_bad_input(tmp_path, trained_model, replay_buffer):
     with pytest.raises(FileExistsError):
         edge.export(trained_model, replay_buffer, tmp_path / "busy", verify=False)
     assert (tmp_path / "busy" / "x").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("level", LEVELS, ids=lambda lv: str(lv).rsplit(".", 1)[-1])
+def test_overriding_initializers_is_refused_or_honoured_never_silently_ignored(level):
+    """The trap the bundle format avoids: parameters stored as initializers. Measured on this onnxruntime:
+    initializers that are not graph inputs cannot be fed (a loud error), and initializers that are also
+    graph inputs (IR >= 4) are honoured even where Conv + BatchNorm could be fused. If a future onnxruntime
+    silently kept the stored values instead, this test fails: bundles must keep parameters as plain inputs."""
+    import io
+    import warnings
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(4 * 6 * 6, 3)).eval()
+    x = torch.randn(2, 1, 8, 8)
+    moved = {n: t + 0.5 for n, t in net.state_dict().items() if t.dtype.is_floating_point}
+    expected = torch.func.functional_call(net, moved, (x,)).detach().numpy()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = level
+    options.log_severity_level = 3
+    for as_inputs in (False, True):
+        buffer = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(net, (x,), buffer, dynamo=False, input_names=["x"], do_constant_folding=False,
+                              keep_initializers_as_inputs=as_inputs)
+        session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+        feed = {"x": x.numpy(), **{n: v.numpy() for n, v in moved.items()}}
+        if not as_inputs:
+            with pytest.raises(Exception, match="Invalid input name"):
+                session.run(None, feed)
+            continue
+        assert {i.name for i in session.get_overridable_initializers()} == set(moved)
+        assert np.abs(session.run(None, feed)[0] - expected).max() < 1e-4
+
+
+@pytest.mark.parametrize("network", ["lenet", "mlp"])
+def test_other_reference_networks_export_in_full_mode(network, tmp_path, replay_buffer):
+    """LeNet-5 (max pooling: its backward goes through the decompositions too) and the MLP train on the device."""
+    from replaykit.networks import make_network
+
+    torch.manual_seed(0)
+    model = make_network(network, (1, 8, 8), 10).eval()
+    bundle = edge.export(model, replay_buffer, tmp_path / network, mode="full")
+    errors = edge.verify_bundle(model, bundle, steps=4, batch=6)
+    assert set(edge.read_manifest(bundle)["trainable"]) == {n for n, _ in model.named_parameters()}
+    assert max(errors.values()) < 1e-5, errors

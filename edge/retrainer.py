@@ -62,6 +62,11 @@ class Retrainer:
     data. Labels are integer classes below the bundle's ``num_classes`` (the
     exported classifier's output size: a bundle leaves room for new classes only
     if its model had spare outputs) or float32 probability rows ``[N, num_classes]``.
+
+    ``memory_limit_mb`` caps the resident memory of the whole process: steps keep their
+    size and run in micro-batches when needed; a cap that cannot be met raises
+    :class:`MemoryLimitError`. The Retrainers of one process share one onnxruntime CPU
+    arena, handed back to the system at the end of every ``fit`` and inference call.
     """
 
     def __init__(self, bundle_dir: str | os.PathLike, memory_limit_mb: float | None = None, seed: int = 0,

@@ -230,9 +230,9 @@ class Retrainer:
     def _fits(self, per_sample_mb: float, what: str) -> int:
         """Samples whose working memory fits under the cap.
 
-        Memory an earlier call used partly stays resident (onnxruntime's per-thread kernel buffers keep
-        their largest size), but the next call reuses it: so the resident size minus the largest working
-        set this retrainer's calls used so far is what is held, and the rest of the cap is room."""
+        Measured: after a call the process stays near that call's working set (onnxruntime keeps kernel
+        buffers), and later calls reuse it. So the resident size minus the largest working set this
+        retrainer's calls used so far is what is held, and the rest of the cap is room."""
         release_free_heap()
         room = self.memory_limit_mb - (current_rss_mb() - self._largest_call_mb) - _SAFETY_MB
         fits = int((room - _CALL_FIXED_MB) // per_sample_mb)
@@ -278,7 +278,7 @@ class Retrainer:
             outputs = self._step.run(names_out, self._step_feed(x, targets, self.state, self._hyper()),
                                      self._release if last else None)
             loss = _finite_loss(outputs[0])
-            # Copies: onnxruntime's outputs are views into its arena and would pin it, so it could never shrink.
+            # Copies: onnxruntime's outputs are views into its own memory, which they would keep alive.
             for name, value in zip(trainable, outputs[1: 1 + len(trainable)]):
                 self.params[name] = value.copy()
             for name, value in zip(trainable, outputs[1 + len(trainable):]):
@@ -299,7 +299,7 @@ class Retrainer:
             loss += float(weight) * _finite_loss(outputs[0])
             for name, grad in zip(trainable, outputs[1 + len(trainable):]):
                 grads[name] += weight * grad
-            del outputs  # views into onnxruntime's arena: alive during the next call, they would stop it shrinking
+            del outputs  # views into onnxruntime's memory: do not keep them alive through the next call
             if self.memory_limit_mb is not None:
                 self._check_memory("during a training step")
         lr, momentum, weight_decay = (np.float32(self.optimizer[k]) for k in ("lr", "momentum", "weight_decay"))

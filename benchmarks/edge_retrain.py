@@ -207,12 +207,13 @@ def parity(model, bundle: Path, x_new, y_new, buf_x, buf_t, args, seed: int, lr:
     scalars = {"lr": np.array(lr, dtype=np.float32),
                **{k: np.array(opt[k], dtype=np.float32) for k in ("momentum", "weight_decay")}}
     names_out, trainable, mode = manifest["train_step_outputs"], manifest["trainable"], manifest["mode"]
+    step_inputs = set(manifest["train_step_inputs"])
     net, torch_step = _torch_trainer(model, mode, lr, opt)
     references = {"no_onednn": _torch_trainer(model, mode, lr, opt, onednn=False),
                   "float64": _torch_trainer(model, mode, lr, opt, dtype=torch.float64)}
     one_step = 0.0
     for x, t in _batches(x_new, y_new, buf_x, buf_t, args.parity_steps, seed):
-        feed = {PARAM_PREFIX + n: v for n, v in params.items()}
+        feed = {PARAM_PREFIX + n: v for n, v in params.items() if PARAM_PREFIX + n in step_inputs}
         feed.update({STATE_PREFIX + n: v for n, v in state.items()})
         feed.update(x=x.numpy(), targets=t.numpy(), **scalars)
         out = session.run(names_out, feed)
@@ -220,7 +221,7 @@ def parity(model, bundle: Path, x_new, y_new, buf_x, buf_t, args, seed: int, lr:
         net_params = {n: p.detach().clone() for n, p in net.named_parameters()}
         net_state = {n: (sgd_buf if (sgd_buf := _momentum(net, n)) is not None else torch.zeros_like(net_params[n]))
                      for n in trainable}
-        feed1 = {PARAM_PREFIX + n: v.numpy() for n, v in net_params.items()}
+        feed1 = {PARAM_PREFIX + n: v.numpy() for n, v in net_params.items() if PARAM_PREFIX + n in step_inputs}
         feed1.update({STATE_PREFIX + n: v.numpy() for n, v in net_state.items()})
         feed1.update(x=x.numpy(), targets=t.numpy(), **scalars)
         out1 = session.run(names_out, feed1)

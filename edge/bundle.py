@@ -6,7 +6,8 @@ onnxruntime, safetensors and the standard library only.
 A bundle is a folder::
 
     model.onnx          inference graph, every parameter a graph input
-    train_step.onnx     one SGD-with-momentum step as a pure function
+    train_step.onnx     one SGD-with-momentum step as a pure function (head mode: the
+                        frozen feature extractor is a constant inside it)
     buffer.safetensors  replay images + labels, current parameters and momentum
     manifest.json       format version, shapes, normalisation, classes, mode,
                         size and sha256 of every other file

@@ -110,6 +110,8 @@ class Retrainer:
         except Exception as exc:  # onnxruntime raises its own error types for bad graphs
             raise BundleError(f"{self.bundle_dir}: onnxruntime cannot load the graphs: {exc}") from exc
         self._check_graphs()
+        # Parameters the step graph takes as inputs (in head mode the frozen ones are constants inside it).
+        self._step_params = [n for n in self.params if PARAM_PREFIX + n in self.manifest["train_step_inputs"]]
         self._rng = np.random.default_rng(seed)
         self.peak_rss_mb = current_rss_mb()
         self._largest_call_mb = 0.0  # see _fits
@@ -261,7 +263,7 @@ class Retrainer:
     # ------------------------------------------------------------ training
     def _step_feed(self, x: np.ndarray, targets: np.ndarray, state: dict[str, np.ndarray],
                    hyper: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        feed = {PARAM_PREFIX + n: p for n, p in self.params.items()}
+        feed = {PARAM_PREFIX + n: self.params[n] for n in self._step_params}
         feed.update({STATE_PREFIX + n: v for n, v in state.items()})
         feed.update({"x": x, "targets": targets, **hyper})
         return feed

@@ -35,6 +35,12 @@ def test_manifest_lists_every_file_and_the_bundle_contract(head_bundle, trained_
     assert manifest["image_storage"] == "uint8" and len(manifest["mean"]) == 1
     assert len(manifest["class_names"]) == 10
     assert set(manifest["params"]) == {n for n, _ in trained_model.named_parameters()}
+    # Head mode: the frozen feature extractor is constant inside the step graph, not one of its inputs.
+    frozen = {PARAM_PREFIX + n for n in manifest["frozen"]}
+    assert frozen and not frozen & set(manifest["train_step_inputs"])
+    step = onnx.load(str(head_bundle / TRAIN_STEP))
+    assert frozen <= {init.name for init in step.graph.initializer}
+    assert {i.name for i in step.graph.input} == set(manifest["train_step_inputs"])
 
 
 @pytest.mark.parametrize("bundle_name", ["head_bundle", "full_bundle"])

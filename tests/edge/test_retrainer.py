@@ -15,6 +15,7 @@ import pytest
 import edge
 from edge import BundleError, MemoryLimitError, Retrainer
 from edge import bundle as bundle_module
+from edge.memory import release_free_heap
 from edge.retrainer import _CALL_FIXED_MB, _SAFETY_MB
 
 
@@ -248,6 +249,7 @@ def test_memory_cap_is_refused_when_it_cannot_be_met(head_bundle, digits_split):
     # A cap with room for only a few samples keeps the 32 + 32 step but runs it in small micro-batches.
     small = Retrainer(head_bundle, memory_limit_mb=edge.current_rss_mb() + 200)
     per_sample_mb = small._per_sample_mb(training=True)
+    release_free_heap()  # as the planner does before it reads the resident size
     small.memory_limit_mb = edge.current_rss_mb() + _SAFETY_MB + _CALL_FIXED_MB + 10.5 * per_sample_mb
     assert 1 <= small.plan_micro_batch(64) <= 11
     history = small.fit(x, y, batch_size=32)

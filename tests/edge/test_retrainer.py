@@ -178,21 +178,14 @@ def test_tampered_truncated_and_mismatched_bundles_are_refused(head_copy, full_b
     with pytest.raises(BundleError, match="truncated"):
         Retrainer(truncated)
 
-    # A buffer from another bundle, with the manifest's checksum "fixed" to match it.
-    mismatched = Path(shutil.copytree(head_copy, tmp_path / "mismatched"))
-    shutil.copy(full_bundle / "buffer.safetensors", mismatched / "buffer.safetensors")
-    entry = bundle_module.file_entry(mismatched / "buffer.safetensors")
-    _rewrite_manifest(mismatched, lambda m: m["files"].__setitem__("buffer.safetensors", entry))
-    with pytest.raises(BundleError, match="images stored as"):
-        Retrainer(mismatched)
-
-    # A train step graph from the full-mode bundle (different inputs).
-    swapped = Path(shutil.copytree(head_copy, tmp_path / "swapped"))
-    shutil.copy(full_bundle / "train_step.onnx", swapped / "train_step.onnx")
-    entry = bundle_module.file_entry(swapped / "train_step.onnx")
-    _rewrite_manifest(swapped, lambda m: m["files"].__setitem__("train_step.onnx", entry))
-    with pytest.raises(BundleError, match="inputs / outputs"):
-        Retrainer(swapped)
+    # A file from the full-mode bundle (other storage, other step inputs), with the manifest's checksum "fixed".
+    for name, complaint in (("buffer.safetensors", "images stored as"), ("train_step.onnx", "inputs / outputs")):
+        swapped = Path(shutil.copytree(head_copy, tmp_path / f"swapped-{name}"))
+        shutil.copy(full_bundle / name, swapped / name)
+        entry = bundle_module.file_entry(swapped / name)
+        _rewrite_manifest(swapped, lambda m, name=name, entry=entry: m["files"].__setitem__(name, entry))
+        with pytest.raises(BundleError, match=complaint):
+            Retrainer(swapped)
 
     broken = Path(shutil.copytree(head_copy, tmp_path / "broken"))
     (broken / "manifest.json").write_text('{"format": "replaykit-edge')

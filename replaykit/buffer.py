@@ -22,7 +22,7 @@ import torch
 
 from .fileio import atomic_write, sha256_bytes
 
-__all__ = ["SyntheticBuffer", "BufferFormatError", "FORMAT_VERSION", "STORAGE_DTYPES"]
+__all__ = ["SyntheticBuffer", "BufferFormatError", "FORMAT_VERSION", "STORAGE_DTYPES", "decode_upsample", "check_decoder"]
 
 FORMAT_VERSION = 1
 STORAGE_DTYPES = ("float32", "float16", "uint8")
@@ -32,6 +32,31 @@ _HEADER_KEY = "replaykit"
 
 class BufferFormatError(ValueError):
     """A buffer (in memory or on disk) is malformed, corrupt or tampered with."""
+
+
+def check_decoder(decoder: Any) -> int:
+    """Validate ``meta["decoder"]`` and return its upsampling factor (1: stored at full resolution).
+
+    The only decoder is ``{"kind": "upsample", "factor": f, "mode": "bilinear"}``: images are
+    stored at ``1/f`` of the network's resolution (IDC's multi-formation, Kim et al. 2022), so the
+    same bytes hold ``f**2`` times as many images, and decoded by bilinear upsampling
+    (``align_corners=False``; the edge device applies the same map in numpy).
+    """
+    if decoder is None:
+        return 1
+    if not isinstance(decoder, dict) or decoder.get("kind") != "upsample" or decoder.get("mode", "bilinear") != "bilinear":
+        raise BufferFormatError(f"unknown decoder {decoder!r}; expected {{'kind': 'upsample', 'factor': f, 'mode': 'bilinear'}}")
+    factor = decoder.get("factor")
+    if not isinstance(factor, int) or isinstance(factor, bool) or factor < 1:
+        raise BufferFormatError(f"decoder factor must be a positive int, got {factor!r}")
+    return factor
+
+
+def decode_upsample(images: torch.Tensor, factor: int) -> torch.Tensor:
+    """Differentiable decoder of low-resolution synthetic images: bilinear upsampling by ``factor``."""
+    if factor == 1:
+        return images
+    return torch.nn.functional.interpolate(images, scale_factor=factor, mode="bilinear", align_corners=False)
 
 
 def _versions() -> dict[str, str]:
@@ -107,6 +132,7 @@ class SyntheticBuffer:
             )
         if ids.dtype != torch.int64:
             raise BufferFormatError(f"class_ids must be int64, got {ids.dtype}")
+        check_decoder(self.meta.get("decoder"))
         if n:
             if not torch.isfinite(x).all():
                 raise BufferFormatError("images contain NaN or inf")
@@ -133,6 +159,22 @@ class SyntheticBuffer:
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(int(s) for s in self.images.shape[1:])  # type: ignore[return-value]
 
+    @property
+    def decoder_factor(self) -> int:
+        """Upsampling factor from stored to network resolution (1 when stored at full resolution)."""
+        return check_decoder(self.meta.get("decoder"))
+
+    @property
+    def decoded_shape(self) -> tuple[int, int, int]:
+        """Shape of one image as the network sees it (after the decoder)."""
+        c, h, w = self.image_shape
+        f = self.decoder_factor
+        return (c, h * f, w * f)
+
+    def decoded_images(self) -> torch.Tensor:
+        """The images at network resolution (decoded when stored at a reduced resolution)."""
+        return decode_upsample(self.images, self.decoder_factor)
+
     def counts(self) -> dict[int, int]:
         """Images held per class."""
         ids, cnt = torch.unique(self.class_ids, return_counts=True)
@@ -142,10 +184,12 @@ class SyntheticBuffer:
         return torch.nonzero(self.class_ids == cls, as_tuple=False).flatten()
 
     def nbytes(self, storage: str = "float32") -> int:
-        """Bytes the buffer takes when images are stored as ``storage`` (labels included)."""
+        """Bytes the buffer holds with images stored as ``storage``: pixels at their stored resolution,
+        one byte per hard label, soft labels at ``meta['soft_label_storage']`` precision (float32 by default)."""
         if storage not in _BYTES_PER_PIXEL:
             raise ValueError(f"storage must be one of {STORAGE_DTYPES}, got {storage!r}")
-        label_bytes = self.labels.numel() * (4 if self.is_soft else 1)
+        soft_bytes = {"float32": 4, "float16": 2}[self.meta.get("soft_label_storage", "float32")]
+        label_bytes = self.labels.numel() * (soft_bytes if self.is_soft else 1)
         return self.images.numel() * _BYTES_PER_PIXEL[storage] + label_bytes
 
     # ------------------------------------------------------------ operations

@@ -52,6 +52,7 @@ def run_demo(
 
     from .continual import RunConfig, StrategySpec, make_stream, run
     from .fileio import atomic_write_json
+    from .progress import progress_bar
     from .viz import save_accuracy_plot, save_buffer_grid
 
     if mem_size < 10:
@@ -74,9 +75,7 @@ def run_demo(
     start = time.perf_counter()
     stream = make_stream(config)
     results = []
-    from tqdm.auto import tqdm
-
-    for spec in tqdm(specs, desc="replaykit demo", disable=not progress):
+    for spec in progress_bar(specs, enabled=progress, desc="replaykit demo"):
         results.append(run(spec, config, stream, progress=progress))
     curves = {r.label: [100 * a for a in r.stream_accuracy] for r in results}
     plot = save_accuracy_plot(curves, out / "accuracy.png", title=f"Split-digits, 5 experiences, M={mem_size}, seed {seed}",

@@ -16,11 +16,11 @@ import statistics
 from typing import Any, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from .augment import DSA
 from .buffer import SyntheticBuffer
 from .networks import make_network
+from .progress import progress_bar
 from .training import accuracy, seeded, train_classifier
 
 __all__ = ["evaluate_buffer", "nearest_real_distance", "privacy_check", "add_cli"]
@@ -111,7 +111,7 @@ def evaluate_buffer(
         augment=augment, width=width, seed=seed, buffer_images=len(buffer),
     )}
     jobs = [(arch, i) for arch in networks for i in range(num_networks)]
-    for arch, i in tqdm(jobs, desc="evaluate", disable=not progress, leave=False):
+    for arch, i in progress_bar(jobs, enabled=progress, desc="evaluate", leave=False):
         net_seed = seed * 1000 + i
         opts = {"width": width} if arch == "convnet" else {}
         with seeded(net_seed):

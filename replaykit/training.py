@@ -8,7 +8,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+
+from .progress import progress_bar
 
 __all__ = ["seeded", "soft_cross_entropy", "train_classifier", "accuracy", "predict_logits"]
 
@@ -63,7 +64,7 @@ def train_classifier(
     n = images.shape[0]
     model.train()
     with seeded(seed):
-        for _ in tqdm(range(epochs), desc=desc, disable=not progress, leave=False):
+        for _ in progress_bar(range(epochs), enabled=progress, desc=desc, leave=False):
             order = torch.randperm(n, generator=gen)
             for start in range(0, n, batch_size):
                 idx = order[start : start + batch_size]

@@ -20,10 +20,10 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..augment import DSA
 from ..networks import ConvNet
+from ..progress import progress_bar
 from ..training import seeded
 from .base import DistillResult, Distiller, check_loop_options
 from .features import class_index, derive_seed, real_init
@@ -114,7 +114,7 @@ class GradientMatching(Distiller):
         augment = DSA(self.dsa, seed=derive_seed(self.seed, 1))
         gen = torch.Generator().manual_seed(derive_seed(self.seed, 2))
         done, updates, stopped_by = 0, 0, "iterations"
-        bar = tqdm(range(self.iterations), desc="gm", disable=not self.progress, leave=False)
+        bar = progress_bar(range(self.iterations), enabled=self.progress, desc="gm", leave=False)
         for it in bar:
             with seeded(derive_seed(self.seed, 3, it)):
                 net = ConvNet(images.shape[1:], num_classes, width=self.width, depth=self.depth)

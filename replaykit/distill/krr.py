@@ -22,8 +22,8 @@ import math
 import time
 
 import torch
-from tqdm.auto import tqdm
 
+from ..progress import progress_bar
 from .base import DistillResult, Distiller, check_loop_options
 from .features import RandomConvNets, class_index, derive_seed, real_init
 
@@ -111,7 +111,7 @@ class KernelRidgeDistiller(Distiller):
         probes = RandomConvNets(images.shape[1:], width=self.width, depth=self.depth)
         gen = torch.Generator().manual_seed(derive_seed(self.seed, 2))
         done, stopped_by, loss = 0, "iterations", torch.zeros(())
-        bar = tqdm(range(self.iterations), desc="krr", disable=not self.progress, leave=False)
+        bar = progress_bar(range(self.iterations), enabled=self.progress, desc="krr", leave=False)
         for it in bar:
             net = probes.sample(derive_seed(self.seed, 3, it))
             pick = torch.randint(images.shape[0], (min(self.batch_real, images.shape[0]),), generator=gen)

@@ -22,10 +22,10 @@ import time
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
-from tqdm.auto import tqdm
 
 from ..augment import DSA
 from ..networks import ConvNet
+from ..progress import progress_bar
 from ..training import seeded
 from .base import DistillResult, Distiller, check_loop_options
 from .features import class_index, derive_seed, real_init
@@ -133,7 +133,7 @@ class TrajectoryMatching(Distiller):
         start = time.perf_counter()
         shape = images.shape[1:]
         experts = []
-        for e in tqdm(range(self.num_experts), desc="tm experts", disable=not self.progress, leave=False):
+        for e in progress_bar(range(self.num_experts), enabled=self.progress, desc="tm experts", leave=False):
             with seeded(derive_seed(self.seed, 10, e)):
                 net = ConvNet(shape, num_classes, width=self.width, depth=self.depth)
             experts.append(
@@ -171,7 +171,7 @@ class TrajectoryMatching(Distiller):
         gen = torch.Generator().manual_seed(derive_seed(self.seed, 15))
         batch_syn = self.batch_syn or syn.shape[0]
         done, stopped_by, loss = 0, "iterations", torch.zeros(())
-        bar = tqdm(range(self.iterations), desc="tm", disable=not self.progress, leave=False)
+        bar = progress_bar(range(self.iterations), enabled=self.progress, desc="tm", leave=False)
         for it in bar:
             trajectory = experts[int(torch.randint(len(experts), (1,), generator=gen))]
             s = int(torch.randint(self.max_start_epoch, (1,), generator=gen))

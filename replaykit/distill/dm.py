@@ -18,9 +18,9 @@ import time
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from ..augment import DSA
+from ..progress import progress_bar
 from .base import DistillResult, Distiller, check_loop_options
 from .features import RandomConvNets, class_index, derive_seed, real_init
 
@@ -103,7 +103,7 @@ class MatchingDistiller(Distiller):
         opt = torch.optim.SGD(list(syn.values()), lr=self.lr, momentum=0.5)
 
         done, stopped_by, per_iter = 0, "iterations", 0.0
-        bar = tqdm(total=self.iterations, desc=self.name, disable=not self.progress, leave=False)
+        bar = progress_bar(total=self.iterations, enabled=self.progress, desc=self.name, leave=False)
         for it in range(self.iterations):
             elapsed = time.perf_counter() - start
             if self.time_budget is not None and done and elapsed + per_iter > self.time_budget:

@@ -54,10 +54,10 @@ from avalanche.evaluation.metric_results import MetricValue
 from avalanche.training.plugins import ReplayPlugin
 from avalanche.training.storage_policy import ExemplarsBuffer
 from torch.utils.data import DataLoader, TensorDataset
-from tqdm.auto import tqdm
 
 from . import distill as _distill
 from .buffer import STORAGE_DTYPES, SyntheticBuffer
+from .progress import progress_bar
 from .training import soft_cross_entropy
 
 if TYPE_CHECKING:
@@ -218,7 +218,7 @@ class DistilledBuffer(ExemplarsBuffer):
         quotas = class_quotas(set(new_classes) | set(held.classes if held is not None else []), self.max_size)
         parts: list[SyntheticBuffer] = []
         exp_tag = f"exp {self._updates}"
-        bar = tqdm(new_classes, desc=f"distill {exp_tag} ({self.method})", disable=not self.progress, leave=False)
+        bar = progress_bar(new_classes, enabled=self.progress, desc=f"distill {exp_tag} ({self.method})", leave=False)
         for cls in bar:
             bar.set_postfix(cls=cls, ipc=quotas[cls])
             mask = labels == cls

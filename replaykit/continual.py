@@ -16,10 +16,10 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .data import dataset_info, load_tensors
 from .networks import ConvNet
+from .progress import progress_bar
 
 __all__ = [
     "KINDS",
@@ -268,7 +268,7 @@ def run(spec: StrategySpec, config: RunConfig, benchmark=None, *, progress: bool
         train_seconds += time.perf_counter() - t0
         evaluate()
     else:
-        for exp in tqdm(benchmark.train_stream, desc=spec.label, disable=not progress, leave=False):
+        for exp in progress_bar(benchmark.train_stream, enabled=progress, desc=spec.label, leave=False):
             t0 = time.perf_counter()
             strategy.train(exp)
             train_seconds += time.perf_counter() - t0

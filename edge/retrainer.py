@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from replaykit.progress import progress_bar
+
 from .bundle import (
     MODEL, PARAM_PREFIX, STATE_PREFIX, TRAIN_STEP, BundleError, load_tensors, read_manifest, save_state,
 )
@@ -340,7 +342,7 @@ class Retrainer:
         losses: list[float] = []
         step_seconds: list[float] = []
         steps = epochs * -(-x_new.shape[0] // batch_size)
-        bar = _progress(steps, self.progress)
+        bar = progress_bar(total=steps, enabled=self.progress, desc="retrain", unit="step")
         for _ in range(epochs):
             order = self._rng.permutation(x_new.shape[0])
             for start in range(0, len(order), batch_size):
@@ -355,10 +357,8 @@ class Retrainer:
                 step_seconds.append(time.perf_counter() - started)
                 if self.memory_limit_mb is not None:
                     self._check_memory("during fit")
-                if bar is not None:
-                    bar.update(1)
-        if bar is not None:
-            bar.close()
+                bar.update(1)
+        bar.close()
         self._ran(micro, training=True)
         self.peak_rss_mb = max(self.peak_rss_mb, current_rss_mb())
         return {"losses": losses, "steps": len(losses), "batch_size": batch_size, "replay_batch_size": replay,
@@ -412,13 +412,3 @@ def _finite_loss(value: np.ndarray) -> float:
     if not np.isfinite(loss):
         raise FloatingPointError("the training loss became NaN/inf; lower the learning rate")
     return loss
-
-
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:  # tqdm is optional on a device
-        return None
-    return tqdm(total=total, desc="retrain", unit="step")

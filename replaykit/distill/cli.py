@@ -18,9 +18,36 @@ def _parse_classes(text: str | None, num_classes: int) -> list[int] | None:
     return classes
 
 
+def _distill_per_class(args, options: dict, images, labels, info):
+    """Each class as one job over ``--workers`` local processes or torchrun's ranks; ``None`` on ranks other than 0."""
+    import torch
+
+    from .. import distributed
+
+    jobs = [
+        distributed.ClassJob(args.method, {k: v for k, v in options.items() if k not in ("ipc", "seed", "progress")},
+                             args.ipc, args.seed, images[labels == c], labels[labels == c], info.num_classes, info.meta())
+        for c in torch.unique(labels).tolist()
+    ]
+    if not distributed.launched_by_torchrun():
+        parts = distributed.distill_per_class(jobs, workers=args.workers, timeout=args.worker_timeout)
+        return distributed.merge_parts(parts, workers=args.workers)
+    if args.workers not in (None, 1):
+        raise ValueError("--workers cannot be combined with torchrun: torchrun already started the workers")
+    group = distributed.init_from_env(timeout=args.worker_timeout)
+    try:
+        parts = distributed.distill_per_class(jobs, group=group, timeout=args.worker_timeout)
+        rank, world = torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
+    finally:
+        torch.distributed.destroy_process_group()
+    return distributed.merge_parts(parts, workers=world) if rank == 0 else None
+
+
 def _distill_command(args) -> int:
     import torch
 
+    from .. import distributed
+    from ..cli import CLIError
     from ..data import dataset_info, load_tensors
     from . import REGISTRY, make
 
@@ -43,7 +70,15 @@ def _distill_command(args) -> int:
     if classes is not None:
         keep = torch.isin(labels, torch.tensor(classes))
         images, labels = images[keep], labels[keep]
-    buffer = distiller.distill(images, labels, num_classes=info.num_classes, meta=info.meta())
+    if args.workers is not None or distributed.launched_by_torchrun():
+        try:
+            buffer = _distill_per_class(args, options, images, labels, info)
+        except distributed.DistributedDistillError as exc:
+            raise CLIError(str(exc)) from None
+        if buffer is None:
+            return 0  # a torchrun rank other than 0: rank 0 writes
+    else:
+        buffer = distiller.distill(images, labels, num_classes=info.num_classes, meta=info.meta())
     path = buffer.save(args.out, storage=args.storage)
     print(f"{buffer!r} -> {path} ({buffer.meta['distill_seconds']:.1f} s)")
     if args.png:
@@ -68,4 +103,9 @@ def add_cli(sub) -> None:
     p.add_argument("--storage", default="float32", choices=("float32", "float16", "uint8"))
     p.add_argument("--png", help="also save a grid of the images")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--workers", type=int,
+                   help="distill each class as one job over N local processes (1: here); same buffer for any N. "
+                        "Under torchrun the ranks are the workers")
+    p.add_argument("--worker-timeout", type=float, default=1800.0,
+                   help="seconds a worker waits for another before the run fails naming it (default 1800)")
     p.set_defaults(func=_distill_command)

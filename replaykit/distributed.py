@@ -1,0 +1,431 @@
+"""Distill class by class over a ``torch.distributed`` process group.
+
+Distilling one class never looks at the others (each distiller derives the
+random streams of class ``c`` from its seed and ``c``), so a stream's classes
+shard cleanly over workers. The unit of work is a :class:`ClassJob`: one
+method, one seed, the real images of one class. :func:`distill_per_class`
+runs a list of jobs
+
+* in this process (``workers=1``, the default),
+* on ``workers=N`` local processes it starts itself with torch's elastic launch
+  API (gloo, one intra-op thread each), or
+* over a process group the caller already has (``group=``; e.g. the default
+  group of a ``torchrun`` launch, see :func:`init_from_env`): every rank builds
+  the same job list, runs the jobs assigned to it (job ``i`` goes to rank
+  ``i % world_size``), and rank 0 gathers the parts and sends every rank the
+  full result.
+
+Parts travel as plain tensors (images, labels, class ids; metadata as JSON
+bytes in a ``uint8`` tensor) through point-to-point collectives, never as
+pickles. Every path runs the same ``make(method, ...).distill(...)`` call per
+job, so the images and labels are bit-identical whatever the number of workers
+-- for iteration-bounded runs. With a ``time_budget`` a method stops when the
+wall clock says so, and the result then depends on how fast each worker ran.
+
+Failures: a rank whose job raises reports the error to rank 0, and every rank
+raises :class:`DistributedDistillError` naming it; a rank that dies or hangs is
+named when rank 0 has waited ``timeout`` seconds for it (a local worker that
+dies is noticed at once by the elastic agent). Nothing is returned or written
+unless every part arrived.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import sys
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+from . import distill as _distill
+from .buffer import SyntheticBuffer
+from .fileio import atomic_write
+
+__all__ = [
+    "ClassJob", "DistributedDistillError", "distill_per_class", "assign_ranks", "init_from_env",
+    "launched_by_torchrun", "merge_parts", "DEFAULT_TIMEOUT",
+]
+
+#: Seconds a rank waits for another at an exchange point. Ranks exchange only after all their
+#: jobs are done, so this must exceed the spread of per-rank work, not the work itself.
+DEFAULT_TIMEOUT = 1800.0
+_TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+_HEADER_LEN = 8  # status, n, C, H, W, soft-label columns (0: hard), num_classes, meta bytes
+
+
+class DistributedDistillError(RuntimeError):
+    """A rank's job raised, or a rank died or hung; ``rank`` names it (``None`` if unknown)."""
+
+    def __init__(self, message: str, rank: int | None = None) -> None:
+        super().__init__(message)
+        self.rank = rank
+
+
+@dataclass
+class ClassJob:
+    """One distillation call: ``make(method, ipc=ipc, seed=seed, **options).distill(images, labels, ...)``.
+
+    ``images`` / ``labels`` are normally the real data of one class; ``options`` are the
+    method's constructor options (not ``ipc`` / ``seed`` / ``progress``).
+    """
+
+    method: str
+    options: dict[str, Any]
+    ipc: int
+    seed: int
+    images: torch.Tensor
+    labels: torch.Tensor
+    num_classes: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def distiller(self) -> _distill.Distiller:
+        """The configured distiller (raises ``ValueError`` for a bad method or option)."""
+        clash = {"ipc", "seed", "progress"} & set(self.options)
+        if clash:
+            raise ValueError(f"options must not set {sorted(clash)}: the job's own fields choose them")
+        try:
+            return _distill.make(self.method, ipc=self.ipc, seed=self.seed, progress=False, **self.options)
+        except TypeError as exc:
+            raise ValueError(f"method {self.method!r} does not take options {sorted(self.options)}: {exc}") from None
+
+    def run(self) -> SyntheticBuffer:
+        """Distill this job in the calling process."""
+        part = self.distiller().distill(self.images, self.labels, num_classes=self.num_classes, meta=self.meta)
+        part.meta = json.loads(json.dumps(part.meta))  # the same metadata whichever path carried the part
+        return part
+
+    def describe(self) -> str:
+        classes = sorted(int(c) for c in torch.unique(self.labels))
+        return f"method {self.method!r}, classes {classes}, ipc {self.ipc}, seed {self.seed}"
+
+
+def assign_ranks(num_jobs: int, world_size: int) -> list[int]:
+    """The rank that runs each job: round robin, so every rank computes the same assignment."""
+    return [i % world_size for i in range(num_jobs)]
+
+
+def distill_per_class(
+    jobs: Sequence[ClassJob],
+    *,
+    workers: int | None = None,
+    group: dist.ProcessGroup | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> list[SyntheticBuffer]:
+    """Run ``jobs`` and return their buffers in job order, bit-identical for any number of workers.
+
+    Args:
+        jobs: the calls to make; with ``group`` every rank must pass the same list.
+        workers: ``None`` / 1: run here; ``N > 1``: start N local worker processes (elastic
+            launch, gloo, one thread each); the jobs' options and metadata must then be JSON.
+        group: an initialised process group to shard over instead (gloo, or nccl with each
+            rank's CUDA device set); every rank gets the full list back.
+        timeout: seconds a rank waits for another at an exchange point (see :data:`DEFAULT_TIMEOUT`).
+    Raises ``ValueError`` for bad jobs or arguments and :class:`DistributedDistillError` when a
+    rank's job raised or a rank died or hung (naming the rank).
+    """
+    jobs = list(jobs)
+    _check_jobs(jobs)
+    if not (isinstance(timeout, (int, float)) and timeout > 0):
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 1):
+        raise ValueError(f"workers must be a positive int, got {workers!r}")
+    if group is not None:
+        if workers not in (None, 1):
+            raise ValueError("pass either a process group or workers=N, not both: the group's ranks are the workers")
+        return _run_in_group(jobs, group, float(timeout))
+    if workers is None or workers == 1:
+        return [job.run() for job in jobs]
+    return _launch_local(jobs, workers, float(timeout))
+
+
+def merge_parts(parts: Sequence[SyntheticBuffer], **extra_meta: Any) -> SyntheticBuffer:
+    """Join per-class parts into one buffer; the metadata is the first part's with the summed seconds."""
+    if not parts:
+        raise ValueError("no parts to merge")
+    meta = dict(parts[0].meta)
+    meta.pop("created", None)
+    meta["distill_seconds"] = round(sum(float(p.meta.get("distill_seconds", 0.0)) for p in parts), 3)
+    meta.update(extra_meta)
+    return SyntheticBuffer.concat(list(parts), meta=meta)
+
+
+# ------------------------------------------------------------------ torchrun
+def launched_by_torchrun() -> bool:
+    """True when torchrun (or any launcher using its env:// variables) started this process."""
+    return all(key in os.environ for key in _TORCHRUN_ENV)
+
+
+def init_from_env(timeout: float = DEFAULT_TIMEOUT, backend: str | None = None) -> dist.ProcessGroup:
+    """Initialise the default process group from torchrun's environment and return it.
+
+    ``backend`` defaults to nccl when CUDA is available (each rank on ``cuda:LOCAL_RANK``), else gloo.
+    An already initialised default group is returned as it is.
+    """
+    if dist.is_initialized():
+        return dist.group.WORLD
+    if not launched_by_torchrun():
+        missing = [key for key in _TORCHRUN_ENV if key not in os.environ]
+        raise ValueError(f"not launched by torchrun: environment variables {missing} are not set")
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, init_method="env://", timeout=_dt.timedelta(seconds=timeout))
+    return dist.group.WORLD
+
+
+# ------------------------------------------------------------ the exchange
+def _check_jobs(jobs: list[ClassJob]) -> None:
+    if not jobs:
+        raise ValueError("no jobs to distill")
+    for i, job in enumerate(jobs):
+        if not isinstance(job, ClassJob):
+            raise TypeError(f"job {i} is a {type(job).__name__}, not a ClassJob")
+        try:
+            _distill.check_training_data(job.images, job.labels, job.num_classes)
+            job.distiller()
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"job {i} ({job.method!r}): {exc}") from None
+
+
+def _run_in_group(jobs: list[ClassJob], group: dist.ProcessGroup, timeout: float) -> list[SyntheticBuffer]:
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    owners = assign_ranks(len(jobs), world)
+    parts: dict[int, SyntheticBuffer] = {}
+    error = ""
+    for i in (i for i, owner in enumerate(owners) if owner == rank):
+        try:
+            parts[i] = jobs[i].run()
+        except Exception as exc:  # reported to every rank below, then raised there
+            error = f"rank {rank} failed on job {i} ({jobs[i].describe()}): {type(exc).__name__}: {exc}"
+            break
+    if world == 1:
+        if error:
+            raise DistributedDistillError(error, rank)
+        return [parts[i] for i in range(len(jobs))]
+    wire = _Wire(group, timeout)
+    if rank != 0:
+        wire.send_status(error, 0)
+        if not error:
+            for i in sorted(parts):
+                wire.send_part(parts[i], 0)
+        verdict = wire.recv_status(0, wait=2 * timeout + 60)
+        if verdict:
+            raise DistributedDistillError(*_decode_verdict(verdict))
+        return [wire.recv_part(0) for _ in jobs]
+    failure: tuple[str, int | None] | None = (error, 0) if error else None
+    for src in range(1, world):  # hear every rank out, so that none is left blocked in a send
+        try:
+            status = wire.recv_status(src)
+            if status:
+                failure = failure or (status, src)
+                continue
+            for i in (i for i, owner in enumerate(owners) if owner == src):
+                parts[i] = wire.recv_part(src)
+        except DistributedDistillError as exc:
+            failure = failure or (str(exc), exc.rank)
+    if failure is not None:
+        wire.tell_all(json.dumps({"message": failure[0], "rank": failure[1]}), best_effort=True)
+        raise DistributedDistillError(*failure)
+    wire.tell_all("")
+    result = [parts[i] for i in range(len(jobs))]
+    for dst in range(1, world):
+        for part in result:
+            wire.send_part(part, dst)
+    return result
+
+
+def _decode_verdict(text: str) -> tuple[str, int | None]:
+    verdict = json.loads(text)
+    return verdict["message"], verdict["rank"]
+
+
+class _Wire:
+    """Point-to-point transfer of statuses and buffers as tensors, each wait bounded by ``timeout``."""
+
+    def __init__(self, group: dist.ProcessGroup, timeout: float) -> None:
+        self.group = group
+        self.timeout = timeout
+        cuda = dist.get_backend(group) == "nccl"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+
+    def _wait(self, work: dist.Work | None, peer: int, what: str, seconds: float | None = None) -> None:
+        seconds = self.timeout if seconds is None else seconds
+        try:
+            if work is not None and not work.wait(_dt.timedelta(seconds=seconds)):
+                raise TimeoutError("wait returned False")
+        except Exception as exc:  # gloo raises RuntimeError / DistBackendError for timeouts and dead peers
+            me = dist.get_rank(self.group)
+            raise DistributedDistillError(
+                f"rank {peer} did not {what} rank {me} within {seconds:g} s (it died, hung or is still working; "
+                f"raise the timeout if ranks are unevenly loaded): {type(exc).__name__}: {exc}",
+                peer,
+            ) from exc
+
+    def _send(self, tensor: torch.Tensor, dst: int) -> None:
+        work = dist.isend(tensor.to(self.device).contiguous(), group=self.group, group_dst=dst)
+        self._wait(work, dst, "take data from")
+
+    def _recv(self, shape: Sequence[int], dtype: torch.dtype, src: int, wait: float | None = None) -> torch.Tensor:
+        tensor = torch.empty(tuple(shape), dtype=dtype, device=self.device)
+        if tensor.numel():
+            self._wait(dist.irecv(tensor, group=self.group, group_src=src), src, "send data to", wait)
+        return tensor.cpu()
+
+    def send_status(self, message: str, dst: int) -> None:
+        data = _text_tensor(message)
+        self._send(torch.tensor([int(bool(message)), data.numel()], dtype=torch.int64), dst)
+        if data.numel():
+            self._send(data, dst)
+
+    def recv_status(self, src: int, wait: float | None = None) -> str:
+        failed, length = (int(v) for v in self._recv((2,), torch.int64, src, wait))
+        return self._recv((length,), torch.uint8, src).numpy().tobytes().decode() if failed else ""
+
+    def tell_all(self, message: str, best_effort: bool = False) -> None:
+        for dst in range(1, dist.get_world_size(self.group)):
+            try:
+                self.send_status(message, dst)
+            except DistributedDistillError:
+                if not best_effort:
+                    raise
+
+    def send_part(self, part: SyntheticBuffer, dst: int) -> None:
+        meta = _text_tensor(json.dumps(part.meta, sort_keys=True))
+        soft_columns = part.labels.shape[1] if part.is_soft else 0
+        header = [0, len(part), *part.image_shape, soft_columns, part.num_classes, meta.numel()]
+        self._send(torch.tensor(header, dtype=torch.int64), dst)
+        for tensor in (part.images, part.labels, part.class_ids, meta):
+            if tensor.numel():
+                self._send(tensor, dst)
+
+    def recv_part(self, src: int) -> SyntheticBuffer:
+        _, n, c, h, w, soft_columns, num_classes, meta_len = (int(v) for v in self._recv((_HEADER_LEN,), torch.int64, src))
+        images = self._recv((n, c, h, w), torch.float32, src)
+        labels = self._recv((n, soft_columns), torch.float32, src) if soft_columns else self._recv((n,), torch.int64, src)
+        class_ids = self._recv((n,), torch.int64, src)
+        meta = json.loads(self._recv((meta_len,), torch.uint8, src).numpy().tobytes().decode())
+        return SyntheticBuffer(images, labels, num_classes, class_ids, meta)
+
+
+def _text_tensor(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8) if text else torch.zeros(0, dtype=torch.uint8)
+
+
+# ------------------------------------------------------- local elastic launch
+_JOBS_FILE, _RESULT_FILE = "jobs.safetensors", "result.safetensors"
+
+
+def _launch_local(jobs: list[ClassJob], workers: int, timeout: float) -> list[SyntheticBuffer]:
+    """Start ``workers`` processes with torch's elastic launch API; jobs and results go through safetensors files."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    with tempfile.TemporaryDirectory(prefix="replaykit-distributed-") as tmp:
+        _write_jobs(jobs, Path(tmp) / _JOBS_FILE)
+        config = LaunchConfig(
+            min_nodes=1, max_nodes=1, nproc_per_node=workers, run_id=f"replaykit-{uuid.uuid4().hex[:12]}",
+            rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1,
+        )
+        try:
+            elastic_launch(config, entrypoint=sys.executable)("-m", "replaykit.distributed", tmp, repr(timeout))
+        except ChildFailedError as exc:
+            raise _launch_error(exc) from None
+        return _read_parts(Path(tmp) / _RESULT_FILE)
+
+
+def _launch_error(exc: Any) -> DistributedDistillError:
+    """The root cause of a failed launch: the failing rank's own message, else its exit code or signal."""
+    rank, failure = min(exc.failures.items(), key=lambda item: item[1].timestamp)
+    message = failure.message if isinstance(failure.message, str) else json.dumps(failure.message)
+    if failure.error_file_data:
+        message = failure.error_file_data.get("message", {}).get("message", message)
+        message = message.split("DistributedDistillError: ", 1)[-1]
+    if failure.exitcode < 0 or not failure.error_file_data:
+        how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
+        return DistributedDistillError(f"worker rank {rank} died ({how}) before delivering its parts", rank)
+    return DistributedDistillError(message if f"rank {rank}" in message else f"worker rank {rank}: {message}", rank)
+
+
+def _write_jobs(jobs: list[ClassJob], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    specs = []
+    for i, job in enumerate(jobs):
+        spec = {"method": job.method, "options": job.options, "ipc": job.ipc, "seed": job.seed,
+                "num_classes": job.num_classes, "meta": job.meta}
+        try:
+            specs.append(json.loads(json.dumps(spec)))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"job {i}: options and meta must be JSON to reach worker processes: {exc}") from None
+    tensors = {}
+    for i, job in enumerate(jobs):
+        tensors[f"{i}.images"] = job.images.float().contiguous()
+        tensors[f"{i}.labels"] = job.labels.contiguous()
+    save_file(tensors, str(path), metadata={"jobs": json.dumps(specs)})
+
+
+def _read_jobs(path: Path, rank: int, world: int) -> list[ClassJob]:
+    """All jobs, with real tensors only for this rank's own (the others' are never distilled here)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        specs = json.loads(handle.metadata()["jobs"])
+        owners = assign_ranks(len(specs), world)
+        jobs = []
+        for i, spec in enumerate(specs):
+            mine = owners[i] == rank
+            images = handle.get_tensor(f"{i}.images") if mine else torch.zeros(1, 1, 1, 1)
+            labels = handle.get_tensor(f"{i}.labels") if mine else torch.zeros(1, dtype=torch.int64)
+            jobs.append(ClassJob(spec["method"], spec["options"], spec["ipc"], spec["seed"], images, labels,
+                                 spec["num_classes"], spec["meta"]))
+    return jobs
+
+
+def _write_parts(parts: list[SyntheticBuffer], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tensors, specs = {}, []
+    for i, part in enumerate(parts):
+        tensors.update({f"{i}.images": part.images, f"{i}.labels": part.labels, f"{i}.class_ids": part.class_ids})
+        specs.append({"num_classes": part.num_classes, "meta": part.meta})
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"parts": json.dumps(specs)}))
+
+
+def _read_parts(path: Path) -> list[SyntheticBuffer]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        specs = json.loads(handle.metadata()["parts"])
+        return [
+            SyntheticBuffer(handle.get_tensor(f"{i}.images"), handle.get_tensor(f"{i}.labels"), spec["num_classes"],
+                            handle.get_tensor(f"{i}.class_ids"), spec["meta"])
+            for i, spec in enumerate(specs)
+        ]
+
+
+def _worker_main(workdir: str, timeout: str) -> None:
+    """One local worker: join the launch's gloo group, run this rank's jobs, rank 0 writes the parts."""
+    torch.set_num_threads(1)
+    seconds = float(timeout)
+    dist.init_process_group("gloo", init_method="env://", timeout=_dt.timedelta(seconds=seconds))
+    try:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        jobs = _read_jobs(Path(workdir) / _JOBS_FILE, rank, world)
+        parts = _run_in_group(jobs, dist.group.WORLD, seconds)
+        if rank == 0:
+            _write_parts(parts, Path(workdir) / _RESULT_FILE)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":  # the local workers' entry point (see _launch_local)
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    record(_worker_main)(*sys.argv[1:])

@@ -2,7 +2,9 @@
 
 The data root is, in order: the ``root`` argument, ``$REPLAYKIT_DATA``, the
 ``shared/data`` folder beside this repository (CI and development), or a user
-cache folder. Nothing is downloaded unless the caller asks (``download=True``).
+cache folder. Nothing is downloaded unless the caller asks (``download=True``,
+or :func:`ensure_datasets` with ``download=True``, which the test session uses on
+a machine that has no data root: see ``tests/conftest.py``).
 
 The data root is never written to (it may be shared and read-only): the
 canonical ``.gz`` / ``.tar.gz`` files are checked against torchvision's md5 sums
@@ -35,6 +37,8 @@ __all__ = [
     "data_root",
     "cache_dir",
     "dataset_info",
+    "ensure_datasets",
+    "expected_files",
     "load_dataset",
     "load_tensors",
     "normalize",
@@ -134,6 +138,63 @@ def _torchvision_class(key: str):
     return {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST, "cifar10": datasets.CIFAR10}[key]
 
 
+def _expected(key: str, root: Path) -> list[tuple[Path, str]]:
+    """(path under ``root``, torchvision's md5) of each canonical archive of a dataset."""
+    if key == "digits":
+        return []  # ships inside scikit-learn
+    cls = _torchvision_class(key)
+    if key == "cifar10":
+        return [(root / cls.filename, cls.tgz_md5)]
+    return [(root / cls.__name__ / "raw" / filename, md5) for filename, md5 in cls.resources]
+
+
+def expected_files(name: str, root: str | os.PathLike) -> list[Path]:
+    """The canonical archives of a torchvision dataset, where they belong under ``root``."""
+    return [path for path, _ in _expected(_canonical(name), Path(root))]
+
+
+def _lacking(keys: list[str], root: Path, verify: bool) -> list[str]:
+    """The datasets with a file missing under ``root`` (or, with ``verify``, one failing its md5)."""
+    return [
+        key for key in keys
+        if any(not path.is_file() or (verify and _md5(path) != md5) for path, md5 in _expected(key, root))
+    ]
+
+
+def _put_files_hint(keys: list[str], root: Path) -> str:
+    """Which files to put where, for an error message."""
+    paths = [str(path) for key in keys for path in expected_files(key, root)]
+    return "Put these files there (the canonical archives, md5-checked against torchvision's sums): " + ", ".join(paths)
+
+
+def _download_failed(keys: list[str], root: Path, exc: BaseException | None) -> DatasetNotFoundError:
+    reason = f"{type(exc).__name__}: {exc}".strip() if exc is not None else "no reason given"
+    return DatasetNotFoundError(f"could not download {', '.join(keys)} into {root} ({reason}). {_put_files_hint(keys, root)}")
+
+
+def ensure_datasets(names: list[str] | tuple[str, ...], root: str | os.PathLike, *, download: bool) -> list[str]:
+    """Make sure ``root`` holds the canonical files of ``names``; return the names downloaded.
+
+    A dataset whose files are all there is never downloaded. With ``download=False`` a missing
+    file raises :class:`DatasetNotFoundError`; with ``download=True`` torchvision fetches it
+    (md5-checked; a file cut short by an interrupted download fails its md5 and is fetched again)
+    and an unreachable network raises the same error, naming the files to put there.
+    """
+    root = Path(root).expanduser()
+    missing = _lacking([_canonical(name) for name in names], root, verify=download)
+    if missing and not download:
+        raise DatasetNotFoundError(f"{', '.join(missing)} not under the data root {root}. {_put_files_hint(missing, root)}")
+    for i, key in enumerate(missing):
+        try:
+            load_dataset(key, root=root, download=True)
+        except DatasetNotFoundError as exc:  # name every file still needed, not just this dataset's
+            raise _download_failed(missing[i:], root, exc.__cause__) from exc.__cause__
+    still = _lacking(missing, root, verify=False)
+    if still:  # torchvision skips the download when unpacked files are there without their archives
+        raise DatasetNotFoundError(f"{', '.join(still)} still incomplete under {root}. {_put_files_hint(still, root)}")
+    return missing
+
+
 def _unpack_idx(key: str, root: Path) -> Path:
     """Unpack MNIST-style ``raw/*.gz`` from ``root`` into the cache; return the cache root."""
     cls = _torchvision_class(key)
@@ -199,7 +260,10 @@ def load_dataset(name: str, train: bool = True, root: str | os.PathLike | None =
     cls = _torchvision_class(key)
     if download:
         target = Path(root).expanduser() if root is not None else cache_dir() / "data"
-        return cls(str(target), train=train, download=True)
+        try:
+            return cls(str(target), train=train, download=True)
+        except (OSError, RuntimeError) as exc:  # torchvision's errors when no mirror answers
+            raise _download_failed([key], target, exc) from exc
     base = data_root(root)
     prepared = _unpack_cifar(base) if key == "cifar10" else _unpack_idx(key, base)
     return cls(str(prepared), train=train, download=False)

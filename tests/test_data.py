@@ -1,13 +1,18 @@
 import gzip
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from replaykit import data
-from replaykit.data import DatasetNotFoundError, data_root, dataset_info, load_dataset, load_tensors
+from replaykit.data import DatasetNotFoundError, data_root, dataset_info, ensure_datasets, load_dataset, load_tensors
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_DATASETS = ("mnist", "fashion-mnist")
 
 
 def _snapshot(root: Path) -> dict[str, float]:
@@ -100,3 +105,120 @@ def test_normalize_round_trip():
     info = dataset_info("cifar10")
     x = torch.rand(2, 3, 4, 4)
     assert torch.allclose(data.denormalize(data.normalize(x, info), info), x, atol=1e-6)
+
+
+def _record_downloads(monkeypatch, effect=None) -> list[str]:
+    """Replace torchvision's MNIST / Fashion-MNIST download with a recorder (and ``effect``)."""
+    from torchvision.datasets import MNIST
+
+    calls: list[str] = []
+
+    def download(self) -> None:
+        calls.append(type(self).__name__)
+        if effect is not None:
+            effect(self)
+
+    monkeypatch.setattr(MNIST, "download", download)  # FashionMNIST inherits it
+    return calls
+
+
+def test_complete_root_is_never_downloaded_into(real_data_root, monkeypatch):
+    calls = _record_downloads(monkeypatch)
+    before = _snapshot(real_data_root)
+    assert ensure_datasets(REAL_DATASETS, real_data_root, download=True) == []
+    assert calls == [] and _snapshot(real_data_root) == before
+
+
+def test_unreachable_download_names_every_file_to_put_where(tmp_path, monkeypatch):
+    def offline(self) -> None:
+        raise RuntimeError("no mirror answered")
+
+    _record_downloads(monkeypatch, offline)
+    with pytest.raises(DatasetNotFoundError, match="not under the data root") as refused:
+        ensure_datasets(REAL_DATASETS, tmp_path, download=False)
+    with pytest.raises(DatasetNotFoundError, match="could not download mnist, fashion-mnist .*no mirror answered") as failed:
+        ensure_datasets(REAL_DATASETS, tmp_path, download=True)
+    for name in REAL_DATASETS:
+        for path in data.expected_files(name, tmp_path):
+            assert str(path) in str(refused.value) and str(path) in str(failed.value)
+
+
+def test_archive_cut_short_is_downloaded_again(real_data_root, tmp_path, monkeypatch):
+    for source, target in zip(data.expected_files("mnist", real_data_root), data.expected_files("mnist", tmp_path)):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, target)
+    cut = data.expected_files("mnist", tmp_path)[-1]
+    cut.write_bytes(cut.read_bytes()[:100])  # an interrupted download
+    good = data.expected_files("mnist", real_data_root)[-1]
+    from torchvision.datasets import MNIST
+
+    torchvision_download = MNIST.download
+
+    def fetch_then_unpack(self) -> None:  # the mirror's bytes arrive; torchvision verifies and unpacks them
+        shutil.copy(good, cut)
+        torchvision_download(self)
+
+    calls = _record_downloads(monkeypatch, fetch_then_unpack)
+    assert ensure_datasets(["mnist"], tmp_path, download=True) == ["mnist"]
+    assert calls == ["MNIST"] and cut.read_bytes() == good.read_bytes()
+
+
+# Loaded at interpreter start from PYTHONPATH: every connection fails, as on an offline machine.
+NO_NETWORK = """
+import socket
+
+def _offline(*args, **kwargs):
+    raise OSError("network disabled by the fresh-machine test")
+
+socket.socket.connect = socket.socket.connect_ex = _offline
+socket.create_connection = socket.getaddrinfo = _offline
+"""
+
+
+def _fresh_machine(tmp_path: Path) -> tuple[Path, dict[str, str], Path]:
+    """A copy of the tracked files with no ../shared beside it, and an offline environment with an empty HOME.
+
+    Returns the clone, the environment, and the user cache's data folder the tests will look in.
+    """
+    clone = tmp_path / "machine" / "replaykit"
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, check=True, capture_output=True).stdout
+    for name in filter(None, tracked.decode().split("\0")):
+        if (REPO / name).is_file():  # a tracked file deleted in the working tree is not copied
+            (clone / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, clone / name)
+    offline = tmp_path / "offline"
+    offline.mkdir()
+    (offline / "sitecustomize.py").write_text(NO_NETWORK)
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("REPLAYKIT_", "PYTEST_"))}
+    env.update(HOME=str(home), PYTHONPATH=str(offline), TMPDIR=str(tmp_path))
+    return clone, env, home / ".cache" / "replaykit" / "data"
+
+
+def _run_one_real_data_test(clone: Path, env: dict[str, str]) -> tuple[int, str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "tests/test_data.py", "-k", "torchvision_dataset_objects", "-p", "no:cacheprovider"],
+        cwd=clone, env=env, capture_output=True, text=True, timeout=600,
+    )
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def test_fresh_clone_offline_fails_naming_files_then_passes_with_them_in_the_cache(real_data_root, tmp_path):
+    clone, env, cache = _fresh_machine(tmp_path)
+    code, out = _run_one_real_data_test(clone, env)
+    # the clone's own code ran: it found no data root and fell back to the (empty) user cache
+    assert f"replaykit data root: {cache} (user cache" in out, out
+    assert code != 0 and "could not download mnist, fashion-mnist" in out, out
+    assert "network disabled by the fresh-machine test" in out, out  # it did try torchvision's download
+    for name in REAL_DATASETS:
+        for path in data.expected_files(name, cache):
+            assert str(path) in out, (path, out)
+
+    for name in REAL_DATASETS:
+        for source, target in zip(data.expected_files(name, real_data_root), data.expected_files(name, cache)):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(source, target)
+    code, out = _run_one_real_data_test(clone, env)
+    assert code == 0 and "1 passed" in out, out  # still offline: the files in the cache were enough
+    assert "replaykit: downloaded" not in out, out

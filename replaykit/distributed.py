@@ -46,7 +46,7 @@ import torch.distributed as dist
 
 from . import distill as _distill
 from .buffer import SyntheticBuffer
-from .fileio import atomic_write
+from .fileio import atomic_write, atomic_write_json
 
 __all__ = [
     "ClassJob", "DistributedDistillError", "distill_per_class", "assign_ranks", "init_from_env",
@@ -220,6 +220,7 @@ def _run_in_group(jobs: list[ClassJob], group: dist.ProcessGroup, timeout: float
             raise DistributedDistillError(*_decode_verdict(verdict))
         return [wire.recv_part(0) for _ in jobs]
     failure: tuple[str, int | None] | None = (error, 0) if error else None
+    unreachable: set[int] = set()
     for src in range(1, world):  # hear every rank out, so that none is left blocked in a send
         try:
             status = wire.recv_status(src)
@@ -230,8 +231,9 @@ def _run_in_group(jobs: list[ClassJob], group: dist.ProcessGroup, timeout: float
                 parts[i] = wire.recv_part(src)
         except DistributedDistillError as exc:
             failure = failure or (str(exc), exc.rank)
+            unreachable.add(src)
     if failure is not None:
-        wire.tell_all(json.dumps({"message": failure[0], "rank": failure[1]}), best_effort=True)
+        wire.tell_all(json.dumps({"message": failure[0], "rank": failure[1]}), best_effort=True, skip=unreachable)
         raise DistributedDistillError(*failure)
     wire.tell_all("")
     result = [parts[i] for i in range(len(jobs))]
@@ -255,9 +257,11 @@ class _Wire:
         cuda = dist.get_backend(group) == "nccl"
         self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
 
-    def _wait(self, work: dist.Work | None, peer: int, what: str, seconds: float | None = None) -> None:
+    def _transfer(self, start: Any, peer: int, what: str, seconds: float | None = None) -> None:
+        """Run ``start()`` (an isend / irecv) and wait for it; any failure becomes an error naming ``peer``."""
         seconds = self.timeout if seconds is None else seconds
         try:
+            work = start()
             if work is not None and not work.wait(_dt.timedelta(seconds=seconds)):
                 raise TimeoutError("wait returned False")
         except Exception as exc:  # gloo raises RuntimeError / DistBackendError for timeouts and dead peers
@@ -269,13 +273,13 @@ class _Wire:
             ) from exc
 
     def _send(self, tensor: torch.Tensor, dst: int) -> None:
-        work = dist.isend(tensor.to(self.device).contiguous(), group=self.group, group_dst=dst)
-        self._wait(work, dst, "take data from")
+        tensor = tensor.to(self.device).contiguous()
+        self._transfer(lambda: dist.isend(tensor, group=self.group, group_dst=dst), dst, "take data from")
 
     def _recv(self, shape: Sequence[int], dtype: torch.dtype, src: int, wait: float | None = None) -> torch.Tensor:
         tensor = torch.empty(tuple(shape), dtype=dtype, device=self.device)
         if tensor.numel():
-            self._wait(dist.irecv(tensor, group=self.group, group_src=src), src, "send data to", wait)
+            self._transfer(lambda: dist.irecv(tensor, group=self.group, group_src=src), src, "send data to", wait)
         return tensor.cpu()
 
     def send_status(self, message: str, dst: int) -> None:
@@ -288,8 +292,10 @@ class _Wire:
         failed, length = (int(v) for v in self._recv((2,), torch.int64, src, wait))
         return self._recv((length,), torch.uint8, src).numpy().tobytes().decode() if failed else ""
 
-    def tell_all(self, message: str, best_effort: bool = False) -> None:
+    def tell_all(self, message: str, best_effort: bool = False, skip: set[int] = frozenset()) -> None:
         for dst in range(1, dist.get_world_size(self.group)):
+            if dst in skip:
+                continue
             try:
                 self.send_status(message, dst)
             except DistributedDistillError:
@@ -319,7 +325,7 @@ def _text_tensor(text: str) -> torch.Tensor:
 
 
 # ------------------------------------------------------- local elastic launch
-_JOBS_FILE, _RESULT_FILE = "jobs.safetensors", "result.safetensors"
+_JOBS_FILE, _RESULT_FILE, _FAILURE_FILE = "jobs.safetensors", "result.safetensors", "failure.{rank}.json"
 
 
 def _launch_local(jobs: list[ClassJob], workers: int, timeout: float) -> list[SyntheticBuffer]:
@@ -336,21 +342,20 @@ def _launch_local(jobs: list[ClassJob], workers: int, timeout: float) -> list[Sy
         try:
             elastic_launch(config, entrypoint=sys.executable)("-m", "replaykit.distributed", tmp, repr(timeout))
         except ChildFailedError as exc:
-            raise _launch_error(exc) from None
+            # rank 0's verdict names the culprit; else another rank's (rank 0 was lost); else the launcher's record
+            verdicts = sorted(Path(tmp).glob(_FAILURE_FILE.format(rank="*")), key=lambda f: int(f.name.split(".")[1]))
+            raise DistributedDistillError(*_decode_verdict(verdicts[0].read_text())) if verdicts else _launch_error(exc) from None
         return _read_parts(Path(tmp) / _RESULT_FILE)
 
 
 def _launch_error(exc: Any) -> DistributedDistillError:
-    """The root cause of a failed launch: the failing rank's own message, else its exit code or signal."""
+    """The first worker to fail, with its recorded error or else its exit code or signal."""
     rank, failure = min(exc.failures.items(), key=lambda item: item[1].timestamp)
-    message = failure.message if isinstance(failure.message, str) else json.dumps(failure.message)
-    if failure.error_file_data:
-        message = failure.error_file_data.get("message", {}).get("message", message)
-        message = message.split("DistributedDistillError: ", 1)[-1]
-    if failure.exitcode < 0 or not failure.error_file_data:
-        how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
-        return DistributedDistillError(f"worker rank {rank} died ({how}) before delivering its parts", rank)
-    return DistributedDistillError(message if f"rank {rank}" in message else f"worker rank {rank}: {message}", rank)
+    if failure.exitcode < 0:
+        return DistributedDistillError(f"worker rank {rank} died (signal {failure.signal_name()}) before delivering its parts", rank)
+    recorded = (failure.error_file_data or {}).get("message", {})
+    message = recorded.get("message") if isinstance(recorded, dict) else None
+    return DistributedDistillError(f"worker rank {rank} failed (exit code {failure.exitcode}): {message or 'no error recorded'}", rank)
 
 
 def _write_jobs(jobs: list[ClassJob], path: Path) -> None:
@@ -418,7 +423,13 @@ def _worker_main(workdir: str, timeout: str) -> None:
     try:
         rank, world = dist.get_rank(), dist.get_world_size()
         jobs = _read_jobs(Path(workdir) / _JOBS_FILE, rank, world)
-        parts = _run_in_group(jobs, dist.group.WORLD, seconds)
+        try:
+            parts = _run_in_group(jobs, dist.group.WORLD, seconds)
+        except DistributedDistillError as exc:  # every rank that can be reached knows it: tell the parent, quietly
+            atomic_write_json(Path(workdir) / _FAILURE_FILE.format(rank=rank), {"message": str(exc), "rank": exc.rank})
+            # Rank 0 (or whoever lost rank 0) exits non-zero, so that the agent stops a rank that still hangs;
+            # the others exit cleanly, leaving rank 0 time to write its verdict.
+            sys.exit(1 if rank == 0 or exc.rank == 0 else 0)
         if rank == 0:
             _write_parts(parts, Path(workdir) / _RESULT_FILE)
     finally:

@@ -146,12 +146,13 @@ def distill_per_class(
 
 
 def merge_parts(parts: Sequence[SyntheticBuffer], **extra_meta: Any) -> SyntheticBuffer:
-    """Join per-class parts into one buffer; the metadata is the first part's with the summed seconds."""
+    """Join per-class parts into one buffer; the metadata is the first part's, with each part's seconds and their sum."""
     if not parts:
         raise ValueError("no parts to merge")
     meta = dict(parts[0].meta)
     meta.pop("created", None)
-    meta["distill_seconds"] = round(sum(float(p.meta.get("distill_seconds", 0.0)) for p in parts), 3)
+    meta["part_seconds"] = [float(p.meta.get("distill_seconds", 0.0)) for p in parts]
+    meta["distill_seconds"] = round(sum(meta["part_seconds"]), 3)
     meta.update(extra_meta)
     return SyntheticBuffer.concat(list(parts), meta=meta)
 

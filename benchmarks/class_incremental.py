@@ -27,23 +27,31 @@ import numpy as np
 import torch
 
 from replaykit import distill
-from replaykit.continual import RunConfig, StrategySpec, make_stream, run
+from replaykit.continual import GDUMB_EPOCHS, RunConfig, StrategySpec, make_stream, run
 from replaykit.data import DatasetNotFoundError, dataset_info, load_tensors
 from replaykit.fileio import atomic_write, atomic_write_json
-from replaykit.viz import save_accuracy_plot
+from replaykit.viz import save_accuracy_plot, save_bytes_plot
 
 PROTOCOL_WIDTH = 128
-BASELINES = ["naive", "joint", "replay:100", "replay:200", "replay:500", "class-balanced:100", "herding:100", "gdumb:100", "der:100"]
-DISTILLED_M = 100
-# Selection baselines and every synthesising method of the registry are run as distilled replay.
+#: The headline budget: 100 uint8 images of 28x28 (78,400 pixel bytes) plus 100 one-byte labels.
+HEADLINE_BYTES = 78_500
+BASELINES = [
+    "naive", "joint", "replay:100", "replay:200", "replay:500", "class-balanced:100", "herding:100", "gdumb:100", "der:100",
+    f"downsample:{HEADLINE_BYTES}B:factor=2", f"jpeg:{HEADLINE_BYTES}B:quality=50",
+]
+#: ReplayKit's distilled replay at the headline bytes (settings chosen on the validation split).
+DISTILLED = [f"distilled:{HEADLINE_BYTES}B:dm:uint8:factor=2"]
 
 
-def _specs(methods: list[str], baselines: list[str], options: dict[str, dict[str, Any]], storage: str, recompress: str) -> list[StrategySpec]:
+def _specs(methods: list[str], baselines: list[str], distilled: list[str], options: dict[str, dict[str, Any]], storage: str,
+           recompress: str) -> list[StrategySpec]:
+    """Baseline and distilled specs; ``methods`` adds each registry method at the headline bytes with ``options``."""
     from replaykit.continual import parse_spec
 
-    specs = [parse_spec(b) for b in baselines]
+    specs = [parse_spec(b) for b in baselines] + [parse_spec(d) for d in distilled]
     specs += [
-        StrategySpec("distilled", DISTILLED_M, m, dict(options.get(m, {})), storage=storage, recompress=recompress) for m in methods
+        StrategySpec("distilled", 0, m, dict(options.get(m, {})), storage=storage, recompress=recompress, mem_bytes=HEADLINE_BYTES)
+        for m in methods
     ]
     return specs
 
@@ -67,42 +75,69 @@ def _has_data(name: str, root: str | None) -> bool:
 
 
 def _table(runs: list[dict[str, Any]], config: dict[str, Any]) -> str:
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    groups: dict[tuple[str, int, str], list[dict[str, Any]]] = defaultdict(list)
     for r in runs:
-        groups[(r["dataset"], r["label"])].append(r)
+        groups[(r["dataset"], r["epochs"], r["label"])].append(r)
     lines = [
         f"Network: ConvNet-3 width {config['width']} (PROTOCOL: {PROTOCOL_WIDTH}"
         + ("" if config["width"] == PROTOCOL_WIDTH else "; narrower for the 2-core CPU budget, same for every method")
-        + f"), instance norm; {config['epochs']} epoch(s) per experience for every method; SGD lr 0.01 momentum 0.9; "
+        + "), instance norm; the same epochs per experience for every method of a table (column `epochs`; GDumb retrains "
+        f"from scratch on its memory for {GDUMB_EPOCHS} epochs at every experience); SGD lr 0.01 momentum 0.9; "
         f"batch {config['batch_size']} new + {config['batch_size_mem']} replayed (DER: min(128, M) replayed).",
         f"Training data: {'full training sets' if config.get('train_per_class') is None else str(config['train_per_class']) + ' images per class (subsample)'}; "
         f"evaluated on: {config.get('evaluated_on', 'test set')}; "
         f"test: {'full test sets' if config.get('test_per_class') is None else str(config['test_per_class']) + ' per class (subsample)'}.",
         "replay = Avalanche ReplayPlugin default storage (ExperienceBalancedBuffer: reservoir sampling within each experience). "
-        "Memory bytes: real images as uint8 + 1-byte label; distilled images at the stated storage precision; DER adds float32 logits.",
+        "Memory bytes: everything held after the last experience: real images as uint8 + 1-byte label; downsample: "
+        "uint8 at half resolution + label; jpeg: every byte of torchvision's encoded file + label; distilled images at "
+        "their stored resolution and precision + label; DER adds its float32 logits.",
         "",
-        "| dataset | strategy | seeds | final avg acc (%) | forgetting (%) | distill s (sum over exps) | run s | memory images | memory bytes |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| dataset | epochs | strategy | seeds | final avg acc (%) | forgetting (%) | distill s (sum over exps) | run s | memory images | memory bytes |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for (dataset, label), rs in groups.items():
+    for (dataset, epochs, label), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         acc = np.array([100 * r["final_accuracy"] for r in rs])
         fg = [100 * r["forgetting"] for r in rs if r["forgetting"] is not None]
         ds = np.array([sum(r["distill_seconds"]) for r in rs])
         secs = np.array([r["total_seconds"] for r in rs])
         forget = f"{np.mean(fg):.1f} ± {np.std(fg):.1f}" if fg else "-"
         lines.append(
-            f"| {dataset} | {label} | {len(rs)} | {acc.mean():.2f} ± {acc.std():.2f} | {forget} | "
+            f"| {dataset} | {epochs} | {label} | {len(rs)} | {acc.mean():.2f} ± {acc.std():.2f} | {forget} | "
             f"{ds.mean():.1f} | {secs.mean():.0f} | {rs[0]['memory_images']} | {rs[0]['memory_bytes']} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def _plots(runs: list[dict[str, Any]], out: Path) -> list[str]:
+def _family(run: dict[str, Any]) -> str:
+    """Line name of a run in the accuracy-vs-bytes plot: the label without its budget."""
+    return " ".join(part for part in run["label"].split() if not (part.startswith("M=") or part.endswith("B") and part[:-1].isdigit()))
+
+
+def _bytes_plots(runs: list[dict[str, Any]], out: Path) -> list[str]:
     paths = []
+    keyed: dict[tuple[str, int], dict[str, dict[int, list[dict[str, Any]]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for r in runs:
+        if r["memory_bytes"] > 0:
+            keyed[(r["dataset"], r["epochs"])][_family(r)][r["memory_bytes"] // 1000].append(r)
+    for (dataset, epochs), families in keyed.items():
+        points = {
+            name: [(float(np.mean([r["memory_bytes"] for r in rs])), 100 * float(np.mean([r["final_accuracy"] for r in rs])),
+                    100 * float(np.std([r["final_accuracy"] for r in rs]))) for rs in by_bytes.values()]
+            for name, by_bytes in families.items()
+        }
+        paths.append(str(save_bytes_plot(
+            points, out / f"accuracy_vs_bytes_{dataset}_{epochs}ep.png",
+            title=f"Split-{dataset}, {epochs} epoch(s) per experience: final accuracy vs memory (mean ± std over seeds)",
+        )))
+    return paths
+
+
+def _plots(runs: list[dict[str, Any]], out: Path) -> list[str]:
+    paths = _bytes_plots(runs, out)
     by_dataset: dict[str, dict[str, list[list[float]]]] = defaultdict(lambda: defaultdict(list))
     for r in runs:
         if r["kind"] != "joint":
-            by_dataset[r["dataset"]][r["label"]].append([100 * a for a in r["stream_accuracy"]])
+            by_dataset[f"{r['dataset']}_{r['epochs']}ep"][r["label"]].append([100 * a for a in r["stream_accuracy"]])
     for dataset, curves in by_dataset.items():
         means = {k: list(np.mean(v, axis=0)) for k, v in curves.items()}
         stds = {k: list(np.std(v, axis=0)) for k, v in curves.items()}
@@ -121,16 +156,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--seed", type=int, default=None, help="run one seed (overrides --seeds)")
-    parser.add_argument("--methods", nargs="*", default=None, help="distillation methods (default: every registered one; none: give the flag alone)")
+    parser.add_argument("--methods", nargs="*", default=[], help=f"also run these registry methods as distilled replay at {HEADLINE_BYTES} bytes, uint8, default options")
     parser.add_argument("--baselines", nargs="*", default=None, help=f"baseline specs (default: {' '.join(BASELINES)})")
+    parser.add_argument("--distilled", nargs="*", default=None, help=f"distilled replay specs (default: {' '.join(DISTILLED)}); see replaykit.continual.parse_spec")
+    parser.add_argument("--copy-json", default=None, help="also write the results document here (full runs: benchmarks/results/class_incremental.json)")
     parser.add_argument("--method-options", default="{}", help='JSON: {"dm": {"iterations": 200}, ...}')
     parser.add_argument("--storage", default="float32", choices=["float32", "float16", "uint8"], help="distilled buffer precision")
     parser.add_argument("--recompress", default="distill", choices=["distill", "select"], help="how held classes shrink")
-    parser.add_argument("--epochs", type=int, default=1, help="epochs per experience, the same for every strategy")
+    parser.add_argument("--epochs", type=int, nargs="+", default=[1], help="epochs per experience, the same for every strategy (one table each)")
     parser.add_argument("--width", type=int, default=32, help=f"ConvNet width (PROTOCOL: {PROTOCOL_WIDTH})")
     parser.add_argument("--train-per-class", type=int, default=None, help="subsample the training sets (quick runs only)")
     parser.add_argument("--test-per-class", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: 2, or 1 with --jobs > 1)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs side by side in separate processes (e.g. 2 on 2 cores)")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--out", default="runs/class_incremental")
     parser.add_argument("--validation", action="store_true", help="evaluate on a held-out tenth of the training set (for tuning)")
@@ -142,18 +180,17 @@ def main(argv: list[str] | None = None) -> int:
     options = json.loads(args.method_options)
     seeds = [args.seed] if args.seed is not None else args.seeds
     baselines = BASELINES if args.baselines is None else args.baselines
-    methods = distill.available() if args.methods is None else args.methods
+    distilled = DISTILLED if args.distilled is None else args.distilled
+    methods = args.methods
     if args.quick:
         seeds = [seeds[0]]
         args.datasets = args.datasets or ["mnist"]
-        args.train_per_class = args.train_per_class or 100
-        args.test_per_class = args.test_per_class or 50
-        args.epochs = max(args.epochs, 2)
+        args.train_per_class = args.train_per_class or 60
+        args.test_per_class = args.test_per_class or 30
+        args.epochs = [max(args.epochs[0], 2)]
         args.width = min(args.width, 16)
-        baselines = args.baselines if args.baselines is not None else ["naive", "joint", "replay:100", "class-balanced:100", "herding:100", "gdumb:100", "der:100"]
-        methods = args.methods if args.methods is not None else ["random"] + [m for m in ("dm",) if m in distill.available()]
-        for name, quick in QUICK_OPTIONS.items():
-            options.setdefault(name, quick)
+        baselines = args.baselines if args.baselines is not None else QUICK_BASELINES
+        distilled = args.distilled if args.distilled is not None else QUICK_DISTILLED
     unknown = [m for m in methods if m not in distill.available()]
     if unknown:
         raise SystemExit(f"class_incremental: unknown methods {unknown}; registered: {distill.available()}")
@@ -162,45 +199,58 @@ def main(argv: list[str] | None = None) -> int:
         if "cifar10" not in args.datasets and not args.quiet:
             print("note: CIFAR-10 files are not in the data root; Split-CIFAR-10 is left out (ask with --datasets cifar10)")
     _check_data(args.datasets, args.data_root)
+    args.threads = args.threads or (1 if args.jobs > 1 else 2)
     torch.set_num_threads(args.threads)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
     config = {
-        "width": args.width, "depth": 3, "epochs": args.epochs, "batch_size": 128, "batch_size_mem": 128,
+        "width": args.width, "depth": 3, "epochs": args.epochs, "batch_size": 128, "batch_size_mem": 128, "headline_bytes": HEADLINE_BYTES,
         "train_per_class": args.train_per_class, "test_per_class": args.test_per_class, "storage": args.storage, "recompress": args.recompress,
         "method_options": options, "quick": args.quick, "evaluated_on": "validation split of train" if args.validation else "test set",
     }
     runs: list[dict[str, Any]] = []
     if args.resume and results_path.is_file():
         runs = json.loads(results_path.read_text())["runs"]
-    done = {(r["dataset"], r["seed"], r["label"]) for r in runs}
-    specs = _specs(methods, baselines, options, args.storage, args.recompress)
+    done = {(r["dataset"], r["seed"], r["label"], r["epochs"]) for r in runs}
+    specs = _specs(methods, baselines, distilled, options, args.storage, args.recompress)
+    cells = [
+        (RunConfig(dataset=d, seed=sd, epochs=e, width=args.width, train_per_class=args.train_per_class,
+                   test_per_class=args.test_per_class, data_root=args.data_root, validation=args.validation), spec)
+        for e in args.epochs for d in args.datasets for sd in seeds for spec in specs
+        if (d, sd, spec.label, e) not in done
+    ]
+    config["jobs"], config["threads_per_job"] = args.jobs, args.threads
     start = time.perf_counter()
-    for dataset in args.datasets:
-        for seed in seeds:
-            cfg = RunConfig(
-                dataset=dataset, seed=seed, epochs=args.epochs, width=args.width, train_per_class=args.train_per_class,
-                test_per_class=args.test_per_class, data_root=args.data_root, validation=args.validation,
-            )
-            stream = None
-            for spec in specs:
-                if (dataset, seed, spec.label) in done:
-                    continue
-                stream = stream or make_stream(cfg)
-                result = run(spec, cfg, stream, progress=not args.quiet)
-                record = {"dataset": dataset, **result.to_json(), "width": args.width, "epochs": args.epochs}
-                if spec.kind == "distilled":
-                    record.update(method_options=spec.method_options, storage=spec.storage, recompress=spec.recompress)
-                runs.append(record)
-                if not args.quiet:
-                    print(f"{dataset} seed {seed} {spec.label}: final acc {100 * result.final_accuracy:.2f} %, "
-                          f"distill {sum(result.distill_seconds):.1f} s, run {result.total_seconds:.0f} s", flush=True)
-                atomic_write_json(results_path, _document(config, runs))
+
+    def record_done(record: dict[str, Any]) -> None:
+        runs.append(record)
+        if not args.quiet:
+            print(f"{record['dataset']} {record['epochs']}ep seed {record['seed']} {record['label']}: final acc "
+                  f"{100 * record['final_accuracy']:.2f} %, distill {sum(record['distill_seconds']):.1f} s, "
+                  f"run {record['total_seconds']:.0f} s, {record['memory_bytes']} B", flush=True)
+        atomic_write_json(results_path, _document(config, runs))  # resumable after every run
+
+    if args.jobs <= 1:
+        for cfg, spec in cells:
+            record_done(_run_cell(cfg, spec, args.threads, not args.quiet))
+    else:  # independent runs side by side, one process each (one torch thread each by default)
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
+            futures = [pool.submit(_run_cell, cfg, spec, args.threads, False) for cfg, spec in cells]
+            for future in as_completed(futures):
+                record_done(future.result())
+    order = {(e, d, sd, spec.label): i for i, (e, d, sd, spec) in enumerate(
+        (e, d, sd, spec) for e in args.epochs for d in args.datasets for sd in seeds for spec in specs)}
+    runs.sort(key=lambda r: order.get((r["epochs"], r["dataset"], r["seed"], r["label"]), -1))
     document = _document(config, runs)
     document["wall_seconds_this_invocation"] = round(time.perf_counter() - start, 1)
     atomic_write_json(results_path, document)
+    if args.copy_json:
+        atomic_write_json(Path(args.copy_json), document)
     table = _table(runs, config)
     atomic_write(out / "results.md", lambda tmp: tmp.write_text(table))
     plots = _plots(runs, out)
@@ -209,8 +259,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-# Cheap settings for --quick only (the smoke run checks the code paths, not the numbers).
-QUICK_OPTIONS: dict[str, dict[str, Any]] = {}
+_STREAMS: dict[tuple, Any] = {}
+
+
+def _run_cell(cfg: RunConfig, spec: StrategySpec, threads: int, progress: bool) -> dict[str, Any]:
+    """One strategy on one stream (in a worker process when ``--jobs`` > 1); the JSON record of the run."""
+    torch.set_num_threads(threads)
+    key = (cfg.dataset, cfg.seed, cfg.train_per_class, cfg.test_per_class, cfg.validation, cfg.data_root)
+    if key not in _STREAMS:
+        _STREAMS.clear()
+        _STREAMS[key] = make_stream(cfg)
+    result = run(spec, cfg, _STREAMS[key], progress=progress)
+    record = {"dataset": cfg.dataset, **result.to_json(), "width": cfg.width, "epochs": cfg.epochs}
+    if spec.kind == "distilled":
+        record.update(method_options=spec.method_options, storage=spec.storage, recompress=spec.recompress)
+    record["options"] = spec.options
+    return record
+
+
+# --quick checks the code paths (every kind of memory, bytes accounting), not the numbers, in well under 2 minutes.
+QUICK_BASELINES = ["naive", "replay:100", "gdumb:100", "der:100", f"downsample:{HEADLINE_BYTES}B:factor=2", f"jpeg:{HEADLINE_BYTES}B:quality=50"]
+QUICK_DISTILLED = [f"distilled:{HEADLINE_BYTES}B:dm:uint8:factor=2:iterations=5:real_batch=16"]
 
 
 def _document(config: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:

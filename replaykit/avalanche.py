@@ -42,6 +42,7 @@ buffer is written with :meth:`DistilledBuffer.save` in ReplayKit's safetensors f
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -51,21 +52,44 @@ import torch
 from avalanche.benchmarks.utils import AvalancheDataset
 from avalanche.benchmarks.utils.classification_dataset import _make_taskaware_classification_dataset
 from avalanche.evaluation.metric_results import MetricValue
-from avalanche.training.plugins import ReplayPlugin
+from avalanche.training.plugins import ReplayPlugin, SupervisedPlugin
 from avalanche.training.storage_policy import ExemplarsBuffer
 from torch.utils.data import DataLoader, TensorDataset
 
 from . import distill as _distill
-from .buffer import STORAGE_DTYPES, SyntheticBuffer
+from .buffer import STORAGE_DTYPES, SyntheticBuffer, decode_upsample
+from .distill.dm import MatchingDistiller
 from .progress import progress_bar
 from .training import soft_cross_entropy
 
 if TYPE_CHECKING:
     from avalanche.training.templates import SupervisedTemplate
 
-__all__ = ["DistilledBuffer", "DistilledReplayPlugin", "dataset_tensors", "class_quotas"]
+__all__ = ["DistilledBuffer", "DistilledReplayPlugin", "MixedResolutionPlugin", "low_resolution_view", "dataset_tensors", "class_quotas", "image_cost_bytes", "images_for_bytes"]
 
 RECOMPRESS_MODES = ("distill", "select")
+_PIXEL_BYTES = {"float32": 4, "float16": 2, "uint8": 1}
+
+
+def image_cost_bytes(in_shape: Sequence[int], *, factor: int = 1, storage: str = "uint8", bits: int = 8) -> int:
+    """Bytes one held image costs: its pixels at the stored resolution and precision plus a one-byte label.
+
+    ``bits`` (uint8 storage only): grey levels of ``bits`` bits, packed ``8 // bits`` to a byte.
+    """
+    c, h, w = (int(v) for v in in_shape)
+    if h % factor or w % factor:
+        raise ValueError(f"decoder factor {factor} does not divide the image size {h}x{w}")
+    pixels = c * (h // factor) * (w // factor)
+    if storage == "uint8":
+        return math.ceil(pixels * bits / 8) + 1
+    return pixels * _PIXEL_BYTES[storage] + 1
+
+
+def images_for_bytes(mem_bytes: int, in_shape: Sequence[int], *, factor: int = 1, storage: str = "uint8", bits: int = 8) -> int:
+    """How many images fit in ``mem_bytes`` (pixels + labels): 78,500 B hold 100 uint8 MNIST images, 398 at 2 bits."""
+    if not isinstance(mem_bytes, int) or isinstance(mem_bytes, bool) or mem_bytes < 1:
+        raise ValueError(f"mem_bytes must be a positive int, got {mem_bytes!r}")
+    return mem_bytes // image_cost_bytes(in_shape, factor=factor, storage=storage, bits=bits)
 
 
 def class_quotas(classes: Sequence[int], mem_size: int) -> dict[int, int]:
@@ -121,11 +145,17 @@ class DistilledBuffer(ExemplarsBuffer):
         num_classes: size of the label space; default grows with the largest class seen.
         seed: every distillation call derives its seed from it.
         progress: show progress bars while distilling.
+        mem_bytes: the budget in bytes instead of images (pixels at their stored resolution and
+            precision plus one byte per label); ``max_size`` becomes the number of images that fit
+            (needs ``dataset_meta['in_shape']``). With ``method_options={"factor": 2}`` the images
+            are held at half resolution, so 78,500 bytes hold 398 MNIST images instead of 100.
+        learner_aware: give the method the learner (the strategy's model at the end of the
+            experience) as an extra feature extractor (``learner=``; matching methods only).
     """
 
     def __init__(
         self,
-        max_size: int,
+        max_size: int | None = None,
         method: str = "dm",
         method_options: dict[str, Any] | None = None,
         *,
@@ -135,19 +165,37 @@ class DistilledBuffer(ExemplarsBuffer):
         num_classes: int | None = None,
         seed: int = 0,
         progress: bool = True,
+        mem_bytes: int | None = None,
+        learner_aware: bool = False,
     ) -> None:
+        if storage not in STORAGE_DTYPES:
+            raise ValueError(f"storage must be one of {STORAGE_DTYPES}, got {storage!r}")
+        factor = int((method_options or {}).get("factor", 1))
+        bits = int((method_options or {}).get("bits", 8))
+        if bits != 8 and storage != "uint8":
+            raise ValueError(f"bits={bits} needs storage='uint8'")
+        if mem_bytes is not None:
+            in_shape = (dataset_meta or {}).get("in_shape")
+            if not in_shape:
+                raise ValueError("mem_bytes needs dataset_meta with the images' in_shape (dataset_info(name).meta())")
+            fitting = images_for_bytes(mem_bytes, in_shape, factor=factor, storage=storage, bits=bits)
+            if max_size is not None and max_size != fitting:
+                raise ValueError(f"give max_size or mem_bytes, not both: {mem_bytes} bytes hold {fitting} images, not {max_size}")
+            if fitting < 1:
+                raise ValueError(f"mem_bytes={mem_bytes} holds no image of shape {tuple(in_shape)} at {storage}")
+            max_size = fitting
         if not isinstance(max_size, int) or isinstance(max_size, bool) or max_size < 1:
-            raise ValueError(f"max_size must be a positive int, got {max_size!r}")
+            raise ValueError(f"max_size must be a positive int (or give mem_bytes), got {max_size!r}")
+        if learner_aware and not issubclass(_distill.REGISTRY.get(method, object), MatchingDistiller):
+            raise ValueError(f"learner_aware needs a matching method (dm, dm-multi), not {method!r}")
         if method not in _distill.REGISTRY:
             raise ValueError(f"unknown distillation method {method!r}; available: {', '.join(_distill.available())}")
         options = dict(method_options or {})
-        clash = {"ipc", "seed", "progress"} & options.keys()
+        clash = {"ipc", "seed", "progress", "learner"} & options.keys()
         if clash:
             raise ValueError(f"method_options must not set {sorted(clash)}: the buffer chooses them")
         if recompress not in RECOMPRESS_MODES:
             raise ValueError(f"recompress must be one of {RECOMPRESS_MODES}, got {recompress!r}")
-        if storage not in STORAGE_DTYPES:
-            raise ValueError(f"storage must be one of {STORAGE_DTYPES}, got {storage!r}")
         if storage == "uint8" and not {"mean", "std"} <= set(dataset_meta or {}):
             raise ValueError("storage='uint8' needs dataset_meta with the dataset's mean and std (dataset_info(name).meta())")
         super().__init__(max_size)
@@ -159,6 +207,9 @@ class DistilledBuffer(ExemplarsBuffer):
         self.num_classes = num_classes
         self.seed = seed
         self.progress = progress
+        self.mem_bytes = mem_bytes
+        self.learner_aware = learner_aware
+        self._learner: torch.nn.Module | None = None
         self.synthetic: SyntheticBuffer | None = None
         self.distill_seconds: list[float] = []
         self._updates = 0
@@ -171,7 +222,7 @@ class DistilledBuffer(ExemplarsBuffer):
         if self.synthetic is None or len(self.synthetic) == 0:
             return AvalancheDataset([])
         if self._dataset_cache is None:
-            base = _LabelledImages(self.synthetic.images, self.synthetic.class_ids)
+            base = _LabelledImages(self.synthetic.decoded_images(), self.synthetic.class_ids)
             self._dataset_cache = _make_taskaware_classification_dataset(base, task_labels=0)
         return self._dataset_cache
 
@@ -183,7 +234,8 @@ class DistilledBuffer(ExemplarsBuffer):
     def post_adapt(self, agent_state: Any, exp: Any) -> None:
         """Distill the experience's training data into the buffer (Avalanche calls this after training)."""
         images, labels = dataset_tensors(exp.dataset)
-        self.update_from_tensors(images, labels)
+        learner = getattr(agent_state, "model", None) if self.learner_aware else None
+        self.update_from_tensors(images, labels, learner=learner)
 
     def resize(self, strategy: Any, new_size: int) -> None:
         """Change M; held classes are re-compressed when it shrinks."""
@@ -200,16 +252,20 @@ class DistilledBuffer(ExemplarsBuffer):
         seen = set(self.synthetic.classes if self.synthetic is not None else []) | {int(c) for c in classes}
         class_quotas(seen, self.max_size)
         if image_shape is not None and self.synthetic is not None and len(self.synthetic):
-            if tuple(image_shape) != self.synthetic.image_shape:
+            if tuple(image_shape) != self.synthetic.decoded_shape:
                 raise ValueError(
                     f"the stream's images have shape {tuple(image_shape)} but the buffer holds images of shape "
-                    f"{self.synthetic.image_shape} (dataset {self.synthetic.meta.get('dataset')!r}); "
+                    f"{self.synthetic.decoded_shape} (dataset {self.synthetic.meta.get('dataset')!r}); "
                     "a buffer from another dataset cannot be replayed here"
                 )
 
-    def update_from_tensors(self, images: torch.Tensor, labels: torch.Tensor) -> float:
-        """Distill ``(images, labels)`` class by class into the buffer; return the seconds it took."""
+    def update_from_tensors(self, images: torch.Tensor, labels: torch.Tensor, learner: torch.nn.Module | None = None) -> float:
+        """Distill ``(images, labels)`` class by class into the buffer; return the seconds it took.
+
+        ``learner`` (with ``learner_aware``): the network trained on this data, used by the method as a feature extractor.
+        """
         _distill.check_training_data(images, labels, None)
+        self._learner = learner
         self.check_experience(torch.unique(labels).tolist(), tuple(images.shape[1:]))
         start = time.perf_counter()
         held = self.synthetic
@@ -223,6 +279,7 @@ class DistilledBuffer(ExemplarsBuffer):
             bar.set_postfix(cls=cls, ipc=quotas[cls])
             mask = labels == cls
             fresh = self._run_method(images[mask], labels[mask], min(quotas[cls], int(mask.sum())), k, cls)
+            self._check_budget(fresh)
             if held is not None and cls in held.classes:  # new data for a class already held
                 joined = SyntheticBuffer.concat([_pad(held.select_classes([cls]), k), fresh])
                 fresh = self._recompress(joined, {cls: quotas[cls]}, desc=f"{exp_tag} merge")
@@ -232,6 +289,7 @@ class DistilledBuffer(ExemplarsBuffer):
             if old:
                 kept = self._recompress(_pad(held.select_classes(old), k), {c: quotas[c] for c in old}, desc=exp_tag)
                 parts.insert(0, kept)
+        self._learner = None  # never held between experiences (checkpoints stay small)
         seconds = time.perf_counter() - start
         self.distill_seconds.append(round(seconds, 3))
         self._updates += 1
@@ -252,13 +310,15 @@ class DistilledBuffer(ExemplarsBuffer):
         if ours and theirs and ours != theirs:
             raise ValueError(f"the buffer was distilled from {theirs!r} but this stream is {ours!r}")
         expected = self.dataset_meta.get("in_shape")
-        if expected and len(buffer) and tuple(expected) != buffer.image_shape:
+        if expected and len(buffer) and tuple(expected) != buffer.decoded_shape:
             raise ValueError(
-                f"the buffer holds images of shape {buffer.image_shape} but the stream's dataset "
+                f"the buffer holds images of shape {buffer.decoded_shape} but the stream's dataset "
                 f"{ours!r} has shape {tuple(expected)}"
             )
         if len(buffer) > self.max_size:
             raise ValueError(f"the buffer holds {len(buffer)} images, more than max_size={self.max_size}")
+        if self.mem_bytes is not None and buffer.nbytes(self.storage) > self.mem_bytes:
+            raise ValueError(f"the buffer takes {buffer.nbytes(self.storage)} bytes at {self.storage}, more than mem_bytes={self.mem_bytes}")
         self._set(buffer)
 
     def save(self, path: str | os.PathLike, storage: str | None = None) -> Path:
@@ -288,11 +348,25 @@ class DistilledBuffer(ExemplarsBuffer):
             experiences=self._updates,
             distill_seconds=list(self.distill_seconds),
         )
+        factor = int(self.method_options.get("factor", 1))
+        if factor > 1:
+            meta["decoder"] = {"kind": "upsample", "factor": factor, "mode": "bilinear"}
+        if int(self.method_options.get("bits", 8)) < 8:
+            meta["pixel_bits"] = int(self.method_options["bits"])
         return meta
+
+    def _check_budget(self, part: SyntheticBuffer) -> None:
+        """The method must hold images at the resolution the byte budget was computed for."""
+        expected = int(self.method_options.get("factor", 1))
+        if part.decoder_factor != expected:
+            raise RuntimeError(f"{self.method} returned images with decoder factor {part.decoder_factor}, the budget assumed {expected}")
 
     def _run_method(self, images: torch.Tensor, labels: torch.Tensor, ipc: int, k: int, cls: int) -> SyntheticBuffer:
         seed = self.seed * 1_000_003 + self._updates * 1009 + cls
-        distiller = _distill.make(self.method, ipc=ipc, seed=seed, progress=self.progress, **self.method_options)
+        options = dict(self.method_options)
+        if self.learner_aware and getattr(self, "_learner", None) is not None:
+            options["learner"] = self._learner
+        distiller = _distill.make(self.method, ipc=ipc, seed=seed, progress=self.progress, **options)
         return distiller.distill(images, labels, num_classes=k, meta=self.dataset_meta)
 
     def _recompress(self, held: SyntheticBuffer, quotas: dict[int, int], desc: str) -> SyntheticBuffer:
@@ -306,15 +380,16 @@ class DistilledBuffer(ExemplarsBuffer):
                     gen = torch.Generator().manual_seed(self.seed * 7919 + self._updates * 31 + cls)
                     part = part.subset(torch.randperm(len(part), generator=gen)[:quota].sort().values)
                 else:
-                    chosen = self._run_method(part.images, part.class_ids, quota, held.num_classes, cls)
+                    chosen = self._run_method(part.decoded_images(), part.class_ids, quota, held.num_classes, cls)
                     # a selecting method picks held images: keep their own (possibly soft) labels
-                    part = part.subset(_match_rows(part.images, chosen.images)) if _distill.REGISTRY[self.method].selects else chosen
+                    part = part.subset(_match_rows(part.decoded_images(), chosen.images)) if _distill.REGISTRY[self.method].selects else chosen
             parts.append(part)
         return SyntheticBuffer.concat(parts, meta=held.meta)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_dataset_cache"] = None  # rebuilt on demand; keeps checkpoints small
+        state["_learner"] = None
         return state
 
 
@@ -335,11 +410,8 @@ def _quantize(buffer: SyntheticBuffer, storage: str) -> SyntheticBuffer:
     if storage == "float32" or len(buffer) == 0:
         return buffer
     if storage == "float16":
-        images = buffer.images.half().float()
-    else:
-        mean, std = (torch.tensor(buffer.meta[key], dtype=torch.float32).view(1, -1, 1, 1) for key in ("mean", "std"))
-        images = ((buffer.pixels() * 255.0).round() / 255.0 - mean) / std
-    return SyntheticBuffer(images.contiguous(), buffer.labels, buffer.num_classes, buffer.class_ids, buffer.meta)
+        return SyntheticBuffer(buffer.images.half().float(), buffer.labels, buffer.num_classes, buffer.class_ids, buffer.meta)
+    return buffer.quantized()
 
 
 def _pad(buffer: SyntheticBuffer, num_classes: int) -> SyntheticBuffer:
@@ -352,6 +424,46 @@ def _pad(buffer: SyntheticBuffer, num_classes: int) -> SyntheticBuffer:
     return SyntheticBuffer(buffer.images, labels, num_classes, buffer.class_ids, buffer.meta)
 
 
+def low_resolution_view(images: torch.Tensor, factor: int) -> torch.Tensor:
+    """``images`` as a buffer held at ``1/factor`` resolution would give them back: average-pooled, then decoded."""
+    return decode_upsample(torch.nn.functional.avg_pool2d(images, factor), factor)
+
+
+class MixedResolutionPlugin(SupervisedPlugin):
+    """Train on a random share of every mini-batch at the buffer's stored resolution.
+
+    A buffer held at reduced resolution replays *blurred* images of the old classes while the
+    new classes arrive sharp: sharpness alone then tells new from old, and at test time the
+    (sharp) old-class images are taken for new classes. Showing a fraction ``p`` of each
+    training mini-batch through the same down/up-sampling removes that shortcut. Evaluation
+    is untouched. :class:`DistilledReplayPlugin` applies it by itself to low-resolution buffers.
+    """
+
+    def __init__(self, factor: int = 2, p: float = 0.5, seed: int = 0) -> None:
+        super().__init__()
+        if not isinstance(factor, int) or factor < 1:
+            raise ValueError(f"factor must be a positive int, got {factor!r}")
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"p must lie in [0, 1], got {p!r}")
+        self.factor, self.p = factor, float(p)
+        self._gen = torch.Generator().manual_seed(seed * 7_777 + 11)
+
+    def before_forward(self, strategy: "SupervisedTemplate", **kwargs: Any) -> None:
+        mix_resolution(strategy, self.factor, self.p, self._gen)
+
+
+def mix_resolution(strategy: "SupervisedTemplate", factor: int, p: float, gen: torch.Generator) -> None:
+    """Replace a random share ``p`` of the current training mini-batch's images by their low-resolution view."""
+    x = strategy.mbatch[0]
+    if factor == 1 or p == 0 or x.ndim != 4 or x.shape[-1] % factor or x.shape[-2] % factor:
+        return
+    pick = torch.rand(x.shape[0], generator=gen) < p
+    if pick.any():
+        x = x.clone()
+        x[pick] = low_resolution_view(x[pick], factor)
+        strategy.mbatch[0] = x
+
+
 def _cycle(loader: DataLoader) -> Iterator:
     while True:
         yield from loader
@@ -361,19 +473,22 @@ class DistilledReplayPlugin(ReplayPlugin):
     """Replay of a fixed-size distilled buffer beside each experience's data.
 
     Args:
-        mem_size: M, the most images held in total after any experience.
+        mem_size: M, the most images held in total after any experience (default 100 unless ``mem_bytes``).
+        mem_bytes: the budget in bytes instead (see :class:`DistilledBuffer`); ``mem_size`` is then what fits.
         method: distillation method name (see :func:`replaykit.distill.available`).
         method_options: options for the method's constructor.
         batch_size: new samples per mini-batch (default: the strategy's ``train_mb_size``).
         batch_size_mem: buffer samples per mini-batch (default: the strategy's ``train_mb_size``).
         soft_loss_weight: weight of the soft-label replay loss (soft-label buffers only).
+        mix_resolution: with a buffer held at reduced resolution, the share of every training
+            mini-batch shown at that resolution (see :class:`MixedResolutionPlugin`); 0 turns it off.
         storage_policy: a ready :class:`DistilledBuffer` (overrides the options above).
         Other keyword arguments go to :class:`DistilledBuffer`.
     """
 
     def __init__(
         self,
-        mem_size: int = 100,
+        mem_size: int | None = None,
         method: str = "dm",
         method_options: dict[str, Any] | None = None,
         *,
@@ -387,19 +502,31 @@ class DistilledReplayPlugin(ReplayPlugin):
         seed: int = 0,
         progress: bool = True,
         storage_policy: DistilledBuffer | None = None,
+        mem_bytes: int | None = None,
+        learner_aware: bool = False,
+        mix_resolution: float = 0.5,
     ) -> None:
+        if not 0.0 <= mix_resolution <= 1.0:
+            raise ValueError(f"mix_resolution must lie in [0, 1], got {mix_resolution!r}")
         if storage_policy is None:
+            if mem_size is None and mem_bytes is None:
+                mem_size = 100
             storage_policy = DistilledBuffer(
                 mem_size, method, method_options, recompress=recompress, storage=storage, dataset_meta=dataset_meta,
-                num_classes=num_classes, seed=seed, progress=progress,
+                num_classes=num_classes, seed=seed, progress=progress, mem_bytes=mem_bytes, learner_aware=learner_aware,
             )
+            mem_size = storage_policy.max_size
         elif not isinstance(storage_policy, DistilledBuffer):
             raise TypeError(f"storage_policy must be a DistilledBuffer, got {type(storage_policy).__name__}")
+        elif mem_size is None:
+            mem_size = storage_policy.max_size
         elif storage_policy.max_size != mem_size:
             raise ValueError(f"storage_policy.max_size={storage_policy.max_size} differs from mem_size={mem_size}")
         super().__init__(mem_size=mem_size, batch_size=batch_size, batch_size_mem=batch_size_mem, storage_policy=storage_policy)
         self.soft_loss_weight = soft_loss_weight
         self.seed = seed
+        self.mix_resolution = float(mix_resolution)
+        self._mix_gen = torch.Generator().manual_seed(seed * 7_777 + 11)
         self._soft_batches: Iterator | None = None
 
     @property
@@ -419,10 +546,15 @@ class DistilledReplayPlugin(ReplayPlugin):
         if synthetic is not None and synthetic.is_soft and len(synthetic):
             gen = torch.Generator().manual_seed(self.seed * 104729 + strategy.clock.train_exp_counter)
             size = self.batch_size_mem or strategy.train_mb_size
-            loader = DataLoader(TensorDataset(synthetic.images, synthetic.labels), batch_size=size, shuffle=True, generator=gen)
+            loader = DataLoader(TensorDataset(synthetic.decoded_images(), synthetic.labels), batch_size=size, shuffle=True, generator=gen)
             self._soft_batches = _cycle(loader)
             return
         super().before_training_exp(strategy, num_workers=num_workers, shuffle=shuffle, drop_last=drop_last, **kwargs)
+
+    def before_forward(self, strategy: "SupervisedTemplate", **kwargs: Any) -> None:
+        synthetic = self.storage_policy.synthetic
+        if synthetic is not None and len(synthetic) and synthetic.decoder_factor > 1:
+            mix_resolution(strategy, synthetic.decoder_factor, self.mix_resolution, self._mix_gen)
 
     def before_backward(self, strategy: "SupervisedTemplate", **kwargs: Any) -> None:
         if self._soft_batches is None:

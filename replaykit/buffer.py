@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,39 @@ def check_decoder(decoder: Any) -> int:
     if not isinstance(factor, int) or isinstance(factor, bool) or factor < 1:
         raise BufferFormatError(f"decoder factor must be a positive int, got {factor!r}")
     return factor
+
+
+PIXEL_BITS = (1, 2, 4, 8)
+
+
+def check_pixel_bits(bits: Any) -> int:
+    """Validate ``meta["pixel_bits"]``: uint8 storage keeps ``2**bits`` grey levels per pixel, packed ``8 // bits`` to a byte."""
+    bits = 8 if bits is None else bits
+    if bits not in PIXEL_BITS or isinstance(bits, bool):
+        raise BufferFormatError(f"pixel_bits must be one of {PIXEL_BITS}, got {bits!r}")
+    return int(bits)
+
+
+def pack_levels(levels: torch.Tensor, bits: int) -> torch.Tensor:
+    """``[N, ...]`` uint8 grey levels below ``2**bits`` -> ``[N, ceil(D * bits / 8)]`` bytes (D values per row)."""
+    flat = levels.reshape(levels.shape[0], -1).to(torch.int64)
+    if bits == 8:
+        return flat.to(torch.uint8)
+    per_byte = 8 // bits
+    pad = (-flat.shape[1]) % per_byte
+    flat = torch.nn.functional.pad(flat, (0, pad)).view(flat.shape[0], -1, per_byte)
+    shifts = torch.arange(per_byte, dtype=torch.int64) * bits
+    return (flat << shifts).sum(-1).to(torch.uint8)
+
+
+def unpack_levels(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Inverse of :func:`pack_levels`: ``[N, B]`` bytes -> ``[N, count]`` uint8 grey levels."""
+    if bits == 8:
+        return packed[:, :count].to(torch.uint8)
+    per_byte = 8 // bits
+    shifts = torch.arange(per_byte, dtype=torch.int64) * bits
+    values = (packed.to(torch.int64)[..., None] >> shifts) & ((1 << bits) - 1)
+    return values.reshape(packed.shape[0], -1)[:, :count].to(torch.uint8)
 
 
 def decode_upsample(images: torch.Tensor, factor: int) -> torch.Tensor:
@@ -133,6 +167,7 @@ class SyntheticBuffer:
         if ids.dtype != torch.int64:
             raise BufferFormatError(f"class_ids must be int64, got {ids.dtype}")
         check_decoder(self.meta.get("decoder"))
+        check_pixel_bits(self.meta.get("pixel_bits"))
         if n:
             if not torch.isfinite(x).all():
                 raise BufferFormatError("images contain NaN or inf")
@@ -190,7 +225,22 @@ class SyntheticBuffer:
             raise ValueError(f"storage must be one of {STORAGE_DTYPES}, got {storage!r}")
         soft_bytes = {"float32": 4, "float16": 2}[self.meta.get("soft_label_storage", "float32")]
         label_bytes = self.labels.numel() * (soft_bytes if self.is_soft else 1)
+        if storage == "uint8":  # grey levels packed 8 // pixel_bits to a byte, each image padded to whole bytes
+            per_image = math.ceil(int(math.prod(self.image_shape)) * self.pixel_bits / 8) if len(self) else 0
+            return len(self) * per_image + label_bytes
         return self.images.numel() * _BYTES_PER_PIXEL[storage] + label_bytes
+
+    @property
+    def pixel_bits(self) -> int:
+        """Bits per pixel of uint8 storage (8 unless ``meta['pixel_bits']`` says fewer)."""
+        return check_pixel_bits(self.meta.get("pixel_bits"))
+
+    def quantized(self) -> "SyntheticBuffer":
+        """The buffer as uint8 storage keeps it: pixels rounded to ``2**pixel_bits`` grey levels."""
+        mean, std = _mean_std(self.meta, self.images.shape[1])
+        levels = 2 ** self.pixel_bits - 1
+        images = ((self.pixels() * levels).round_() / levels - mean) / std
+        return SyntheticBuffer(images.contiguous(), self.labels, self.num_classes, self.class_ids, self.meta)
 
     # ------------------------------------------------------------ operations
     def subset(self, index: torch.Tensor | Sequence[int]) -> "SyntheticBuffer":
@@ -224,6 +274,9 @@ class SyntheticBuffer:
             raise BufferFormatError(
                 f"cannot join buffers with image shapes {sorted(shapes)} and num_classes {[b.num_classes for b in buffers]}"
             )
+        decoders = {json.dumps(b.meta.get("decoder"), sort_keys=True) for b in buffers if len(b)}
+        if len(decoders) > 1:
+            raise BufferFormatError(f"cannot join buffers held at different resolutions (decoders {sorted(decoders)})")
         soft = any(b.is_soft for b in buffers)
         labels = [b.soft_targets() if soft else b.labels for b in buffers]
         merged_meta = dict(buffers[0].meta) if meta is None else dict(meta)
@@ -253,7 +306,8 @@ class SyntheticBuffer:
         if storage == "float16":
             return self.images.to(torch.float16).contiguous()
         if storage == "uint8":
-            return (self.pixels() * 255.0).round_().to(torch.uint8).contiguous()
+            levels = (self.pixels() * (2 ** self.pixel_bits - 1)).round_().to(torch.uint8)
+            return levels.contiguous() if self.pixel_bits == 8 else pack_levels(levels, self.pixel_bits).contiguous()
         raise ValueError(f"storage must be one of {STORAGE_DTYPES}, got {storage!r}")
 
     def save(self, path: str | os.PathLike, storage: str = "float32") -> Path:
@@ -273,6 +327,7 @@ class SyntheticBuffer:
             "format_version": FORMAT_VERSION,
             "num_classes": self.num_classes,
             "storage": storage,
+            "image_shape": list(self.image_shape),
             "meta": self.meta,
             "sha256": _tensor_digest(tensors),
         }
@@ -312,11 +367,20 @@ class SyntheticBuffer:
             raise BufferFormatError(f"{path}: images stored as {tensors['images'].dtype}, header says {storage!r}")
         meta = header.get("meta", {})
         images = tensors["images"]
+        bits = check_pixel_bits(meta.get("pixel_bits"))
+        if storage == "uint8" and bits < 8:
+            shape = header.get("image_shape")
+            if not (isinstance(shape, list) and len(shape) == 3 and images.ndim == 2):
+                raise BufferFormatError(f"{path}: packed {bits}-bit images need a [N, bytes] tensor and an image_shape in the header")
+            count = int(math.prod(shape))
+            if images.shape[1] != math.ceil(count * bits / 8):
+                raise BufferFormatError(f"{path}: packed rows of {images.shape[1]} bytes do not hold {shape} pixels at {bits} bits")
+            images = unpack_levels(images, bits, count).reshape(-1, *shape)
         if images.ndim != 4:
             raise BufferFormatError(f"{path}: images must be [N, C, H, W], got shape {tuple(images.shape)}")
         if storage == "uint8":
             mean, std = _mean_std(meta, images.shape[1])
-            images = (images.float() / 255.0 - mean) / std
+            images = (images.float() / (2 ** bits - 1) - mean) / std
         return cls(images.float(), tensors["labels"], int(header["num_classes"]), tensors["class_ids"], meta)
 
     def __repr__(self) -> str:

@@ -35,8 +35,12 @@ __all__ = [
 ]
 
 #: Strategy kinds :func:`make_strategy` builds.
-KINDS = ("naive", "joint", "replay", "class-balanced", "herding", "gdumb", "der", "distilled")
-_NEEDS_MEMORY = {"replay", "class-balanced", "herding", "gdumb", "der", "distilled"}
+KINDS = ("naive", "joint", "replay", "class-balanced", "herding", "gdumb", "der", "distilled", "downsample", "jpeg")
+_NEEDS_MEMORY = {"replay", "class-balanced", "herding", "gdumb", "der", "distilled", "downsample", "jpeg"}
+_BYTES_ONLY = {"downsample", "jpeg"}
+#: GDumb retrains from scratch on its memory at every experience; it gets this many epochs on it
+#: (M=100 at batch 128 is one step per epoch), not the stream's epochs.
+GDUMB_EPOCHS = 250
 
 
 def class_order(seed: int, num_classes: int = 10) -> list[int]:
@@ -48,7 +52,12 @@ def class_order(seed: int, num_classes: int = 10) -> list[int]:
 
 @dataclass(frozen=True)
 class StrategySpec:
-    """What to run: a strategy ``kind`` with its memory budget (and method, for distilled replay)."""
+    """What to run: a strategy ``kind`` with its memory budget (and method, for distilled replay).
+
+    The budget is ``mem_size`` images or ``mem_bytes`` bytes (distilled and compressed replay).
+    ``options``: ``factor`` / ``quality`` for compressed replay; for distilled replay
+    ``learner_aware`` (bool) besides the method's own ``method_options``.
+    """
 
     kind: str
     mem_size: int = 0
@@ -56,32 +65,77 @@ class StrategySpec:
     method_options: dict[str, Any] = field(default_factory=dict)
     storage: str = "float32"  # distilled replay: precision the buffer's images are held at
     recompress: str = "distill"  # distilled replay: how held classes shrink ("distill" or "select")
+    mem_bytes: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown strategy {self.kind!r}; choose from {', '.join(KINDS)}")
-        if self.kind in _NEEDS_MEMORY and self.mem_size < 1:
+        if self.kind in _BYTES_ONLY and self.mem_bytes < 1:
+            raise ValueError(f"strategy {self.kind!r} needs a budget in bytes mem_bytes >= 1")
+        if self.kind in _NEEDS_MEMORY - _BYTES_ONLY and self.mem_size < 1 and not (self.kind == "distilled" and self.mem_bytes > 0):
             raise ValueError(f"strategy {self.kind!r} needs a memory budget mem_size >= 1")
 
     @property
     def label(self) -> str:
+        budget = f"{self.mem_bytes}B" if self.mem_bytes else f"M={self.mem_size}"
         if self.kind == "distilled":
-            suffix = "" if self.storage == "float32" else f" {self.storage}"
-            return f"distilled-{self.method} M={self.mem_size}{suffix}"
+            extras = [self.storage] if self.storage != "float32" else []
+            extras += [f"{k}={v}" for k, v in sorted(self.method_options.items()) if k in ("bits", "factor", "init")]
+            extras += ["learner"] if self.options.get("learner_aware") else []
+            extras += [f"mix={self.options['mix']}"] if "mix" in self.options else []
+            extras += [f"recompress={self.recompress}"] if self.recompress != "distill" else []
+            return " ".join([f"distilled-{self.method} {budget}"] + extras)
+        if self.kind == "downsample":
+            mix = f" mix={self.options['mix']}" if self.options.get("mix") else ""
+            bits = f" {self.options['bits']}bit" if self.options.get("bits", 8) != 8 else ""
+            return f"downsample x{self.options.get('factor', 2)} {budget}{bits}{mix}"
+        if self.kind == "jpeg":
+            return f"jpeg q{self.options.get('quality', 50)} {budget}"
         if self.kind in _NEEDS_MEMORY:
-            return f"{self.kind} M={self.mem_size}"
+            return f"{self.kind} {budget}"
         return self.kind
 
 
 def parse_spec(text: str) -> StrategySpec:
-    """``"naive"``, ``"replay:200"``, ``"distilled:100:dm"``, ``"distilled:100:dm:uint8"`` -> :class:`StrategySpec`."""
-    parts = text.split(":")
-    kind = parts[0]
-    mem = int(parts[1]) if len(parts) > 1 else 0
+    """Text form of a :class:`StrategySpec`: ``kind[:budget][:method][:storage][:key=value...]``.
+
+    The budget is a number of images (``replay:200``) or bytes (``downsample:78500B``).
+    Examples: ``"naive"``, ``"replay:200"``, ``"jpeg:78500B:quality=50"``,
+    ``"distilled:78500B:dm:uint8:factor=2:learner_aware=1:recompress=select:iterations=300"``.
+    ``key=value`` pairs go to the spec's ``options`` (factor, quality, learner_aware), its
+    ``recompress``, or else the method's options (numbers parsed as numbers).
+    """
+    positional = [p for p in text.split(":") if "=" not in p]
+    pairs = dict(p.split("=", 1) for p in text.split(":") if "=" in p)
+    kind = positional[0]
+    mem_size = mem_bytes = 0
+    if len(positional) > 1:
+        budget = positional[1]
+        if budget.upper().endswith("B"):
+            mem_bytes = int(budget[:-1])
+        else:
+            mem_size = int(budget)
+    values = {k: _parse_value(v) for k, v in pairs.items()}
+    recompress = str(values.pop("recompress", "distill"))
+    spec_keys = {"distilled": ("learner_aware", "mix"), "downsample": ("factor", "mix", "bits"), "jpeg": ("quality",)}.get(kind, ())
+    options = {k: values.pop(k) for k in spec_keys if k in values}
+    if values and kind != "distilled":
+        raise ValueError(f"{text!r}: options {sorted(values)} mean nothing for strategy {kind!r}")
     if kind == "distilled":
-        method = parts[2] if len(parts) > 2 else "dm"
-        return StrategySpec(kind, mem, method, storage=parts[3] if len(parts) > 3 else "float32")
-    return StrategySpec(kind, mem)
+        method = positional[2] if len(positional) > 2 else "dm"
+        storage = positional[3] if len(positional) > 3 else "float32"
+        return StrategySpec(kind, mem_size, method, values, storage=storage, recompress=recompress, mem_bytes=mem_bytes, options=options)
+    return StrategySpec(kind, mem_size, mem_bytes=mem_bytes, options=options)
+
+
+def _parse_value(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
 
 
 @dataclass
@@ -183,7 +237,8 @@ def make_strategy(spec: StrategySpec, config: RunConfig, *, progress: bool = Fal
     from avalanche.training.storage_policy import ClassBalancedBuffer, HerdingSelectionStrategy, ParametricBuffer
     from avalanche.training.supervised import DER, GDumb, JointTraining, Naive
 
-    from .avalanche import DistilledReplayPlugin
+    from .avalanche import DistilledReplayPlugin, MixedResolutionPlugin
+    from .compressed import CompressedReplayBuffer
 
     info = dataset_info(config.dataset)
     torch.manual_seed(config.seed)
@@ -202,7 +257,7 @@ def make_strategy(spec: StrategySpec, config: RunConfig, *, progress: bool = Fal
     if kind == "joint":
         return JointTraining(**common)
     if kind == "gdumb":
-        return GDumb(mem_size=m, **common)
+        return GDumb(mem_size=m, **{**common, "train_epochs": GDUMB_EPOCHS})
     if kind == "der":
         # DER replays only once its buffer holds batch_size_mem images (drop_last), so cap it at M.
         return DER(mem_size=m, batch_size_mem=min(config.batch_size_mem, m), **common)
@@ -213,10 +268,20 @@ def make_strategy(spec: StrategySpec, config: RunConfig, *, progress: bool = Fal
     elif kind == "herding":
         policy = ParametricBuffer(m, groupby="class", selection_strategy=HerdingSelectionStrategy(model, "features"))
         plugin = ReplayPlugin(mem_size=m, batch_size_mem=config.batch_size_mem, storage_policy=policy)
+    elif kind in _BYTES_ONLY:
+        options = dict(spec.options)
+        mix = float(options.pop("mix", 0.0))
+        policy = CompressedReplayBuffer(spec.mem_bytes, info.meta(), codec=kind, seed=config.seed, **options)
+        plugins = [ReplayPlugin(mem_size=1, batch_size_mem=config.batch_size_mem, storage_policy=policy)]
+        if mix > 0:  # the same mixed-resolution training distilled replay gets with a low-resolution buffer
+            plugins.append(MixedResolutionPlugin(policy.factor, mix, seed=config.seed))
+        return Naive(plugins=plugins, **common)
     else:  # distilled
         plugin = DistilledReplayPlugin(
-            mem_size=m, method=spec.method, method_options=dict(spec.method_options), batch_size_mem=config.batch_size_mem,
-            storage=spec.storage, recompress=spec.recompress, dataset_meta=info.meta(), num_classes=info.num_classes, seed=config.seed, progress=progress,
+            mem_size=m or None, method=spec.method, method_options=dict(spec.method_options), batch_size_mem=config.batch_size_mem,
+            storage=spec.storage, recompress=spec.recompress, dataset_meta=info.meta(), num_classes=info.num_classes, seed=config.seed,
+            progress=progress, mem_bytes=spec.mem_bytes or None, learner_aware=bool(spec.options.get("learner_aware", False)),
+            mix_resolution=float(spec.options.get("mix", 0.5)),
         )
     return Naive(plugins=[plugin], **common)
 
@@ -233,7 +298,7 @@ def _stored_images(strategy: Any, kind: str) -> tuple[int, Any]:
     for plugin in getattr(strategy, "plugins", []):
         policy = getattr(plugin, "storage_policy", None)
         if policy is not None:
-            return len(policy.buffer), getattr(policy, "synthetic", None)
+            return len(policy.buffer), getattr(policy, "synthetic", policy if kind in _BYTES_ONLY else None)
     policy = getattr(strategy, "storage_policy", None)  # DER
     if policy is not None:
         return len(policy.buffer), None
@@ -274,7 +339,9 @@ def run(spec: StrategySpec, config: RunConfig, benchmark=None, *, progress: bool
             train_seconds += time.perf_counter() - t0
             evaluate()
     images, synthetic = _stored_images(strategy, spec.kind)
-    if synthetic is not None:
+    if spec.kind in _BYTES_ONLY:
+        seconds, memory_bytes, synthetic = [], synthetic.nbytes(), None
+    elif synthetic is not None:
         seconds = list(synthetic.meta.get("distill_seconds", []))
         memory_bytes = synthetic.nbytes(spec.storage)
     else:

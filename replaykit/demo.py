@@ -46,11 +46,14 @@ def run_demo(
     method_options: dict[str, Any] | None = None,
     epochs: int = DEMO_EPOCHS,
     progress: bool = True,
+    validation: bool = False,
 ) -> dict[str, Any]:
     """Run the three strategies, write ``results.json``, ``accuracy.png`` and ``buffer.png`` to ``out``."""
     import torch
 
+    from .avalanche import image_cost_bytes
     from .continual import RunConfig, StrategySpec, make_stream, run
+    from .data import dataset_info
     from .fileio import atomic_write_json
     from .progress import progress_bar
     from .viz import save_accuracy_plot, save_buffer_grid
@@ -65,12 +68,14 @@ def run_demo(
     torch.set_num_threads(min(2, torch.get_num_threads()))
     config = RunConfig(
         dataset="digits", seed=seed, epochs=epochs, width=DEMO_WIDTH, depth=DEMO_DEPTH,
-        batch_size=DEMO_BATCH, batch_size_mem=DEMO_BATCH,
+        batch_size=DEMO_BATCH, batch_size_mem=DEMO_BATCH, validation=validation,
     )
+    info = dataset_info("digits")
+    mem_bytes = mem_size * image_cost_bytes(info.in_shape)  # what raw replay holds: uint8 pixels + 1-byte labels
     specs = [
         StrategySpec("naive"),
         StrategySpec("replay", mem_size),
-        StrategySpec("distilled", mem_size, method, dict(method_options), recompress=DEMO_RECOMPRESS),
+        StrategySpec("distilled", 0, method, dict(method_options), storage="uint8", recompress=DEMO_RECOMPRESS, mem_bytes=mem_bytes),
     ]
     start = time.perf_counter()
     stream = make_stream(config)
@@ -87,6 +92,8 @@ def run_demo(
         "dataset": "digits",
         "seed": seed,
         "mem_size": mem_size,
+        "mem_bytes": mem_bytes,
+        "evaluated_on": "validation split of train" if validation else "test split",
         "method": method,
         "method_options": method_options,
         "recompress": DEMO_RECOMPRESS,
@@ -117,10 +124,15 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
 
 
 def _handle(args: argparse.Namespace) -> int:
-    summary = run_demo(args.out, seed=args.seed, mem_size=args.mem, method=args.method, epochs=args.epochs, progress=not args.quiet)
+    summary = run_demo(args.out, seed=args.seed, mem_size=args.mem, method=args.method, epochs=args.epochs,
+                       progress=not args.quiet and not args.json, validation=args.validation)
+    if args.json:
+        print(json.dumps(summary, indent=2, sort_keys=True))
+        return 0
     print(
         f"Split-digits: 5 experiences x 2 classes, {summary['network']}, {summary['epochs']} epochs, "
-        f"batch {summary['batch']}, seed {summary['seed']}, memory M={summary['mem_size']} images"
+        f"batch {summary['batch']}, seed {summary['seed']}, memory {summary['mem_bytes']} bytes for every replay "
+        f"(raw: M={summary['mem_size']} uint8 images + labels), evaluated on the {summary['evaluated_on']}"
     )
     print(format_table(summary["results"]))
     print(f"accuracy plot: {summary['files']['plot']}")
@@ -137,8 +149,11 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed: class order, networks, distillation (default 0)")
     parser.add_argument("--out", default="runs/demo", help="folder for results.json and the PNGs (default runs/demo)")
-    parser.add_argument("--mem", type=int, default=20, help="memory budget M in images for both replays (default 20)")
+    parser.add_argument("--mem", type=int, default=20,
+                        help="memory budget: the bytes of M raw uint8 images + labels, the same bytes for both replays (default 20)")
     parser.add_argument("--method", default=None, help="distillation method (default dm when available, else random)")
     parser.add_argument("--epochs", type=int, default=DEMO_EPOCHS, help=f"epochs per experience (default {DEMO_EPOCHS})")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON on stdout (no table)")
+    parser.add_argument("--validation", action="store_true", help="score on a held-out tenth of the training split (to choose settings)")
     parser.set_defaults(func=_handle)

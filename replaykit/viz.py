@@ -9,7 +9,7 @@ from typing import Mapping, Sequence
 
 from .fileio import atomic_write
 
-__all__ = ["save_buffer_grid", "save_accuracy_plot", "add_cli"]
+__all__ = ["save_buffer_grid", "save_accuracy_plot", "save_bytes_plot", "add_cli"]
 
 
 def _figure():
@@ -82,6 +82,33 @@ def save_accuracy_plot(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return _save_png(fig, path)
+
+
+def save_bytes_plot(
+    points: Mapping[str, Sequence[tuple[float, float, float]]],
+    path: str | os.PathLike,
+    title: str = "",
+    ylabel: str = "final accuracy, all classes (%)",
+) -> Path:
+    """Accuracy against memory: one line per method over its ``(bytes, mean, std)`` points, bytes on a log axis.
+
+    The picture a user decides from: for the bytes a device can spare, which buffer gives the most accuracy.
+    """
+    plt = _figure()
+    if not points:
+        raise ValueError("no points to plot")
+    fig, ax = plt.subplots(figsize=(7.0, 4.6))
+    for name, values in points.items():
+        values = sorted(values)
+        xs, ys, es = zip(*values)
+        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("memory held after the last experience (bytes, log scale)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="lower right")
     return _save_png(fig, path)
 
 

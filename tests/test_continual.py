@@ -41,6 +41,16 @@ def test_parse_spec_and_labels():
         parse_spec("ewc")
     with pytest.raises(ValueError, match="needs a memory budget"):
         StrategySpec("der")
+    spec = parse_spec("distilled:78500B:dm:uint8:factor=2:learner_aware=1:recompress=select:iterations=30")
+    assert (spec.mem_bytes, spec.mem_size, spec.recompress) == (78500, 0, "select")
+    assert spec.method_options == {"factor": 2, "iterations": 30} and spec.options == {"learner_aware": 1}
+    assert spec.label == "distilled-dm 78500B uint8 factor=2 learner recompress=select"
+    jpeg = parse_spec("jpeg:78500B:quality=30")
+    assert (jpeg.kind, jpeg.mem_bytes, jpeg.options, jpeg.label) == ("jpeg", 78500, {"quality": 30}, "jpeg q30 78500B")
+    with pytest.raises(ValueError, match="budget in bytes"):
+        parse_spec("downsample:100")
+    with pytest.raises(ValueError, match="mean nothing"):
+        parse_spec("replay:100:factor=2")
 
 
 def test_forgetting_from_the_accuracy_matrix():
@@ -51,6 +61,12 @@ def test_forgetting_from_the_accuracy_matrix():
 
 @pytest.mark.parametrize("kind", [k for k in KINDS])
 def test_every_strategy_runs_and_respects_its_budget(stream, kind):
+    if kind in ("downsample", "jpeg"):  # sized in bytes: what 20 raw uint8 digits hold (20 x (64 + 1))
+        spec = StrategySpec(kind, mem_bytes=1300, options={"factor": 2} if kind == "downsample" else {"quality": 50})
+        result = run(spec, CONFIG, stream)
+        assert len(result.accuracy_matrix) == 5 and 0 < result.memory_bytes <= 1300
+        assert result.memory_images > 20 if kind == "downsample" else result.memory_images >= 10
+        return
     spec = StrategySpec(kind, 0 if kind in ("naive", "joint") else 20, "random")
     result = run(spec, CONFIG, stream)
     rows = 1 if kind == "joint" else 5

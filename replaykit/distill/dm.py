@@ -13,6 +13,7 @@ only define :meth:`MatchingDistiller.match_loss`.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from typing import Any
@@ -20,9 +21,10 @@ from typing import Any
 import torch
 
 from ..augment import DSA
+from ..buffer import decode_upsample
 from ..progress import progress_bar
 from .base import DistillResult, Distiller, check_loop_options
-from .features import RandomConvNets, class_index, derive_seed, real_init
+from .features import RandomConvNets, class_index, derive_seed, embed, real_init
 
 __all__ = ["MatchingDistiller", "DistributionMatching", "dsa_for"]
 
@@ -45,8 +47,18 @@ class MatchingDistiller(Distiller):
         real_batch: real images per class per iteration.
         width, depth: the random ConvNet (narrower than the evaluation ConvNet for CPU speed).
         augment: differentiable siamese augmentation of real and synthetic batches.
-        init: ``"real"`` (start from random real images) or ``"noise"``.
-        dataset: dataset name for augmentation choices (no flips for digits); default from ``distill(meta=...)``.
+        init: ``"real"`` (start from random real images), ``"herding"`` (from the real images herding
+            picks in the learner's, else a random network's, embedding) or ``"noise"``.
+        factor: store images at ``1/factor`` of the input resolution and decode them by bilinear
+            upsampling (IDC's multi-formation): ``factor**2`` times as many images for the same bytes.
+            Matching runs through the decoder, so the low-resolution pixels are what is learned.
+        learner: a trained network with ``.embed`` (e.g. the continual learner at the end of an
+            experience). When given, every iteration also matches the mean embedding under it
+            (learner-aware, IDM-style), beside the random network.
+        learner_weight: weight of the learner's term.
+        bits: grey levels the images are kept at (uint8 storage packs ``8 // bits`` pixels to a byte);
+            below 8 the matching sees the quantised pixels (straight-through rounding), so the images
+            are learned for the precision they will be stored at. Needs the dataset's mean / std in ``meta``.
     """
 
     def __init__(
@@ -61,11 +73,23 @@ class MatchingDistiller(Distiller):
         depth: int = 3,
         augment: bool = True,
         init: str = "real",
+        factor: int = 1,
+        learner: torch.nn.Module | None = None,
+        learner_weight: float = 1.0,
+        bits: int = 8,
         seed: int = 0,
         progress: bool = True,
     ) -> None:
         super().__init__(ipc, seed=seed, progress=progress)
-        check_loop_options(iterations, time_budget, init)
+        check_loop_options(iterations, time_budget, "real" if init == "herding" else init)
+        if not isinstance(factor, int) or isinstance(factor, bool) or factor < 1:
+            raise ValueError(f"factor must be a positive int, got {factor!r}")
+        if learner is not None and not callable(getattr(learner, "embed", None)):
+            raise ValueError("learner must be a network with an .embed(images) method (a replaykit.networks network)")
+        if bits not in (1, 2, 4, 8) or isinstance(bits, bool):
+            raise ValueError(f"bits must be one of 1, 2, 4, 8, got {bits!r}")
+        if not (learner_weight >= 0 and math.isfinite(learner_weight)):
+            raise ValueError(f"learner_weight must be >= 0, got {learner_weight!r}")
         if not (lr > 0 and math.isfinite(lr)):
             raise ValueError(f"lr must be positive, got {lr!r}")
         if real_batch < 1 or width < 1 or depth < 1:
@@ -78,6 +102,10 @@ class MatchingDistiller(Distiller):
         self.depth = depth
         self.augment = augment
         self.init = init
+        self.factor = factor
+        self.bits = bits
+        self.learner_weight = float(learner_weight)
+        self._learner = learner
 
     def match_loss(self, net, real: torch.Tensor, syn: torch.Tensor) -> torch.Tensor:
         """Discrepancy between the real and synthetic batches of one class under ``net``."""
@@ -85,7 +113,37 @@ class MatchingDistiller(Distiller):
 
     def distill(self, images, labels, *, num_classes=None, meta=None):  # noqa: D102 (documented in Distiller)
         self._dataset = (meta or {}).get("dataset")
+        if self.bits < 8 and not {"mean", "std"} <= set(meta or {}):
+            raise ValueError(f"bits={self.bits} needs the dataset's mean and std in meta (dataset_info(name).meta())")
+        self._norm = [torch.tensor((meta or {}).get(k, [0.0]), dtype=torch.float32).view(1, -1, 1, 1) for k in ("mean", "std")]
         return super().distill(images, labels, num_classes=num_classes, meta=meta)
+
+    def _initial_images(self, images: torch.Tensor, index: torch.Tensor, cls: int, gen: torch.Generator) -> torch.Tensor:
+        """The starting synthetic set of one class, at the stored (possibly reduced) resolution."""
+        c, h, w = images.shape[1:]
+        if h % self.factor or w % self.factor:
+            raise ValueError(f"factor {self.factor} does not divide the image size {h}x{w}")
+        if self.init == "noise":
+            return torch.randn((self.ipc, c, h // self.factor, w // self.factor), generator=gen)
+        if self.init == "herding":
+            from .herding import herding_order
+
+            probe = self._learner if self._learner is not None else RandomConvNets(images.shape[1:], width=self.width).sample(derive_seed(self.seed, cls, 4))
+            feats = torch.nn.functional.normalize(embed(probe, images[index]), dim=1)
+            start = images[index[herding_order(feats, self.ipc)]].clone()
+        else:
+            start = real_init(images, index, self.ipc, derive_seed(self.seed, cls, 0))
+        return torch.nn.functional.avg_pool2d(start, self.factor) if self.factor > 1 else start
+
+    def _decoded(self, syn: torch.Tensor) -> torch.Tensor:
+        """What the buffer will replay: stored pixels rounded to ``bits`` (straight-through), then decoded."""
+        if self.bits < 8:
+            mean, std = self._norm
+            levels = 2 ** self.bits - 1
+            pixels = syn * std + mean
+            rounded = (pixels.clamp(0, 1) * levels).round() / levels
+            syn = (pixels + (rounded - pixels).detach() - mean) / std
+        return decode_upsample(syn, self.factor)
 
     def _distill(self, images: torch.Tensor, labels: torch.Tensor, classes: list[int], num_classes: int) -> DistillResult:
         start = time.perf_counter()
@@ -93,14 +151,11 @@ class MatchingDistiller(Distiller):
         dsa = dsa_for(getattr(self, "_dataset", None)) if self.augment else None
         index = {c: class_index(labels, c) for c in classes}
         gens = {c: torch.Generator().manual_seed(derive_seed(self.seed, c, 1)) for c in classes}
-        syn: dict[int, torch.Tensor] = {}
-        for c in classes:
-            if self.init == "real":
-                start_images = real_init(images, index[c], self.ipc, derive_seed(self.seed, c, 0))
-            else:
-                start_images = torch.randn((self.ipc, *images.shape[1:]), generator=gens[c])
-            syn[c] = start_images.requires_grad_(True)
+        syn = {c: self._initial_images(images, index[c], c, gens[c]).requires_grad_(True) for c in classes}
         opt = torch.optim.SGD(list(syn.values()), lr=self.lr, momentum=0.5)
+        learner = None
+        if self._learner is not None:  # a frozen private copy: the caller's network is never touched
+            learner = copy.deepcopy(self._learner).eval().requires_grad_(False)
 
         done, stopped_by, per_iter = 0, "iterations", 0.0
         bar = progress_bar(total=self.iterations, enabled=self.progress, desc=self.name, leave=False)
@@ -114,11 +169,13 @@ class MatchingDistiller(Distiller):
             total = 0.0
             for c in classes:  # per class: smaller batches run faster on CPU than one big one
                 pick = index[c][torch.randint(index[c].numel(), (self.real_batch,), generator=gens[c])]
-                real, fake = images[pick], syn[c]
+                real, fake = images[pick], self._decoded(syn[c])
                 if dsa is not None:  # siamese: one parameter draw applied to both batches
                     params = dsa.reseed(derive_seed(self.seed, c, it, 3)).sample(1)
                     real, fake = dsa.apply(real, params), dsa.apply(fake, params)
                 loss = self.match_loss(net, real, fake)
+                if learner is not None and self.learner_weight > 0:
+                    loss = loss + self.learner_weight * self.match_loss(learner, real, fake)
                 loss.backward()
                 total += float(loss.detach()) / len(classes)
             opt.step()
@@ -140,7 +197,12 @@ class MatchingDistiller(Distiller):
             "stopped_by": stopped_by,
             "augment": repr(dsa) if dsa is not None else None,
             "label_kind": "hard",
+            "learner_aware": learner is not None,
         }
+        if self.factor > 1:
+            extra["decoder"] = {"kind": "upsample", "factor": self.factor, "mode": "bilinear"}
+        if self.bits < 8:
+            extra["pixel_bits"] = self.bits
         return DistillResult(out, ids.clone(), ids, extra)
 
 

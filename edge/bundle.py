@@ -7,10 +7,15 @@ A bundle is a folder::
 
     model.onnx          inference graph, every parameter a graph input
     train_step.onnx     one SGD-with-momentum step as a pure function (head mode: the
-                        frozen feature extractor is a constant inside it)
-    buffer.safetensors  replay images + labels, current parameters and momentum
-    manifest.json       format version, shapes, normalisation, classes, mode,
-                        size and sha256 of every other file
+                        frozen feature extractor is a set of constants whose values the
+                        runtime supplies from buffer.safetensors, see ``step_session``)
+    buffer.safetensors  replay images + labels, parameters (float32, float16 or int8 +
+                        scales, see ``edge.codec``) and, once saved, the momentum
+    manifest.json       format version, shapes, normalisation, classes, mode, weight and
+                        image storage, image decoder, size and sha256 of every other file
+
+Every parameter is stored once. Momentum is zero when a bundle is exported and is not
+stored until the device saves (``manifest["optimizer_state"]``: ``"zero"`` / ``"stored"``).
 
 ``save`` commits new parameters with a small journal so that a crash at any
 point leaves a bundle that opens with either the old or the new parameters.
@@ -27,7 +32,7 @@ import numpy as np
 
 from replaykit.fileio import atomic_write, atomic_write_json, sha256_file
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 MODEL = "model.onnx"
 TRAIN_STEP = "train_step.onnx"
@@ -39,6 +44,10 @@ PARAM_PREFIX = "param."
 STATE_PREFIX = "state."
 MODES = ("head", "full")
 STORAGES = ("uint8", "float16")
+OPTIMIZER_STATES = ("zero", "stored")
+# External-data location of the head-mode step graph's frozen parameters: a file that never exists, so
+# onnxruntime refuses the graph unless the runtime supplies the values (``step_session``).
+FROZEN_LOCATION = "frozen-parameters-supplied-by-the-runtime"
 
 
 class BundleError(ValueError):
@@ -83,7 +92,8 @@ def read_manifest(bundle_dir: str | os.PathLike, verify: bool = True) -> dict[st
     missing = [name for name in BUNDLE_FILES if name not in files]
     if missing:
         raise BundleError(f"{path} does not list {missing}")
-    for key in ("input_shape", "num_classes", "mode", "mean", "std", "params", "trainable", "image_storage"):
+    for key in ("input_shape", "num_classes", "mode", "mean", "std", "params", "trainable", "image_storage",
+                "weight_storage", "param_storage", "optimizer_state", "buffer_image_shape", "decoder"):
         if key not in manifest:
             raise BundleError(f"{path} lacks the field {key!r}")
     if verify:
@@ -110,6 +120,31 @@ def load_tensors(bundle_dir: Path) -> dict[str, np.ndarray]:
         raise BundleError(f"{bundle_dir / BUFFER} is not readable safetensors: {exc}") from exc
 
 
+def open_parameters(bundle_dir: Path, manifest: dict[str, Any], tensors: dict[str, np.ndarray]
+                    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The float32 parameters (dequantized from their storage) and momentum of a bundle."""
+    from .codec import CodecError, decode_parameters
+
+    try:
+        params = decode_parameters(tensors, manifest["params"], manifest["param_storage"], PARAM_PREFIX, str(bundle_dir))
+    except CodecError as exc:
+        raise BundleError(str(exc)) from exc
+    if manifest["optimizer_state"] not in OPTIMIZER_STATES:
+        raise BundleError(f"{bundle_dir}: optimizer_state {manifest['optimizer_state']!r} is not one of {OPTIMIZER_STATES}")
+    stored = [n for n in manifest["trainable"] if STATE_PREFIX + n in tensors]
+    if manifest["optimizer_state"] == "zero":
+        if stored:
+            raise BundleError(f"{bundle_dir}: the manifest says the momentum is zero but the buffer file stores it")
+        return params, {n: np.zeros_like(params[n]) for n in manifest["trainable"]}
+    state = {}
+    for name in manifest["trainable"]:
+        array = tensors.get(STATE_PREFIX + name)
+        if array is None or array.shape != params[name].shape or array.dtype != np.float32:
+            raise BundleError(f"{bundle_dir}: optimizer state for {name!r} is missing or mis-shaped")
+        state[name] = array
+    return params, state
+
+
 def write_tensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
     from safetensors.numpy import save_file
 
@@ -134,3 +169,22 @@ def save_state(bundle_dir: Path, manifest: dict[str, Any], tensors: dict[str, np
     os.replace(new_buffer, bundle_dir / BUFFER)
     os.replace(new_manifest_path, bundle_dir / MANIFEST)
     return manifest
+
+
+def step_session(bundle_dir: Path, manifest: dict[str, Any], params: dict[str, np.ndarray], options: Any = None):
+    """An onnxruntime session of ``train_step.onnx`` with the frozen parameters supplied as its constants.
+
+    Head mode keeps the frozen feature extractor out of the graph's inputs so that onnxruntime can
+    pre-pack it once; its values live only in ``buffer.safetensors`` and are handed over here as
+    external initializers (dequantized float32). The arrays stay referenced by the session."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions() if options is None else options
+    inputs = set(manifest["train_step_inputs"])
+    constants = {PARAM_PREFIX + n: np.ascontiguousarray(params[n], dtype=np.float32)
+                 for n in manifest["frozen"] if PARAM_PREFIX + n not in inputs}
+    if constants:
+        options.add_external_initializers(list(constants), [ort.OrtValue.ortvalue_from_numpy(v) for v in constants.values()])
+    session = ort.InferenceSession(str(bundle_dir / TRAIN_STEP), options, providers=["CPUExecutionProvider"])
+    session.frozen_constants = constants  # keep the memory onnxruntime was given alive
+    return session

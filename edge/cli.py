@@ -37,6 +37,9 @@ def add_export_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="bundle folder to create")
     p.add_argument("--mode", choices=["head", "full"], default="head", help="train only the classifier (head) or all")
     p.add_argument("--storage", choices=["uint8", "float16"], default="uint8", help="replay image storage")
+    p.add_argument("--weight-storage", choices=["float32", "float16", "int8"], default="float32",
+                   help="parameter storage in the bundle (int8: per-output-channel, float32 scales); the device "
+                        "dequantizes to float32 and trains in float32 (--weights is the model file)")
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=0.0)
@@ -104,11 +107,13 @@ def _export(args: argparse.Namespace) -> int:
     except RuntimeError as exc:
         raise ValueError(f"{weights_path} does not match network {args.network!r} {dict(args.net_opt)}: {exc}") from exc
     torch.manual_seed(args.seed)
-    out = export(model, buffer, args.out, mode=args.mode, storage=args.storage, lr=args.lr, momentum=args.momentum,
+    out = export(model, buffer, args.out, mode=args.mode, storage=args.storage, weights=args.weight_storage, lr=args.lr,
+                 momentum=args.momentum,
                  weight_decay=args.weight_decay, verify=not args.no_verify, seed=args.seed, overwrite=args.overwrite)
     manifest = json.loads((out / "manifest.json").read_text())
     total = sum(entry["size"] for entry in manifest["files"].values())
-    print(f"wrote {out}: mode={args.mode}, {len(buffer)} replay images ({args.storage}), {total / 1024:.1f} KB")
+    print(f"wrote {out}: mode={args.mode}, {len(buffer)} replay images ({args.storage}), {args.weight_storage} weights, "
+          f"{total / 1024:.1f} KB")
     return 0
 
 

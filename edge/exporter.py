@@ -23,9 +23,10 @@ from torch import nn
 from replaykit.fileio import atomic_write_bytes, atomic_write_json
 
 from .bundle import (
-    BUFFER, FORMAT_VERSION, MANIFEST, MODEL, MODES, PARAM_PREFIX, STATE_PREFIX, STORAGES, TRAIN_STEP,
-    file_entry, write_tensors,
+    BUFFER, FORMAT_VERSION, FROZEN_LOCATION, MANIFEST, MODEL, MODES, PARAM_PREFIX, STATE_PREFIX, STORAGES, TRAIN_STEP,
+    file_entry, step_session, write_tensors,
 )
+from .codec import WEIGHT_STORAGES, decode_parameters, decoder_factor, encode_parameters
 
 aten = torch.ops.aten
 
@@ -173,19 +174,36 @@ def trace_to_onnx(fn: Callable, args: Sequence[torch.Tensor], input_names: Seque
     return proto.SerializeToString()
 
 
-def constant_inputs(model_bytes: bytes, values: dict[str, np.ndarray]) -> bytes:
-    """Turn graph inputs into initializers (constants) holding ``values``."""
+def external_constants(model_bytes: bytes, names: Sequence[str]) -> bytes:
+    """Turn float32 graph inputs into initializers (constants) whose data the runtime supplies.
+
+    Each becomes an external-data initializer at ``FROZEN_LOCATION`` (a file that never exists), so
+    the graph holds no copy of the values and onnxruntime refuses it unless they are supplied
+    (``edge.bundle.step_session``)."""
     import onnx
-    from onnx import numpy_helper
 
     proto = onnx.load_from_string(model_bytes)
-    kept = [v for v in proto.graph.input if v.name not in values]
-    if len(kept) != len(proto.graph.input) - len(values):
-        raise ValueError(f"not all of {sorted(values)} are inputs of the graph")
+    by_name = {v.name: v for v in proto.graph.input}
+    missing = sorted(set(names) - set(by_name))
+    if missing:
+        raise ValueError(f"{missing} are not inputs of the graph")
+    offset = 0
+    for name in names:
+        dims = [d.dim_value for d in by_name[name].type.tensor_type.shape.dim]
+        if by_name[name].type.tensor_type.elem_type != onnx.TensorProto.FLOAT or not all(dims):
+            raise ValueError(f"graph input {name} is not a float32 tensor of static shape")
+        tensor = proto.graph.initializer.add()
+        tensor.name, tensor.data_type = name, onnx.TensorProto.FLOAT
+        tensor.dims.extend(dims)
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        length = 4 * int(np.prod(dims))
+        for key, value in (("location", FROZEN_LOCATION), ("offset", str(offset)), ("length", str(length))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        offset += length
+    kept = [v for v in proto.graph.input if v.name not in set(names)]
     del proto.graph.input[:]
     proto.graph.input.extend(kept)
-    proto.graph.initializer.extend(numpy_helper.from_array(np.ascontiguousarray(v), name) for name, v in values.items())
-    onnx.checker.check_model(proto, full_check=True)
     return proto.SerializeToString()
 
 
@@ -208,6 +226,7 @@ def _targets(buffer, num_classes: int) -> np.ndarray:
 
 
 def _stored_images(buffer, storage: str) -> np.ndarray:
+    """Replay images as the bundle stores them: at the buffer's own (possibly reduced) resolution."""
     if storage == "uint8":
         return (buffer.pixels() * 255.0).round().to(torch.uint8).numpy()
     return buffer.images.detach().to(torch.float16).numpy()
@@ -220,6 +239,7 @@ def export(
     *,
     mode: str = "head",
     storage: str = "uint8",
+    weights: str = "float32",
     lr: float = 0.01,
     momentum: float = 0.9,
     weight_decay: float = 0.0,
@@ -236,6 +256,12 @@ def export(
     the classifier has an output for them (export a model with spare outputs to
     leave room for new classes). The bundle is built in a temporary folder and
     moved into place only after its graphs matched PyTorch.
+
+    ``storage`` is the replay images' (``uint8`` pixels or ``float16``); a buffer with a decoder
+    (``meta["decoder"]``) is stored at its low resolution and upsampled on the device. ``weights``
+    is the parameters' storage (``float32``, ``float16`` or per-channel ``int8``, see
+    :mod:`edge.codec`): the device dequantizes them to float32 when it opens the bundle, and the
+    graphs are verified against PyTorch from those dequantized values.
     """
     from replaykit.buffer import SyntheticBuffer
 
@@ -243,6 +269,8 @@ def export(
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if storage not in STORAGES:
         raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
+    if weights not in WEIGHT_STORAGES:
+        raise ValueError(f"weights must be one of {WEIGHT_STORAGES}, got {weights!r}")
     if not isinstance(buffer, SyntheticBuffer):
         raise TypeError(f"buffer must be a SyntheticBuffer, got {type(buffer).__name__}")
     if not hasattr(model, "classifier") or not isinstance(model.classifier, nn.Linear) or not hasattr(model, "features"):
@@ -254,10 +282,14 @@ def export(
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True to replace it")
     num_classes = int(model.classifier.out_features)
-    in_shape = tuple(int(s) for s in buffer.image_shape)
+    in_shape = tuple(int(s) for s in buffer.decoded_shape)
     model_shape = tuple(getattr(model, "in_shape", in_shape))
     if model_shape != in_shape:
-        raise ValueError(f"buffer images are {in_shape} but the model expects {model_shape}")
+        raise ValueError(f"buffer images decode to {in_shape} but the model expects {model_shape}")
+    decoder = buffer.meta.get("decoder")
+    if decoder is not None:
+        decoder = {"kind": "upsample", "factor": buffer.decoder_factor, "mode": "bilinear"}
+        decoder_factor(decoder)  # the device's own check of what it will be given
     if len(buffer) == 0:
         raise ValueError("the buffer is empty; a bundle needs replay images")
     if buffer.num_classes > num_classes or (buffer.classes and max(buffer.classes) >= num_classes):
@@ -300,18 +332,19 @@ def export(
     step_bytes = trace_to_onnx(step_fn, step_args, step_inputs, step_outputs, [nb, nb + 1])
     if frozen:
         # Head mode: the device never changes the feature extractor, so its parameters become constants
-        # of the step graph; onnxruntime can then pre-pack them (~20 % faster steps, measured).
-        constants = {PARAM_PREFIX + n: named[n].numpy() for n in frozen}
-        step_bytes = constant_inputs(step_bytes, constants)
+        # of the step graph (onnxruntime pre-packs them: faster steps, see RESULTS.md); their values stay
+        # in buffer.safetensors only and the runtime supplies them.
+        constants = [PARAM_PREFIX + n for n in frozen]
+        step_bytes = external_constants(step_bytes, constants)
         step_inputs = [name for name in step_inputs if name not in constants]
 
-    tensors: dict[str, np.ndarray] = {
+    # Momentum starts at zero: it is not stored until the device saves (manifest "optimizer_state").
+    tensors, param_storage = encode_parameters({n: named[n].numpy() for n in names}, weights, PARAM_PREFIX)
+    tensors.update({
         "images": _stored_images(buffer, storage),
         "targets": _targets(buffer, num_classes),
         "class_ids": buffer.class_ids.numpy().astype(np.int64),
-    }
-    tensors.update({PARAM_PREFIX + n: named[n].numpy() for n in names})
-    tensors.update({STATE_PREFIX + n: np.zeros_like(named[n].numpy()) for n in trainable})
+    })
 
     # Build next to the target so the final rename stays on one filesystem.
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -330,6 +363,11 @@ def export(
             "buffer_size": len(buffer),
             "soft_labels": bool(buffer.is_soft),
             "image_storage": storage,
+            "buffer_image_shape": list(buffer.image_shape),
+            "decoder": decoder,
+            "weight_storage": weights,
+            "param_storage": param_storage,
+            "optimizer_state": "zero",
             "mean": mean,
             "std": std,
             "mode": mode,
@@ -409,10 +447,14 @@ def torch_step(model: nn.Module, params: dict[str, torch.Tensor], state: dict[st
 
 
 def verify_bundle(model: nn.Module, bundle_dir: str | Path, steps: int = 3, batch: int = 5, seed: int = 0) -> dict[str, float]:
-    """Largest absolute difference, ONNX vs PyTorch, per output: logits, loss and every parameter after ``steps`` steps."""
-    import onnxruntime as ort
+    """Largest absolute difference, ONNX vs PyTorch, per output: logits, loss and every parameter after ``steps`` steps.
 
-    from .bundle import load_tensors
+    Both sides start from the parameters as the device opens them (dequantized from the bundle's
+    weight storage); ``model`` gives the architecture."""
+    import onnxruntime as ort
+    from torch.func import functional_call
+
+    from .bundle import load_tensors, open_parameters
 
     bundle_dir = Path(bundle_dir)
     manifest = json.loads((bundle_dir / MANIFEST).read_text())
@@ -422,20 +464,21 @@ def verify_bundle(model: nn.Module, bundle_dir: str | Path, steps: int = 3, batc
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, *manifest["input_shape"], generator=gen)
     targets = torch.softmax(torch.randn(batch, manifest["num_classes"], generator=gen), dim=1)
-    params = {n: torch.from_numpy(tensors[PARAM_PREFIX + n].copy()) for n in names}
-    state = {n: torch.zeros_like(params[n]) for n in trainable}
+    opened, opened_state = open_parameters(bundle_dir, manifest, tensors)
+    params = {n: torch.from_numpy(opened[n].copy()) for n in names}
+    state = {n: torch.from_numpy(opened_state[n].copy()) for n in trainable}
     errors: dict[str, float] = {}
 
     infer = ort.InferenceSession(str(bundle_dir / MODEL), providers=["CPUExecutionProvider"])
-    feeds = {PARAM_PREFIX + n: params[n].numpy() for n in names}
+    feeds = {PARAM_PREFIX + n: opened[n] for n in names}
     logits = infer.run(["logits"], {**feeds, "x": x.numpy()})[0]
     with torch.no_grad():
-        ref_logits = model(x)
+        ref_logits = functional_call(model, params, (x,))
     errors["logits"] = float(np.abs(logits - ref_logits.numpy()).max())
 
-    step = ort.InferenceSession(str(bundle_dir / TRAIN_STEP), providers=["CPUExecutionProvider"])
-    onnx_params = {n: p.numpy() for n, p in params.items()}
-    onnx_state = {n: v.numpy() for n, v in state.items()}
+    step = step_session(bundle_dir, manifest, opened)
+    onnx_params = dict(opened)
+    onnx_state = dict(opened_state)
     scalars = {k: np.array(opt[k], dtype=np.float32) for k in ("lr", "momentum", "weight_decay")}
     for _ in range(steps):
         feed = {PARAM_PREFIX + n: onnx_params[n] for n in names if PARAM_PREFIX + n in manifest["train_step_inputs"]}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -13,8 +14,10 @@ import onnxruntime as ort
 from replaykit.progress import progress_bar
 
 from .bundle import (
-    MODEL, PARAM_PREFIX, STATE_PREFIX, TRAIN_STEP, BundleError, load_tensors, read_manifest, save_state,
+    MODEL, PARAM_PREFIX, STATE_PREFIX, TRAIN_STEP, BundleError, load_tensors, open_parameters, read_manifest, save_state,
+    step_session,
 )
+from .codec import CodecError, decoder_factor, upsample_bilinear
 from .memory import MemoryLimitError, current_rss_mb, peak_rss_mb, release_free_heap
 
 OPTIMIZATION_LEVELS = {
@@ -91,7 +94,7 @@ class Retrainer:
         self._mean = np.asarray(m["mean"], dtype=np.float32).reshape(1, -1, 1, 1)
         self._std = np.asarray(m["std"], dtype=np.float32).reshape(1, -1, 1, 1)
         tensors = load_tensors(self.bundle_dir)
-        self.params, self.state = self._read_parameters(tensors)
+        self.params, self.state = open_parameters(self.bundle_dir, m, tensors)
         self.buffer_x, self.buffer_targets = self._read_buffer(tensors)
         del tensors
         self.optimizer = dict(m["optimizer"])
@@ -108,9 +111,10 @@ class Retrainer:
         self._release.add_run_config_entry(*_RELEASE_ARENA)
         try:
             self._infer = ort.InferenceSession(str(self.bundle_dir / MODEL), options, providers=["CPUExecutionProvider"])
-            self._step = ort.InferenceSession(str(self.bundle_dir / TRAIN_STEP), options, providers=["CPUExecutionProvider"])
+            self._step = step_session(self.bundle_dir, m, self.params, options)
         except Exception as exc:  # onnxruntime raises its own error types for bad graphs
-            raise BundleError(f"{self.bundle_dir}: onnxruntime cannot load the graphs: {exc}") from exc
+            raise BundleError(f"{self.bundle_dir}: onnxruntime cannot load the graphs (graph files that do not belong to "
+                              f"this manifest?): {exc}") from exc
         self._check_graphs()
         # Parameters the step graph takes as inputs (in head mode the frozen ones are constants inside it).
         self._step_params = [n for n in self.params if PARAM_PREFIX + n in self.manifest["train_step_inputs"]]
@@ -121,32 +125,23 @@ class Retrainer:
             self._check_memory("after loading the bundle")
 
     # ------------------------------------------------------------ loading
-    def _read_parameters(self, tensors: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        params, state = {}, {}
-        for name, shape in self.manifest["params"].items():
-            array = tensors.get(PARAM_PREFIX + name)
-            if array is None:
-                raise BundleError(f"{self.bundle_dir}: parameter {name!r} listed in the manifest is not in the buffer file")
-            if list(array.shape) != list(shape) or array.dtype != np.float32:
-                raise BundleError(
-                    f"{self.bundle_dir}: parameter {name!r} is {array.dtype}{list(array.shape)}, manifest says float32{shape}"
-                )
-            params[name] = array
-        for name in self.manifest["trainable"]:
-            array = tensors.get(STATE_PREFIX + name)
-            if array is None or array.shape != params[name].shape:
-                raise BundleError(f"{self.bundle_dir}: optimizer state for {name!r} is missing or mis-shaped")
-            state[name] = array
-        return params, state
-
     def _read_buffer(self, tensors: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         images, targets = tensors.get("images"), tensors.get("targets")
         if images is None or targets is None:
             raise BundleError(f"{self.bundle_dir}: the buffer file lacks images or targets")
-        if tuple(images.shape[1:]) != self.input_shape or targets.shape != (images.shape[0], self.num_classes):
+        try:
+            factor = decoder_factor(self.manifest["decoder"])
+        except CodecError as exc:
+            raise BundleError(f"{self.bundle_dir}: {exc}") from exc
+        stored = tuple(int(s) for s in self.manifest["buffer_image_shape"])
+        decoded = (stored[0], stored[1] * factor, stored[2] * factor) if len(stored) == 3 else stored
+        if decoded != self.input_shape:
+            raise BundleError(f"{self.bundle_dir}: buffer images {list(stored)} upsampled by {factor} give {list(decoded)}, "
+                              f"not the model's input {list(self.input_shape)}: decoder or shapes tampered with")
+        if tuple(images.shape[1:]) != stored or targets.shape != (images.shape[0], self.num_classes):
             raise BundleError(
                 f"{self.bundle_dir}: buffer images {images.shape} / targets {targets.shape} do not match the manifest "
-                f"(input {self.input_shape}, {self.num_classes} classes)"
+                f"(images {list(stored)}, {self.num_classes} classes)"
             )
         storage = self.manifest["image_storage"]
         expected = {"uint8": np.uint8, "float16": np.float16}.get(storage)
@@ -156,7 +151,7 @@ class Retrainer:
             decoded = (images.astype(np.float32) / 255.0 - self._mean) / self._std
         else:
             decoded = images.astype(np.float32)
-        return np.ascontiguousarray(decoded, dtype=np.float32), targets.astype(np.float32)
+        return upsample_bilinear(decoded, factor), targets.astype(np.float32)
 
     def _check_graphs(self) -> None:
         step_inputs = [i.name for i in self._step.get_inputs()]
@@ -390,14 +385,18 @@ class Retrainer:
         return float((self.predict(x, batch_size) == targets.argmax(axis=1)).mean())
 
     def save(self) -> Path:
-        """Write the current parameters and optimizer state into the bundle (crash-safe)."""
-        from .bundle import BUFFER  # noqa: F401  (documented file name)
-        from .bundle import load_tensors as _load
+        """Write the trained parameters (float32: training is float32 whatever the bundle's weight storage)
+        and the momentum into the bundle (crash-safe). Frozen parameters keep their stored bytes."""
+        from .codec import SCALE_PREFIX
 
-        tensors = _load(self.bundle_dir)
-        tensors.update({PARAM_PREFIX + n: p for n, p in self.params.items()})
-        tensors.update({STATE_PREFIX + n: v for n, v in self.state.items()})
-        manifest = dict(self.manifest)
+        tensors = load_tensors(self.bundle_dir)
+        manifest = json.loads(json.dumps(self.manifest))
+        for name in self.manifest["trainable"]:
+            tensors.pop(SCALE_PREFIX + PARAM_PREFIX + name, None)
+            tensors[PARAM_PREFIX + name] = self.params[name]
+            tensors[STATE_PREFIX + name] = self.state[name]
+            manifest["param_storage"][name] = "float32"
+        manifest["optimizer_state"] = "stored"
         manifest["optimizer"] = dict(self.optimizer)
         self.manifest = save_state(self.bundle_dir, manifest, tensors)
         return self.bundle_dir

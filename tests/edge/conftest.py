@@ -97,3 +97,30 @@ def mnist_sized_full_bundle(tmp_path_factory) -> Path:
         images = torch.randn(40, 1, 28, 28)
     buffer = SyntheticBuffer(images, torch.arange(40) % 8, 10)
     return edge.export(model, buffer, tmp_path_factory.mktemp("bundles") / "mnist_full", mode="full")
+
+
+@pytest.fixture(scope="session")
+def int8_full_bundle(tmp_path_factory, trained_model, replay_buffer) -> Path:
+    """The full-mode bundle of ``trained_model`` with int8 weights (same lr as ``full_bundle``, uint8 images)."""
+    import edge
+
+    return edge.export(trained_model, replay_buffer, tmp_path_factory.mktemp("bundles") / "int8_full", mode="full",
+                       weights="int8", lr=0.02, momentum=0.9)
+
+
+@pytest.fixture(scope="session")
+def low_res_buffer(replay_buffer):
+    """The replay buffer stored at half resolution (4x4 digits) with the bilinear upsampling decoder."""
+    from replaykit.buffer import SyntheticBuffer
+
+    small = torch.nn.functional.avg_pool2d(replay_buffer.images, 2)
+    meta = {**replay_buffer.meta, "decoder": {"kind": "upsample", "factor": 2, "mode": "bilinear"}}
+    return SyntheticBuffer(small, replay_buffer.labels.clone(), replay_buffer.num_classes, replay_buffer.class_ids.clone(), meta)
+
+
+@pytest.fixture(scope="session")
+def low_res_head_bundle(tmp_path_factory, trained_model, low_res_buffer) -> Path:
+    import edge
+
+    return edge.export(trained_model, low_res_buffer, tmp_path_factory.mktemp("bundles") / "low_res_head", mode="head",
+                       weights="float16", lr=0.05, momentum=0.9)

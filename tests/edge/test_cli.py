@@ -32,7 +32,15 @@ def test_export_then_retrain_from_the_command_line(tmp_path, trained_model, repl
     assert code == 0
     assert "wrote" in capsys.readouterr().out
     manifest = edge.read_manifest(bundle)
-    assert manifest["mode"] == "head" and manifest["optimizer"]["lr"] == 0.05
+    assert manifest["mode"] == "head" and manifest["optimizer"]["lr"] == 0.05 and manifest["weight_storage"] == "float32"
+    int8_bundle = tmp_path / "bundle_int8"
+    assert main(["export", "--weights", str(weights), "--network", "convnet", "--net-opt", "width=16", "--net-opt", "depth=2",
+                 "--buffer", str(buffer_file), "--out", str(int8_bundle), "--weight-storage", "int8",
+                 "--no-verify"]) == 0
+    assert "int8 weights" in capsys.readouterr().out
+    assert edge.read_manifest(int8_bundle)["param_storage"]["classifier.weight"] == "int8"
+    assert sum(e["size"] for e in edge.read_manifest(int8_bundle)["files"].values()) < \
+        sum(e["size"] for e in manifest["files"].values())
 
     x_train, y_train, x_test, y_test = digits_split
     new = _npz(tmp_path / "new.npz", x_train[y_train >= 8], y_train[y_train >= 8])

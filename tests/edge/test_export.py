@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import edge
-from edge.bundle import MODEL, PARAM_PREFIX, STATE_PREFIX, TRAIN_STEP
+from edge.bundle import FROZEN_LOCATION, MODEL, PARAM_PREFIX, STATE_PREFIX, TRAIN_STEP
 from edge.exporter import torch_step
 
 LEVELS = [
@@ -35,11 +35,17 @@ def test_manifest_lists_every_file_and_the_bundle_contract(head_bundle, trained_
     assert manifest["image_storage"] == "uint8" and len(manifest["mean"]) == 1
     assert len(manifest["class_names"]) == 10
     assert set(manifest["params"]) == {n for n, _ in trained_model.named_parameters()}
-    # Head mode: the frozen feature extractor is constant inside the step graph, not one of its inputs.
+    assert manifest["weight_storage"] == "float32" and set(manifest["param_storage"].values()) == {"float32"}
+    assert manifest["optimizer_state"] == "zero" and manifest["decoder"] is None
+    # Head mode: the frozen feature extractor is constant inside the step graph, not one of its inputs, and
+    # its values are not in the graph either: they are stored once, in buffer.safetensors.
     frozen = {PARAM_PREFIX + n for n in manifest["frozen"]}
     assert frozen and not frozen & set(manifest["train_step_inputs"])
-    step = onnx.load(str(head_bundle / TRAIN_STEP))
-    assert frozen <= {init.name for init in step.graph.initializer}
+    step = onnx.load(str(head_bundle / TRAIN_STEP), load_external_data=False)
+    external = {init.name: init for init in step.graph.initializer if init.data_location == onnx.TensorProto.EXTERNAL}
+    assert set(external) == frozen
+    assert all(not init.raw_data and init.external_data[0].value == FROZEN_LOCATION for init in external.values())
+    assert not (head_bundle / FROZEN_LOCATION).exists()
     assert {i.name for i in step.graph.input} == set(manifest["train_step_inputs"])
 
 
@@ -47,8 +53,11 @@ def test_manifest_lists_every_file_and_the_bundle_contract(head_bundle, trained_
 def test_graphs_use_standard_onnx_ops_and_a_dynamic_batch(bundle_name, request):
     bundle = request.getfixturevalue(bundle_name)
     for name in (MODEL, TRAIN_STEP):
-        proto = onnx.load(str(bundle / name))
-        onnx.checker.check_model(proto)
+        proto = onnx.load(str(bundle / name), load_external_data=False)
+        for init in proto.graph.initializer:  # head mode's runtime-supplied constants: stand-ins for the checker
+            if init.data_location == onnx.TensorProto.EXTERNAL:
+                init.CopyFrom(onnx.numpy_helper.from_array(np.zeros(tuple(init.dims), np.float32), init.name))
+        onnx.checker.check_model(proto, full_check=True)
         assert {node.domain for node in proto.graph.node} <= {"", "ai.onnx"}
         assert len(proto.functions) == 0
         x = next(v for v in proto.graph.input if v.name == "x")
@@ -120,8 +129,14 @@ def test_export_refuses_bad_input(tmp_path, trained_model, replay_buffer):
     with pytest.raises(ValueError, match="storage"):
         edge.export(trained_model, replay_buffer, tmp_path / "a", storage="int4")
     wrong = SyntheticBuffer(torch.zeros(4, 1, 28, 28), torch.tensor([0, 1, 2, 3]), 10)
+    with pytest.raises(ValueError, match="weights must be"):
+        edge.export(trained_model, replay_buffer, tmp_path / "a", weights="int4")
     with pytest.raises(ValueError, match="model expects"):
         edge.export(trained_model, wrong, tmp_path / "a", verify=False)
+    decoded_too_big = SyntheticBuffer(torch.zeros(4, 1, 8, 8), torch.tensor([0, 1, 2, 3]), 10,
+                                      meta={"decoder": {"kind": "upsample", "factor": 2, "mode": "bilinear"}})
+    with pytest.raises(ValueError, match=r"decode to \(1, 16, 16\)"):
+        edge.export(trained_model, decoded_too_big, tmp_path / "a", verify=False)
     too_many = SyntheticBuffer(torch.zeros(2, 1, 8, 8), torch.tensor([0, 11]), 12)
     with pytest.raises(ValueError, match="outputs"):
         edge.export(trained_model, too_many, tmp_path / "a", verify=False)
@@ -179,3 +194,50 @@ def test_other_reference_networks_export_in_full_mode(network, tmp_path, replay_
     errors = edge.verify_bundle(model, bundle, steps=4, batch=6)
     assert set(edge.read_manifest(bundle)["trainable"]) == {n for n, _ in model.named_parameters()}
     assert max(errors.values()) < 1e-5, errors
+
+
+def test_frozen_weights_are_stored_once(head_bundle):
+    """Head mode: each frozen weight's float32 bytes are in buffer.safetensors and in no graph file."""
+    manifest = edge.read_manifest(head_bundle)
+    tensors = edge.Retrainer(head_bundle).params
+    buffer_bytes = (head_bundle / "buffer.safetensors").read_bytes()
+    graphs = [(head_bundle / name).read_bytes() for name in (MODEL, TRAIN_STEP)]
+    assert manifest["frozen"]
+    for name in manifest["frozen"]:
+        pattern = tensors[name].tobytes()[:64]
+        assert len(pattern) >= 16 and pattern in buffer_bytes, name
+        assert not any(pattern in graph for graph in graphs), name
+
+
+def test_int8_bundle_stores_one_byte_per_weight_and_verifies_from_the_dequantized_model(int8_full_bundle, trained_model):
+    from safetensors.numpy import load_file
+
+    manifest = edge.read_manifest(int8_full_bundle)
+    assert manifest["weight_storage"] == "int8" and manifest["optimizer_state"] == "zero"
+    stored = load_file(str(int8_full_bundle / "buffer.safetensors"))
+    assert not [k for k in stored if k.startswith(STATE_PREFIX)]  # zero momentum is not stored
+    param_bytes = 0
+    for name, shape in manifest["params"].items():
+        kind = manifest["param_storage"][name]
+        assert kind == ("int8" if len(shape) >= 2 else "float32"), name
+        assert stored[PARAM_PREFIX + name].dtype == np.dtype(kind)
+        param_bytes += stored[PARAM_PREFIX + name].nbytes + (stored["scale." + PARAM_PREFIX + name].nbytes if kind == "int8" else 0)
+    floats = sum(int(np.prod(s)) for s in manifest["params"].values())
+    assert param_bytes < 0.35 * 4 * floats  # vs float32: ~1 byte per weight
+    data_bytes = sum(t.nbytes for t in stored.values())
+    header = (int8_full_bundle / "buffer.safetensors").stat().st_size - data_bytes
+    assert 0 < header < 4096  # the file is its tensors: nothing else stored twice
+    # The graphs match PyTorch started from the weights as the device opens them.
+    errors = edge.verify_bundle(trained_model, int8_full_bundle, steps=3, batch=6)
+    assert max(errors.values()) < 1e-5, errors
+
+
+def test_low_resolution_buffer_is_stored_at_low_resolution(low_res_head_bundle, low_res_buffer):
+    from safetensors.numpy import load_file
+
+    manifest = edge.read_manifest(low_res_head_bundle)
+    assert manifest["decoder"] == {"kind": "upsample", "factor": 2, "mode": "bilinear"}
+    assert manifest["buffer_image_shape"] == [1, 4, 4] and manifest["input_shape"] == [1, 8, 8]
+    images = load_file(str(low_res_head_bundle / "buffer.safetensors"))["images"]
+    assert images.dtype == np.uint8 and images.shape == (len(low_res_buffer), 1, 4, 4)
+    assert manifest["weight_storage"] == "float16" and set(manifest["param_storage"].values()) == {"float16"}

@@ -178,8 +178,9 @@ def test_tampered_truncated_and_mismatched_bundles_are_refused(head_copy, full_b
     with pytest.raises(BundleError, match="truncated"):
         Retrainer(truncated)
 
-    # A file from the full-mode bundle (other storage, other step inputs), with the manifest's checksum "fixed".
-    for name, complaint in (("buffer.safetensors", "images stored as"), ("train_step.onnx", "inputs / outputs")):
+    # A file from the full-mode bundle (other storage, other step inputs), with the manifest's checksum "fixed":
+    # its step graph lacks the frozen constants the head manifest lists.
+    for name, complaint in (("buffer.safetensors", "images stored as"), ("train_step.onnx", "do not belong to this manifest")):
         swapped = Path(shutil.copytree(head_copy, tmp_path / f"swapped-{name}"))
         shutil.copy(full_bundle / name, swapped / name)
         entry = bundle_module.file_entry(swapped / name)
@@ -293,3 +294,83 @@ def test_micro_batched_steps_equal_whole_batch_steps(bundle_name, request, digit
                                    whole.state[name] if name in whole.state else 0.0, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="micro_batch_size"):
         whole.fit(x[:8], y[:8], micro_batch_size=0)
+
+
+def test_int8_bundle_opens_dequantized_trains_and_keeps_the_float32_accuracy(int8_full_bundle, full_bundle, digits_split,
+                                                                            tmp_path):
+    """Per-channel int8 weights open within half a quantisation step of the float32 ones; accuracy before
+    and after retraining stays within a margin measured on this data (digits, 360 test images)."""
+    import shutil
+
+    from safetensors.numpy import load_file
+
+    quantised, exact = Retrainer(int8_full_bundle, seed=0), Retrainer(full_bundle, seed=0)
+    stored = load_file(str(int8_full_bundle / "buffer.safetensors"))
+    for name, value in exact.params.items():
+        assert quantised.params[name].dtype == np.float32
+        scale = stored.get("scale.param." + name)
+        bound = 0.0 if scale is None else scale.reshape(-1, *([1] * (value.ndim - 1))) / 2 * (1 + 1e-5)
+        assert (np.abs(quantised.params[name] - value) <= bound).all(), name
+    x_test, y_test = _split(digits_split, list(range(10)), train=False)
+    x_old, y_old = _split(digits_split, list(range(8)), train=False)
+    assert abs(quantised.evaluate(x_old, y_old) - exact.evaluate(x_old, y_old)) <= 0.01
+    x_new, y_new = _split(digits_split, [8, 9])
+    for r in (quantised, exact):
+        r.fit(x_new, y_new, epochs=2, batch_size=32)
+    assert quantised.evaluate(x_test, y_test) >= exact.evaluate(x_test, y_test) - 0.03
+    assert quantised.evaluate(x_old, y_old) >= exact.evaluate(x_old, y_old) - 0.03
+    # Saving writes the trained (float32) parameters and the momentum; the reopened bundle is the trained one.
+    bundle = Path(shutil.copytree(int8_full_bundle, tmp_path / "int8"))
+    trained = Retrainer(bundle, seed=0)
+    trained.fit(x_new[:64], y_new[:64], batch_size=32)
+    trained.save()
+    reopened = Retrainer(bundle)
+    assert reopened.manifest["optimizer_state"] == "stored" and reopened.manifest["weight_storage"] == "int8"
+    assert set(reopened.manifest["param_storage"].values()) == {"float32"}
+    for name in trained.params:
+        np.testing.assert_array_equal(reopened.params[name], trained.params[name])
+        np.testing.assert_array_equal(reopened.state[name], trained.state[name])
+
+
+def test_low_resolution_buffer_decodes_on_the_device_as_torch_does(low_res_head_bundle, low_res_buffer, digits_split):
+    import torch
+
+    mean, std = torch.tensor(low_res_buffer.meta["mean"]).view(1, -1, 1, 1), torch.tensor(low_res_buffer.meta["std"]).view(1, -1, 1, 1)
+    pixels = (low_res_buffer.pixels() * 255).round() / 255  # the uint8 pixels the bundle stores
+    expected = torch.nn.functional.interpolate((pixels - mean) / std, scale_factor=2, mode="bilinear", align_corners=False)
+    retrainer = Retrainer(low_res_head_bundle)
+    assert retrainer.buffer_x.shape == (len(low_res_buffer), 1, 8, 8)
+    assert np.abs(retrainer.buffer_x - expected.numpy()).max() <= 1e-6
+    x_new, y_new = _split(digits_split, [8, 9])
+    history = retrainer.fit(x_new[:64], y_new[:64], batch_size=32)
+    assert history["steps"] == 2 and np.isfinite(history["losses"]).all()
+
+
+def test_tampered_weight_storage_and_decoder_entries_are_refused(int8_full_bundle, low_res_head_bundle, tmp_path):
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    cases = [
+        (int8_full_bundle, lambda m: m["param_storage"].__setitem__("classifier.weight", "float32"), "stored as int8"),
+        (int8_full_bundle, lambda m: m["param_storage"].__setitem__("classifier.weight", "int4"), "storage 'int4'"),
+        (int8_full_bundle, lambda m: m.__setitem__("optimizer_state", "stored"), "optimizer state"),
+        (int8_full_bundle, lambda m: m.pop("weight_storage"), "weight_storage"),
+        (low_res_head_bundle, lambda m: m["decoder"].__setitem__("factor", 4), "upsampled by 4"),
+        (low_res_head_bundle, lambda m: m.__setitem__("decoder", None), "upsampled by 1"),
+        (low_res_head_bundle, lambda m: m["decoder"].__setitem__("mode", "bicubic"), "unknown image decoder"),
+    ]
+    for k, (source, change, complaint) in enumerate(cases):
+        bundle = Path(shutil.copytree(source, tmp_path / f"case{k}"))
+        _rewrite_manifest(bundle, change)
+        with pytest.raises(BundleError, match=complaint):
+            Retrainer(bundle)
+    # The scales removed from the buffer file, its checksum "fixed" in the manifest.
+    bundle = Path(shutil.copytree(int8_full_bundle, tmp_path / "no_scales"))
+    tensors = load_file(str(bundle / "buffer.safetensors"))
+    del tensors["scale.param.classifier.weight"]
+    save_file(tensors, str(bundle / "buffer.safetensors"))
+    entry = bundle_module.file_entry(bundle / "buffer.safetensors")
+    _rewrite_manifest(bundle, lambda m: m["files"].__setitem__("buffer.safetensors", entry))
+    with pytest.raises(BundleError, match="lacks its float32 scales"):
+        Retrainer(bundle)

@@ -1,0 +1,143 @@
+"""How a bundle stores parameters and replay images, and how the device decodes them (numpy only).
+
+Parameters: ``float32`` as trained; ``float16``; or ``int8``: every weight with two or more
+dimensions (convolutions, linear layers) is quantised symmetrically per output channel, its
+float32 scales stored beside it as ``scale.<name>``; biases and norm parameters (a few hundred
+floats) stay float32. The device dequantizes everything to float32 when it opens a bundle, so
+training is float32 whatever the storage.
+
+Replay images: stored at ``1/factor`` of the network's resolution when the buffer carries the
+decoder ``{"kind": "upsample", "factor": f, "mode": "bilinear"}``; the device upsamples them with
+the same bilinear map as ``torch.nn.functional.interpolate(scale_factor=f, mode="bilinear",
+align_corners=False)``, in numpy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+WEIGHT_STORAGES = ("float32", "float16", "int8")
+SCALE_PREFIX = "scale."
+_INT8_MAX = 127
+
+
+class CodecError(ValueError):
+    """Stored parameters or a decoder entry that cannot be decoded."""
+
+
+# ----------------------------------------------------------------- parameters
+def quantize_int8(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-output-channel int8: ``weight ~= q * scale[:, None, ...]`` with ``|error| <= scale / 2``.
+
+    A channel of zeros gets scale 0 (and q 0), so it dequantizes to exact zeros."""
+    weight = np.asarray(weight, dtype=np.float32)
+    if weight.ndim < 2:
+        raise ValueError(f"int8 quantisation is per output channel: needs a weight with >= 2 dims, got {weight.shape}")
+    peak = np.abs(weight).reshape(weight.shape[0], -1).max(axis=1)
+    scale = (peak / np.float32(_INT8_MAX)).astype(np.float32)
+    safe = np.where(scale > 0, scale, np.float32(1.0)).reshape(-1, *([1] * (weight.ndim - 1)))
+    q = np.clip(np.rint(weight / safe), -_INT8_MAX, _INT8_MAX).astype(np.int8)
+    return q, scale
+
+
+def dequantize_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    return (q.astype(np.float32) * scale.reshape(-1, *([1] * (q.ndim - 1)))).astype(np.float32)
+
+
+def parameter_storage(shape: tuple[int, ...], weights: str) -> str:
+    """The dtype one parameter is stored in under the bundle-wide ``weights`` option."""
+    if weights not in WEIGHT_STORAGES:
+        raise ValueError(f"weights must be one of {WEIGHT_STORAGES}, got {weights!r}")
+    if weights == "int8" and len(shape) < 2:
+        return "float32"
+    return weights
+
+
+def encode_parameters(params: dict[str, np.ndarray], weights: str, prefix: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Tensors to write (``prefix + name``, plus ``scale.`` tensors for int8) and each parameter's storage."""
+    tensors: dict[str, np.ndarray] = {}
+    storage: dict[str, str] = {}
+    for name, value in params.items():
+        kind = storage[name] = parameter_storage(tuple(value.shape), weights)
+        if kind == "int8":
+            tensors[prefix + name], tensors[SCALE_PREFIX + prefix + name] = quantize_int8(value)
+        else:
+            tensors[prefix + name] = np.asarray(value, dtype=kind)
+    return tensors, storage
+
+
+def decode_parameters(tensors: dict[str, np.ndarray], shapes: dict[str, list[int]], storage: dict[str, str],
+                      prefix: str, where: str) -> dict[str, np.ndarray]:
+    """Float32 parameters from the stored tensors; every mismatch with the manifest raises :class:`CodecError`."""
+    params: dict[str, np.ndarray] = {}
+    for name, shape in shapes.items():
+        kind = storage.get(name)
+        if kind not in WEIGHT_STORAGES:
+            raise CodecError(f"{where}: parameter {name!r} has storage {kind!r} in the manifest; expected one of {WEIGHT_STORAGES}")
+        array = tensors.get(prefix + name)
+        if array is None:
+            raise CodecError(f"{where}: parameter {name!r} listed in the manifest is not in the buffer file")
+        if list(array.shape) != list(shape) or array.dtype != np.dtype(kind):
+            raise CodecError(f"{where}: parameter {name!r} is stored as {array.dtype}{list(array.shape)}, "
+                             f"the manifest says {kind}{list(shape)}")
+        if kind != "int8":
+            params[name] = array.astype(np.float32)
+            continue
+        scale = tensors.get(SCALE_PREFIX + prefix + name)
+        if scale is None or scale.dtype != np.float32 or scale.shape != (shape[0],):
+            raise CodecError(f"{where}: int8 parameter {name!r} lacks its float32 scales [{shape[0]}] "
+                             f"({SCALE_PREFIX}{prefix}{name})")
+        if not (np.isfinite(scale).all() and (scale >= 0).all()) or (array == -128).any():
+            raise CodecError(f"{where}: int8 parameter {name!r} has negative / non-finite scales or the value -128; "
+                             "not written by this exporter")
+        params[name] = dequantize_int8(array, scale)
+    return params
+
+
+# ----------------------------------------------------------------- images
+def decoder_factor(decoder: Any) -> int:
+    """Validate a manifest's ``decoder`` entry (``None``: full resolution) and return its factor."""
+    if decoder is None:
+        return 1
+    if not isinstance(decoder, dict) or decoder.get("kind") != "upsample" or decoder.get("mode") != "bilinear":
+        raise CodecError(f"unknown image decoder {decoder!r}; this runtime decodes "
+                         "{'kind': 'upsample', 'factor': f, 'mode': 'bilinear'}")
+    factor = decoder.get("factor")
+    if not isinstance(factor, int) or isinstance(factor, bool) or factor < 1:
+        raise CodecError(f"decoder factor must be a positive int, got {factor!r}")
+    return factor
+
+
+def _source_index(size_in: int, factor: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """PyTorch's ``area_pixel_compute_source_index`` (align_corners=False) and the two weights of each output."""
+    scale = np.float64(np.float32(1.0 / factor))
+    # scale * (dst + 0.5) - 0.5 with one rounding, as the compiled kernel's fused multiply-add gives.
+    dst = np.arange(size_in * factor, dtype=np.float64)
+    src = np.maximum(scale * (dst + 0.5) - 0.5, 0.0).astype(np.float32)
+    low = src.astype(np.int64)  # src >= 0, so truncation is floor
+    high = np.minimum(low + 1, size_in - 1)
+    return low, high, (src - low.astype(np.float32)).astype(np.float32)
+
+
+def _blend(a: np.ndarray, b: np.ndarray, weight_a: np.ndarray, weight_b: np.ndarray) -> np.ndarray:
+    """``a * weight_a + b * weight_b`` rounded as ``fma(a, weight_a, b * weight_b)``: the closest match to torch's kernel."""
+    return (a.astype(np.float64) * weight_a + (b * weight_b).astype(np.float32)).astype(np.float32)
+
+
+def upsample_bilinear(images: np.ndarray, factor: int) -> np.ndarray:
+    """``[N, C, h, w]`` float32 -> ``[N, C, h*f, w*f]``: bilinear, align_corners=False.
+
+    Torch's map (columns inside, rows outside, as ``upsample_bilinear2d`` on CPU computes it); measured
+    against ``torch.nn.functional.interpolate`` the results differ by at most one float32 ulp."""
+    images = np.asarray(images, dtype=np.float32)
+    if images.ndim != 4:
+        raise ValueError(f"images must be [N, C, H, W], got shape {images.shape}")
+    if factor == 1:
+        return images
+    one = np.float32(1.0)
+    low, high, frac = _source_index(images.shape[3], factor)
+    columns = _blend(images[..., low], images[..., high], one - frac, frac)
+    low, high, frac = _source_index(images.shape[2], factor)
+    return np.ascontiguousarray(_blend(columns[:, :, low, :], columns[:, :, high, :], (one - frac)[:, None], frac[:, None]))

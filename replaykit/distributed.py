@@ -12,8 +12,8 @@ runs a list of jobs
 * over a process group the caller already has (``group=``; e.g. the default
   group of a ``torchrun`` launch, see :func:`init_from_env`): every rank builds
   the same job list, runs the jobs assigned to it (job ``i`` goes to rank
-  ``i % world_size``), and rank 0 gathers the parts and sends every rank the
-  full result.
+  ``i % world_size``), and rank 0 gathers the parts (and, if asked, sends every
+  rank the full result).
 
 Parts travel as plain tensors (images, labels, class ids; metadata as JSON
 bytes in a ``uint8`` tensor) through point-to-point collectives, never as
@@ -117,6 +117,7 @@ def distill_per_class(
     workers: int | None = None,
     group: dist.ProcessGroup | None = None,
     timeout: float = DEFAULT_TIMEOUT,
+    all_ranks: bool = False,
 ) -> list[SyntheticBuffer]:
     """Run ``jobs`` and return their buffers in job order, bit-identical for any number of workers.
 
@@ -125,7 +126,9 @@ def distill_per_class(
         workers: ``None`` / 1: run here; ``N > 1``: start N local worker processes (elastic
             launch, gloo, one thread each); the jobs' options and metadata must then be JSON.
         group: an initialised process group to shard over instead (gloo, or nccl with each
-            rank's CUDA device set); every rank gets the full list back.
+            rank's CUDA device set). Rank 0 gets the full list, the other ranks an empty one
+            unless ``all_ranks`` (then rank 0 sends every rank the full list: e.g. each rank of a
+            data-parallel training holds the same buffer).
         timeout: seconds a rank waits for another at an exchange point (see :data:`DEFAULT_TIMEOUT`).
     Raises ``ValueError`` for bad jobs or arguments and :class:`DistributedDistillError` when a
     rank's job raised or a rank died or hung (naming the rank).
@@ -139,7 +142,7 @@ def distill_per_class(
     if group is not None:
         if workers not in (None, 1):
             raise ValueError("pass either a process group or workers=N, not both: the group's ranks are the workers")
-        return _run_in_group(jobs, group, float(timeout))
+        return _run_in_group(jobs, group, float(timeout), all_ranks)
     if workers is None or workers == 1:
         return [job.run() for job in jobs]
     return _launch_local(jobs, workers, float(timeout))
@@ -195,7 +198,7 @@ def _check_jobs(jobs: list[ClassJob]) -> None:
             raise ValueError(f"job {i} ({job.method!r}): {exc}") from None
 
 
-def _run_in_group(jobs: list[ClassJob], group: dist.ProcessGroup, timeout: float) -> list[SyntheticBuffer]:
+def _run_in_group(jobs: list[ClassJob], group: dist.ProcessGroup, timeout: float, all_ranks: bool = False) -> list[SyntheticBuffer]:
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     owners = assign_ranks(len(jobs), world)
     parts: dict[int, SyntheticBuffer] = {}
@@ -219,7 +222,7 @@ def _run_in_group(jobs: list[ClassJob], group: dist.ProcessGroup, timeout: float
         verdict = wire.recv_status(0, wait=2 * timeout + 60)
         if verdict:
             raise DistributedDistillError(*_decode_verdict(verdict))
-        return [wire.recv_part(0) for _ in jobs]
+        return [wire.recv_part(0) for _ in jobs] if all_ranks else []
     failure: tuple[str, int | None] | None = (error, 0) if error else None
     unreachable: set[int] = set()
     for src in range(1, world):  # hear every rank out, so that none is left blocked in a send
@@ -238,7 +241,7 @@ def _run_in_group(jobs: list[ClassJob], group: dist.ProcessGroup, timeout: float
         raise DistributedDistillError(*failure)
     wire.tell_all("")
     result = [parts[i] for i in range(len(jobs))]
-    for dst in range(1, world):
+    for dst in range(1, world if all_ranks else 1):
         for part in result:
             wire.send_part(part, dst)
     return result

@@ -6,6 +6,7 @@ two images per class and a few iterations.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import subprocess
@@ -107,35 +108,61 @@ def test_worker_that_raises_is_named(digits):
 
 PEER = textwrap.dedent(
     """
-    import os, sys, time
+    import hashlib, os, sys, time
     from replaykit.cli import main
-    from replaykit.distributed import init_from_env
+    from replaykit.data import load_tensors
+    from replaykit.distributed import ClassJob, distill_per_class, init_from_env
 
-    if os.environ["RANK"] == "0":  # the CLI as torchrun would run it, waiting at most 3 s for rank 1
+    mode, rank = sys.argv[1], os.environ["RANK"]
+    if mode == "all-ranks":  # the library call, every rank asking for the full result
+        x, y = load_tensors("digits")
+        jobs = [ClassJob("dm", {"iterations": 3}, 2, 0, x[y == c], y[y == c], 10) for c in (0, 1, 2)]
+        parts = distill_per_class(jobs, group=init_from_env(), all_ranks=True)
+        print([hashlib.sha256(p.images.numpy().tobytes()).hexdigest() for p in parts], flush=True)
+    elif rank == "0":  # the CLI as torchrun would run it, waiting at most 3 s for rank 1
         sys.exit(main(sys.argv[2:] + ["--worker-timeout", "3"]))
-    init_from_env()
-    if sys.argv[1] == "exit":
-        os._exit(3)
-    time.sleep(600)
+    else:
+        init_from_env()
+        if mode == "exit":
+            os._exit(3)
+        time.sleep(600)
     """
 )
 
 
-@pytest.mark.parametrize("mode", ["exit", "hang"])
-def test_dead_or_hung_rank_is_named_and_nothing_is_written(tmp_path, mode):
-    script, out = tmp_path / "peer.py", tmp_path / "never.safetensors"
+def _run_pair(tmp_path: Path, mode: str, *args: str) -> tuple[subprocess.CompletedProcess, str]:
+    """Rank 0 and rank 1 of a 2-process gloo group on this machine, started as torchrun would; rank 1 is killed after."""
+    script = tmp_path / "peer.py"
     script.write_text(PEER)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(script), mode, *CLI_ARGS, "--out", str(out)]
-    peer = subprocess.Popen(cmd, env={**env, "RANK": "1", "LOCAL_RANK": "1"})
+    cmd = [sys.executable, str(script), mode, *args]
+    peer = subprocess.Popen(cmd, env={**env, "RANK": "1", "LOCAL_RANK": "1"}, stdout=subprocess.PIPE, text=True)
     try:
         lead = subprocess.run(cmd, env={**env, "RANK": "0", "LOCAL_RANK": "0"}, capture_output=True, text=True, timeout=120)
-        assert lead.returncode == 2, lead.stderr[-2000:]
-        assert "error: rank 1 did not send data to rank 0 within 3 s" in lead.stderr, lead.stderr[-2000:]
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["peer.py"]
+        if mode == "all-ranks":
+            return lead, peer.communicate(timeout=60)[0]
     finally:
         peer.kill()
-        peer.wait()
+        peer.communicate()
+    return lead, ""
+
+
+@pytest.mark.parametrize("mode", ["exit", "hang"])
+def test_dead_or_hung_rank_is_named_and_nothing_is_written(tmp_path, mode):
+    out = tmp_path / "never.safetensors"
+    lead, _ = _run_pair(tmp_path, mode, *CLI_ARGS, "--out", str(out))
+    assert lead.returncode == 2, lead.stderr[-2000:]
+    assert "error: rank 1 did not send data to rank 0 within 3 s" in lead.stderr, lead.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["peer.py"]
+
+
+def test_all_ranks_get_the_same_full_result(tmp_path, digits):
+    lead, peer_out = _run_pair(tmp_path, "all-ranks")
+    assert lead.returncode == 0, lead.stderr[-2000:]
+    x, y = digits
+    here = distill_per_class([ClassJob("dm", {"iterations": 3}, 2, 0, x[y == c], y[y == c], 10) for c in (0, 1, 2)])
+    expected = str([hashlib.sha256(p.images.numpy().tobytes()).hexdigest() for p in here])
+    assert lead.stdout.strip() == peer_out.strip() == expected

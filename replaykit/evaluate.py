@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 from typing import Any, Sequence
 
 import torch
@@ -53,10 +54,10 @@ def nearest_real_distance(queries: torch.Tensor, real: torch.Tensor, *, exclude_
 
 
 def privacy_check(buffer: SyntheticBuffer, train_images: torch.Tensor, *, seed: int = 0) -> dict[str, float]:
-    """Median / min nearest-real distance of the buffer's images next to a random real subset of equal size."""
-    if train_images.shape[1:] != buffer.images.shape[1:]:
-        raise ValueError(f"training images have shape {tuple(train_images.shape[1:])}, buffer images {buffer.image_shape}")
-    syn = nearest_real_distance(buffer.images, train_images)
+    """Median / min nearest-real distance of the buffer's (decoded) images next to a random real subset of equal size."""
+    if tuple(train_images.shape[1:]) != buffer.decoded_shape:
+        raise ValueError(f"training images have shape {tuple(train_images.shape[1:])}, buffer images {buffer.decoded_shape}")
+    syn = nearest_real_distance(buffer.decoded_images(), train_images)
     gen = torch.Generator().manual_seed(seed)
     pick = torch.randperm(train_images.shape[0], generator=gen)[: len(buffer)]
     ref = nearest_real_distance(train_images[pick], train_images, exclude_self=True)
@@ -91,35 +92,42 @@ def evaluate_buffer(
     epochs, batch 256, DSA augmentation during training. ``width`` is the ConvNet
     width (128 in the protocol). Returns accuracies in [0, 1]: per architecture the
     list, mean and std; ``drop`` = ConvNet mean minus each other architecture's mean
-    (when ConvNet is evaluated); and ``privacy`` when ``train_images`` is given.
+    (when ConvNet is evaluated); ``seconds`` per architecture (training and testing each
+    network); and ``privacy`` when ``train_images`` is given. A buffer stored at reduced
+    resolution is decoded first (``buffer.decoded_images()``): networks train at the test
+    images' resolution.
     """
     if len(buffer) == 0:
         raise ValueError("the buffer is empty: nothing to train on")
-    if test_images.ndim != 4 or tuple(test_images.shape[1:]) != buffer.image_shape:
-        raise ValueError(f"test images must be [N, {', '.join(map(str, buffer.image_shape))}], got {tuple(test_images.shape)}")
+    shape = buffer.decoded_shape
+    if test_images.ndim != 4 or tuple(test_images.shape[1:]) != shape:
+        raise ValueError(f"test images must be [N, {', '.join(map(str, shape))}], got {tuple(test_images.shape)}")
     if test_labels.shape != (test_images.shape[0],):
         raise ValueError(f"{test_images.shape[0]} test images but test labels of shape {tuple(test_labels.shape)}")
     if test_labels.numel() and (int(test_labels.min()) < 0 or int(test_labels.max()) >= buffer.num_classes):
         raise ValueError(f"test labels must lie in [0, {buffer.num_classes - 1}]")
     if num_networks < 1 or epochs < 1:
         raise ValueError(f"num_networks and epochs must be >= 1, got {num_networks} and {epochs}")
+    images = buffer.decoded_images().detach()
     targets = buffer.soft_targets() if buffer.is_soft else buffer.labels
     dataset = str(buffer.meta.get("dataset", ""))
     natural = dataset.lower().replace("-", "") == "cifar10"
     results: dict[str, Any] = {"per_network": {}, "config": dict(
         networks=list(networks), num_networks=num_networks, epochs=epochs, lr=lr, batch_size=batch_size,
-        augment=augment, width=width, seed=seed, buffer_images=len(buffer),
-    )}
+        augment=augment, width=width, seed=seed, buffer_images=len(buffer), decoder_factor=buffer.decoder_factor,
+    ), "seconds": {}}
     jobs = [(arch, i) for arch in networks for i in range(num_networks)]
     for arch, i in progress_bar(jobs, enabled=progress, desc="evaluate", leave=False):
         net_seed = seed * 1000 + i
+        started = time.perf_counter()
         opts = {"width": width} if arch == "convnet" else {}
         with seeded(net_seed):
-            net = make_network(arch, buffer.image_shape, buffer.num_classes, **opts)
+            net = make_network(arch, shape, buffer.num_classes, **opts)
         aug = DSA("color_crop_cutout_flip_scale_rotate" if natural else "crop_scale_rotate_cutout", seed=net_seed) if augment else None
-        train_classifier(net, buffer.images, targets, epochs=epochs, batch_size=batch_size, lr=lr,
+        train_classifier(net, images, targets, epochs=epochs, batch_size=batch_size, lr=lr,
                          lr_milestones=(epochs // 2,), augment=aug, seed=net_seed)
         results["per_network"].setdefault(arch, []).append(accuracy(net, test_images, test_labels))
+        results["seconds"].setdefault(arch, []).append(round(time.perf_counter() - started, 3))
     for arch, accs in results["per_network"].items():
         mean, std = _mean_std(accs)
         results[arch] = {"mean": mean, "std": std}
@@ -138,8 +146,8 @@ def _evaluate_command(args) -> int:
     if not dataset:
         raise ValueError("the buffer does not name its dataset; pass --dataset")
     info = dataset_info(dataset)
-    if tuple(info.in_shape) != buffer.image_shape:
-        raise ValueError(f"buffer images are {buffer.image_shape} but {info.name} images are {tuple(info.in_shape)}")
+    if tuple(info.in_shape) != buffer.decoded_shape:
+        raise ValueError(f"buffer images decode to {buffer.decoded_shape} but {info.name} images are {tuple(info.in_shape)}")
     test_x, test_y = load_tensors(dataset, train=False, root=args.data_root)
     train_x = load_tensors(dataset, train=True, root=args.data_root)[0] if not args.no_privacy else None
     networks = [n.strip() for n in args.networks.split(",") if n.strip()]

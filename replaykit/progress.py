@@ -2,9 +2,9 @@
 
 On a terminal a bar redraws as tqdm always does. When its stream is not a terminal (a log file,
 a pipe, a CI capture) it redraws at most once a second and stays silent for work that ends within
-a second, so nested bars cannot write a line per iteration into a log. This module imports
-neither torch nor tqdm at import time, and tqdm is optional (the device runtime may lack it):
-without it a bar is a silent stand-in with the same methods.
+a second, so nested bars cannot write a line per iteration into a log. A disabled bar is a silent
+stand-in that never imports tqdm: the device runtime may lack tqdm, and importing it in the middle
+of ``edge.Retrainer.fit`` would grow the process past a memory cap set just before.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def is_terminal(stream: TextIO | None) -> bool:
 
 
 class _SilentBar:
-    """Stand-in for a tqdm bar when tqdm is not installed: iterates, prints nothing."""
+    """Stand-in for a tqdm bar (disabled, or tqdm not installed): iterates, prints nothing."""
 
     def __init__(self, iterable: Iterable | None = None) -> None:
         self._iterable = iterable
@@ -62,12 +62,14 @@ def progress_bar(iterable: Iterable | None = None, *, enabled: bool = True, **tq
     ``enabled=False`` gives a bar that prints nothing. Other keyword arguments go to tqdm; an
     explicit ``mininterval`` or ``delay`` wins over the log-friendly defaults.
     """
+    if not enabled:
+        return _SilentBar(iterable)
     try:
         from tqdm.auto import tqdm
     except ImportError:  # tqdm is optional on a device
         return _SilentBar(iterable)
-    if not enabled or is_terminal(tqdm_kwargs.get("file") or sys.stderr):
-        return tqdm(iterable, disable=not enabled, **tqdm_kwargs)
+    if is_terminal(tqdm_kwargs.get("file") or sys.stderr):
+        return tqdm(iterable, **tqdm_kwargs)
     tqdm_kwargs.setdefault("mininterval", LOG_REFRESH_SECONDS)
     tqdm_kwargs.setdefault("delay", LOG_REFRESH_SECONDS)
     return _rate_limited(tqdm)(iterable, **tqdm_kwargs)

@@ -82,8 +82,17 @@ def test_disabled_bar_writes_nothing_and_passes_items_through():
     out = io.StringIO()
     bar = progress_bar(range(5), enabled=False, file=out, desc="quiet")
     assert list(bar) == list(range(5))
+    bar.update(1)
+    bar.set_postfix(loss=0.5)
     bar.close()
     assert out.getvalue() == ""
+
+
+def test_disabled_bar_does_not_import_tqdm():
+    """A device process sets its memory cap after start-up; a late tqdm import would grow it past the cap."""
+    code = ("import sys; from replaykit.progress import progress_bar; "
+            "list(progress_bar(range(3), enabled=False)); assert 'tqdm' not in sys.modules, 'tqdm imported'")
+    subprocess.run([sys.executable, "-c", code], env=_env(), check=True, timeout=120)
 
 
 def test_without_tqdm_a_silent_bar_keeps_the_interface(monkeypatch):

@@ -46,6 +46,44 @@ def _uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
+def _competitors() -> list[str]:
+    """Other processes using CPU at normal priority (niced ones barely take CPU from a nice-0 run)."""
+    ps = subprocess.run(["ps", "-eo", "pid,ni,pcpu,comm", "--sort=-pcpu"], capture_output=True, text=True).stdout.splitlines()[1:]
+    busy = []
+    for line in ps:
+        pid, nice, cpu = line.split()[:3]
+        if int(pid) != os.getpid() and nice.lstrip("-").isdigit() and int(nice) <= 0 and float(cpu) >= 20.0:
+            busy.append(line.strip())
+    return busy[:5]
+
+
+def _wait_for_quiet(limit: float) -> list[str]:
+    """Wait (at most ``limit`` s) until no other process uses CPU at normal priority; return what is still there."""
+    deadline = time.monotonic() + limit
+    while (busy := _competitors()) and time.monotonic() < deadline:
+        time.sleep(5)
+    return busy
+
+
+def _probe(shape: list[int], images: int, method: str, ipc: int, iterations: int, seed: int) -> dict:
+    """Seconds to distill one class of random ``images`` of ``shape`` with one thread (cost depends on the
+    shape, ipc and iterations, not on what the pixels show)."""
+    import torch
+
+    from replaykit.distributed import ClassJob
+
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((images, *shape), generator=gen)
+    natural = {"dataset": "cifar10"}  # only picks the natural-image augmentation (colour, flips) for 3-channel data
+    job = ClassJob(method, {"iterations": iterations}, ipc, seed, x, torch.zeros(images, dtype=torch.int64), 1000,
+                   natural if shape[0] == 3 else {})
+    start = time.perf_counter()
+    part = job.run()
+    return {"shape": shape, "images": images, "method": method, "ipc": ipc, "iterations": iterations,
+            "threads": 1, "seconds": round(time.perf_counter() - start, 2), "distill_seconds": part.meta["distill_seconds"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="mnist")
@@ -56,8 +94,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet-wait", type=float, default=0.0,
+                   help="before each run, wait up to this many seconds for other nice-0 CPU users to finish")
+    p.add_argument("--probe-shape", help="also time one class of random images of this C,H,W (one thread), e.g. 3,64,64")
+    p.add_argument("--probe-images", type=int, default=1300, help="real images in the probed class (ImageNet: ~1300)")
+    p.add_argument("--probe-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", required=True, help="JSON file for the raw timings")
     args = p.parse_args(argv)
+    if args.probe_only:  # the subprocess of --probe-shape
+        shape = [int(v) for v in args.probe_shape.split(",")]
+        print(json.dumps(_probe(shape, args.probe_images, args.method, args.ipc, args.iterations, args.seed)))
+        return 0
 
     cli = ["distill", "--dataset", args.dataset, "--method", args.method, "--ipc", str(args.ipc), "--iterations",
            str(args.iterations), "--classes", args.classes, "--seed", str(args.seed), "--quiet"]
@@ -75,11 +122,20 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
             for name, (flags, env) in configs.items():
+                busy = _wait_for_quiet(args.quiet_wait)
                 result = _run(cli + flags, env, Path(tmp) / f"{name}.safetensors")
                 result.update(config=name, repeat=repeat, flags=" ".join(flags),
-                              omp_num_threads=env.get("OMP_NUM_THREADS"), uptime_after=_uptime())
+                              omp_num_threads=env.get("OMP_NUM_THREADS"), uptime_after=_uptime(),
+                              nice0_cpu_users_before=busy, nice0_cpu_users_after=_competitors())
                 record["runs"].append(result)
                 print(f"{name:>20} repeat {repeat}: {result['wall_seconds']:.1f} s ({result['uptime_after']})", flush=True)
+    if args.probe_shape:
+        _wait_for_quiet(args.quiet_wait)
+        probe = subprocess.run([sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--probe-only"],
+                               env={**base_env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, check=True)
+        record["probe"] = json.loads(probe.stdout.strip().splitlines()[-1])
+        record["probe"]["uptime_after"] = _uptime()
+        print("probe:", record["probe"], flush=True)
     best = {name: min(r["wall_seconds"] for r in record["runs"] if r["config"] == name) for name in configs}
     record["best_wall_seconds"] = best
     parallel = f"{args.workers}w"

@@ -1,17 +1,21 @@
 """PROTOCOL part B: distilled-set quality of every registered method, next to the published figures.
 
-For each dataset, IPC and method: distill the whole training set (10 classes), then train
-fresh networks only on the buffer and test them on the real test set (``replaykit.evaluate``):
-ConvNet-3 mean ± std over ``--num-networks`` networks, MLP and LeNet-5 for the
-cross-architecture drop, and the privacy check (distance of each synthetic image to its
-nearest real training image, next to a random real subset's).
+For each dataset, IPC, method and parameterisation (a *cell*): distill the whole training set
+(10 classes), then train fresh networks only on the buffer (decoded to full resolution) and
+test them on the real test set (``replaykit.evaluate``): ConvNet-3 width 128 mean ± std over
+5 networks x 300 epochs with DSA for every method, MLP and LeNet-5 for the cross-architecture
+drop, and the privacy check (distance of each synthetic image to its nearest real training
+image, next to a random real subset's).
 
-    python benchmarks/distill_quality.py --quick                       # CI smoke (digits), well under a minute
-    python benchmarks/distill_quality.py --datasets mnist --ipcs 10 --methods dm random --budget 300
+    python benchmarks/distill_quality.py --quick                       # CI smoke (digits), under 2 minutes
+    python benchmarks/distill_quality.py --datasets mnist --ipcs 10 --methods dm random --budget 1800 --workers 2
     python benchmarks/distill_quality.py --validation ...              # tune on a held-out tenth of the training set
 
-Writes ``results.json`` (rewritten after every run), ``results.md`` and, per dataset, a bar
-chart of ConvNet accuracy and a grid of the best buffer, to ``--out`` (default ``runs/distill_quality``).
+Long runs are first-class: ``results.json`` and ``results.md`` in ``--out`` (default
+``runs/distill_quality``) are rewritten atomically after every cell, and a rerun with the same
+settings skips the cells already there (``--restart`` discards them). ``--workers N`` distills
+the classes of the class-independent methods in N processes (``replaykit.distributed``).
+Full-protocol rows are also upserted into ``benchmarks/results/distill_quality.json``.
 Departures from PROTOCOL B (fewer networks or epochs, a narrower evaluation ConvNet, a
 distillation time budget) are recorded in the JSON and printed above the table.
 """
@@ -26,6 +30,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import inspect  # noqa: E402
+import json  # noqa: E402
 import platform  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -95,8 +100,9 @@ def _table(runs: list[dict[str, Any]], config: dict[str, Any]) -> str:
              f"({config['cross_num_networks']} network(s) each). Machine: {config['machine']}."]
     if config["departures"]:
         lines.append("Departures from PROTOCOL B: " + "; ".join(config["departures"]) + ".")
-    lines += ["", "| dataset | IPC | method | distill s | ConvNet acc % | MLP drop | LeNet drop | nearest-real median (syn / real subset) | published (ConvNet) |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| dataset | IPC | method | parameterisation (stored images/class) | distill s | ConvNet acc % | MLP drop | LeNet drop "
+                  "| nearest-real median (syn / real subset) | published (ConvNet) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         ev = r["evaluation"]
         drop = ev.get("drop", {})
@@ -107,10 +113,16 @@ def _table(runs: list[dict[str, Any]], config: dict[str, Any]) -> str:
         priv_text = f"{priv['synthetic_median']:.2f} / {priv['real_subset_median']:.2f}" if priv else "–"
         drops = " | ".join(f"{100 * drop[a]:+.2f}" if a in drop else "–" for a in ("mlp", "lenet"))
         lines.append(
-            f"| {r['dataset']} | {r['ipc']} | {r['method']} | {r['distill_seconds']:.1f} | {_pct(ev.get('convnet'))} | "
+            f"| {r['dataset']} | {r['ipc']} | {r['method']} | {r.get('parameterisation', 'full')} ({r.get('stored_images_per_class', r['ipc'])}) "
+            f"| {r['distill_seconds']:.1f} | {_pct(ev.get('convnet'))} | "
             f"{drops} | {priv_text} | {published} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _label(run: dict[str, Any]) -> str:
+    p = run.get("parameterisation", "full")
+    return run["method"] if p == "full" else f"{run['method']} {p}"
 
 
 def _bar_chart(runs: list[dict[str, Any]], dataset: str, path: Path) -> None:
@@ -121,13 +133,13 @@ def _bar_chart(runs: list[dict[str, Any]], dataset: str, path: Path) -> None:
 
     rows = [r for r in runs if r["dataset"] == dataset and "convnet" in r["evaluation"]]
     ipcs = sorted({r["ipc"] for r in rows})
-    methods = sorted({r["method"] for r in rows})
+    methods = sorted({_label(r) for r in rows})
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.8 / max(len(methods), 1)
     for j, m in enumerate(methods):
         means, errs = [], []
         for ipc in ipcs:
-            match = [r for r in rows if r["ipc"] == ipc and r["method"] == m]
+            match = [r for r in rows if r["ipc"] == ipc and _label(r) == m]
             means.append(100 * match[0]["evaluation"]["convnet"]["mean"] if match else 0)
             errs.append(100 * match[0]["evaluation"]["convnet"]["std"] if match else 0)
         ax.bar([i + j * width for i in range(len(ipcs))], means, width, yerr=errs, label=m)
@@ -177,8 +189,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="CI smoke run: digits, IPC 1, tiny budgets, 1 small network")
     p.add_argument("--datasets", nargs="+", help="default: mnist fashion-mnist (+ cifar10 when present)")
-    p.add_argument("--ipcs", nargs="+", type=int, help="default: 1 10")
+    p.add_argument("--ipcs", nargs="+", type=int, help="default: 1 10 50")
     p.add_argument("--methods", nargs="+", help="default: every registered method")
+    p.add_argument("--parameterisations", nargs="+",
+                   help="'full' (default) and/or 'factorF': images stored at 1/F resolution for the methods that take "
+                        "factor=, IPC full-resolution images' worth of bytes per class (F*F*IPC images)")
+    p.add_argument("--workers", type=int, default=1,
+                   help=f"distill the classes of {', '.join(PER_CLASS_METHODS)} in this many processes (one per core)")
     p.add_argument("--seed", type=int, default=0, help="distillation and evaluation seed")
     p.add_argument("--budget", type=float, help="distillation time budget (s) per (method, IPC) for methods that take one")
     p.add_argument("--iterations", type=int, help="iterations for methods that take them")
@@ -186,7 +203,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=PROTOCOL["epochs"])
     p.add_argument("--width", type=int, default=PROTOCOL["width"], help="evaluation ConvNet width")
     p.add_argument("--cross-networks", default="mlp,lenet", help="comma-separated; empty for none")
-    p.add_argument("--cross-num-networks", type=int, default=1)
+    p.add_argument("--cross-num-networks", type=int, default=PROTOCOL["num_networks"])
     p.add_argument("--no-privacy", action="store_true")
     p.add_argument("--validation", action="store_true", help="evaluate on a held-out tenth of the training set (for tuning)")
     p.add_argument("--train-subset", type=int, help="distill from a random subset of this many training images")
@@ -195,6 +212,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dm-speed", nargs=2, type=float, metavar=("BUDGET", "LONG"),
                    help="also run the dm speed bar: MNIST classes 0 and 1 -> IPC 10 within BUDGET s, next to a LONG-s run")
     p.add_argument("--out", default="runs/distill_quality")
+    p.add_argument("--restart", action="store_true", help="discard --out's results.json instead of resuming from it")
+    p.add_argument("--export", default=str(Path(__file__).resolve().parent / "results" / "distill_quality.json"),
+                   help="full-protocol rows are upserted into this committed JSON (default benchmarks/results/distill_quality.json)")
+    p.add_argument("--no-export", action="store_true", help="do not touch the --export file")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
@@ -207,12 +228,88 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.epochs = 50
         if "--width" not in (argv or sys.argv):
             args.width = 16
-    args.ipcs = args.ipcs or [1, 10]
+        if "--cross-num-networks" not in (argv or sys.argv):
+            args.cross_num_networks = 1
+        args.parameterisations = args.parameterisations or ["full", "factor2"]
+    args.ipcs = args.ipcs or [1, 10, 50]
+    args.parameterisations = args.parameterisations or ["full"]
+    if args.workers < 1:
+        p.error(f"--workers must be >= 1, got {args.workers}")
     args.methods = args.methods or distill.available()
     unknown = [m for m in args.methods if m not in distill.REGISTRY]
     if unknown:
         p.error(f"unknown method(s) {unknown}; available: {distill.available()}")
     return args
+
+
+#: Methods whose classes never interact (each class has its own random streams), so that
+#: ``--workers`` may distill their classes in parallel processes with the same result.
+PER_CLASS_METHODS = ("dm", "dm-multi")
+#: Settings that change a cell's numbers: a results.json written with others cannot be resumed.
+_FINGERPRINT = ("seed", "budget", "iterations", "num_networks", "epochs", "width", "cross_networks",
+                "cross_num_networks", "quick", "eval_split", "train_subset", "no_privacy")
+
+
+def _factor(parameterisation: str) -> int:
+    """``full`` -> 1, ``factorF`` -> F (images stored at 1/F resolution, IDC multi-formation)."""
+    if parameterisation == "full":
+        return 1
+    if parameterisation.startswith("factor") and parameterisation[6:].isdigit() and int(parameterisation[6:]) >= 2:
+        return int(parameterisation[6:])
+    raise ValueError(f"unknown parameterisation {parameterisation!r}; use 'full' or 'factorF' with F >= 2 (e.g. factor2)")
+
+
+def _cell_key(run: dict[str, Any]) -> tuple:
+    return run["dataset"], run["method"], run["ipc"], run.get("parameterisation", "full")
+
+
+def _resume(path: Path, config: dict[str, Any], restart: bool) -> list[dict[str, Any]]:
+    """Finished cells of an earlier run with the same settings (none with ``restart``)."""
+    if restart or not path.exists():
+        return []
+    doc = json.loads(path.read_text())
+    old = doc.get("config", {})
+    changed = [k for k in _FINGERPRINT if old.get(k) != config.get(k)]
+    if changed:
+        raise ValueError(f"{path} was written with other settings ({', '.join(f'{k}: {old.get(k)!r} -> {config.get(k)!r}' for k in changed)}); "
+                         "pass --restart to discard it or choose another --out")
+    return list(doc.get("runs", []))
+
+
+def _distill_cell(method: str, opts: dict[str, Any], ipc: int, x, y, num_classes: int, meta: dict, args) -> Any:
+    """One cell's buffer: per class over ``--workers`` processes for class-independent methods, else in one call."""
+    if args.workers > 1 and method in PER_CLASS_METHODS:
+        from replaykit import distributed  # lazily: only --workers needs torch.distributed
+
+        classes = torch.unique(y).tolist()
+        job_opts = dict(opts)
+        if "time_budget" in job_opts:  # the cell's wall-clock budget, shared by the classes each worker runs in turn
+            job_opts["time_budget"] = job_opts["time_budget"] * args.workers / len(classes)
+        jobs = [distributed.ClassJob(method, job_opts, ipc, args.seed, x[y == c], y[y == c], num_classes, meta) for c in classes]
+        return distributed.merge_parts(distributed.distill_per_class(jobs, workers=args.workers), workers=args.workers)
+    return distill.make(method, ipc=ipc, seed=args.seed, progress=not args.quiet, **opts).distill(x, y, num_classes=num_classes, meta=meta)
+
+
+def _export_rows(path: Path, runs: list[dict[str, Any]], config: dict[str, Any]) -> None:
+    """Upsert full-protocol rows into the committed machine-readable copy (``benchmarks/results/``)."""
+    doc = json.loads(path.read_text()) if path.exists() else {"protocol": "PROTOCOL B", "rows": []}
+    rows = {(r["dataset"], r["method"], r["ipc"], r["parameterisation"], r.get("budget"), r.get("iterations"), r.get("seed")): r
+            for r in doc["rows"]}
+    for run in runs:
+        ev = run["evaluation"]
+        row = {"dataset": run["dataset"], "method": run["method"], "ipc": run["ipc"], "parameterisation": run["parameterisation"],
+               "stored_images_per_class": run["stored_images_per_class"], "distill_seconds": run["distill_seconds"],
+               "cores": os.cpu_count(), "workers": run["workers"], "threads": config["threads"], "budget": config["budget"],
+               "iterations": config["iterations"], "iterations_done": run["iterations_done"], "seed": run["seed"],
+               "eval_networks": config["num_networks"], "eval_width": config["width"], "eval_epochs": config["epochs"],
+               "accuracies": ev["per_network"]["convnet"], "mean": ev["convnet"]["mean"], "std": ev["convnet"]["std"],
+               "eval_seconds_per_network": ev["seconds"]["convnet"],
+               "cross": {a: {"accuracies": ev["per_network"][a], "drop": ev["drop"][a]} for a in ev.get("drop", {})},
+               "privacy": ev.get("privacy"), "date": run["date"], "command": config["command"], "load_average": run["load_average"]}
+        rows[(row["dataset"], row["method"], row["ipc"], row["parameterisation"], row["budget"], row["iterations"], row["seed"])] = row
+    doc["rows"] = sorted(rows.values(), key=lambda r: (r["dataset"], r["ipc"], r["method"], r["parameterisation"], str(r["budget"])))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, doc)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,6 +329,11 @@ def main(argv: list[str] | None = None) -> int:
         except (DatasetNotFoundError, ValueError) as exc:
             print(f"distill_quality: dataset {name!r} is not available: {exc}", file=sys.stderr)
             return 2
+    try:
+        factors = {p: _factor(p) for p in args.parameterisations}
+    except ValueError as exc:
+        print(f"distill_quality: {exc}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cross = [n for n in args.cross_networks.split(",") if n.strip()]
@@ -243,58 +345,91 @@ def main(argv: list[str] | None = None) -> int:
     if args.width != PROTOCOL["width"]:
         departures.append(f"evaluation ConvNet width {args.width} instead of 128")
     if args.budget is not None:
-        departures.append(f"distillation time budget {args.budget:g} s per (method, IPC) on a 2-core CPU")
+        departures.append(f"distillation time budget {args.budget:g} s per (method, IPC) on a {os.cpu_count()}-core CPU")
     if args.train_subset:
         departures.append(f"distilled from a random {args.train_subset}-image subset of the training set")
     config = {
-        "datasets": args.datasets, "ipcs": args.ipcs, "methods": args.methods, "seed": args.seed, "budget": args.budget,
-        "iterations": args.iterations, "num_networks": args.num_networks, "epochs": args.epochs, "width": args.width,
-        "cross_networks": cross, "cross_num_networks": args.cross_num_networks, "quick": args.quick,
-        "eval_split": "validation" if args.validation else "test", "departures": departures, "threads": args.threads,
+        "datasets": args.datasets, "ipcs": args.ipcs, "methods": args.methods, "parameterisations": args.parameterisations,
+        "seed": args.seed, "budget": args.budget, "iterations": args.iterations, "num_networks": args.num_networks,
+        "epochs": args.epochs, "width": args.width, "cross_networks": cross, "cross_num_networks": args.cross_num_networks,
+        "quick": args.quick, "eval_split": "validation" if args.validation else "test", "train_subset": args.train_subset,
+        "no_privacy": args.no_privacy, "departures": departures, "threads": args.threads, "workers": args.workers,
         "machine": f"{os.cpu_count()}-core CPU ({platform.machine()}), no GPU" if not torch.cuda.is_available() else "GPU",
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
-    runs: list[dict[str, Any]] = []
+    full_protocol = not departures[:3] and not args.quick and not args.validation and not args.train_subset
+    export = None if args.no_export or not full_protocol else Path(args.export)
+    try:
+        runs = _resume(out / "results.json", config, args.restart)
+    except ValueError as exc:
+        print(f"distill_quality: {exc}", file=sys.stderr)
+        return 2
+    done = {_cell_key(r) for r in runs}
     speed = dm_speed_bar(args, *args.dm_speed) if args.dm_speed else None
-    if speed:
+
+    def save() -> None:  # after every cell, atomically: an interrupted run resumes from here
         atomic_write_json(out / "results.json", {"config": config, "runs": runs, "dm_speed": speed})
+        atomic_write_bytes(out / "results.md", (_table(runs, config) + (_speed_table(speed) if speed else "")).encode("utf-8"))
+        if export is not None:
+            _export_rows(export, runs, config)
+
+    save()
     for name in args.datasets:
         x, y, xe, ye, split = _load(name, args)
-        meta = dataset_info(name).meta()
+        info = dataset_info(name)
+        meta = info.meta()
         for ipc in args.ipcs:
             for method in args.methods:
-                opts = _method_options(method, args)
-                distiller = distill.make(method, ipc=ipc, seed=args.seed, progress=not args.quiet, **opts)
-                buffer = distiller.distill(x, y, num_classes=dataset_info(name).num_classes, meta=meta)
-                buffer.save(out / f"{name}_ipc{ipc}_{method}.safetensors")
-                ev = evaluate_buffer(buffer, xe, ye, networks=["convnet"], num_networks=args.num_networks, epochs=args.epochs,
-                                     width=args.width, train_images=None if args.no_privacy else x, seed=args.seed,
-                                     progress=not args.quiet)
-                if cross:
-                    ev_cross = evaluate_buffer(buffer, xe, ye, networks=cross, num_networks=args.cross_num_networks,
-                                               epochs=args.epochs, width=args.width, seed=args.seed, progress=not args.quiet)
-                    for arch in cross:
-                        ev[arch] = ev_cross[arch]
-                        ev["per_network"][arch] = ev_cross["per_network"][arch]
-                    ev["drop"] = {a: ev["convnet"]["mean"] - ev[a]["mean"] for a in cross}
-                run = {"dataset": name, "ipc": ipc, "method": method, "seed": args.seed, "options": opts,
-                       "distill_seconds": buffer.meta["distill_seconds"], "iterations_done": buffer.meta.get("iterations_done"),
-                       "stopped_by": buffer.meta.get("stopped_by"), "evaluation": ev}
-                runs.append(run)
-                if not args.quiet:
-                    print(f"{name} ipc={ipc} {method}: {buffer.meta['distill_seconds']:.1f} s, ConvNet {_pct(ev['convnet'])} %", flush=True)
-                atomic_write_json(out / "results.json", {"config": config, "runs": runs, "dm_speed": speed})
+                for parameterisation, factor in factors.items():
+                    if (name, method, ipc, parameterisation) in done:
+                        if not args.quiet:
+                            print(f"{name} ipc={ipc} {method} {parameterisation}: done in an earlier run, kept", flush=True)
+                        continue
+                    opts = _method_options(method, args)
+                    if factor > 1:
+                        if "factor" not in _accepted_options(method):
+                            continue  # only the parameterised methods have a low-resolution form
+                        opts["factor"] = factor
+                    stored_ipc = ipc * factor * factor  # equal bytes: IPC full-resolution images' worth per class
+                    started = time.perf_counter()
+                    buffer = _distill_cell(method, opts, stored_ipc, x, y, info.num_classes, meta, args)
+                    wall = time.perf_counter() - started
+                    suffix = "" if factor == 1 else f"_{parameterisation}"
+                    buffer.save(out / f"{name}_ipc{ipc}_{method}{suffix}.safetensors")
+                    ev = evaluate_buffer(buffer, xe, ye, networks=["convnet"], num_networks=args.num_networks, epochs=args.epochs,
+                                         width=args.width, train_images=None if args.no_privacy else x, seed=args.seed,
+                                         progress=not args.quiet)
+                    if cross:
+                        ev_cross = evaluate_buffer(buffer, xe, ye, networks=cross, num_networks=args.cross_num_networks,
+                                                   epochs=args.epochs, width=args.width, seed=args.seed, progress=not args.quiet)
+                        for arch in cross:
+                            ev[arch] = ev_cross[arch]
+                            ev["per_network"][arch] = ev_cross["per_network"][arch]
+                            ev["seconds"][arch] = ev_cross["seconds"][arch]
+                        ev["drop"] = {a: ev["convnet"]["mean"] - ev[a]["mean"] for a in cross}
+                    run = {"dataset": name, "ipc": ipc, "method": method, "parameterisation": parameterisation,
+                           "stored_images_per_class": stored_ipc, "seed": args.seed, "options": opts,
+                           "workers": args.workers if method in PER_CLASS_METHODS else 1, "distill_seconds": round(wall, 3),
+                           "distill_cpu_seconds": buffer.meta["distill_seconds"], "iterations_done": buffer.meta.get("iterations_done"),
+                           "stopped_by": buffer.meta.get("stopped_by"), "evaluation": ev,
+                           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                           "load_average": [round(v, 2) for v in os.getloadavg()]}
+                    runs.append(run)
+                    if not args.quiet:
+                        print(f"{name} ipc={ipc} {method} {parameterisation}: {wall:.1f} s, ConvNet {_pct(ev['convnet'])} %", flush=True)
+                    save()
+        rows = [r for r in runs if r["dataset"] == name]
+        if not rows:
+            continue
         _bar_chart(runs, name, out / f"accuracy_{name}.png")
-        best = max((r for r in runs if r["dataset"] == name and r["ipc"] == max(args.ipcs)),
-                   key=lambda r: r["evaluation"]["convnet"]["mean"])
+        best = max((r for r in rows if r["ipc"] == max(r["ipc"] for r in rows)), key=lambda r: r["evaluation"]["convnet"]["mean"])
         from replaykit.buffer import SyntheticBuffer
         from replaykit.viz import save_buffer_grid
 
-        save_buffer_grid(SyntheticBuffer.load(out / f"{name}_ipc{best['ipc']}_{best['method']}.safetensors"), out / f"best_{name}.png")
-    table = _table(runs, config) + (_speed_table(speed) if speed else "")
-    atomic_write_bytes(out / "results.md", table.encode("utf-8"))
-    print(table)
+        suffix = "" if best.get("parameterisation", "full") == "full" else f"_{best['parameterisation']}"
+        save_buffer_grid(SyntheticBuffer.load(out / f"{name}_ipc{best['ipc']}_{best['method']}{suffix}.safetensors"), out / f"best_{name}.png")
+    print(_table(runs, config) + (_speed_table(speed) if speed else ""))
     return 0
 
 

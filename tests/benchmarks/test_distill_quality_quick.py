@@ -7,7 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from replaykit import distill
+from replaykit.buffer import SyntheticBuffer
+from replaykit.data import load_tensors
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "distill_quality.py"
 
@@ -20,13 +23,20 @@ def test_quick_run_writes_json_table_and_plots(tmp_path):
     doc = json.loads((out / "results.json").read_text())
     assert doc["config"]["quick"] is True and doc["config"]["departures"]
     runs = doc["runs"]
-    assert sorted(r["method"] for r in runs) == distill.available()
+    full = [r for r in runs if r["parameterisation"] == "full"]
+    assert sorted(r["method"] for r in full) == distill.available()
     for r in runs:
         assert r["dataset"] == "digits" and r["ipc"] == 1 and r["distill_seconds"] >= 0
         ev = r["evaluation"]
         assert 0 <= ev["convnet"]["mean"] <= 1 and set(ev["drop"]) == {"mlp", "lenet"}
-        assert ev["privacy"]["real_subset_median"] > 0
-        assert (out / f"digits_ipc1_{r['method']}.safetensors").exists()
+        assert ev["privacy"]["real_subset_median"] > 0 and all(t > 0 for t in ev["seconds"]["convnet"])
+        suffix = "" if r["parameterisation"] == "full" else "_" + r["parameterisation"]
+        assert (out / f"digits_ipc1_{r['method']}{suffix}.safetensors").exists()
+    # Low resolution at equal bytes: factor 2 holds 4 images of 4x4 per class where full holds one 8x8 image.
+    low = [r for r in runs if r["parameterisation"] == "factor2"]
+    assert low and all(r["stored_images_per_class"] == 4 and r["evaluation"]["config"]["decoder_factor"] == 2 for r in low)
+    buffer = SyntheticBuffer.load(out / f"digits_ipc1_{low[0]['method']}_factor2.safetensors")
+    assert buffer.images.shape == (40, 1, 4, 4) and buffer.decoded_shape == (1, 8, 8)
     selection = [r for r in runs if distill.REGISTRY[r["method"]].selects]
     assert all(r["evaluation"]["privacy"]["synthetic_median"] == 0 for r in selection)
     table = (out / "results.md").read_text()
@@ -39,3 +49,34 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), "--datasets", "cifar10", "--data-root", str(tmp_path),
                            "--out", str(tmp_path / "o"), "--quiet"], capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "cifar10" in proc.stderr and "not available" in proc.stderr
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), "--quick", "--quiet", "--parameterisations", "full", *args],
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_resumes_finished_cells_with_workers_and_refuses_other_settings(tmp_path):
+    out = str(tmp_path / "dq")
+    first = _run("--methods", "random", "dm", "--workers", "2", "--out", out)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = json.loads((tmp_path / "dq" / "results.json").read_text())["runs"]
+    assert [r["method"] for r in before] == ["random", "dm"] and before[1]["workers"] == 2
+    # dm's ten classes went to two worker processes; the images equal a one-process run's.
+    x, y = load_tensors("digits", train=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the workers and the benchmark (--threads 1): same kernels, same bits
+    try:
+        alone = distill.make("dm", ipc=1, seed=0, progress=False, **before[1]["options"]).distill(x, y, meta={"dataset": "digits"})
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(SyntheticBuffer.load(tmp_path / "dq" / "digits_ipc1_dm.safetensors").images, alone.images)
+    # Rerun with one more method: the finished cells are kept as they were, only herding is new.
+    second = _run("--methods", "random", "dm", "herding", "--out", out)
+    assert second.returncode == 0, second.stderr[-3000:]
+    after = json.loads((tmp_path / "dq" / "results.json").read_text())["runs"]
+    assert after[:2] == before and [r["method"] for r in after] == ["random", "dm", "herding"]
+    # Other settings would mix incomparable numbers: refused, naming the setting, nothing overwritten.
+    third = _run("--methods", "random", "--seed", "1", "--out", out)
+    assert third.returncode == 2 and "seed" in third.stderr and "--restart" in third.stderr
+    assert json.loads((tmp_path / "dq" / "results.json").read_text())["runs"] == after

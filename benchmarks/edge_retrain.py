@@ -3,12 +3,16 @@
 One run, same CPU, per seed:
   1. train a ConvNet briefly on MNIST classes 0-7 (10 outputs: room for 8 and 9);
   2. distil a 100-image replay buffer of the old classes (``--buffer-method``);
-  3. export head- and full-mode bundles (uint8 buffer);
-  4. parity: 50 steps of 32 new + 32 buffer samples in onnxruntime and PyTorch eager, max |param diff|,
-     beside two references that size float32 round-off: PyTorch with oneDNN off, and PyTorch in float64;
+  3. export head- and full-mode bundles (uint8 buffer) per weight storage (``--weights``: float32,
+     float16, per-channel int8);
+  4. parity: 50 steps of 32 new + 32 buffer samples in onnxruntime and PyTorch eager (both started from
+     the weights as the device opens them), max |param diff|, beside two references that size float32
+     round-off: PyTorch with oneDNN off, and PyTorch in float64;
   5. PyTorch eager step latency (this process) and the device side in a separate process where
-     torch cannot be imported: step latency, peak resident memory (VmHWM), accuracy on old / new
-     classes after learning 8-9 with the buffer and without it.
+     torch cannot be imported: step latency, peak resident memory (VmHWM), accuracy of the opened
+     model, accuracy on old / new classes after learning 8-9 with the buffer and without it;
+  6. at ``--wide-width`` (PROTOCOL's 128): train that ConvNet too, and per weight storage report the
+     bundle size (head, full) and the opened model's accuracy on the old classes.
 
     python benchmarks/edge_retrain.py --quick            # CI smoke (~1-2 min)
     flock /tmp/replaykit-bench.lock python benchmarks/edge_retrain.py --seeds 0 1 2
@@ -34,7 +38,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import edge  # noqa: E402
-from edge.bundle import PARAM_PREFIX, STATE_PREFIX, TRAIN_STEP  # noqa: E402
+from edge.bundle import PARAM_PREFIX, STATE_PREFIX, TRAIN_STEP, open_parameters, step_session  # noqa: E402
+from edge.bundle import load_tensors as load_bundle_tensors  # noqa: E402
+from edge.codec import WEIGHT_STORAGES  # noqa: E402
 from edge.exporter import soft_cross_entropy  # noqa: E402
 from replaykit.data import dataset_info, load_tensors  # noqa: E402
 from replaykit.fileio import atomic_write, atomic_write_bytes, atomic_write_json  # noqa: E402
@@ -64,11 +70,13 @@ DEVICE_SCRIPT = textwrap.dedent("""
     report = {}
     for replay in job["replays"]:
         r = edge.Retrainer(job["bundle"], memory_limit_mb=job["memory_limit_mb"], seed=job["seed"], threads=job["threads"])
+        if job["score"] and "opened_old_acc" not in report:  # the opened model, before any retraining
+            report["opened_old_acc"] = accuracy(r, "old_test")
         h = r.fit(x_new, y_new, epochs=job["epochs"], batch_size=32, replay_batch_size=replay)
         times = h["step_seconds"][job["warmup"]:] or h["step_seconds"]
+        scores = dict(old_acc=accuracy(r, "old_test"), new_acc=accuracy(r, "new_test")) if job["score"] else {}
         report["with_buffer" if replay else "without_buffer"] = dict(
-            old_acc=accuracy(r, "old_test"), new_acc=accuracy(r, "new_test"),
-            steps=h["steps"], step_ms_median=1000 * statistics.median(times), final_loss=h["losses"][-1],
+            **scores, steps=h["steps"], step_ms_median=1000 * statistics.median(times), final_loss=h["losses"][-1],
             batch=[h["batch_size"], h["replay_batch_size"]], micro_batch=h["micro_batch_size"])
         del r  # one retrainer at a time, as on a device
     report["peak_rss_mb"] = edge.peak_rss_mb()
@@ -83,7 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: 0 1 2; --quick: 0)")
     p.add_argument("--seed", type=int, default=None, help="a single seed (same as --seeds N)")
     p.add_argument("--out", default=None, help="output folder (default runs/edge_retrain[_quick])")
-    p.add_argument("--width", type=int, default=32, help="ConvNet width (PROTOCOL's 128 gives a >1 MB bundle; see RESULTS)")
+    p.add_argument("--width", type=int, default=32, help="ConvNet width of the retraining runs (PROTOCOL's 128 is --wide-width: sizes and opened accuracy)")
     p.add_argument("--depth", type=int, default=3)
     p.add_argument("--buffer-method", default="random", help="distillation method for the replay buffer (random, dm, ...)")
     p.add_argument("--buffer-size", type=int, default=100)
@@ -94,7 +102,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--latency-steps", type=int, default=None, help="timed PyTorch steps (default 60; quick 15)")
     p.add_argument("--memory-limit-mb", type=float, default=100.0,
                    help="cap given to the device Retrainer (PROTOCOL C's goal: 100 MB)")
-    p.add_argument("--size-widths", type=int, nargs="*", default=None, help="also report bundle sizes at these widths")
+    p.add_argument("--weights", nargs="+", default=list(WEIGHT_STORAGES), choices=WEIGHT_STORAGES,
+                   help="weight storages to export and compare (the first is the reference; default all)")
+    p.add_argument("--wide-width", type=int, default=None,
+                   help="also train a ConvNet of this width: bundle sizes and opened accuracy per storage "
+                        "(default 128; quick: none)")
+    p.add_argument("--wide-epochs", type=int, default=1, help="base-training epochs of the wide model")
     p.add_argument("--data-root", default=None)
     args = p.parse_args(argv)
     if args.seed is not None:
@@ -107,8 +120,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.latency_steps = 10 if args.quick else 60
     if args.parity_steps is None:
         args.parity_steps = 10 if args.quick else 50
-    if args.size_widths is None:
-        args.size_widths = [] if args.quick else [128]
+    if args.wide_width is None:
+        args.wide_width = 0 if args.quick else 128
     return args
 
 
@@ -197,12 +210,11 @@ def parity(model, bundle: Path, x_new, y_new, buf_x, buf_t, args, seed: int, lr:
     import onnxruntime as ort
 
     manifest = edge.read_manifest(bundle)
-    tensors = __import__("safetensors.numpy", fromlist=["load_file"]).load_file(str(bundle / "buffer.safetensors"))
     options = ort.SessionOptions()
     options.intra_op_num_threads = args.threads
-    session = ort.InferenceSession(str(bundle / TRAIN_STEP), options, providers=["CPUExecutionProvider"])
-    params = {n: tensors[PARAM_PREFIX + n] for n in manifest["params"]}
-    state = {n: tensors[STATE_PREFIX + n] for n in manifest["trainable"]}
+    params, state = open_parameters(bundle, manifest, load_bundle_tensors(bundle))
+    session = step_session(bundle, manifest, params, options)
+    model = opened_model(model, params)  # PyTorch starts where the device starts: the dequantized weights
     opt = manifest["optimizer"]
     scalars = {"lr": np.array(lr, dtype=np.float32),
                **{k: np.array(opt[k], dtype=np.float32) for k in ("momentum", "weight_decay")}}
@@ -244,6 +256,49 @@ def parity(model, bundle: Path, x_new, y_new, buf_x, buf_t, args, seed: int, lr:
             "torch_vs_float64": _max_diff(torch_params, ref["float64"], trainable)}
 
 
+def opened_model(model: torch.nn.Module, params: dict[str, np.ndarray]) -> torch.nn.Module:
+    """A copy of ``model`` holding a bundle's opened (dequantized float32) parameters."""
+    import copy
+
+    opened = copy.deepcopy(model)
+    opened.load_state_dict({n: torch.from_numpy(v.copy()) for n, v in params.items()}, strict=True)
+    return opened.eval()
+
+
+def frozen_constants_vs_fed(bundle: Path, x_new, y_new, buf_x, buf_t, args, seed: int) -> dict[str, float]:
+    """Head mode: median ms of the step with the frozen weights as runtime-supplied constants (what the
+    Retrainer does) vs the same graph with them as inputs fed on every step; interleaved, same batches."""
+    import onnx
+    import onnxruntime as ort
+
+    manifest = edge.read_manifest(bundle)
+    params, state = open_parameters(bundle, manifest, load_bundle_tensors(bundle))
+    proto = onnx.load(str(bundle / TRAIN_STEP), load_external_data=False)
+    frozen = [init for init in proto.graph.initializer if init.data_location == onnx.TensorProto.EXTERNAL]
+    for init in frozen:
+        proto.graph.input.append(onnx.helper.make_tensor_value_info(init.name, onnx.TensorProto.FLOAT, list(init.dims)))
+        proto.graph.initializer.remove(init)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = args.threads
+    constants = step_session(bundle, manifest, params, options)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = args.threads
+    fed = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    scalars = {k: np.array(manifest["optimizer"][k], dtype=np.float32) for k in ("lr", "momentum", "weight_decay")}
+    names_out = manifest["train_step_outputs"]
+    times: dict[str, list[float]] = {"constants": [], "fed": []}
+    for k, (x, t) in enumerate(_batches(x_new, y_new, buf_x, buf_t, args.latency_steps + 5, seed + 2)):
+        feed = {PARAM_PREFIX + n: params[n] for n in manifest["params"] if PARAM_PREFIX + n in manifest["train_step_inputs"]}
+        feed.update({STATE_PREFIX + n: v for n, v in state.items()}, x=x.numpy(), targets=t.numpy(), **scalars)
+        for name, session, extra in (("constants", constants, {}),
+                                     ("fed", fed, {init.name: params[init.name[len(PARAM_PREFIX):]] for init in frozen})):
+            started = time.perf_counter()
+            session.run(names_out, {**feed, **extra})
+            if k >= 5:
+                times[name].append(time.perf_counter() - started)
+    return {f"step_ms_{name}": 1000 * statistics.median(v) for name, v in times.items()}
+
+
 def torch_latency(model, mode: str, x_new, y_new, buf_x, buf_t, args, seed: int) -> float:
     """Median ms of the PyTorch eager step at the same batch shapes (warm-up excluded)."""
     net, torch_step = _torch_trainer(model, mode, 0.01, {"momentum": 0.9, "weight_decay": 0.0})
@@ -257,10 +312,10 @@ def torch_latency(model, mode: str, x_new, y_new, buf_x, buf_t, args, seed: int)
 
 
 def run_device(bundle: Path, files: dict[str, str], args, seed: int, epochs: int, replays: list[int],
-               memory_limit_mb: float | None) -> dict[str, Any]:
-    """Retrain in a fresh process where torch cannot be imported: accuracy, step latency, peak RSS."""
+               memory_limit_mb: float | None, score: bool = True) -> dict[str, Any]:
+    """Retrain in a fresh process where torch cannot be imported: accuracy (``score``), step latency, peak RSS."""
     job = dict(bundle=str(bundle), seed=seed, threads=args.threads, epochs=epochs, replays=replays, warmup=3,
-               memory_limit_mb=memory_limit_mb, **files)
+               memory_limit_mb=memory_limit_mb, score=score, **files)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-c", DEVICE_SCRIPT, json.dumps(job)], capture_output=True, text=True, env=env,
                           timeout=1800)
@@ -314,47 +369,70 @@ def run_seed(seed: int, args, out: Path) -> dict[str, Any]:
     with torch.no_grad():
         base_old = float((model(norm(old_tx)).argmax(1) == old_ty).float().mean())
     result: dict[str, Any] = {"seed": seed, "base_train_seconds": base_seconds, "base_old_acc": base_old,
-                              "buffer_images": len(buffer), "buffer_counts": buffer.counts(), "modes": {}}
-    for mode in ("head", "full"):
-        bundle = data_dir / f"bundle_{mode}"
-        started = time.perf_counter()
-        edge.export(model, buffer, bundle, mode=mode, storage="uint8", lr=0.01, momentum=0.9, overwrite=True, seed=seed)
-        export_seconds = time.perf_counter() - started
-        row: dict[str, Any] = {"parity": [parity(model, bundle, x_new_t, new_y, buf_x, buf_t, args, seed, lr)
-                                          for lr in args.parity_lrs]}
-        row["parity_max_abs_diff"] = row["parity"][0]["ort_vs_torch"]
-        row["torch_step_ms_median"] = torch_latency(model, mode, x_new_t, new_y, buf_x, buf_t, args, seed)
-        row["device"] = run_device(bundle, files, args, seed, s["device_epochs"], [32, 0], args.memory_limit_mb)
-        # Latency as a device would run it with no cap (PyTorch has none either); own process, own peak;
-        # as many timed steps as PyTorch's (the device's epochs x 32 steps, less 3 warm-up).
-        row["device_uncapped"] = run_device(bundle, files, args, seed, s["device_epochs"], [32], None)
-        row["ort_step_ms_median"] = row["device_uncapped"]["with_buffer"]["step_ms_median"]
-        row["ort_step_ms_median_capped"] = row["device"]["with_buffer"]["step_ms_median"]
-        row["latency_ratio_ort_over_torch"] = row["ort_step_ms_median"] / row["torch_step_ms_median"]
-        row["bundle_bytes"] = _bundle_bytes(bundle)
-        row["export_seconds"] = export_seconds
-        result["modes"][mode] = row
-        print(f"seed {seed} {mode}: parity {row['parity_max_abs_diff']:.2e} (vs float64 {row['parity'][0]['ort_vs_float64']:.1e}), ORT {row['ort_step_ms_median']:.2f} ms vs "
-              f"torch {row['torch_step_ms_median']:.2f} ms, peak RSS {row['device']['peak_rss_mb']:.1f} MB, "
-              f"bundle {row['bundle_bytes']['total'] / 1024:.1f} KB, old acc with/without buffer "
-              f"{row['device']['with_buffer']['old_acc']:.3f}/{row['device']['without_buffer']['old_acc']:.3f}", flush=True)
+                              "buffer_images": len(buffer), "buffer_counts": buffer.counts(), "runs": {}}
+    torch_ms = {mode: torch_latency(model, mode, x_new_t, new_y, buf_x, buf_t, args, seed) for mode in ("head", "full")}
+    for weights in args.weights:
+        for mode in ("head", "full"):
+            bundle = data_dir / f"bundle_{weights}_{mode}"
+            started = time.perf_counter()
+            edge.export(model, buffer, bundle, mode=mode, storage="uint8", weights=weights, lr=0.01, momentum=0.9,
+                        overwrite=True, seed=seed)
+            export_seconds = time.perf_counter() - started
+            # Parity at every lr for the reference storage; at the bundle's lr for the others (same graphs).
+            lrs = args.parity_lrs if weights == args.weights[0] else args.parity_lrs[:1]
+            row: dict[str, Any] = {"parity": [parity(model, bundle, x_new_t, new_y, buf_x, buf_t, args, seed, lr)
+                                              for lr in lrs]}
+            row["parity_max_abs_diff"] = row["parity"][0]["ort_vs_torch"]
+            row["torch_step_ms_median"] = torch_ms[mode]
+            row["device"] = run_device(bundle, files, args, seed, s["device_epochs"], [32, 0], args.memory_limit_mb)
+            # Latency as a device would run it with no cap (PyTorch has none either); own process, own peak;
+            # as many timed steps as PyTorch's (the device's epochs x 32 steps, less 3 warm-up).
+            row["device_uncapped"] = run_device(bundle, files, args, seed, s["device_epochs"], [32], None, score=False)
+            row["ort_step_ms_median"] = row["device_uncapped"]["with_buffer"]["step_ms_median"]
+            row["ort_step_ms_median_capped"] = row["device"]["with_buffer"]["step_ms_median"]
+            row["latency_ratio_ort_over_torch"] = row["ort_step_ms_median"] / row["torch_step_ms_median"]
+            if mode == "head" and weights == args.weights[0]:
+                row["frozen_weights"] = frozen_constants_vs_fed(bundle, x_new_t, new_y, buf_x, buf_t, args, seed)
+            row["bundle_bytes"] = _bundle_bytes(bundle)
+            row["export_seconds"] = export_seconds
+            result["runs"].setdefault(weights, {})[mode] = row
+            print(f"seed {seed} {weights} {mode}: parity {row['parity_max_abs_diff']:.2e} (one step "
+                  f"{row['parity'][0]['one_step']:.1e}), ORT {row['ort_step_ms_median']:.2f} ms vs "
+                  f"torch {row['torch_step_ms_median']:.2f} ms, peak RSS {row['device']['peak_rss_mb']:.1f} MB, "
+                  f"bundle {row['bundle_bytes']['total'] / 1024:.1f} KB, opened old acc {row['device']['opened_old_acc']:.4f}, "
+                  f"old acc with/without buffer {row['device']['with_buffer']['old_acc']:.3f}/"
+                  f"{row['device']['without_buffer']['old_acc']:.3f}", flush=True)
+    if args.wide_width:
+        result["wide"] = wide_run(args.wide_width, args, out, seed, norm(base_x), base_y, buffer, old_tx, old_ty)
     return result
 
 
-def size_at_width(width: int, args, out: Path) -> dict[str, Any]:
-    """Bundle size (uint8 buffer of ``--buffer-size`` images) for another width; untrained weights, sizes only."""
+def wide_run(width: int, args, out: Path, seed: int, base_x, base_y, buffer, old_tx, old_ty) -> dict[str, Any]:
+    """A ConvNet of ``width`` trained on the same data: per weight storage, bundle bytes (head, full; the
+    same 100-image uint8 buffer) and the opened model's accuracy on the old classes (device runtime)."""
     info = dataset_info("mnist")
-    from replaykit.buffer import SyntheticBuffer
-
-    with seeded(0):
+    started = time.perf_counter()
+    with seeded(seed):
         model = ConvNet(info.in_shape, 10, width=width, depth=args.depth)
-        images = torch.randn(args.buffer_size, *info.in_shape)
-    buffer = SyntheticBuffer(images, torch.arange(args.buffer_size) % 8, 10, meta=info.meta())
-    sizes = {}
-    for mode in ("head", "full"):
-        bundle = edge.export(model, buffer, out / f"size_w{width}_{mode}", mode=mode, overwrite=True, verify=False)
-        sizes[mode] = _bundle_bytes(bundle)["total"]
-    return {"width": width, "params": sum(p.numel() for p in model.parameters()), "bundle_bytes": sizes}
+    train_classifier(model, base_x, base_y, epochs=args.wide_epochs, batch_size=128, lr=0.01, seed=seed)
+    model.eval()
+    x_old = _to_uint8(old_tx)
+    with torch.no_grad():
+        torch_acc = float((model(_normalise_uint8(x_old, info)).argmax(1) == old_ty).float().mean())
+    row: dict[str, Any] = {"width": width, "params": sum(p.numel() for p in model.parameters()),
+                           "train_seconds": time.perf_counter() - started, "torch_old_acc": torch_acc, "storages": {}}
+    for weights in args.weights:
+        entry: dict[str, Any] = {}
+        for mode in ("head", "full"):
+            bundle = edge.export(model, buffer, out / f"seed{seed}" / f"wide_w{width}_{weights}_{mode}", mode=mode,
+                                 weights=weights, overwrite=True, seed=seed)
+            entry[f"{mode}_bytes"] = _bundle_bytes(bundle)["total"]
+        # Head and full bundles open to the same model: score one of them.
+        entry["opened_old_acc"] = edge.Retrainer(bundle, threads=args.threads).evaluate(x_old, old_ty.numpy(), batch_size=256)
+        row["storages"][weights] = entry
+        print(f"seed {seed} width {width} {weights}: head {entry['head_bytes'] / 1024:.1f} KB, full "
+              f"{entry['full_bytes'] / 1024:.1f} KB, opened old acc {entry['opened_old_acc']:.4f}", flush=True)
+    return row
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -371,79 +449,122 @@ PARITY_COLUMNS = [
 ]
 
 
-def summarise(results: list[dict], sizes: list[dict], args) -> tuple[dict, str]:
-    summary: dict[str, Any] = {}
+def _stat(values: list[float]) -> dict[str, Any]:
+    mean, std = _mean_std(values)
+    return {"mean": mean, "std": std, "values": values}
+
+
+def _fmt(stat: dict[str, Any], digits: int = 2) -> str:
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def summarise(results: list[dict], args) -> tuple[dict, str]:
+    summary: dict[str, Any] = {"runs": {}}
     lines = [
         f"Edge retraining, MNIST ConvNet-{args.depth} width {args.width}, {args.buffer_size}-image {args.buffer_method} buffer "
-        f"(uint8), seeds {args.seeds}, {args.threads} threads, device memory cap {args.memory_limit_mb:g} MB"
-        f"{' (QUICK smoke run)' if args.quick else ''}",
+        f"(uint8), weight storages {args.weights}, seeds {args.seeds}, {args.threads} threads, device memory cap "
+        f"{args.memory_limit_mb:g} MB{' (QUICK smoke run)' if args.quick else ''}",
         "",
         f"Parity: max abs parameter difference after {args.parity_steps} steps of 32 new + 32 buffer samples "
-        "(SGD momentum 0.9), worst over seeds",
+        "(SGD momentum 0.9; PyTorch starts from the weights as the device opens them), worst over seeds",
         "",
-        "| mode | lr | " + " | ".join(title for _, title in PARITY_COLUMNS) + " |",
-        "|---|---|" + "---|" * len(PARITY_COLUMNS),
+        "| weights | mode | lr | " + " | ".join(title for _, title in PARITY_COLUMNS) + " |",
+        "|---|---|---|" + "---|" * len(PARITY_COLUMNS),
     ]
-    for mode in ("head", "full"):
-        for k, lr in enumerate(args.parity_lrs):
-            runs = [r["modes"][mode]["parity"][k] for r in results]
-            summary.setdefault(mode, {})[f"parity_lr{lr:g}"] = {key: max(run[key] for run in runs) for key, _ in PARITY_COLUMNS}
-            cells = " | ".join(f"{max(run[key] for run in runs):.1e}" for key, _ in PARITY_COLUMNS)
-            lines.append(f"| {mode} | {lr:g} | {cells} |")
-    lines += ["", "| mode | ORT step ms | PyTorch step ms | ratio ORT/PyTorch | ORT step ms under the cap (micro-batch) | "
-                  "device peak RSS MB under the cap | bundle KB | "
+    for weights in args.weights:
+        for mode in ("head", "full"):
+            for k, run0 in enumerate(results[0]["runs"][weights][mode]["parity"]):
+                runs = [r["runs"][weights][mode]["parity"][k] for r in results]
+                worst = {key: max(run[key] for run in runs) for key, _ in PARITY_COLUMNS}
+                summary["runs"].setdefault(weights, {}).setdefault(mode, {})[f"parity_lr{run0['lr']:g}"] = worst
+                lines.append(f"| {weights} | {mode} | {run0['lr']:g} | " + " | ".join(f"{worst[key]:.1e}" for key, _ in PARITY_COLUMNS) + " |")
+    lines += ["", "| weights | mode | ORT step ms | PyTorch step ms | ratio ORT/PyTorch | ORT step ms under the cap (micro-batch) | "
+                  "device peak RSS MB under the cap | bundle KB | opened model, old acc | "
                   "old acc with buffer | old acc without | new acc with buffer | new acc without |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for mode in ("head", "full"):
-        rows = [r["modes"][mode] for r in results]
-        stats = {
-            "ort_ms": [r["ort_step_ms_median"] for r in rows],
-            "torch_ms": [r["torch_step_ms_median"] for r in rows],
-            "ratio": [r["latency_ratio_ort_over_torch"] for r in rows],
-            "ort_ms_capped": [r["ort_step_ms_median_capped"] for r in rows],
-            "rss": [r["device"]["peak_rss_mb"] for r in rows],
-            "kb": [r["bundle_bytes"]["total"] / 1024 for r in rows],
-            "old_with": [r["device"]["with_buffer"]["old_acc"] for r in rows],
-            "old_without": [r["device"]["without_buffer"]["old_acc"] for r in rows],
-            "new_with": [r["device"]["with_buffer"]["new_acc"] for r in rows],
-            "new_without": [r["device"]["without_buffer"]["new_acc"] for r in rows],
-        }
-        summary[mode].update({k: {"mean": _mean_std(v)[0], "std": _mean_std(v)[1], "values": v} for k, v in stats.items()})
-        fmt = lambda k, d=2: f"{summary[mode][k]['mean']:.{d}f} ± {summary[mode][k]['std']:.{d}f}"  # noqa: E731
-        micro = sorted({r["device"]["with_buffer"]["micro_batch"] for r in rows})
-        lines.append(
-            f"| {mode} | {fmt('ort_ms')} | {fmt('torch_ms')} | {fmt('ratio')} | {fmt('ort_ms_capped')} ({'/'.join(map(str, micro))}) | "
-            f"{fmt('rss', 1)} | "
-            f"{fmt('kb', 1)} | {fmt('old_with', 3)} | {fmt('old_without', 3)} | {fmt('new_with', 3)} | {fmt('new_without', 3)} |"
-        )
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for weights in args.weights:
+        for mode in ("head", "full"):
+            rows = [r["runs"][weights][mode] for r in results]
+            stats = {
+                "ort_ms": [r["ort_step_ms_median"] for r in rows],
+                "torch_ms": [r["torch_step_ms_median"] for r in rows],
+                "ratio": [r["latency_ratio_ort_over_torch"] for r in rows],
+                "ort_ms_capped": [r["ort_step_ms_median_capped"] for r in rows],
+                "rss": [r["device"]["peak_rss_mb"] for r in rows],
+                "kb": [r["bundle_bytes"]["total"] / 1024 for r in rows],
+                "opened_old": [r["device"]["opened_old_acc"] for r in rows],
+                "old_with": [r["device"]["with_buffer"]["old_acc"] for r in rows],
+                "old_without": [r["device"]["without_buffer"]["old_acc"] for r in rows],
+                "new_with": [r["device"]["with_buffer"]["new_acc"] for r in rows],
+                "new_without": [r["device"]["without_buffer"]["new_acc"] for r in rows],
+            }
+            cell = summary["runs"][weights][mode]
+            cell.update({k: _stat(v) for k, v in stats.items()})
+            micro = sorted({r["device"]["with_buffer"]["micro_batch"] for r in rows})
+            lines.append(
+                f"| {weights} | {mode} | {_fmt(cell['ort_ms'])} | {_fmt(cell['torch_ms'])} | {_fmt(cell['ratio'])} | "
+                f"{_fmt(cell['ort_ms_capped'])} ({'/'.join(map(str, micro))}) | {_fmt(cell['rss'], 1)} | {_fmt(cell['kb'], 1)} | "
+                + " | ".join(_fmt(cell[k], 4 if k == "opened_old" else 3)
+                             for k in ("opened_old", "old_with", "old_without", "new_with", "new_without")) + " |")
+    reference = args.weights[0]
+    fed = [r["runs"][reference]["head"]["frozen_weights"] for r in results]
+    summary["head_frozen_weights"] = {k: _stat([f[k] for f in fed]) for k in fed[0]}
     base = [r["base_old_acc"] for r in results]
-    lines += ["", f"Base model accuracy on old classes before the device learns 8-9: "
-                  f"{_mean_std(base)[0]:.3f} ± {_mean_std(base)[1]:.3f}"]
-    for s in sizes:
-        lines.append(f"Bundle size at width {s['width']} ({s['params']} params, float32): head "
-                     f"{s['bundle_bytes']['head'] / 1024:.1f} KB, full {s['bundle_bytes']['full'] / 1024:.1f} KB")
+    summary["base_old_acc"] = _stat(base)
+    lines += ["", f"Base model (PyTorch, float32) accuracy on old classes before the device learns 8-9: {_fmt(summary['base_old_acc'], 4)}",
+              f"Head-mode step ({reference} bundle, in-process onnxruntime, same batches, interleaved): frozen weights as "
+              f"runtime-supplied constants {_fmt(summary['head_frozen_weights']['step_ms_constants'])} ms vs fed as inputs "
+              f"{_fmt(summary['head_frozen_weights']['step_ms_fed'])} ms"]
+    if "wide" in results[0]:
+        wide = [r["wide"] for r in results]
+        width = wide[0]["width"]
+        lines += ["", f"Bundle KB per weight storage (100-image uint8 buffer) at width {args.width} (trained model above) and "
+                      f"width {width} ({wide[0]['params']} params, trained {args.wide_epochs} epoch(s) on the same data); "
+                      f"opened width-{width} model's accuracy on old classes (device runtime) and its drop against the "
+                      f"{reference} bundle, in points (PyTorch float32: {_fmt(_stat([w['torch_old_acc'] for w in wide]), 4)})",
+                  "",
+                  f"| weights | head KB w{args.width} | full KB w{args.width} | head KB w{width} | full KB w{width} | "
+                  f"opened old acc w{width} | drop vs {reference} (points) |",
+                  "|---|---|---|---|---|---|---|"]
+        summary["wide"] = {}
+        for weights in args.weights:
+            stats = {
+                "head_kb_narrow": _stat([r["runs"][weights]["head"]["bundle_bytes"]["total"] / 1024 for r in results]),
+                "full_kb_narrow": _stat([r["runs"][weights]["full"]["bundle_bytes"]["total"] / 1024 for r in results]),
+                "head_kb": _stat([w["storages"][weights]["head_bytes"] / 1024 for w in wide]),
+                "full_kb": _stat([w["storages"][weights]["full_bytes"] / 1024 for w in wide]),
+                "opened_old_acc": _stat([w["storages"][weights]["opened_old_acc"] for w in wide]),
+                "drop_points": _stat([100 * (w["storages"][reference]["opened_old_acc"] - w["storages"][weights]["opened_old_acc"])
+                                      for w in wide]),
+            }
+            summary["wide"][weights] = stats
+            lines.append(f"| {weights} | {_fmt(stats['head_kb_narrow'], 1)} | {_fmt(stats['full_kb_narrow'], 1)} | "
+                         f"{_fmt(stats['head_kb'], 1)} | {_fmt(stats['full_kb'], 1)} | {_fmt(stats['opened_old_acc'], 4)} | "
+                         f"{_fmt(stats['drop_points'], 2)} |")
     return summary, "\n".join(lines) + "\n"
 
 
-def plot(summary: dict, path: Path) -> None:
+def plot(summary: dict, path: Path, weights: list[str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    labels = ["old, with buffer", "old, without", "new, with buffer", "new, without"]
-    keys = ["old_with", "old_without", "new_with", "new_without"]
-    width = 0.38
-    for k, mode in enumerate(("head", "full")):
-        means = [summary[mode][key]["mean"] for key in keys]
-        errs = [summary[mode][key]["std"] for key in keys]
-        ax.bar(np.arange(4) + (k - 0.5) * width, means, width, yerr=errs, label=f"{mode} mode", capsize=3)
-    ax.set_xticks(np.arange(4), labels)
-    ax.set_ylabel("test accuracy")
-    ax.set_ylim(0, 1)
-    ax.set_title("Device learns MNIST 8-9: old classes 0-7 with vs without replay")
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.5), sharey=True)
+    labels = ["opened", "old, with buffer", "old, without", "new, with buffer", "new, without"]
+    keys = ["opened_old", "old_with", "old_without", "new_with", "new_without"]
+    bar = 0.8 / len(weights)
+    for ax, mode in zip(axes, ("head", "full")):
+        for k, storage in enumerate(weights):
+            cell = summary["runs"][storage][mode]
+            ax.bar(np.arange(len(keys)) + (k - (len(weights) - 1) / 2) * bar, [cell[key]["mean"] for key in keys], bar,
+                   yerr=[cell[key]["std"] for key in keys], label=f"{storage} weights", capsize=2)
+        ax.set_xticks(np.arange(len(keys)), labels, fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{mode} mode")
+    axes[0].set_ylabel("test accuracy")
+    axes[1].legend(fontsize=8)
+    fig.suptitle("Device learns MNIST 8-9: old classes 0-7 with vs without replay, per weight storage")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
@@ -454,19 +575,20 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
+    load_before = os.getloadavg()
     results = []
     for seed in args.seeds:
         results.append(run_seed(seed, args, out))
         atomic_write_json(out / "results_partial.json", {"args": vars(args), "results": results})
-    sizes = [size_at_width(w, args, out) for w in args.size_widths]
-    summary, table = summarise(results, sizes, args)
-    payload = {"args": vars(args), "settings": _settings(args.quick), "results": results, "sizes": sizes,
+    summary, table = summarise(results, args)
+    payload = {"args": vars(args), "settings": _settings(args.quick), "results": results,
                "summary": summary, "seconds": time.time() - started,
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-               "machine_note": "2-core CPU, no GPU, shared with other work"}
+               "load_average_before_after": [list(load_before), list(os.getloadavg())],
+               "machine_note": f"{os.cpu_count()}-CPU machine, no GPU"}
     atomic_write_json(out / "results.json", payload)
     atomic_write_bytes(out / "results.md", table.encode())
-    plot(summary, out / "forgetting.png")
+    plot(summary, out / "forgetting.png", args.weights)
     print(table)
     print(f"wrote {out}/results.json, results.md, forgetting.png in {payload['seconds']:.0f} s")
     return 0

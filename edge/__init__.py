@@ -3,7 +3,7 @@
 ``import edge`` and :class:`Retrainer` need only numpy, onnxruntime, safetensors
 and the standard library. :func:`export` imports torch when it is called.
 
-    edge.export(model, buffer, "bundle", mode="head", storage="uint8")   # host, torch
+    edge.export(model, buffer, "bundle", mode="full", weights="int8")   # host, torch
     r = edge.Retrainer("bundle", memory_limit_mb=100)                    # device, no torch
     r.fit(x_new, y_new, epochs=2, batch_size=32)   # each step: 32 new + 32 replayed samples
     r.evaluate(x_test, y_test); r.save()

@@ -12,16 +12,18 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "edge_retrain.py"
 
 def test_quick_run_measures_parity_latency_memory_size_and_forgetting(tmp_path, real_data_root):
     out = tmp_path / "edge"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--width", "16", "--out", str(out)],
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--width", "16", "--weights", "float32", "int8",
+                           "--wide-width", "24", "--out", str(out)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads((out / "results.json").read_text())
     (result,) = doc["results"]
     assert result["buffer_images"] == 100 and sum(result["buffer_counts"].values()) == 100
-    for mode in ("head", "full"):
-        row = result["modes"][mode]
+    for weights, mode in [(w, m) for w in ("float32", "int8") for m in ("head", "full")]:
+        row = result["runs"][weights][mode]
         assert row["parity_max_abs_diff"] < 1e-4, row["parity"][0]["per_param"]
-        assert [run["lr"] for run in row["parity"]] == [0.01, 0.001]
+        assert row["parity"][0]["one_step"] <= 1e-5
+        assert [run["lr"] for run in row["parity"]] == ([0.01, 0.001] if weights == "float32" else [0.01])
         # float64 PyTorch is the arithmetic-exact reference: the graph tracks it about as well as PyTorch does.
         assert row["parity"][0]["ort_vs_float64"] < 10 * row["parity"][0]["torch_vs_float64"] + 1e-6
         assert row["torch_step_ms_median"] > 0 and row["ort_step_ms_median"] > 0
@@ -31,5 +33,16 @@ def test_quick_run_measures_parity_latency_memory_size_and_forgetting(tmp_path, 
         # The buffer keeps old classes: replay beats no replay on them even in this tiny run.
         assert device["with_buffer"]["old_acc"] > device["without_buffer"]["old_acc"]
         assert set(row["bundle_bytes"]) >= {"model.onnx", "train_step.onnx", "buffer.safetensors", "manifest.json"}
-    assert "| head |" in (out / "results.md").read_text()
+        assert 0.5 < device["opened_old_acc"] <= 1.0
+    for mode in ("head", "full"):  # int8 weights: a smaller bundle that opens to (nearly) the same model
+        small, exact = result["runs"]["int8"][mode], result["runs"]["float32"][mode]
+        assert small["bundle_bytes"]["buffer.safetensors"] < exact["bundle_bytes"]["buffer.safetensors"]
+        assert abs(small["device"]["opened_old_acc"] - exact["device"]["opened_old_acc"]) <= 0.05
+    fed = result["runs"]["float32"]["head"]["frozen_weights"]
+    assert fed["step_ms_constants"] > 0 and fed["step_ms_fed"] > 0
+    wide = result["wide"]
+    assert wide["width"] == 24 and set(wide["storages"]) == {"float32", "int8"}
+    assert wide["storages"]["int8"]["full_bytes"] < wide["storages"]["float32"]["full_bytes"]
+    assert "drop vs float32" in (out / "results.md").read_text()
+    assert "| int8 | head |" in (out / "results.md").read_text()
     assert (out / "forgetting.png").read_bytes()[:4] == b"\x89PNG"

@@ -71,25 +71,29 @@ RECOMPRESS_MODES = ("distill", "select")
 _PIXEL_BYTES = {"float32": 4, "float16": 2, "uint8": 1}
 
 
-def image_cost_bytes(in_shape: Sequence[int], *, factor: int = 1, storage: str = "uint8", bits: int = 8) -> int:
+def image_cost_bytes(in_shape: Sequence[int], *, factor: int = 1, storage: str = "uint8", bits: int = 8,
+                     soft_classes: int = 0) -> int:
     """Bytes one held image costs: its pixels at the stored resolution and precision plus a one-byte label.
 
     ``bits`` (uint8 storage only): grey levels of ``bits`` bits, packed ``8 // bits`` to a byte.
+    ``soft_classes``: a float16 soft-label row over that many classes is held too.
     """
     c, h, w = (int(v) for v in in_shape)
     if h % factor or w % factor:
         raise ValueError(f"decoder factor {factor} does not divide the image size {h}x{w}")
     pixels = c * (h // factor) * (w // factor)
+    labels = 1 + 2 * soft_classes
     if storage == "uint8":
-        return math.ceil(pixels * bits / 8) + 1
-    return pixels * _PIXEL_BYTES[storage] + 1
+        return math.ceil(pixels * bits / 8) + labels
+    return pixels * _PIXEL_BYTES[storage] + labels
 
 
-def images_for_bytes(mem_bytes: int, in_shape: Sequence[int], *, factor: int = 1, storage: str = "uint8", bits: int = 8) -> int:
+def images_for_bytes(mem_bytes: int, in_shape: Sequence[int], *, factor: int = 1, storage: str = "uint8", bits: int = 8,
+                     soft_classes: int = 0) -> int:
     """How many images fit in ``mem_bytes`` (pixels + labels): 78,500 B hold 100 uint8 MNIST images, 398 at 2 bits."""
     if not isinstance(mem_bytes, int) or isinstance(mem_bytes, bool) or mem_bytes < 1:
         raise ValueError(f"mem_bytes must be a positive int, got {mem_bytes!r}")
-    return mem_bytes // image_cost_bytes(in_shape, factor=factor, storage=storage, bits=bits)
+    return mem_bytes // image_cost_bytes(in_shape, factor=factor, storage=storage, bits=bits, soft_classes=soft_classes)
 
 
 def class_quotas(classes: Sequence[int], mem_size: int) -> dict[int, int]:
@@ -151,6 +155,9 @@ class DistilledBuffer(ExemplarsBuffer):
             are held at half resolution, so 78,500 bytes hold 398 MNIST images instead of 100.
         learner_aware: give the method the learner (the strategy's model at the end of the
             experience) as an extra feature extractor (``learner=``; matching methods only).
+        soft_labels: label each new synthetic image with the learner's softened prediction
+            (``softmax(logits / soft_temperature)``, DER-style dark knowledge), held as float16 and
+            counted in the bytes; replayed with a soft cross-entropy. Needs ``num_classes``.
     """
 
     def __init__(
@@ -167,7 +174,13 @@ class DistilledBuffer(ExemplarsBuffer):
         progress: bool = True,
         mem_bytes: int | None = None,
         learner_aware: bool = False,
+        soft_labels: bool = False,
+        soft_temperature: float = 2.0,
     ) -> None:
+        if soft_labels and not num_classes:
+            raise ValueError("soft_labels needs num_classes (the size of the learner's output)")
+        if not soft_temperature > 0:
+            raise ValueError(f"soft_temperature must be > 0, got {soft_temperature!r}")
         if storage not in STORAGE_DTYPES:
             raise ValueError(f"storage must be one of {STORAGE_DTYPES}, got {storage!r}")
         factor = int((method_options or {}).get("factor", 1))
@@ -178,7 +191,8 @@ class DistilledBuffer(ExemplarsBuffer):
             in_shape = (dataset_meta or {}).get("in_shape")
             if not in_shape:
                 raise ValueError("mem_bytes needs dataset_meta with the images' in_shape (dataset_info(name).meta())")
-            fitting = images_for_bytes(mem_bytes, in_shape, factor=factor, storage=storage, bits=bits)
+            fitting = images_for_bytes(mem_bytes, in_shape, factor=factor, storage=storage, bits=bits,
+                                       soft_classes=num_classes if soft_labels else 0)
             if max_size is not None and max_size != fitting:
                 raise ValueError(f"give max_size or mem_bytes, not both: {mem_bytes} bytes hold {fitting} images, not {max_size}")
             if fitting < 1:
@@ -209,6 +223,8 @@ class DistilledBuffer(ExemplarsBuffer):
         self.progress = progress
         self.mem_bytes = mem_bytes
         self.learner_aware = learner_aware
+        self.soft_labels = soft_labels
+        self.soft_temperature = float(soft_temperature)
         self._learner: torch.nn.Module | None = None
         self.synthetic: SyntheticBuffer | None = None
         self.distill_seconds: list[float] = []
@@ -234,7 +250,7 @@ class DistilledBuffer(ExemplarsBuffer):
     def post_adapt(self, agent_state: Any, exp: Any) -> None:
         """Distill the experience's training data into the buffer (Avalanche calls this after training)."""
         images, labels = dataset_tensors(exp.dataset)
-        learner = getattr(agent_state, "model", None) if self.learner_aware else None
+        learner = getattr(agent_state, "model", None) if self.learner_aware or self.soft_labels else None
         self.update_from_tensors(images, labels, learner=learner)
 
     def resize(self, strategy: Any, new_size: int) -> None:
@@ -280,6 +296,8 @@ class DistilledBuffer(ExemplarsBuffer):
             mask = labels == cls
             fresh = self._run_method(images[mask], labels[mask], min(quotas[cls], int(mask.sum())), k, cls)
             self._check_budget(fresh)
+            if self.soft_labels and learner is not None:
+                fresh = self._learner_labels(fresh, learner, k)
             if held is not None and cls in held.classes:  # new data for a class already held
                 joined = SyntheticBuffer.concat([_pad(held.select_classes([cls]), k), fresh])
                 fresh = self._recompress(joined, {cls: quotas[cls]}, desc=f"{exp_tag} merge")
@@ -353,7 +371,22 @@ class DistilledBuffer(ExemplarsBuffer):
             meta["decoder"] = {"kind": "upsample", "factor": factor, "mode": "bilinear"}
         if int(self.method_options.get("bits", 8)) < 8:
             meta["pixel_bits"] = int(self.method_options["bits"])
+        if self.soft_labels:
+            meta.update(soft_label_storage="float16", soft_temperature=self.soft_temperature)
         return meta
+
+    def _learner_labels(self, part: SyntheticBuffer, learner: torch.nn.Module, k: int) -> SyntheticBuffer:
+        """``part`` relabelled with the learner's softened predictions on the images it will replay."""
+        was_training = learner.training
+        learner.eval()
+        with torch.no_grad():
+            logits = learner(part.quantized().decoded_images() if self.storage == "uint8" else part.decoded_images())
+        learner.train(was_training)
+        if logits.shape[1] != k:
+            logits = torch.nn.functional.pad(logits, (0, k - logits.shape[1]), value=-1e4)[:, :k]
+        probs = _float16_rows(torch.softmax(logits / self.soft_temperature, dim=1))
+        meta = dict(part.meta, soft_label_storage="float16", soft_temperature=self.soft_temperature)
+        return SyntheticBuffer(part.images, probs, k, part.class_ids, meta)
 
     def _check_budget(self, part: SyntheticBuffer) -> None:
         """The method must hold images at the resolution the byte budget was computed for."""
@@ -412,6 +445,12 @@ def _quantize(buffer: SyntheticBuffer, storage: str) -> SyntheticBuffer:
     if storage == "float16":
         return SyntheticBuffer(buffer.images.half().float(), buffer.labels, buffer.num_classes, buffer.class_ids, buffer.meta)
     return buffer.quantized()
+
+
+def _float16_rows(probs: torch.Tensor) -> torch.Tensor:
+    """Probability rows as float16 keeps them (renormalised in float32 so they still sum to one)."""
+    held = probs.half().float().clamp_min(0)
+    return held / held.sum(1, keepdim=True)
 
 
 def _pad(buffer: SyntheticBuffer, num_classes: int) -> SyntheticBuffer:
@@ -505,6 +544,7 @@ class DistilledReplayPlugin(ReplayPlugin):
         mem_bytes: int | None = None,
         learner_aware: bool = False,
         mix_resolution: float = 0.5,
+        soft_labels: bool = False,
     ) -> None:
         if not 0.0 <= mix_resolution <= 1.0:
             raise ValueError(f"mix_resolution must lie in [0, 1], got {mix_resolution!r}")
@@ -514,6 +554,7 @@ class DistilledReplayPlugin(ReplayPlugin):
             storage_policy = DistilledBuffer(
                 mem_size, method, method_options, recompress=recompress, storage=storage, dataset_meta=dataset_meta,
                 num_classes=num_classes, seed=seed, progress=progress, mem_bytes=mem_bytes, learner_aware=learner_aware,
+                soft_labels=soft_labels,
             )
             mem_size = storage_policy.max_size
         elif not isinstance(storage_policy, DistilledBuffer):

@@ -220,11 +220,13 @@ class SyntheticBuffer:
 
     def nbytes(self, storage: str = "float32") -> int:
         """Bytes the buffer holds with images stored as ``storage``: pixels at their stored resolution,
-        one byte per hard label, soft labels at ``meta['soft_label_storage']`` precision (float32 by default)."""
+        one byte per hard label, soft labels at ``meta['soft_label_storage']`` precision (float32 by default)
+        plus a one-byte class id."""
         if storage not in _BYTES_PER_PIXEL:
             raise ValueError(f"storage must be one of {STORAGE_DTYPES}, got {storage!r}")
         soft_bytes = {"float32": 4, "float16": 2}[self.meta.get("soft_label_storage", "float32")]
-        label_bytes = self.labels.numel() * (soft_bytes if self.is_soft else 1)
+        # soft rows at their precision plus the one-byte class id each image stands for
+        label_bytes = self.labels.numel() * soft_bytes + len(self) if self.is_soft else self.labels.numel()
         if storage == "uint8":  # grey levels packed 8 // pixel_bits to a byte, each image padded to whole bytes
             per_image = math.ceil(int(math.prod(self.image_shape)) * self.pixel_bits / 8) if len(self) else 0
             return len(self) * per_image + label_bytes

@@ -23,19 +23,12 @@ import torch
 from avalanche.benchmarks.utils import AvalancheDataset
 from avalanche.benchmarks.utils.classification_dataset import _make_taskaware_classification_dataset
 from avalanche.training.storage_policy import ExemplarsBuffer
-from torch.utils.data import TensorDataset
-
+from .avalanche import _LabelledImages, dataset_tensors
 from .buffer import decode_upsample, pack_levels, unpack_levels
 
 __all__ = ["CompressedReplayBuffer", "CODECS"]
 
 CODECS = ("downsample", "jpeg")
-
-
-class _Targets(TensorDataset):
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        super().__init__(images, labels)
-        self.targets = [int(c) for c in labels]
 
 
 def _jpeg_header_length(code: torch.Tensor) -> int:
@@ -134,7 +127,7 @@ class CompressedReplayBuffer(ExemplarsBuffer):
             classes = sorted(self._held)
             images = torch.cat([self._decode(self._held[c]) for c in classes if self._held[c]])
             labels = torch.tensor([c for c in classes for _ in self._held[c]], dtype=torch.int64)
-            self._cache = _make_taskaware_classification_dataset(_Targets(images, labels), task_labels=0)
+            self._cache = _make_taskaware_classification_dataset(_LabelledImages(images, labels), task_labels=0)
         return self._cache
 
     @buffer.setter
@@ -142,8 +135,6 @@ class CompressedReplayBuffer(ExemplarsBuffer):
         self._cache = None
 
     def post_adapt(self, agent_state: Any, exp: Any) -> None:
-        from .avalanche import dataset_tensors
-
         images, labels = dataset_tensors(exp.dataset)
         self.update_from_tensors(images, labels)
 

@@ -83,6 +83,7 @@ class StrategySpec:
             extras = [self.storage] if self.storage != "float32" else []
             extras += [f"{k}={v}" for k, v in sorted(self.method_options.items()) if k in ("bits", "factor", "init")]
             extras += ["learner"] if self.options.get("learner_aware") else []
+            extras += ["soft"] if self.options.get("soft") else []
             extras += [f"mix={self.options['mix']}"] if "mix" in self.options else []
             extras += [f"recompress={self.recompress}"] if self.recompress != "distill" else []
             return " ".join([f"distilled-{self.method} {budget}"] + extras)
@@ -118,7 +119,7 @@ def parse_spec(text: str) -> StrategySpec:
             mem_size = int(budget)
     values = {k: _parse_value(v) for k, v in pairs.items()}
     recompress = str(values.pop("recompress", "distill"))
-    spec_keys = {"distilled": ("learner_aware", "mix"), "downsample": ("factor", "mix", "bits"), "jpeg": ("quality",)}.get(kind, ())
+    spec_keys = {"distilled": ("learner_aware", "mix", "soft"), "downsample": ("factor", "mix", "bits"), "jpeg": ("quality",)}.get(kind, ())
     options = {k: values.pop(k) for k in spec_keys if k in values}
     if values and kind != "distilled":
         raise ValueError(f"{text!r}: options {sorted(values)} mean nothing for strategy {kind!r}")
@@ -281,7 +282,7 @@ def make_strategy(spec: StrategySpec, config: RunConfig, *, progress: bool = Fal
             mem_size=m or None, method=spec.method, method_options=dict(spec.method_options), batch_size_mem=config.batch_size_mem,
             storage=spec.storage, recompress=spec.recompress, dataset_meta=info.meta(), num_classes=info.num_classes, seed=config.seed,
             progress=progress, mem_bytes=spec.mem_bytes or None, learner_aware=bool(spec.options.get("learner_aware", False)),
-            mix_resolution=float(spec.options.get("mix", 0.5)),
+            mix_resolution=float(spec.options.get("mix", 0.5)), soft_labels=bool(spec.options.get("soft", False)),
         )
     return Naive(plugins=[plugin], **common)
 

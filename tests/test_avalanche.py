@@ -264,3 +264,83 @@ def test_composes_with_lwf_and_ewc(stream, other):
         strategy.train(exp)
     assert plugin.buffer.counts() == {0: 2, 1: 2, 2: 2, 3: 2, 4: 1, 5: 1}
     assert all(torch.isfinite(p).all() for p in strategy.model.parameters())
+
+
+# ------------------------------------------------------------ memory in bytes
+def test_budget_in_bytes_holds_as_many_images_as_fit_and_no_more(stream):
+    from replaykit.avalanche import images_for_bytes
+
+    raw_bytes = 20 * (64 + 1)  # what raw replay of 20 uint8 digits holds
+    assert images_for_bytes(raw_bytes, (1, 8, 8)) == 20
+    assert images_for_bytes(raw_bytes, (1, 8, 8), bits=2) == raw_bytes // (16 + 1) == 76
+    assert images_for_bytes(raw_bytes, (1, 8, 8), factor=2) == raw_bytes // (16 + 1)
+    assert images_for_bytes(raw_bytes, (1, 8, 8), soft_classes=10) == raw_bytes // (64 + 1 + 20)
+    plugin = DistilledReplayPlugin(mem_bytes=raw_bytes, method="random", method_options={"bits": 2} if False else {},
+                                   storage="uint8", dataset_meta=DIGITS, progress=False, batch_size_mem=32)
+    assert plugin.mem_size == plugin.storage_policy.max_size == 20
+    policy = DistilledBuffer(method="dm", method_options={"bits": 2, "iterations": 2, "width": 16, "depth": 2, "real_batch": 16},
+                             mem_bytes=raw_bytes, storage="uint8", dataset_meta=DIGITS, progress=False, recompress="select")
+    assert policy.max_size == 76
+    for exp in stream.train_stream:
+        policy.post_adapt(None, exp)
+        assert policy.nbytes() <= raw_bytes
+    assert len(policy.synthetic) == 76 and policy.synthetic.meta["pixel_bits"] == 2
+    assert policy.nbytes() == 76 * 17 and set(policy.synthetic.classes) == set(range(10))
+    with pytest.raises(ValueError, match="in_shape"):
+        DistilledBuffer(mem_bytes=1000, method="random", dataset_meta={"dataset": "digits"})
+    with pytest.raises(ValueError, match="not both"):
+        DistilledBuffer(30, method="random", mem_bytes=raw_bytes, storage="uint8", dataset_meta=DIGITS)
+    with pytest.raises(ValueError, match="needs storage='uint8'"):
+        DistilledBuffer(method="dm", method_options={"bits": 2}, mem_bytes=raw_bytes, dataset_meta=DIGITS)
+
+
+def test_low_resolution_buffer_replays_decoded_images_and_mixes_resolution(stream):
+    from replaykit.avalanche import MixedResolutionPlugin, low_resolution_view
+
+    plugin = DistilledReplayPlugin(
+        mem_bytes=1300, method="dm", method_options={"factor": 2, "iterations": 2, "width": 16, "depth": 2, "real_batch": 16},
+        storage="uint8", recompress="select", dataset_meta=DIGITS, progress=False, batch_size_mem=32, mix_resolution=1.0,
+    )
+    strategy = make_strategy(StrategySpec("naive"), RunConfig(**{**CONFIG.__dict__, "epochs": 1}))
+    strategy.plugins.append(plugin)
+    from avalanche.core import SupervisedPlugin
+
+    seen: dict[str, list[torch.Tensor]] = {"before": [], "after": []}
+
+    class Spy(SupervisedPlugin):  # one before and one after the distilled-replay plugin
+        def __init__(self, key):
+            super().__init__()
+            self.key = key
+
+        def before_forward(self, strategy, **kwargs):
+            seen[self.key].append(strategy.mbatch[0].clone())
+
+    strategy.plugins.insert(strategy.plugins.index(plugin), Spy("before"))
+    strategy.plugins.append(Spy("after"))
+    for exp in list(stream.train_stream)[:2]:
+        strategy.train(exp)
+    assert plugin.buffer.image_shape == (1, 4, 4) and plugin.buffer.decoded_shape == (1, 8, 8)
+    assert tuple(plugin.storage_policy.buffer[0][0].shape) == (1, 8, 8)  # Avalanche replays decoded images
+    # in the second experience (buffer at half resolution) every training image went through the low-resolution view
+    assert torch.allclose(seen["after"][-1], low_resolution_view(seen["before"][-1], 2), atol=1e-5)
+    assert torch.equal(seen["after"][0], seen["before"][0])  # first experience: no buffer yet, nothing mixed
+    with pytest.raises(ValueError, match="p must lie"):
+        MixedResolutionPlugin(2, p=1.5)
+
+
+def test_soft_labels_come_from_the_learner_and_are_counted_as_float16(stream):
+    spec_meta = dict(DIGITS)
+    plugin = DistilledReplayPlugin(mem_bytes=20 * (64 + 1 + 20), method="random", storage="uint8", dataset_meta=spec_meta,
+                                   num_classes=10, progress=False, batch_size_mem=32, soft_labels=True)
+    strategy = make_strategy(StrategySpec("naive"), CONFIG)
+    strategy.plugins.append(plugin)
+    for exp in list(stream.train_stream)[:2]:
+        strategy.train(exp)
+    buf = plugin.buffer
+    assert buf.is_soft and buf.meta["soft_label_storage"] == "float16" and len(buf) == 20
+    assert buf.nbytes("uint8") == 20 * (64 + 1 + 20)
+    assert torch.allclose(buf.labels.sum(1), torch.ones(20), atol=1e-3)
+    assert torch.equal(buf.labels, buf.labels.half().float()) or torch.allclose(buf.labels, buf.labels.half().float(), atol=1e-3)
+    assert (buf.labels.argmax(1) == buf.class_ids).float().mean() > 0.5  # the learner mostly agrees with the class
+    with pytest.raises(ValueError, match="num_classes"):
+        DistilledBuffer(10, method="random", soft_labels=True)

@@ -185,3 +185,66 @@ def test_round_trip_property(tmp_path_factory, n, c, k, storage, seed):
     back = SyntheticBuffer.load(path)
     assert back.counts() == buf.counts()
     assert torch.allclose(back.images, buf.images, atol=0 if storage == "float32" else 5e-3 * buf.images.abs().max().item())
+
+
+# ------------------------------------------------- compact parameterisations
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_packed_grey_levels_round_trip_and_take_the_bytes_nbytes_counts(tmp_path, bits):
+    from safetensors import safe_open
+
+    buf = SyntheticBuffer(make_buffer().images, make_buffer().labels, 3, None, dict(META, pixel_bits=bits))
+    held = buf.quantized()
+    levels = 2**bits - 1
+    pixels = held.pixels() * levels
+    assert torch.allclose(pixels, pixels.round(), atol=1e-4)  # exactly 2**bits grey levels
+    path = buf.save(tmp_path / "b.safetensors", storage="uint8")
+    with safe_open(str(path), framework="pt") as handle:
+        stored = handle.get_tensor("images")
+    assert stored.numel() == len(buf) * -(-64 * bits // 8)  # 64 pixels at `bits` bits, whole bytes per image
+    assert buf.nbytes("uint8") == stored.numel() + len(buf)  # + one label byte each
+    back = SyntheticBuffer.load(path)
+    assert back.image_shape == (1, 8, 8) and torch.allclose(back.images, held.images, atol=1e-5)
+
+
+def test_low_resolution_buffer_decodes_to_the_network_resolution(tmp_path):
+    small = torch.randn(4, 1, 4, 4)
+    buf = SyntheticBuffer(small, torch.tensor([0, 0, 1, 1]), 2, None, dict(META, decoder={"kind": "upsample", "factor": 2, "mode": "bilinear"}))
+    assert buf.image_shape == (1, 4, 4) and buf.decoded_shape == (1, 8, 8) and buf.decoder_factor == 2
+    decoded = buf.decoded_images()
+    assert decoded.shape == (4, 1, 8, 8)
+    assert torch.allclose(decoded, torch.nn.functional.interpolate(small, size=(8, 8), mode="bilinear", align_corners=False))
+    assert buf.nbytes("uint8") == 4 * 16 + 4  # the bytes are the low-resolution pixels
+    back = SyntheticBuffer.load(buf.save(tmp_path / "low.safetensors", storage="uint8"))
+    assert back.decoded_shape == (1, 8, 8)
+    full = SyntheticBuffer(torch.randn(2, 1, 4, 4), torch.tensor([0, 1]), 2, None, dict(META))  # same shape, no decoder
+    with pytest.raises(BufferFormatError, match="different resolutions"):
+        SyntheticBuffer.concat([buf, full])
+
+
+@pytest.mark.parametrize("meta, message", [
+    ({"decoder": {"kind": "vae"}}, "unknown decoder"),
+    ({"decoder": {"kind": "upsample", "factor": 0}}, "factor must be a positive int"),
+    ({"pixel_bits": 3}, "pixel_bits must be one of"),
+])
+def test_bad_parameterisations_are_named(meta, message):
+    with pytest.raises(BufferFormatError, match=message):
+        SyntheticBuffer(torch.zeros(1, 1, 4, 4), torch.tensor([0]), 1, None, dict(META, **meta))
+
+
+def test_packed_file_with_the_wrong_row_length_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    buf = SyntheticBuffer(make_buffer().images, make_buffer().labels, 3, None, dict(META, pixel_bits=2))
+    path = buf.save(tmp_path / "b.safetensors", storage="uint8")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}
+    header = json.loads(metadata["replaykit"])
+    tensors["images"] = tensors["images"][:, :-1].contiguous()
+    from replaykit.buffer import _tensor_digest
+
+    header["sha256"] = _tensor_digest(tensors)  # a consistent checksum: the shape itself is wrong
+    save_file(tensors, str(path), metadata={"replaykit": json.dumps(header)})
+    with pytest.raises(BufferFormatError, match="do not hold"):
+        SyntheticBuffer.load(path)

@@ -66,3 +66,40 @@ def test_noise_init_and_bad_options(digits):
     for bad in (dict(init="zeros"), dict(iterations=0), dict(time_budget=-1), dict(time_budget=float("nan")), dict(lr=0), dict(width=0)):
         with pytest.raises(ValueError):
             DistributionMatching(ipc=1, **bad)
+
+
+def test_compact_parameterisations_learn_the_stored_form(digits):
+    from replaykit.data import dataset_info
+
+    x, y, _, _ = digits
+    meta = dataset_info("digits").meta()
+    opts = dict(FAST, iterations=3)
+    low = DistributionMatching(ipc=2, seed=0, factor=2, **opts).distill(x, y, meta=meta)
+    assert low.image_shape == (1, 4, 4) and low.decoded_shape == (1, 8, 8)
+    assert low.meta["decoder"] == {"kind": "upsample", "factor": 2, "mode": "bilinear"}
+    two_bit = DistributionMatching(ipc=2, seed=0, bits=2, **opts).distill(x, y, meta=meta)
+    assert two_bit.meta["pixel_bits"] == 2 and two_bit.nbytes("uint8") == len(two_bit) * (16 + 1)
+    with pytest.raises(ValueError, match="mean and std"):
+        DistributionMatching(ipc=2, bits=2, **opts).distill(x, y, meta={"dataset": "digits"})
+    with pytest.raises(ValueError, match="does not divide"):
+        DistributionMatching(ipc=2, factor=3, **opts).distill(x, y, meta=meta)
+    for bad in (dict(factor=0), dict(bits=3), dict(learner_weight=-1.0), dict(learner=torch.nn.Linear(2, 2))):
+        with pytest.raises(ValueError):
+            DistributionMatching(ipc=2, **bad)
+
+
+def test_learner_aware_matching_and_herding_init_use_the_learner_without_touching_it(digits):
+    from replaykit.networks import ConvNet
+
+    x, y, _, _ = digits
+    torch.manual_seed(0)
+    learner = ConvNet((1, 8, 8), 10, width=16, depth=2)
+    before = [p.detach().clone() for p in learner.parameters()]
+    opts = dict(FAST, iterations=3, width=16, depth=2)
+    plain = DistributionMatching(ipc=2, seed=0, **opts).distill(x, y)
+    aware = DistributionMatching(ipc=2, seed=0, learner=learner, **opts).distill(x, y)
+    herd = DistributionMatching(ipc=2, seed=0, init="herding", learner=learner, **opts).distill(x, y)
+    assert aware.meta["learner_aware"] and not plain.meta["learner_aware"]
+    assert not torch.equal(plain.images, aware.images) and not torch.equal(aware.images, herd.images)
+    assert all(torch.equal(a, b) for a, b in zip(before, learner.parameters()))  # the caller's network is untouched
+    assert all(p.requires_grad for p in learner.parameters()) and all(p.grad is None for p in learner.parameters())

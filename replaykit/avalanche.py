@@ -155,6 +155,10 @@ class DistilledBuffer(ExemplarsBuffer):
             are held at half resolution, so 78,500 bytes hold 398 MNIST images instead of 100.
         learner_aware: give the method the learner (the strategy's model at the end of the
             experience) as an extra feature extractor (``learner=``; matching methods only).
+        workers: distill each experience's new classes on this many local processes
+            (:mod:`replaykit.distributed`, bit-identical to one process); ``group``: a
+            ``torch.distributed`` process group to shard them over instead (every rank runs the
+            strategy; rank 0 gathers and sends every rank the same buffer).
         soft_labels: label each new synthetic image with the learner's softened prediction
             (``softmax(logits / soft_temperature)``, DER-style dark knowledge), held as float16 and
             counted in the bytes; replayed with a soft cross-entropy. Needs ``num_classes``.
@@ -176,7 +180,18 @@ class DistilledBuffer(ExemplarsBuffer):
         learner_aware: bool = False,
         soft_labels: bool = False,
         soft_temperature: float = 2.0,
+        jpeg_quality: int = 50,
+        workers: int | None = None,
+        group: Any = None,
     ) -> None:
+        if (workers not in (None, 1) or group is not None) and learner_aware:
+            raise ValueError("learner_aware distillation runs in this process: it cannot be combined with workers or group")
+        if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 1):
+            raise ValueError(f"workers must be a positive int, got {workers!r}")
+        if storage == "jpeg" and mem_bytes is None:
+            raise ValueError("storage='jpeg' needs a budget in bytes (mem_bytes): JPEG images have no fixed size")
+        if not (isinstance(jpeg_quality, int) and 1 <= jpeg_quality <= 100):
+            raise ValueError(f"jpeg_quality must be an int in [1, 100], got {jpeg_quality!r}")
         if soft_labels and not num_classes:
             raise ValueError("soft_labels needs num_classes (the size of the learner's output)")
         if not soft_temperature > 0:
@@ -187,7 +202,11 @@ class DistilledBuffer(ExemplarsBuffer):
         bits = int((method_options or {}).get("bits", 8))
         if bits != 8 and storage != "uint8":
             raise ValueError(f"bits={bits} needs storage='uint8'")
-        if mem_bytes is not None:
+        if storage == "jpeg":
+            if max_size is not None:
+                raise ValueError("give mem_bytes, not max_size, with storage='jpeg'")
+            max_size = 1  # set from the first experience's JPEG sizes (see _fit_jpeg_budget)
+        elif mem_bytes is not None:
             in_shape = (dataset_meta or {}).get("in_shape")
             if not in_shape:
                 raise ValueError("mem_bytes needs dataset_meta with the images' in_shape (dataset_info(name).meta())")
@@ -210,8 +229,8 @@ class DistilledBuffer(ExemplarsBuffer):
             raise ValueError(f"method_options must not set {sorted(clash)}: the buffer chooses them")
         if recompress not in RECOMPRESS_MODES:
             raise ValueError(f"recompress must be one of {RECOMPRESS_MODES}, got {recompress!r}")
-        if storage == "uint8" and not {"mean", "std"} <= set(dataset_meta or {}):
-            raise ValueError("storage='uint8' needs dataset_meta with the dataset's mean and std (dataset_info(name).meta())")
+        if storage in ("uint8", "jpeg") and not {"mean", "std"} <= set(dataset_meta or {}):
+            raise ValueError(f"storage={storage!r} needs dataset_meta with the dataset's mean and std (dataset_info(name).meta())")
         super().__init__(max_size)
         self.method = method
         self.storage = storage
@@ -225,6 +244,9 @@ class DistilledBuffer(ExemplarsBuffer):
         self.learner_aware = learner_aware
         self.soft_labels = soft_labels
         self.soft_temperature = float(soft_temperature)
+        self.jpeg_quality = jpeg_quality
+        self.workers = workers
+        self.group = group
         self._learner: torch.nn.Module | None = None
         self.synthetic: SyntheticBuffer | None = None
         self.distill_seconds: list[float] = []
@@ -266,7 +288,8 @@ class DistilledBuffer(ExemplarsBuffer):
     def check_experience(self, classes: Sequence[int], image_shape: Sequence[int] | None = None) -> None:
         """Raise ``ValueError`` if adding ``classes`` (of ``image_shape``) would break the budget or the buffer."""
         seen = set(self.synthetic.classes if self.synthetic is not None else []) | {int(c) for c in classes}
-        class_quotas(seen, self.max_size)
+        if not (self.storage == "jpeg" and self.synthetic is None):  # jpeg: the image budget is known after the first experience
+            class_quotas(seen, self.max_size)
         if image_shape is not None and self.synthetic is not None and len(self.synthetic):
             if tuple(image_shape) != self.synthetic.decoded_shape:
                 raise ValueError(
@@ -282,6 +305,8 @@ class DistilledBuffer(ExemplarsBuffer):
         """
         _distill.check_training_data(images, labels, None)
         self._learner = learner
+        if self.storage == "jpeg" and self.synthetic is None:
+            self._fit_jpeg_budget(images)
         self.check_experience(torch.unique(labels).tolist(), tuple(images.shape[1:]))
         start = time.perf_counter()
         held = self.synthetic
@@ -291,10 +316,10 @@ class DistilledBuffer(ExemplarsBuffer):
         parts: list[SyntheticBuffer] = []
         exp_tag = f"exp {self._updates}"
         bar = progress_bar(new_classes, enabled=self.progress, desc=f"distill {exp_tag} ({self.method})", leave=False)
+        distilled = self._distill_new_classes(images, labels, new_classes, quotas, k)
         for cls in bar:
             bar.set_postfix(cls=cls, ipc=quotas[cls])
-            mask = labels == cls
-            fresh = self._run_method(images[mask], labels[mask], min(quotas[cls], int(mask.sum())), k, cls)
+            fresh = distilled[cls]
             self._check_budget(fresh)
             if self.soft_labels and learner is not None:
                 fresh = self._learner_labels(fresh, learner, k)
@@ -311,7 +336,7 @@ class DistilledBuffer(ExemplarsBuffer):
         seconds = time.perf_counter() - start
         self.distill_seconds.append(round(seconds, 3))
         self._updates += 1
-        self._set(_quantize(SyntheticBuffer.concat([_pad(p, k) for p in parts], meta=self._meta()), self.storage))
+        self._set(self._trim_to_bytes(_quantize(SyntheticBuffer.concat([_pad(p, k) for p in parts], meta=self._meta()), self.storage)))
         return seconds
 
     def load(self, path: str | os.PathLike) -> SyntheticBuffer:
@@ -373,7 +398,49 @@ class DistilledBuffer(ExemplarsBuffer):
             meta["pixel_bits"] = int(self.method_options["bits"])
         if self.soft_labels:
             meta.update(soft_label_storage="float16", soft_temperature=self.soft_temperature)
+        if self.storage == "jpeg":
+            meta["jpeg_quality"] = self.jpeg_quality
         return meta
+
+    def _fit_jpeg_budget(self, images: torch.Tensor) -> None:
+        """With jpeg storage, size the image budget from the JPEG size of this experience's real images."""
+        from . import jpeg
+
+        mean, std = (torch.tensor(self.dataset_meta[k], dtype=torch.float32).view(1, -1, 1, 1) for k in ("mean", "std"))
+        sample = images[torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(self.seed))[:256]]
+        header, bodies = jpeg.encode(((sample * std + mean).clamp(0, 1) * 255).round().to(torch.uint8), self.jpeg_quality)
+        per_image = sum(b.numel() for b in bodies) / len(bodies) + 1
+        self.max_size = max(1, int((self.mem_bytes - header.numel()) // per_image))
+
+    def _trim_to_bytes(self, buffer: SyntheticBuffer) -> SyntheticBuffer:
+        """Drop images (last ones of the fullest classes first) until the buffer fits ``mem_bytes``."""
+        if self.storage != "jpeg" or self.mem_bytes is None or buffer.nbytes("jpeg") <= self.mem_bytes:
+            return buffer  # fixed-size storage: the quotas already keep the budget
+        header, bodies = buffer._jpeg_codes()
+        label_cost = buffer.label_nbytes() // len(buffer)
+        costs = [b.numel() + label_cost for b in bodies]
+        total = header.numel() + sum(costs)
+        keep = {c: buffer.indices_of(c).tolist() for c in buffer.classes}
+        while total > self.mem_bytes and sum(len(v) for v in keep.values()) > len(keep):
+            fullest = max(keep, key=lambda c: (len(keep[c]), -c))
+            total -= costs[keep[fullest].pop()]
+        return buffer.subset(sorted(i for v in keep.values() for i in v))
+
+    def _distill_new_classes(self, images: torch.Tensor, labels: torch.Tensor, classes: list[int], quotas: dict[int, int],
+                             k: int) -> dict[int, SyntheticBuffer]:
+        """One distillation per new class: here, or sharded over ``workers`` / ``group`` (same seeds, same bytes)."""
+        ipcs = {c: min(quotas[c], int((labels == c).sum())) for c in classes}
+        if self.workers in (None, 1) and self.group is None:
+            return {c: self._run_method(images[labels == c], labels[labels == c], ipcs[c], k, c) for c in classes}
+        from .distributed import ClassJob, distill_per_class
+
+        jobs = [ClassJob(self.method, dict(self.method_options), ipcs[c], self._class_seed(c), images[labels == c],
+                         labels[labels == c], k, dict(self.dataset_meta)) for c in classes]
+        parts = distill_per_class(jobs, workers=self.workers, group=self.group, all_ranks=self.group is not None)
+        return dict(zip(classes, parts))
+
+    def _class_seed(self, cls: int) -> int:
+        return self.seed * 1_000_003 + self._updates * 1009 + cls
 
     def _learner_labels(self, part: SyntheticBuffer, learner: torch.nn.Module, k: int) -> SyntheticBuffer:
         """``part`` relabelled with the learner's softened predictions on the images it will replay."""
@@ -395,7 +462,7 @@ class DistilledBuffer(ExemplarsBuffer):
             raise RuntimeError(f"{self.method} returned images with decoder factor {part.decoder_factor}, the budget assumed {expected}")
 
     def _run_method(self, images: torch.Tensor, labels: torch.Tensor, ipc: int, k: int, cls: int) -> SyntheticBuffer:
-        seed = self.seed * 1_000_003 + self._updates * 1009 + cls
+        seed = self._class_seed(cls)
         options = dict(self.method_options)
         if self.learner_aware and getattr(self, "_learner", None) is not None:
             options["learner"] = self._learner
@@ -423,6 +490,7 @@ class DistilledBuffer(ExemplarsBuffer):
         state = dict(self.__dict__)
         state["_dataset_cache"] = None  # rebuilt on demand; keeps checkpoints small
         state["_learner"] = None
+        state["group"] = None  # a process group belongs to the running processes, not to a checkpoint
         return state
 
 
@@ -440,11 +508,7 @@ def _match_rows(pool: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
 
 def _quantize(buffer: SyntheticBuffer, storage: str) -> SyntheticBuffer:
     """``buffer`` with its images rounded to ``storage`` precision (what saving would keep)."""
-    if storage == "float32" or len(buffer) == 0:
-        return buffer
-    if storage == "float16":
-        return SyntheticBuffer(buffer.images.half().float(), buffer.labels, buffer.num_classes, buffer.class_ids, buffer.meta)
-    return buffer.quantized()
+    return buffer.quantized(storage)
 
 
 def _float16_rows(probs: torch.Tensor) -> torch.Tensor:
@@ -545,6 +609,9 @@ class DistilledReplayPlugin(ReplayPlugin):
         learner_aware: bool = False,
         mix_resolution: float = 0.5,
         soft_labels: bool = False,
+        jpeg_quality: int = 50,
+        workers: int | None = None,
+        group: Any = None,
     ) -> None:
         if not 0.0 <= mix_resolution <= 1.0:
             raise ValueError(f"mix_resolution must lie in [0, 1], got {mix_resolution!r}")
@@ -554,7 +621,7 @@ class DistilledReplayPlugin(ReplayPlugin):
             storage_policy = DistilledBuffer(
                 mem_size, method, method_options, recompress=recompress, storage=storage, dataset_meta=dataset_meta,
                 num_classes=num_classes, seed=seed, progress=progress, mem_bytes=mem_bytes, learner_aware=learner_aware,
-                soft_labels=soft_labels,
+                soft_labels=soft_labels, jpeg_quality=jpeg_quality, workers=workers, group=group,
             )
             mem_size = storage_policy.max_size
         elif not isinstance(storage_policy, DistilledBuffer):

@@ -26,8 +26,8 @@ from .fileio import atomic_write, sha256_bytes
 __all__ = ["SyntheticBuffer", "BufferFormatError", "FORMAT_VERSION", "STORAGE_DTYPES", "decode_upsample", "check_decoder"]
 
 FORMAT_VERSION = 1
-STORAGE_DTYPES = ("float32", "float16", "uint8")
-_BYTES_PER_PIXEL = {"float32": 4, "float16": 2, "uint8": 1}
+STORAGE_DTYPES = ("float32", "float16", "uint8", "jpeg")
+_BYTES_PER_PIXEL = {"float32": 4, "float16": 2, "uint8": 1, "jpeg": 1}
 _HEADER_KEY = "replaykit"
 
 
@@ -224,24 +224,60 @@ class SyntheticBuffer:
         plus a one-byte class id."""
         if storage not in _BYTES_PER_PIXEL:
             raise ValueError(f"storage must be one of {STORAGE_DTYPES}, got {storage!r}")
-        soft_bytes = {"float32": 4, "float16": 2}[self.meta.get("soft_label_storage", "float32")]
-        # soft rows at their precision plus the one-byte class id each image stands for
-        label_bytes = self.labels.numel() * soft_bytes + len(self) if self.is_soft else self.labels.numel()
+        label_bytes = self.label_nbytes()
+        if storage == "jpeg":  # shared headers once + every image's entropy-coded body
+            if not len(self):
+                return label_bytes
+            header, bodies = self._jpeg_codes()
+            return header.numel() + sum(b.numel() for b in bodies) + label_bytes
         if storage == "uint8":  # grey levels packed 8 // pixel_bits to a byte, each image padded to whole bytes
             per_image = math.ceil(int(math.prod(self.image_shape)) * self.pixel_bits / 8) if len(self) else 0
             return len(self) * per_image + label_bytes
         return self.images.numel() * _BYTES_PER_PIXEL[storage] + label_bytes
+
+    def label_nbytes(self) -> int:
+        """Bytes of the labels: one per hard label; soft rows at ``meta['soft_label_storage']`` plus a one-byte class id."""
+        if not self.is_soft:
+            return int(self.labels.numel())
+        soft_bytes = {"float32": 4, "float16": 2}[self.meta.get("soft_label_storage", "float32")]
+        return int(self.labels.numel()) * soft_bytes + len(self)
 
     @property
     def pixel_bits(self) -> int:
         """Bits per pixel of uint8 storage (8 unless ``meta['pixel_bits']`` says fewer)."""
         return check_pixel_bits(self.meta.get("pixel_bits"))
 
-    def quantized(self) -> "SyntheticBuffer":
-        """The buffer as uint8 storage keeps it: pixels rounded to ``2**pixel_bits`` grey levels."""
+    @property
+    def jpeg_quality(self) -> int:
+        """Quality of jpeg storage (``meta['jpeg_quality']``, 50 by default)."""
+        quality = self.meta.get("jpeg_quality", 50)
+        if not isinstance(quality, int) or not 1 <= quality <= 100:
+            raise BufferFormatError(f"jpeg_quality must be an int in [1, 100], got {quality!r}")
+        return quality
+
+    def _jpeg_codes(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        from . import jpeg
+
+        return jpeg.encode((self.pixels() * 255.0).round_().to(torch.uint8), self.jpeg_quality)
+
+    def quantized(self, storage: str = "uint8") -> "SyntheticBuffer":
+        """The buffer as ``storage`` keeps it: uint8 rounds pixels to ``2**pixel_bits`` grey levels,
+        jpeg goes through the codec at ``jpeg_quality``, float16 rounds the values."""
         mean, std = _mean_std(self.meta, self.images.shape[1])
-        levels = 2 ** self.pixel_bits - 1
-        images = ((self.pixels() * levels).round_() / levels - mean) / std
+        if storage == "float32" or not len(self):
+            return self
+        if storage == "float16":
+            images = self.images.half().float()
+        elif storage == "jpeg":
+            from . import jpeg
+
+            header, bodies = self._jpeg_codes()
+            images = (jpeg.decode(header, bodies, self.images.shape[1]).float() / 255.0 - mean) / std
+        elif storage == "uint8":
+            levels = 2 ** self.pixel_bits - 1
+            images = ((self.pixels() * levels).round_() / levels - mean) / std
+        else:
+            raise ValueError(f"storage must be one of {STORAGE_DTYPES}, got {storage!r}")
         return SyntheticBuffer(images.contiguous(), self.labels, self.num_classes, self.class_ids, self.meta)
 
     # ------------------------------------------------------------ operations
@@ -251,6 +287,10 @@ class SyntheticBuffer:
         return SyntheticBuffer(
             self.images[idx].clone(), self.labels[idx].clone(), self.num_classes, self.class_ids[idx].clone(), dict(self.meta)
         )
+
+    def with_meta(self, **updates: Any) -> "SyntheticBuffer":
+        """The same images and labels with ``meta`` updated."""
+        return SyntheticBuffer(self.images, self.labels, self.num_classes, self.class_ids, {**self.meta, **updates})
 
     def select_classes(self, classes: Iterable[int]) -> "SyntheticBuffer":
         wanted = torch.as_tensor(sorted(set(int(c) for c in classes)), dtype=torch.int64)
@@ -310,6 +350,9 @@ class SyntheticBuffer:
         if storage == "uint8":
             levels = (self.pixels() * (2 ** self.pixel_bits - 1)).round_().to(torch.uint8)
             return levels.contiguous() if self.pixel_bits == 8 else pack_levels(levels, self.pixel_bits).contiguous()
+        if storage == "jpeg":  # the shared header, then every body; bodies end with EOI, so no lengths are needed
+            header, bodies = self._jpeg_codes() if len(self) else (torch.zeros(0, dtype=torch.uint8), [])
+            return torch.cat([header] + bodies).contiguous() if bodies else header
         raise ValueError(f"storage must be one of {STORAGE_DTYPES}, got {storage!r}")
 
     def save(self, path: str | os.PathLike, storage: str = "float32") -> Path:
@@ -326,6 +369,7 @@ class SyntheticBuffer:
             "class_ids": self.class_ids.clone(),
         }
         header = {
+            "jpeg_header_bytes": int(self._jpeg_codes()[0].numel()) if storage == "jpeg" and len(self) else 0,
             "format_version": FORMAT_VERSION,
             "num_classes": self.num_classes,
             "storage": storage,
@@ -364,13 +408,16 @@ class SyntheticBuffer:
         if _tensor_digest(tensors) != header.get("sha256"):
             raise BufferFormatError(f"{path}: checksum mismatch; the file was modified or corrupted after it was written")
         storage = header.get("storage")
-        expected = {"float32": torch.float32, "float16": torch.float16, "uint8": torch.uint8}.get(storage)
+        expected = {"float32": torch.float32, "float16": torch.float16, "uint8": torch.uint8, "jpeg": torch.uint8}.get(storage)
         if expected is None or tensors["images"].dtype != expected:
             raise BufferFormatError(f"{path}: images stored as {tensors['images'].dtype}, header says {storage!r}")
         meta = header.get("meta", {})
         images = tensors["images"]
         bits = check_pixel_bits(meta.get("pixel_bits"))
-        if storage == "uint8" and bits < 8:
+        if storage == "jpeg":
+            images = _load_jpeg(path, images, header, meta, tensors["labels"].shape[0])
+            storage, bits = "uint8", 8
+        elif storage == "uint8" and bits < 8:
             shape = header.get("image_shape")
             if not (isinstance(shape, list) and len(shape) == 3 and images.ndim == 2):
                 raise BufferFormatError(f"{path}: packed {bits}-bit images need a [N, bytes] tensor and an image_shape in the header")
@@ -391,6 +438,27 @@ class SyntheticBuffer:
             f"SyntheticBuffer({len(self)} images {self.image_shape}, {kind} labels, "
             f"classes={self.counts()}, method={self.meta.get('method')!r})"
         )
+
+
+def _load_jpeg(path: Path, data: torch.Tensor, header: dict[str, Any], meta: dict[str, Any], count: int) -> torch.Tensor:
+    """Decode a jpeg-stored images tensor (shared header + bodies) into ``[N, C, H, W]`` uint8 pixels."""
+    from . import jpeg
+
+    shape, head = header.get("image_shape"), header.get("jpeg_header_bytes")
+    if not (isinstance(shape, list) and len(shape) == 3 and isinstance(head, int) and data.ndim == 1):
+        raise BufferFormatError(f"{path}: jpeg storage needs a flat byte tensor, image_shape and jpeg_header_bytes in the header")
+    if count == 0:
+        return torch.zeros(0, *shape, dtype=torch.uint8)
+    bodies = jpeg.split_bodies(data[head:])
+    if len(bodies) != count:
+        raise BufferFormatError(f"{path}: {len(bodies)} JPEG images for {count} labels")
+    try:
+        pixels = jpeg.decode(data[:head], bodies, int(shape[0]))
+    except RuntimeError as exc:
+        raise BufferFormatError(f"{path}: a stored JPEG image does not decode: {exc}") from exc
+    if tuple(pixels.shape[1:]) != tuple(shape):
+        raise BufferFormatError(f"{path}: JPEG images decode to {tuple(pixels.shape[1:])}, the header says {tuple(shape)}")
+    return pixels
 
 
 def _mean_std(meta: dict[str, Any], channels: int) -> tuple[torch.Tensor, torch.Tensor]:

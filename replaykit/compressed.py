@@ -23,26 +23,13 @@ import torch
 from avalanche.benchmarks.utils import AvalancheDataset
 from avalanche.benchmarks.utils.classification_dataset import _make_taskaware_classification_dataset
 from avalanche.training.storage_policy import ExemplarsBuffer
+from . import jpeg
 from .avalanche import _LabelledImages, dataset_tensors
 from .buffer import decode_upsample, pack_levels, unpack_levels
 
 __all__ = ["CompressedReplayBuffer", "CODECS"]
 
 CODECS = ("downsample", "jpeg")
-
-
-def _jpeg_header_length(code: torch.Tensor) -> int:
-    """Bytes up to the end of the start-of-scan segment: everything but the entropy-coded image data."""
-    data = bytes(code.tolist())
-    pos = 2  # after SOI
-    while pos + 4 <= len(data):
-        if data[pos] != 0xFF:
-            break
-        marker, length = data[pos + 1], int.from_bytes(data[pos + 2 : pos + 4], "big")
-        pos += 2 + length
-        if marker == 0xDA:  # start of scan
-            return pos
-    raise ValueError("not a baseline JPEG file: no start-of-scan segment")
 
 
 class CompressedReplayBuffer(ExemplarsBuffer):
@@ -89,16 +76,8 @@ class CompressedReplayBuffer(ExemplarsBuffer):
             small = torch.nn.functional.avg_pool2d(pixels, self.factor) if self.factor > 1 else pixels
             levels = (small * (2 ** self.bits - 1)).round().to(torch.uint8)
             return list(levels if self.bits == 8 else pack_levels(levels, self.bits))
-        from torchvision.io import encode_jpeg
-
-        codes = [encode_jpeg((p * 255).round().to(torch.uint8), quality=self.quality) for p in pixels]
-        if self._header is None:
-            self._header = codes[0][: _jpeg_header_length(codes[0])].clone()
-        n = self._header.numel()
-        for code in codes:
-            if code.numel() <= n or not torch.equal(code[:n], self._header):
-                raise RuntimeError("torchvision wrote JPEG headers that differ between images of one size and quality")
-        return [code[n:].clone() for code in codes]
+        self._header, bodies = jpeg.encode((pixels * 255).round().to(torch.uint8), self.quality, self._header)
+        return bodies
 
     def _decode(self, codes: Sequence[torch.Tensor]) -> torch.Tensor:
         if self.codec == "downsample":
@@ -108,10 +87,7 @@ class CompressedReplayBuffer(ExemplarsBuffer):
                 stacked = unpack_levels(stacked, self.bits, c * h * w).reshape(-1, c, h, w)
             pixels = decode_upsample(stacked.float() / (2 ** self.bits - 1), self.factor)
         else:
-            from torchvision.io import ImageReadMode, decode_jpeg
-
-            mode = ImageReadMode.GRAY if self.mean.shape[1] == 1 else ImageReadMode.RGB
-            pixels = torch.stack([decode_jpeg(torch.cat([self._header, c]), mode=mode) for c in codes]).float() / 255.0
+            pixels = jpeg.decode(self._header, list(codes), self.mean.shape[1]).float() / 255.0
         return (pixels - self.mean) / self.std
 
     @staticmethod

@@ -81,6 +81,7 @@ class StrategySpec:
         budget = f"{self.mem_bytes}B" if self.mem_bytes else f"M={self.mem_size}"
         if self.kind == "distilled":
             extras = [self.storage] if self.storage != "float32" else []
+            extras += [f"q{self.options['quality']}"] if self.storage == "jpeg" and "quality" in self.options else []
             extras += [f"{k}={v}" for k, v in sorted(self.method_options.items()) if k in ("bits", "factor", "init")]
             extras += ["learner"] if self.options.get("learner_aware") else []
             extras += ["soft"] if self.options.get("soft") else []
@@ -119,7 +120,7 @@ def parse_spec(text: str) -> StrategySpec:
             mem_size = int(budget)
     values = {k: _parse_value(v) for k, v in pairs.items()}
     recompress = str(values.pop("recompress", "distill"))
-    spec_keys = {"distilled": ("learner_aware", "mix", "soft"), "downsample": ("factor", "mix", "bits"), "jpeg": ("quality",)}.get(kind, ())
+    spec_keys = {"distilled": ("learner_aware", "mix", "soft", "quality"), "downsample": ("factor", "mix", "bits"), "jpeg": ("quality",)}.get(kind, ())
     options = {k: values.pop(k) for k in spec_keys if k in values}
     if values and kind != "distilled":
         raise ValueError(f"{text!r}: options {sorted(values)} mean nothing for strategy {kind!r}")
@@ -283,6 +284,7 @@ def make_strategy(spec: StrategySpec, config: RunConfig, *, progress: bool = Fal
             storage=spec.storage, recompress=spec.recompress, dataset_meta=info.meta(), num_classes=info.num_classes, seed=config.seed,
             progress=progress, mem_bytes=spec.mem_bytes or None, learner_aware=bool(spec.options.get("learner_aware", False)),
             mix_resolution=float(spec.options.get("mix", 0.5)), soft_labels=bool(spec.options.get("soft", False)),
+            jpeg_quality=int(spec.options.get("quality", 50)),
         )
     return Naive(plugins=[plugin], **common)
 

@@ -344,3 +344,17 @@ def test_soft_labels_come_from_the_learner_and_are_counted_as_float16(stream):
     assert (buf.labels.argmax(1) == buf.class_ids).float().mean() > 0.5  # the learner mostly agrees with the class
     with pytest.raises(ValueError, match="num_classes"):
         DistilledBuffer(10, method="random", soft_labels=True)
+
+
+def test_two_workers_give_the_same_buffer_as_one(digits):
+    x, y = digits
+    keep = y < 4
+    buffers = []
+    for workers in (1, 2):
+        policy = DistilledBuffer(8, "dm", {"iterations": 2, "width": 8, "depth": 2, "real_batch": 8}, dataset_meta=DIGITS,
+                                 progress=False, workers=workers)
+        policy.update_from_tensors(x[keep], y[keep])
+        buffers.append(policy.synthetic)
+    assert torch.equal(buffers[0].images, buffers[1].images) and torch.equal(buffers[0].labels, buffers[1].labels)
+    with pytest.raises(ValueError, match="learner_aware"):
+        DistilledBuffer(8, "dm", dataset_meta=DIGITS, learner_aware=True, workers=2)

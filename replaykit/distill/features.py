@@ -49,13 +49,31 @@ def derive_seed(*parts: int) -> int:
     return h & 0x7FFFFFFFFFFFFFFF
 
 
+class _GradFreeFastPool(nn.AvgPool2d):
+    """2x2 average pooling that sums four strided views when no gradient flows through it.
+
+    On CPU, ``avg_pool2d``'s NCHW kernel was about half of a gradient-free ConvNet
+    forward; the strided sum gives the same values up to float rounding, and DM's
+    real-batch forward (the bulk of an iteration) is gradient-free. With a gradient
+    the plain kernel runs (its backward is the faster one).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return super().forward(x)
+        h, w = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
+        return (x[..., 0:h:2, 0:w:2] + x[..., 1:h:2, 0:w:2] + x[..., 0:h:2, 1:w:2] + x[..., 1:h:2, 1:w:2]) * 0.25
+
+
 class RandomConvNets:
     """Randomly initialised ConvNet-D feature extractors, re-drawn by seed.
 
     Holds one :class:`~replaykit.networks.ConvNet` and re-initialises its weights in
     place for every :meth:`sample` (PyTorch's default initialisation, as in the DM
     reference code). Parameters never require gradients: the networks are fixed
-    probes, only the images they look at are learned.
+    probes, only the images they look at are learned. Its 2x2 pools are
+    :class:`_GradFreeFastPool` (measured: dm at IPC 10 on MNIST, 1 thread, 3.27 -> 4.21
+    iterations/s).
 
     Args:
         in_shape: ``(C, H, W)`` of the images.
@@ -64,6 +82,10 @@ class RandomConvNets:
 
     def __init__(self, in_shape: Sequence[int], *, width: int = 128, depth: int = 3, norm: str = "instance") -> None:
         self.net = ConvNet(in_shape, num_classes=1, width=width, depth=depth, norm=norm)
+        for block in self.net.features[:-1]:
+            for i, layer in enumerate(block):
+                if type(layer) is nn.AvgPool2d and layer.kernel_size == 2 and layer.stride == 2 and not layer.padding:
+                    block[i] = _GradFreeFastPool(2)
         for p in self.net.parameters():
             p.requires_grad_(False)
         self.net.eval()

@@ -244,10 +244,21 @@ def main(argv: list[str] | None = None) -> int:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
+        import signal
+
+        # A killed benchmark must not leave its workers computing: SIGTERM unwinds to the finally below.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        pool = ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn"))
+        try:
             futures = [pool.submit(_run_cell, cfg, spec, args.threads, False) for cfg, spec in cells]
             for future in as_completed(futures):
                 record_done(future.result())
+        finally:
+            workers = list(getattr(pool, "_processes", {}).values())
+            pool.shutdown(wait=False, cancel_futures=True)
+            for worker in workers:
+                if worker.is_alive():
+                    worker.terminate()
     order = {(e, d, sd, spec.label): i for i, (e, d, sd, spec) in enumerate(
         (e, d, sd, spec) for e in args.epochs for d in args.datasets for sd in seeds for spec in specs)}
     runs.sort(key=lambda r: order.get((r["epochs"], r["dataset"], r["seed"], r["label"]), -1))

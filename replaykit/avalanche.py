@@ -57,7 +57,7 @@ from avalanche.training.storage_policy import ExemplarsBuffer
 from torch.utils.data import DataLoader, TensorDataset
 
 from . import distill as _distill
-from .buffer import STORAGE_DTYPES, SyntheticBuffer, decode_upsample
+from .buffer import _BYTES_PER_PIXEL, STORAGE_DTYPES, SyntheticBuffer, decode_upsample
 from .distill.dm import MatchingDistiller
 from .progress import progress_bar
 from .training import soft_cross_entropy
@@ -68,7 +68,6 @@ if TYPE_CHECKING:
 __all__ = ["DistilledBuffer", "DistilledReplayPlugin", "MixedResolutionPlugin", "low_resolution_view", "dataset_tensors", "class_quotas", "image_cost_bytes", "images_for_bytes"]
 
 RECOMPRESS_MODES = ("distill", "select")
-_PIXEL_BYTES = {"float32": 4, "float16": 2, "uint8": 1}
 
 
 def image_cost_bytes(in_shape: Sequence[int], *, factor: int = 1, storage: str = "uint8", bits: int = 8,
@@ -85,7 +84,7 @@ def image_cost_bytes(in_shape: Sequence[int], *, factor: int = 1, storage: str =
     labels = 1 + 2 * soft_classes
     if storage == "uint8":
         return math.ceil(pixels * bits / 8) + labels
-    return pixels * _PIXEL_BYTES[storage] + labels
+    return pixels * _BYTES_PER_PIXEL[storage] + labels
 
 
 def images_for_bytes(mem_bytes: int, in_shape: Sequence[int], *, factor: int = 1, storage: str = "uint8", bits: int = 8,
@@ -282,7 +281,7 @@ class DistilledBuffer(ExemplarsBuffer):
         self.max_size = new_size
         if self.synthetic is not None and len(self.synthetic):
             quotas = class_quotas(self.synthetic.classes, new_size)
-            self._set(_quantize(self._recompress(self.synthetic, quotas, desc="resize"), self.storage))
+            self._set(self._recompress(self.synthetic, quotas, desc="resize").quantized(self.storage))
 
     # ----------------------------------------------------------- ReplayKit API
     def check_experience(self, classes: Sequence[int], image_shape: Sequence[int] | None = None) -> None:
@@ -336,7 +335,7 @@ class DistilledBuffer(ExemplarsBuffer):
         seconds = time.perf_counter() - start
         self.distill_seconds.append(round(seconds, 3))
         self._updates += 1
-        self._set(self._trim_to_bytes(_quantize(SyntheticBuffer.concat([_pad(p, k) for p in parts], meta=self._meta()), self.storage)))
+        self._set(self._trim_to_bytes(SyntheticBuffer.concat([_pad(p, k) for p in parts], meta=self._meta()).quantized(self.storage)))
         return seconds
 
     def load(self, path: str | os.PathLike) -> SyntheticBuffer:
@@ -429,13 +428,14 @@ class DistilledBuffer(ExemplarsBuffer):
     def _distill_new_classes(self, images: torch.Tensor, labels: torch.Tensor, classes: list[int], quotas: dict[int, int],
                              k: int) -> dict[int, SyntheticBuffer]:
         """One distillation per new class: here, or sharded over ``workers`` / ``group`` (same seeds, same bytes)."""
-        ipcs = {c: min(quotas[c], int((labels == c).sum())) for c in classes}
+        masks = {c: labels == c for c in classes}
+        ipcs = {c: min(quotas[c], int(masks[c].sum())) for c in classes}
         if self.workers in (None, 1) and self.group is None:
-            return {c: self._run_method(images[labels == c], labels[labels == c], ipcs[c], k, c) for c in classes}
+            return {c: self._run_method(images[masks[c]], labels[masks[c]], ipcs[c], k, c) for c in classes}
         from .distributed import ClassJob, distill_per_class
 
-        jobs = [ClassJob(self.method, dict(self.method_options), ipcs[c], self._class_seed(c), images[labels == c],
-                         labels[labels == c], k, dict(self.dataset_meta)) for c in classes]
+        jobs = [ClassJob(self.method, dict(self.method_options), ipcs[c], self._class_seed(c), images[masks[c]],
+                         labels[masks[c]], k, dict(self.dataset_meta)) for c in classes]
         parts = distill_per_class(jobs, workers=self.workers, group=self.group, all_ranks=self.group is not None)
         return dict(zip(classes, parts))
 
@@ -504,11 +504,6 @@ def _match_rows(pool: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
         used[hits[0]] = True
         index.append(int(hits[0]))
     return torch.tensor(index, dtype=torch.int64)
-
-
-def _quantize(buffer: SyntheticBuffer, storage: str) -> SyntheticBuffer:
-    """``buffer`` with its images rounded to ``storage`` precision (what saving would keep)."""
-    return buffer.quantized(storage)
 
 
 def _float16_rows(probs: torch.Tensor) -> torch.Tensor:

@@ -369,7 +369,7 @@ class SyntheticBuffer:
             "class_ids": self.class_ids.clone(),
         }
         header = {
-            "jpeg_header_bytes": int(self._jpeg_codes()[0].numel()) if storage == "jpeg" and len(self) else 0,
+            "jpeg_header_bytes": _jpeg_header_bytes(tensors["images"]) if storage == "jpeg" and len(self) else 0,
             "format_version": FORMAT_VERSION,
             "num_classes": self.num_classes,
             "storage": storage,
@@ -438,6 +438,13 @@ class SyntheticBuffer:
             f"SyntheticBuffer({len(self)} images {self.image_shape}, {kind} labels, "
             f"classes={self.counts()}, method={self.meta.get('method')!r})"
         )
+
+
+def _jpeg_header_bytes(stored: torch.Tensor) -> int:
+    """Length of the shared header at the front of jpeg-stored images (read from the bytes, not encoded again)."""
+    from . import jpeg
+
+    return jpeg.header_length(stored)
 
 
 def _load_jpeg(path: Path, data: torch.Tensor, header: dict[str, Any], meta: dict[str, Any], count: int) -> torch.Tensor:

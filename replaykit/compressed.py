@@ -124,18 +124,13 @@ class CompressedReplayBuffer(ExemplarsBuffer):
             idx = torch.nonzero(labels == cls).flatten()
             gen = torch.Generator().manual_seed(self.seed * 7919 + cls)
             idx = idx[torch.randperm(idx.numel(), generator=gen)]
-            codes, used = list(self._held.get(cls, [])), sum(self._cost(c) for c in self._held.get(cls, []))
+            codes = list(self._held.get(cls, []))
             for start in range(0, idx.numel(), 256):  # encode in chunks until the share is full
-                if used >= share:
+                if sum(self._cost(c) for c in codes) > share:
                     break
-                for code in self._encode(images[idx[start:start + 256]]):
-                    if used + self._cost(code) > share:
-                        used = share
-                        break
-                    codes.append(code)
-                    used += self._cost(code)
+                codes.extend(self._encode(images[idx[start:start + 256]]))
             self._held[cls] = codes
-        for cls in classes:  # shrink every class to its share, dropping the last-drawn exemplars
+        for cls in classes:  # every class to its share: the first-drawn exemplars that fit
             kept, used = [], 0
             for code in self._held[cls]:
                 if used + self._cost(code) > share:

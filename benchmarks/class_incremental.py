@@ -30,6 +30,7 @@ from replaykit import distill
 from replaykit.continual import GDUMB_EPOCHS, RunConfig, StrategySpec, make_stream, run
 from replaykit.data import DatasetNotFoundError, dataset_info, load_tensors
 from replaykit.fileio import atomic_write, atomic_write_json
+from replaykit.runtime import keep_freed_memory
 from replaykit.viz import save_accuracy_plot, save_bytes_plot
 
 PROTOCOL_WIDTH = 128
@@ -206,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     _check_data(args.datasets, args.data_root)
     args.threads = args.threads or (1 if args.jobs > 1 else 2)
     torch.set_num_threads(args.threads)
+    keep_freed_memory()
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -281,6 +283,7 @@ _STREAMS: dict[tuple, Any] = {}
 def _run_cell(cfg: RunConfig, spec: StrategySpec, threads: int, progress: bool) -> dict[str, Any]:
     """One strategy on one stream (in a worker process when ``--jobs`` > 1); the JSON record of the run."""
     torch.set_num_threads(threads)
+    keep_freed_memory()
     key = (cfg.dataset, cfg.seed, cfg.train_per_class, cfg.test_per_class, cfg.validation, cfg.data_root)
     if key not in _STREAMS:
         _STREAMS.clear()

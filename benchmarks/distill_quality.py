@@ -43,6 +43,7 @@ from replaykit import distill  # noqa: E402
 from replaykit.data import DatasetNotFoundError, dataset_info, load_tensors  # noqa: E402
 from replaykit.evaluate import evaluate_buffer  # noqa: E402
 from replaykit.fileio import atomic_write, atomic_write_bytes, atomic_write_json  # noqa: E402
+from replaykit.runtime import keep_freed_memory  # noqa: E402
 
 PUBLISHED = {  # PROTOCOL B, ConvNet-3, IPC 1 / 10 / 50 (%)
     "mnist": {"DC": (91.7, 97.4, 98.8), "DSA": (88.7, 97.8, 99.2), "KIP": (90.1, 97.5, 98.4)},
@@ -195,7 +196,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="'full' (default) and/or 'factorF': images stored at 1/F resolution for the methods that take "
                         "factor=, IPC full-resolution images' worth of bytes per class (F*F*IPC images)")
     p.add_argument("--workers", type=int, default=1,
-                   help=f"distill the classes of {', '.join(PER_CLASS_METHODS)} in this many processes (one per core)")
+                   help=f"distill the classes of {', '.join(PER_CLASS_METHODS)} and train the evaluation networks in this many processes (one per core)")
     p.add_argument("--seed", type=int, default=0, help="distillation and evaluation seed")
     p.add_argument("--budget", type=float, help="distillation time budget (s) per (method, IPC) for methods that take one")
     p.add_argument("--iterations", type=int, help="iterations for methods that take them")
@@ -315,6 +316,7 @@ def _export_rows(path: Path, runs: list[dict[str, Any]], config: dict[str, Any])
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    keep_freed_memory()
     if args.datasets is None:
         args.datasets = ["mnist", "fashion-mnist"]
         try:
@@ -399,10 +401,11 @@ def main(argv: list[str] | None = None) -> int:
                     buffer.save(out / f"{name}_ipc{ipc}_{method}{suffix}.safetensors")
                     ev = evaluate_buffer(buffer, xe, ye, networks=["convnet"], num_networks=args.num_networks, epochs=args.epochs,
                                          width=args.width, train_images=None if args.no_privacy else x, seed=args.seed,
-                                         progress=not args.quiet)
+                                         progress=not args.quiet, workers=args.workers)
                     if cross:
                         ev_cross = evaluate_buffer(buffer, xe, ye, networks=cross, num_networks=args.cross_num_networks,
-                                                   epochs=args.epochs, width=args.width, seed=args.seed, progress=not args.quiet)
+                                                   epochs=args.epochs, width=args.width, seed=args.seed, progress=not args.quiet,
+                                                   workers=args.workers)
                         for arch in cross:
                             ev[arch] = ev_cross[arch]
                             ev["per_network"][arch] = ev_cross["per_network"][arch]

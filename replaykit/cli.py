@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command != "edge":  # the device side keeps its resident set small instead
+        from .runtime import keep_freed_memory
+
+        keep_freed_memory()
     try:
         return int(args.func(args) or 0)
     except (CLIError, ValueError, FileNotFoundError) as exc:

@@ -421,7 +421,10 @@ def _read_parts(path: Path) -> list[SyntheticBuffer]:
 
 def _worker_main(workdir: str, timeout: str) -> None:
     """One local worker: join the launch's gloo group, run this rank's jobs, rank 0 writes the parts."""
+    from .runtime import keep_freed_memory
+
     torch.set_num_threads(1)
+    keep_freed_memory()
     seconds = float(timeout)
     dist.init_process_group("gloo", init_method="env://", timeout=_dt.timedelta(seconds=seconds))
     try:

@@ -70,6 +70,46 @@ def privacy_check(buffer: SyntheticBuffer, train_images: torch.Tensor, *, seed: 
     }
 
 
+def _train_and_test(arch: str, index: int, *, images, targets, test_images, test_labels, shape, num_classes: int,
+                    epochs: int, lr: float, batch_size: int, augment: bool, width: int, natural: bool, seed: int) -> tuple[float, float]:
+    """Train one fresh network (seed ``seed * 1000 + index``) on the buffer; its test accuracy and seconds."""
+    net_seed = seed * 1000 + index
+    started = time.perf_counter()
+    opts = {"width": width} if arch == "convnet" else {}
+    with seeded(net_seed):
+        net = make_network(arch, shape, num_classes, **opts)
+    aug = DSA("color_crop_cutout_flip_scale_rotate" if natural else "crop_scale_rotate_cutout", seed=net_seed) if augment else None
+    train_classifier(net, images, targets, epochs=epochs, batch_size=batch_size, lr=lr,
+                     lr_milestones=(epochs // 2,), augment=aug, seed=net_seed)
+    return accuracy(net, test_images, test_labels), round(time.perf_counter() - started, 3)
+
+
+_WORKER_SETTING: dict[str, Any] = {}
+
+
+def _init_worker(setting: dict[str, Any]) -> None:
+    from .runtime import keep_freed_memory
+
+    torch.set_num_threads(1)
+    keep_freed_memory()
+    _WORKER_SETTING.update(setting)
+
+
+def _worker_job(job: tuple[str, int]) -> tuple[float, float]:
+    return _train_and_test(*job, **_WORKER_SETTING)
+
+
+def _train_in_processes(jobs: list[tuple[str, int]], setting: dict[str, Any], workers: int, progress: bool) -> list[tuple[float, float]]:
+    """The networks of ``jobs`` trained in ``workers`` spawned processes, results in job order."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")  # no fork: the parent's OpenMP pool does not survive it
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context,
+                             initializer=_init_worker, initargs=(setting,)) as pool:
+        return list(progress_bar(pool.map(_worker_job, jobs), enabled=progress, desc="evaluate", leave=False, total=len(jobs)))
+
+
 def evaluate_buffer(
     buffer: SyntheticBuffer,
     test_images: torch.Tensor,
@@ -85,6 +125,7 @@ def evaluate_buffer(
     train_images: torch.Tensor | None = None,
     seed: int = 0,
     progress: bool = True,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Train ``num_networks`` fresh networks of each architecture on ``buffer`` only; test on the real test set.
 
@@ -95,7 +136,9 @@ def evaluate_buffer(
     (when ConvNet is evaluated); ``seconds`` per architecture (training and testing each
     network); and ``privacy`` when ``train_images`` is given. A buffer stored at reduced
     resolution is decoded first (``buffer.decoded_images()``): networks train at the test
-    images' resolution.
+    images' resolution. ``workers`` > 1 trains the networks in that many spawned processes
+    (one thread each, one per core); each network has its own seed, so the numbers do not
+    depend on ``workers``.
     """
     if len(buffer) == 0:
         raise ValueError("the buffer is empty: nothing to train on")
@@ -117,17 +160,16 @@ def evaluate_buffer(
         augment=augment, width=width, seed=seed, buffer_images=len(buffer), decoder_factor=buffer.decoder_factor,
     ), "seconds": {}}
     jobs = [(arch, i) for arch in networks for i in range(num_networks)]
-    for arch, i in progress_bar(jobs, enabled=progress, desc="evaluate", leave=False):
-        net_seed = seed * 1000 + i
-        started = time.perf_counter()
-        opts = {"width": width} if arch == "convnet" else {}
-        with seeded(net_seed):
-            net = make_network(arch, shape, buffer.num_classes, **opts)
-        aug = DSA("color_crop_cutout_flip_scale_rotate" if natural else "crop_scale_rotate_cutout", seed=net_seed) if augment else None
-        train_classifier(net, images, targets, epochs=epochs, batch_size=batch_size, lr=lr,
-                         lr_milestones=(epochs // 2,), augment=aug, seed=net_seed)
-        results["per_network"].setdefault(arch, []).append(accuracy(net, test_images, test_labels))
-        results["seconds"].setdefault(arch, []).append(round(time.perf_counter() - started, 3))
+    setting = dict(images=images, targets=targets, test_images=test_images, test_labels=test_labels, shape=shape,
+                   num_classes=buffer.num_classes, epochs=epochs, lr=lr, batch_size=batch_size, augment=augment,
+                   width=width, natural=natural, seed=seed)
+    if workers > 1 and len(jobs) > 1:
+        outcomes = _train_in_processes(jobs, setting, workers, progress)
+    else:
+        outcomes = [_train_and_test(arch, i, **setting) for arch, i in progress_bar(jobs, enabled=progress, desc="evaluate", leave=False)]
+    for (arch, _), (acc, secs) in zip(jobs, outcomes):
+        results["per_network"].setdefault(arch, []).append(acc)
+        results["seconds"].setdefault(arch, []).append(secs)
     for arch, accs in results["per_network"].items():
         mean, std = _mean_std(accs)
         results[arch] = {"mean": mean, "std": std}

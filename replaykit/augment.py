@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DSA", "DSAParams", "TRANSFORMS"]
+__all__ = ["DSA", "DSAParams", "TRANSFORMS", "ReplayAugment", "dsa_strategy"]
 
 #: Names usable in a strategy string, in the order they are applied in ``mode="all"``.
 TRANSFORMS = ("color", "crop", "cutout", "flip", "scale", "rotate")
@@ -222,3 +222,31 @@ def _color(x: torch.Tensor, brightness: torch.Tensor, saturation: torch.Tensor, 
     x = (x - mean_c) * saturation[:, None, None, None] + mean_c
     mean_all = x.mean(dim=(1, 2, 3), keepdim=True)
     return (x - mean_all) * contrast[:, None, None, None] + mean_all
+
+
+def dsa_strategy(dataset: str | None) -> str:
+    """DSA's transform set for a dataset: no flips or colour for digits, everything for natural images."""
+    natural = dataset is not None and dataset.lower().replace("-", "") in ("cifar10",)
+    return "color_crop_cutout_flip_scale_rotate" if natural else "crop_scale_rotate_cutout"
+
+
+class ReplayAugment:
+    """DSA's random transforms applied to one replayed image at a time (``[C, H, W] -> [C, H, W]``),
+    a plain torchvision-style transform for a replay buffer's dataset.
+
+    Why: a buffer of a few hundred images is replayed tens of times per experience, so the
+    learner memorises it; distilled images were also learned under these transforms.
+    ``seed`` seeds a private generator: the same seed gives the same stream of transforms.
+    """
+
+    def __init__(self, dataset: str | None = None, *, seed: int = 0) -> None:
+        self.dsa = DSA(dsa_strategy(dataset), seed=seed)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        if not isinstance(image, torch.Tensor) or image.ndim != 3:
+            raise ValueError(f"ReplayAugment transforms one image [C, H, W], got {getattr(image, 'shape', type(image).__name__)}")
+        return self.dsa(image[None])[0]
+
+    def __repr__(self) -> str:
+        return f"ReplayAugment({self.dsa.strategy!r}, seed={self.dsa.seed})"
+

@@ -123,11 +123,26 @@ def dataset_tensors(dataset: AvalancheDataset, batch_size: int = 1024) -> tuple[
 
 
 class _LabelledImages(TensorDataset):
-    """Tensor dataset with the ``targets`` list Avalanche's classification datasets need."""
+    """Tensor dataset with the ``targets`` list Avalanche's classification datasets need;
+    ``transform`` (e.g. :class:`replaykit.augment.ReplayAugment`) is applied to each image as it is drawn."""
 
-    def __init__(self, images: torch.Tensor, class_ids: torch.Tensor) -> None:
+    def __init__(self, images: torch.Tensor, class_ids: torch.Tensor, transform: Any = None) -> None:
         super().__init__(images, class_ids)
         self.targets = [int(c) for c in class_ids]
+        self.transform = transform
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, target = super().__getitem__(index)
+        return (image if self.transform is None else self.transform(image)), target
+
+
+def replay_transform(augment: bool, dataset_meta: dict[str, Any], seed: int) -> Any:
+    """The per-image transform of replayed samples: DSA's for the dataset when ``augment``, else none."""
+    if not augment:
+        return None
+    from .augment import ReplayAugment
+
+    return ReplayAugment(dataset_meta.get("dataset"), seed=seed)
 
 
 class DistilledBuffer(ExemplarsBuffer):
@@ -154,6 +169,9 @@ class DistilledBuffer(ExemplarsBuffer):
             are held at half resolution, so 78,500 bytes hold 398 MNIST images instead of 100.
         learner_aware: give the method the learner (the strategy's model at the end of the
             experience) as an extra feature extractor (``learner=``; matching methods only).
+        augment: replay every held image through DSA's random transforms for the dataset
+            (:class:`replaykit.augment.ReplayAugment`): the images were distilled under them, and
+            a buffer of a few hundred images replayed tens of times per experience is memorised.
         workers: distill each experience's new classes on this many local processes
             (:mod:`replaykit.distributed`, bit-identical to one process); ``group``: a
             ``torch.distributed`` process group to shard them over instead (every rank runs the
@@ -182,6 +200,7 @@ class DistilledBuffer(ExemplarsBuffer):
         jpeg_quality: int = 50,
         workers: int | None = None,
         group: Any = None,
+        augment: bool = False,
     ) -> None:
         if (workers not in (None, 1) or group is not None) and learner_aware:
             raise ValueError("learner_aware distillation runs in this process: it cannot be combined with workers or group")
@@ -246,6 +265,7 @@ class DistilledBuffer(ExemplarsBuffer):
         self.jpeg_quality = jpeg_quality
         self.workers = workers
         self.group = group
+        self.augment = bool(augment)
         self._learner: torch.nn.Module | None = None
         self.synthetic: SyntheticBuffer | None = None
         self.distill_seconds: list[float] = []
@@ -259,7 +279,8 @@ class DistilledBuffer(ExemplarsBuffer):
         if self.synthetic is None or len(self.synthetic) == 0:
             return AvalancheDataset([])
         if self._dataset_cache is None:
-            base = _LabelledImages(self.synthetic.decoded_images(), self.synthetic.class_ids)
+            transform = replay_transform(self.augment, self.dataset_meta, self.seed * 4_099 + self._updates)
+            base = _LabelledImages(self.synthetic.decoded_images(), self.synthetic.class_ids, transform)
             self._dataset_cache = _make_taskaware_classification_dataset(base, task_labels=0)
         return self._dataset_cache
 
@@ -401,6 +422,11 @@ class DistilledBuffer(ExemplarsBuffer):
             meta["jpeg_quality"] = self.jpeg_quality
         return meta
 
+    def _storage_meta(self) -> dict[str, Any]:
+        """The keys that say how images are stored (precision, JPEG quality, normalisation)."""
+        meta = self._meta()
+        return {k: meta[k] for k in ("pixel_bits", "jpeg_quality", "mean", "std") if k in meta}
+
     def _fit_jpeg_budget(self, images: torch.Tensor) -> None:
         """With jpeg storage, size the image budget from the JPEG size of this experience's real images."""
         from . import jpeg
@@ -447,7 +473,7 @@ class DistilledBuffer(ExemplarsBuffer):
         was_training = learner.training
         learner.eval()
         with torch.no_grad():
-            logits = learner(part.quantized().decoded_images() if self.storage == "uint8" else part.decoded_images())
+            logits = learner(part.with_meta(**self._storage_meta()).quantized(self.storage).decoded_images())
         learner.train(was_training)
         if logits.shape[1] != k:
             logits = torch.nn.functional.pad(logits, (0, k - logits.shape[1]), value=-1e4)[:, :k]
@@ -519,7 +545,7 @@ def _pad(buffer: SyntheticBuffer, num_classes: int) -> SyntheticBuffer:
     labels = buffer.labels
     if buffer.is_soft:
         labels = torch.nn.functional.pad(labels, (0, num_classes - buffer.num_classes))
-    return SyntheticBuffer(buffer.images, labels, num_classes, buffer.class_ids, buffer.meta)
+    return buffer.relabelled(labels, num_classes)
 
 
 def low_resolution_view(images: torch.Tensor, factor: int) -> torch.Tensor:
@@ -607,6 +633,7 @@ class DistilledReplayPlugin(ReplayPlugin):
         jpeg_quality: int = 50,
         workers: int | None = None,
         group: Any = None,
+        augment: bool = False,
     ) -> None:
         if not 0.0 <= mix_resolution <= 1.0:
             raise ValueError(f"mix_resolution must lie in [0, 1], got {mix_resolution!r}")
@@ -616,7 +643,7 @@ class DistilledReplayPlugin(ReplayPlugin):
             storage_policy = DistilledBuffer(
                 mem_size, method, method_options, recompress=recompress, storage=storage, dataset_meta=dataset_meta,
                 num_classes=num_classes, seed=seed, progress=progress, mem_bytes=mem_bytes, learner_aware=learner_aware,
-                soft_labels=soft_labels, jpeg_quality=jpeg_quality, workers=workers, group=group,
+                soft_labels=soft_labels, jpeg_quality=jpeg_quality, workers=workers, group=group, augment=augment,
             )
             mem_size = storage_policy.max_size
         elif not isinstance(storage_policy, DistilledBuffer):

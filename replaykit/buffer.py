@@ -256,9 +256,31 @@ class SyntheticBuffer:
         return quality
 
     def _jpeg_codes(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(shared header, one body per image): the codes these images were decoded from when the
+        buffer holds them (see :meth:`_hold_codes`), else a fresh encoding."""
         from . import jpeg
 
+        held = self.__dict__.get("_held_codes")
+        if held is not None and held[0] == self._codes_key():
+            return held[1], list(held[2])
         return jpeg.encode((self.pixels() * 255.0).round_().to(torch.uint8), self.jpeg_quality)
+
+    def _codes_key(self) -> tuple:
+        """What held JPEG codes are valid for: these very image values (no in-place edit since), quality, normalisation."""
+        return (self.images.data_ptr(), self.images._version, tuple(self.images.shape), self.meta.get("jpeg_quality", 50),
+                json.dumps([self.meta.get("mean"), self.meta.get("std")]))
+
+    def _hold_codes(self, header: torch.Tensor, bodies: Sequence[torch.Tensor]) -> "SyntheticBuffer":
+        """Keep the JPEG codes the images decode from, so that saving (or quantising) again writes the same
+        bytes: JPEG is not idempotent, and re-encoding decoded images would change them a little each time."""
+        if len(bodies) != len(self):
+            raise ValueError(f"{len(bodies)} JPEG bodies for {len(self)} images")
+        self.__dict__["_held_codes"] = (self._codes_key(), header, list(bodies))
+        return self
+
+    def _held_jpeg_codes(self) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
+        held = self.__dict__.get("_held_codes")
+        return (held[1], held[2]) if held is not None and held[0] == self._codes_key() else None
 
     def quantized(self, storage: str = "uint8") -> "SyntheticBuffer":
         """The buffer as ``storage`` keeps it: uint8 rounds pixels to ``2**pixel_bits`` grey levels,
@@ -273,6 +295,7 @@ class SyntheticBuffer:
 
             header, bodies = self._jpeg_codes()
             images = (jpeg.decode(header, bodies, self.images.shape[1]).float() / 255.0 - mean) / std
+            return SyntheticBuffer(images.contiguous(), self.labels, self.num_classes, self.class_ids, self.meta)._hold_codes(header, bodies)
         elif storage == "uint8":
             levels = 2 ** self.pixel_bits - 1
             images = ((self.pixels() * levels).round_() / levels - mean) / std
@@ -284,9 +307,19 @@ class SyntheticBuffer:
     def subset(self, index: torch.Tensor | Sequence[int]) -> "SyntheticBuffer":
         """A new buffer with the images at ``index`` (metadata copied)."""
         idx = torch.as_tensor(index, dtype=torch.int64)
-        return SyntheticBuffer(
+        part = SyntheticBuffer(
             self.images[idx].clone(), self.labels[idx].clone(), self.num_classes, self.class_ids[idx].clone(), dict(self.meta)
         )
+        held = self._held_jpeg_codes()
+        if held is not None:
+            part._hold_codes(held[0], [held[1][i] for i in idx.reshape(-1).tolist()])
+        return part
+
+    def relabelled(self, labels: torch.Tensor, num_classes: int, meta: dict[str, Any] | None = None) -> "SyntheticBuffer":
+        """The same images (and any held JPEG codes) with other labels or label space."""
+        out = SyntheticBuffer(self.images, labels, num_classes, self.class_ids, dict(self.meta) if meta is None else meta)
+        held = self._held_jpeg_codes()
+        return out if held is None or out._codes_key() != self._codes_key() else out._hold_codes(*held)
 
     def with_meta(self, **updates: Any) -> "SyntheticBuffer":
         """The same images and labels with ``meta`` updated."""
@@ -322,13 +355,14 @@ class SyntheticBuffer:
         soft = any(b.is_soft for b in buffers)
         labels = [b.soft_targets() if soft else b.labels for b in buffers]
         merged_meta = dict(buffers[0].meta) if meta is None else dict(meta)
-        return cls(
+        joined = cls(
             torch.cat([b.images for b in buffers]),
             torch.cat(labels),
             k,
             torch.cat([b.class_ids for b in buffers]),
             merged_meta,
         )
+        return _join_held_codes(joined, buffers)
 
     @classmethod
     def empty(cls, image_shape: Sequence[int], num_classes: int, meta: dict[str, Any] | None = None) -> "SyntheticBuffer":
@@ -414,8 +448,9 @@ class SyntheticBuffer:
         meta = header.get("meta", {})
         images = tensors["images"]
         bits = check_pixel_bits(meta.get("pixel_bits"))
+        codes = None
         if storage == "jpeg":
-            images = _load_jpeg(path, images, header, meta, tensors["labels"].shape[0])
+            images, codes = _load_jpeg(path, images, header, meta, tensors["labels"].shape[0])
             storage, bits = "uint8", 8
         elif storage == "uint8" and bits < 8:
             shape = header.get("image_shape")
@@ -430,7 +465,8 @@ class SyntheticBuffer:
         if storage == "uint8":
             mean, std = _mean_std(meta, images.shape[1])
             images = (images.float() / (2 ** bits - 1) - mean) / std
-        return cls(images.float(), tensors["labels"], int(header["num_classes"]), tensors["class_ids"], meta)
+        loaded = cls(images.float(), tensors["labels"], int(header["num_classes"]), tensors["class_ids"], meta)
+        return loaded if codes is None else loaded._hold_codes(*codes)
 
     def __repr__(self) -> str:
         kind = "soft" if self.is_soft else "hard"
@@ -440,6 +476,27 @@ class SyntheticBuffer:
         )
 
 
+def _join_held_codes(joined: SyntheticBuffer, parts: Sequence[SyntheticBuffer]) -> SyntheticBuffer:
+    """Carry held JPEG codes into a concatenation: parts that hold codes keep them (no second
+    generation of JPEG loss for images already stored), the others are encoded with the same header."""
+    held = [p._held_jpeg_codes() for p in parts]
+    if not any(h is not None for h in held) or "jpeg_quality" not in joined.meta:
+        return joined
+    from . import jpeg
+
+    header = next(h[0] for h in held if h is not None)
+    bodies: list[torch.Tensor] = []
+    for part, codes in zip(parts, held):
+        if not len(part):
+            continue
+        if codes is not None and torch.equal(codes[0], header) and part.meta.get("jpeg_quality") == joined.jpeg_quality:
+            bodies += codes[1]
+        else:
+            pixels = (part.with_meta(**{k: joined.meta.get(k) for k in ("mean", "std") if k in joined.meta}).pixels() * 255.0)
+            bodies += jpeg.encode(pixels.round_().to(torch.uint8), joined.jpeg_quality, header)[1]
+    return joined._hold_codes(header, bodies)
+
+
 def _jpeg_header_bytes(stored: torch.Tensor) -> int:
     """Length of the shared header at the front of jpeg-stored images (read from the bytes, not encoded again)."""
     from . import jpeg
@@ -447,15 +504,16 @@ def _jpeg_header_bytes(stored: torch.Tensor) -> int:
     return jpeg.header_length(stored)
 
 
-def _load_jpeg(path: Path, data: torch.Tensor, header: dict[str, Any], meta: dict[str, Any], count: int) -> torch.Tensor:
-    """Decode a jpeg-stored images tensor (shared header + bodies) into ``[N, C, H, W]`` uint8 pixels."""
+def _load_jpeg(path: Path, data: torch.Tensor, header: dict[str, Any], meta: dict[str, Any],
+               count: int) -> tuple[torch.Tensor, tuple[torch.Tensor, list[torch.Tensor]] | None]:
+    """Decode a jpeg-stored images tensor (shared header + bodies) into ``[N, C, H, W]`` uint8 pixels, with the codes."""
     from . import jpeg
 
     shape, head = header.get("image_shape"), header.get("jpeg_header_bytes")
     if not (isinstance(shape, list) and len(shape) == 3 and isinstance(head, int) and data.ndim == 1):
         raise BufferFormatError(f"{path}: jpeg storage needs a flat byte tensor, image_shape and jpeg_header_bytes in the header")
     if count == 0:
-        return torch.zeros(0, *shape, dtype=torch.uint8)
+        return torch.zeros(0, *shape, dtype=torch.uint8), None
     bodies = jpeg.split_bodies(data[head:])
     if len(bodies) != count:
         raise BufferFormatError(f"{path}: {len(bodies)} JPEG images for {count} labels")
@@ -465,7 +523,7 @@ def _load_jpeg(path: Path, data: torch.Tensor, header: dict[str, Any], meta: dic
         raise BufferFormatError(f"{path}: a stored JPEG image does not decode: {exc}") from exc
     if tuple(pixels.shape[1:]) != tuple(shape):
         raise BufferFormatError(f"{path}: JPEG images decode to {tuple(pixels.shape[1:])}, the header says {tuple(shape)}")
-    return pixels
+    return pixels, (data[:head].clone(), [b.clone() for b in bodies])
 
 
 def _mean_std(meta: dict[str, Any], channels: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,7 +24,7 @@ from avalanche.benchmarks.utils import AvalancheDataset
 from avalanche.benchmarks.utils.classification_dataset import _make_taskaware_classification_dataset
 from avalanche.training.storage_policy import ExemplarsBuffer
 from . import jpeg
-from .avalanche import _LabelledImages, dataset_tensors
+from .avalanche import _LabelledImages, dataset_tensors, replay_transform
 from .buffer import decode_upsample, pack_levels, unpack_levels
 
 __all__ = ["CompressedReplayBuffer", "CODECS"]
@@ -42,10 +42,12 @@ class CompressedReplayBuffer(ExemplarsBuffer):
         factor: downsampling factor (``downsample``).
         quality: JPEG quality 1-100 (``jpeg``).
         seed: which exemplars are drawn.
+        augment: replay every held image through DSA's random transforms for the dataset
+            (:class:`replaykit.augment.ReplayAugment`), as distilled replay can.
     """
 
     def __init__(self, mem_bytes: int, dataset_meta: dict[str, Any], *, codec: str = "downsample", factor: int = 2,
-                 quality: int = 50, bits: int = 8, seed: int = 0) -> None:
+                 quality: int = 50, bits: int = 8, seed: int = 0, augment: bool = False) -> None:
         if not isinstance(mem_bytes, int) or isinstance(mem_bytes, bool) or mem_bytes < 1:
             raise ValueError(f"mem_bytes must be a positive int, got {mem_bytes!r}")
         if codec not in CODECS:
@@ -67,6 +69,7 @@ class CompressedReplayBuffer(ExemplarsBuffer):
         self._held: dict[int, list[torch.Tensor]] = {}  # class -> encoded exemplars in draw order
         self._header: torch.Tensor | None = None  # JPEG headers + tables shared by every held image
         self._cache: AvalancheDataset | None = None
+        self.augment, self._dataset_meta, self._updates = bool(augment), dict(dataset_meta), 0
 
     # ------------------------------------------------------------- codec
     def _encode(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -103,7 +106,8 @@ class CompressedReplayBuffer(ExemplarsBuffer):
             classes = sorted(self._held)
             images = torch.cat([self._decode(self._held[c]) for c in classes if self._held[c]])
             labels = torch.tensor([c for c in classes for _ in self._held[c]], dtype=torch.int64)
-            self._cache = _make_taskaware_classification_dataset(_LabelledImages(images, labels), task_labels=0)
+            transform = replay_transform(self.augment, self._dataset_meta, self.seed * 4_099 + self._updates)
+            self._cache = _make_taskaware_classification_dataset(_LabelledImages(images, labels, transform), task_labels=0)
         return self._cache
 
     @buffer.setter
@@ -139,6 +143,7 @@ class CompressedReplayBuffer(ExemplarsBuffer):
                 used += self._cost(code)
             self._held[cls] = kept
         self._cache = None
+        self._updates += 1
 
     def resize(self, strategy: Any, new_size: int) -> None:
         raise NotImplementedError("CompressedReplayBuffer is sized in bytes: set mem_bytes")

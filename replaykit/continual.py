@@ -56,7 +56,8 @@ class StrategySpec:
 
     The budget is ``mem_size`` images or ``mem_bytes`` bytes (distilled and compressed replay).
     ``options``: ``factor`` / ``quality`` for compressed replay; for distilled replay
-    ``learner_aware`` (bool) besides the method's own ``method_options``.
+    ``learner_aware`` (bool) besides the method's own ``method_options``; ``augment`` (bool) for
+    both: replayed images go through DSA's random transforms.
     """
 
     kind: str
@@ -87,13 +88,15 @@ class StrategySpec:
             extras += ["soft"] if self.options.get("soft") else []
             extras += [f"mix={self.options['mix']}"] if "mix" in self.options else []
             extras += [f"recompress={self.recompress}"] if self.recompress != "distill" else []
+            extras += ["aug"] if self.options.get("augment") else []
             return " ".join([f"distilled-{self.method} {budget}"] + extras)
         if self.kind == "downsample":
             mix = f" mix={self.options['mix']}" if self.options.get("mix") else ""
             bits = f" {self.options['bits']}bit" if self.options.get("bits", 8) != 8 else ""
-            return f"downsample x{self.options.get('factor', 2)} {budget}{bits}{mix}"
+            aug = " aug" if self.options.get("augment") else ""
+            return f"downsample x{self.options.get('factor', 2)} {budget}{bits}{mix}{aug}"
         if self.kind == "jpeg":
-            return f"jpeg q{self.options.get('quality', 50)} {budget}"
+            return f"jpeg q{self.options.get('quality', 50)} {budget}" + (" aug" if self.options.get("augment") else "")
         if self.kind in _NEEDS_MEMORY:
             return f"{self.kind} {budget}"
         return self.kind
@@ -120,7 +123,8 @@ def parse_spec(text: str) -> StrategySpec:
             mem_size = int(budget)
     values = {k: _parse_value(v) for k, v in pairs.items()}
     recompress = str(values.pop("recompress", "distill"))
-    spec_keys = {"distilled": ("learner_aware", "mix", "soft", "quality"), "downsample": ("factor", "mix", "bits"), "jpeg": ("quality",)}.get(kind, ())
+    spec_keys = {"distilled": ("learner_aware", "mix", "soft", "quality", "augment"), "downsample": ("factor", "mix", "bits", "augment"),
+                 "jpeg": ("quality", "augment")}.get(kind, ())
     options = {k: values.pop(k) for k in spec_keys if k in values}
     if values and kind != "distilled":
         raise ValueError(f"{text!r}: options {sorted(values)} mean nothing for strategy {kind!r}")
@@ -273,6 +277,7 @@ def make_strategy(spec: StrategySpec, config: RunConfig, *, progress: bool = Fal
     elif kind in _BYTES_ONLY:
         options = dict(spec.options)
         mix = float(options.pop("mix", 0.0))
+        options["augment"] = bool(options.get("augment", False))
         policy = CompressedReplayBuffer(spec.mem_bytes, info.meta(), codec=kind, seed=config.seed, **options)
         plugins = [ReplayPlugin(mem_size=1, batch_size_mem=config.batch_size_mem, storage_policy=policy)]
         if mix > 0:  # the same mixed-resolution training distilled replay gets with a low-resolution buffer
@@ -284,7 +289,7 @@ def make_strategy(spec: StrategySpec, config: RunConfig, *, progress: bool = Fal
             storage=spec.storage, recompress=spec.recompress, dataset_meta=info.meta(), num_classes=info.num_classes, seed=config.seed,
             progress=progress, mem_bytes=spec.mem_bytes or None, learner_aware=bool(spec.options.get("learner_aware", False)),
             mix_resolution=float(spec.options.get("mix", 0.5)), soft_labels=bool(spec.options.get("soft", False)),
-            jpeg_quality=int(spec.options.get("quality", 50)),
+            jpeg_quality=int(spec.options.get("quality", 50)), augment=bool(spec.options.get("augment", False)),
         )
     return Naive(plugins=[plugin], **common)
 

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .augment import DSA
+from .augment import DSA, dsa_strategy
 from .buffer import SyntheticBuffer
 from .networks import make_network
 from .progress import progress_bar
@@ -71,14 +71,14 @@ def privacy_check(buffer: SyntheticBuffer, train_images: torch.Tensor, *, seed: 
 
 
 def _train_and_test(arch: str, index: int, *, images, targets, test_images, test_labels, shape, num_classes: int,
-                    epochs: int, lr: float, batch_size: int, augment: bool, width: int, natural: bool, seed: int) -> tuple[float, float]:
+                    epochs: int, lr: float, batch_size: int, augment: bool, width: int, dataset: str, seed: int) -> tuple[float, float]:
     """Train one fresh network (seed ``seed * 1000 + index``) on the buffer; its test accuracy and seconds."""
     net_seed = seed * 1000 + index
     started = time.perf_counter()
     opts = {"width": width} if arch == "convnet" else {}
     with seeded(net_seed):
         net = make_network(arch, shape, num_classes, **opts)
-    aug = DSA("color_crop_cutout_flip_scale_rotate" if natural else "crop_scale_rotate_cutout", seed=net_seed) if augment else None
+    aug = DSA(dsa_strategy(dataset), seed=net_seed) if augment else None
     train_classifier(net, images, targets, epochs=epochs, batch_size=batch_size, lr=lr,
                      lr_milestones=(epochs // 2,), augment=aug, seed=net_seed)
     return accuracy(net, test_images, test_labels), round(time.perf_counter() - started, 3)
@@ -154,7 +154,6 @@ def evaluate_buffer(
     images = buffer.decoded_images().detach()
     targets = buffer.soft_targets() if buffer.is_soft else buffer.labels
     dataset = str(buffer.meta.get("dataset", ""))
-    natural = dataset.lower().replace("-", "") == "cifar10"
     results: dict[str, Any] = {"per_network": {}, "config": dict(
         networks=list(networks), num_networks=num_networks, epochs=epochs, lr=lr, batch_size=batch_size,
         augment=augment, width=width, seed=seed, buffer_images=len(buffer), decoder_factor=buffer.decoder_factor,
@@ -162,7 +161,7 @@ def evaluate_buffer(
     jobs = [(arch, i) for arch in networks for i in range(num_networks)]
     setting = dict(images=images, targets=targets, test_images=test_images, test_labels=test_labels, shape=shape,
                    num_classes=buffer.num_classes, epochs=epochs, lr=lr, batch_size=batch_size, augment=augment,
-                   width=width, natural=natural, seed=seed)
+                   width=width, dataset=dataset, seed=seed)
     if workers > 1 and len(jobs) > 1:
         outcomes = _train_in_processes(jobs, setting, workers, progress)
     else:

@@ -107,3 +107,17 @@ def test_usable_as_train_classifier_augment():
     net = ConvNet((1, 12, 12), 2, width=4, depth=2)
     train_classifier(net, x, y, epochs=10, batch_size=16, lr=0.05, augment=DSA("scale_rotate", seed=0))
     assert accuracy(net, x, y) > 0.9
+
+
+def test_replay_augment_transforms_one_image_reproducibly():
+    from replaykit.augment import ReplayAugment, dsa_strategy
+
+    image = torch.randn(1, 8, 8)
+    a, b = ReplayAugment("digits", seed=3), ReplayAugment("digits", seed=3)
+    outs_a, outs_b = [a(image) for _ in range(6)], [b(image) for _ in range(6)]
+    assert all(o.shape == image.shape for o in outs_a)
+    assert all(torch.equal(x, y) for x, y in zip(outs_a, outs_b))  # same seed, same stream
+    assert sum(not torch.allclose(o, image) for o in outs_a) >= 4  # it does change images
+    assert dsa_strategy("mnist") == "crop_scale_rotate_cutout" and "flip" in dsa_strategy("CIFAR-10")
+    with pytest.raises(ValueError, match="one image"):
+        a(torch.randn(2, 1, 8, 8))

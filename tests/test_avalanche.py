@@ -358,3 +358,27 @@ def test_two_workers_give_the_same_buffer_as_one(digits):
     assert torch.equal(buffers[0].images, buffers[1].images) and torch.equal(buffers[0].labels, buffers[1].labels)
     with pytest.raises(ValueError, match="learner_aware"):
         DistilledBuffer(8, "dm", dataset_meta=DIGITS, learner_aware=True, workers=2)
+
+
+def test_augment_replays_transformed_held_images_and_the_same_bytes(digits):
+    x, y = digits
+    plain = DistilledBuffer(20, method="random", storage="uint8", dataset_meta=DIGITS, progress=False)
+    augmented = DistilledBuffer(20, method="random", storage="uint8", dataset_meta=DIGITS, progress=False, augment=True)
+    for policy in (plain, augmented):
+        policy.update_from_tensors(x[y < 4], y[y < 4])
+    assert torch.equal(plain.synthetic.images, augmented.synthetic.images) and plain.nbytes() == augmented.nbytes()
+    drawn = [augmented.buffer[i] for i in range(len(augmented.buffer))]
+    assert sum(not torch.equal(d[0], plain.buffer[i][0]) for i, d in enumerate(drawn)) >= 10  # transformed when drawn
+    assert [int(d[1]) for d in drawn] == augmented.synthetic.class_ids.tolist()
+
+
+def test_jpeg_held_buffer_saves_exactly_what_it_replays(digits, tmp_path):
+    x, y = digits
+    policy = DistilledBuffer(method="random", storage="jpeg", jpeg_quality=30, mem_bytes=4_000, dataset_meta=DIGITS,
+                             progress=False)
+    policy.update_from_tensors(x[y < 2], y[y < 2])
+    policy.update_from_tensors(x[(y >= 2) & (y < 4)], y[(y >= 2) & (y < 4)])
+    held = policy.synthetic
+    assert policy.nbytes() <= 4_000
+    reloaded = SyntheticBuffer.load(policy.save(tmp_path / "b.safetensors"))
+    assert torch.equal(reloaded.images, held.images)  # JPEG codes are held, not re-encoded on save

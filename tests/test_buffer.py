@@ -248,3 +248,37 @@ def test_packed_file_with_the_wrong_row_length_is_refused(tmp_path):
     save_file(tensors, str(path), metadata={"replaykit": json.dumps(header)})
     with pytest.raises(BufferFormatError, match="do not hold"):
         SyntheticBuffer.load(path)
+
+
+def _pixel_range_buffer(n_per_class=6, quality=30):
+    buf = make_buffer(n_per_class=n_per_class)
+    buf.images = buf.images.clamp(-0.3 / 0.4, 0.7 / 0.4)  # inside the pixel range [0, 1]
+    return buf.with_meta(jpeg_quality=quality)
+
+
+def test_jpeg_storage_round_trip_keeps_the_held_codes(tmp_path):
+    held = _pixel_range_buffer().quantized("jpeg")
+    first = held.save(tmp_path / "a.safetensors", storage="jpeg")
+    back = SyntheticBuffer.load(first)
+    assert torch.equal(back.images, held.images)  # what is held is what comes back
+    again = back.save(tmp_path / "b.safetensors", storage="jpeg")  # JPEG is not idempotent: the codes are kept instead
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(first)["images"], load_file(again)["images"])
+    assert torch.equal(back.quantized("jpeg").images, held.images)
+    assert held.nbytes("jpeg") == load_file(first)["images"].numel() + held.label_nbytes()
+
+
+def test_jpeg_codes_follow_subsets_and_concat_but_not_edits():
+    held = _pixel_range_buffer().quantized("jpeg")
+    header, bodies = held._jpeg_codes()
+    part = held.select_classes([1])
+    assert [b.tolist() for b in part._jpeg_codes()[1]] == [bodies[i].tolist() for i in held.indices_of(1).tolist()]
+    fresh = make_buffer(n_per_class=2, classes=(2,), seed=5).with_meta(jpeg_quality=30)
+    joined = SyntheticBuffer.concat([part, fresh])
+    joined_bodies = joined._jpeg_codes()[1]
+    assert [b.tolist() for b in joined_bodies[: len(part)]] == [b.tolist() for b in part._jpeg_codes()[1]]
+    assert torch.equal(joined.quantized("jpeg").images[: len(part)], part.images)  # no second generation of loss
+    edited = held.quantized("jpeg")
+    edited.images.add_(0.5)  # an in-place edit invalidates the held codes
+    assert held._held_jpeg_codes() is not None and edited._held_jpeg_codes() is None

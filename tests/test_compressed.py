@@ -71,3 +71,14 @@ def test_bad_options_are_named():
         CompressedReplayBuffer(100, {"dataset": "digits"})
     with pytest.raises(ValueError, match="quality"):
         CompressedReplayBuffer(100, DIGITS, codec="jpeg", quality=0)
+
+
+def test_augment_replays_transformed_copies_of_the_held_images(digits):
+    plain = CompressedReplayBuffer(1300, DIGITS, codec="jpeg", quality=50, seed=1)
+    augmented = CompressedReplayBuffer(1300, DIGITS, codec="jpeg", quality=50, seed=1, augment=True)
+    for policy in (plain, augmented):
+        policy.update_from_tensors(*_classes(*digits, [0, 1]))
+    assert len(plain.buffer) == len(augmented.buffer) and plain.nbytes() == augmented.nbytes()  # same bytes held
+    changed = sum(not torch.equal(plain.buffer[i][0], augmented.buffer[i][0]) for i in range(len(plain.buffer)))
+    assert changed >= len(plain.buffer) // 2
+    assert [int(plain.buffer[i][1]) for i in range(5)] == [int(augmented.buffer[i][1]) for i in range(5)]

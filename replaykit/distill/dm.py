@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..augment import DSA
+from ..augment import DSA, dsa_strategy
 from ..buffer import decode_upsample
 from ..progress import progress_bar
 from .base import DistillResult, Distiller, check_loop_options
@@ -31,8 +31,7 @@ __all__ = ["MatchingDistiller", "DistributionMatching", "dsa_for"]
 
 def dsa_for(dataset: str | None) -> DSA:
     """The DSA transform set for a dataset: no flips or colour for digits, everything for natural images."""
-    natural = dataset is not None and dataset.lower().replace("-", "") in ("cifar10",)
-    return DSA("color_crop_cutout_flip_scale_rotate" if natural else "crop_scale_rotate_cutout", seed=0)
+    return DSA(dsa_strategy(dataset), seed=0)
 
 
 class MatchingDistiller(Distiller):

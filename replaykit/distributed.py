@@ -3,12 +3,15 @@
 Distilling one class never looks at the others (each distiller derives the
 random streams of class ``c`` from its seed and ``c``), so a stream's classes
 shard cleanly over workers. The unit of work is a :class:`ClassJob`: one
-method, one seed, the real images of one class. :func:`distill_per_class`
-runs a list of jobs
+method, one seed, the real images of one class -- given as tensors, or as a
+:class:`DatasetClass` (a named dataset's class, which whoever runs the job loads
+and slices itself, so that no images travel to the workers; this is what the
+command line uses). :func:`distill_per_class` runs a list of jobs
 
-* in this process (``workers=1``, the default),
+* in this process (the default; ``workers=1``: with one intra-op thread, as each of N workers),
 * on ``workers=N`` local processes it starts itself with torch's elastic launch
-  API (gloo, one intra-op thread each), or
+  API (gloo, one intra-op thread each; fresh interpreters by default, or forked
+  from the caller with ``start_method="fork"``, which skips a second torch import), or
 * over a process group the caller already has (``group=``; e.g. the default
   group of a ``torchrun`` launch, see :func:`init_from_env`): every rank builds
   the same job list, runs the jobs assigned to it (job ``i`` goes to rank
@@ -19,14 +22,20 @@ Parts travel as plain tensors (images, labels, class ids; metadata as JSON
 bytes in a ``uint8`` tensor) through point-to-point collectives, never as
 pickles. Every path runs the same ``make(method, ...).distill(...)`` call per
 job, so the images and labels are bit-identical whatever the number of workers
--- for iteration-bounded runs. With a ``time_budget`` a method stops when the
-wall clock says so, and the result then depends on how fast each worker ran.
+-- for iteration-bounded runs, at the same intra-op thread count (every local worker,
+and ``workers=1``, uses one: on MNIST-sized images two threads round some sums
+differently). With a ``time_budget`` a method stops when the wall clock says so,
+and the result then depends on how fast each worker ran.
 
 Failures: a rank whose job raises reports the error to rank 0, and every rank
 raises :class:`DistributedDistillError` naming it; a rank that dies or hangs is
 named when rank 0 has waited ``timeout`` seconds for it (a local worker that
 dies is noticed at once by the elastic agent). Nothing is returned or written
 unless every part arrived.
+
+Timing: with ``$REPLAYKIT_TRACE`` naming a folder, the command line and each local
+worker note when their phases end (:func:`trace`) and write them there as JSON;
+``benchmarks/distributed_speedup.py`` turns them into a breakdown of a run.
 """
 
 from __future__ import annotations
@@ -36,21 +45,24 @@ import json
 import os
 import sys
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-import torch.distributed as dist
+_IMPORTED_AT = time.time()  # a spawned worker's clock starts here, before torch loads (see trace)
 
-from . import distill as _distill
-from .buffer import SyntheticBuffer
-from .fileio import atomic_write, atomic_write_json
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from . import distill as _distill  # noqa: E402
+from .buffer import SyntheticBuffer  # noqa: E402
+from .fileio import atomic_write, atomic_write_json  # noqa: E402
 
 __all__ = [
-    "ClassJob", "DistributedDistillError", "distill_per_class", "assign_ranks", "init_from_env",
-    "launched_by_torchrun", "merge_parts", "DEFAULT_TIMEOUT",
+    "ClassJob", "DatasetClass", "DistributedDistillError", "distill_per_class", "assign_ranks", "init_from_env",
+    "launched_by_torchrun", "merge_parts", "trace", "write_trace", "DEFAULT_TIMEOUT", "START_METHODS",
 ]
 
 #: Seconds a rank waits for another at an exchange point. Ranks exchange only after all their
@@ -58,6 +70,25 @@ __all__ = [
 DEFAULT_TIMEOUT = 1800.0
 _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 _HEADER_LEN = 8  # status, n, C, H, W, soft-label columns (0: hard), num_classes, meta bytes
+#: How local workers start: "spawn" runs fresh interpreters (``python -m replaykit.distributed``), safe
+#: from any caller; "fork" copies the caller, torch already imported, which is safe only while the
+#: caller has not run parallel torch work yet (a forked OpenMP pool can hang): the command line's case.
+START_METHODS = ("spawn", "fork")
+_TRACE_ENV = "REPLAYKIT_TRACE"
+_trace_events: list[list] = []
+
+
+def trace(event: str, when: float | None = None) -> None:
+    """Note the wall-clock time of ``event`` when ``$REPLAYKIT_TRACE`` names a folder (benchmarks read it)."""
+    if os.environ.get(_TRACE_ENV):
+        _trace_events.append([event, time.time() if when is None else when])
+
+
+def write_trace(role: str) -> None:
+    """Write this process's noted events to ``$REPLAYKIT_TRACE/<role>.json`` (nothing when unset)."""
+    folder = os.environ.get(_TRACE_ENV)
+    if folder and _trace_events:
+        atomic_write_json(Path(folder) / f"{role}.json", {"pid": os.getpid(), "events": list(_trace_events)})
 
 
 class DistributedDistillError(RuntimeError):
@@ -68,22 +99,71 @@ class DistributedDistillError(RuntimeError):
         self.rank = rank
 
 
+@dataclass(frozen=True)
+class DatasetClass:
+    """The training images of class ``cls`` of a named dataset, as ``load_tensors(dataset, train, root)`` gives them.
+
+    A job holding one of these instead of tensors is loaded where it runs: every process loads the
+    split once and keeps ``images[labels == cls]``, the bytes a caller slicing the same tensors gets.
+    ``root=None`` resolves the data root in that process (``$REPLAYKIT_DATA`` etc., see ``replaykit.data``).
+    """
+
+    dataset: str
+    cls: int
+    root: str | None = None
+    train: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        return {"dataset": self.dataset, "cls": self.cls, "root": self.root, "train": self.train}
+
+    @classmethod
+    def from_json(cls, spec: dict[str, Any]) -> "DatasetClass":
+        return cls(str(spec["dataset"]), int(spec["cls"]), spec.get("root"), bool(spec.get("train", True)))
+
+    def check(self, num_classes: int) -> None:
+        """Raise ``ValueError`` for an unknown dataset or a class outside it (or outside ``num_classes``)."""
+        from .data import dataset_info
+
+        info = dataset_info(self.dataset)  # ValueError naming the available datasets
+        if isinstance(self.cls, bool) or not isinstance(self.cls, int) or not 0 <= self.cls < min(info.num_classes, num_classes):
+            raise ValueError(f"class {self.cls!r} is not a class of {info.name} (0..{info.num_classes - 1}) "
+                             f"within num_classes {num_classes}")
+        if not isinstance(self.train, bool) or not (self.root is None or isinstance(self.root, str)):
+            raise ValueError(f"train must be a bool and root a str or None, got {self.train!r}, {self.root!r}")
+
+
 @dataclass
 class ClassJob:
     """One distillation call: ``make(method, ipc=ipc, seed=seed, **options).distill(images, labels, ...)``.
 
     ``images`` / ``labels`` are normally the real data of one class; ``options`` are the
-    method's constructor options (not ``ipc`` / ``seed`` / ``progress``).
+    method's constructor options (not ``ipc`` / ``seed`` / ``progress``). A job built with
+    :meth:`from_dataset` has ``images = labels = None`` and a ``source`` instead: the process that
+    runs it loads the class itself.
     """
 
     method: str
     options: dict[str, Any]
     ipc: int
     seed: int
-    images: torch.Tensor
-    labels: torch.Tensor
+    images: torch.Tensor | None
+    labels: torch.Tensor | None
     num_classes: int
     meta: dict[str, Any] = field(default_factory=dict)
+    source: DatasetClass | None = None
+
+    @classmethod
+    def from_dataset(cls, method: str, options: dict[str, Any], ipc: int, seed: int, dataset: str, class_id: int, *,
+                     root: str | os.PathLike | None = None, train: bool = True, num_classes: int | None = None,
+                     meta: dict[str, Any] | None = None) -> "ClassJob":
+        """A job on class ``class_id`` of a named dataset, loaded where it runs; ``num_classes`` and ``meta``
+        default to the dataset's (``dataset_info(dataset)``)."""
+        from .data import dataset_info
+
+        info = dataset_info(dataset)
+        source = DatasetClass(info.name, class_id, None if root is None else str(root), train)
+        return cls(method, options, ipc, seed, None, None, info.num_classes if num_classes is None else num_classes,
+                   info.meta() if meta is None else meta, source)
 
     def distiller(self) -> _distill.Distiller:
         """The configured distiller (raises ``ValueError`` for a bad method or option)."""
@@ -96,14 +176,37 @@ class ClassJob:
             raise ValueError(f"method {self.method!r} does not take options {sorted(self.options)}: {exc}") from None
 
     def run(self) -> SyntheticBuffer:
-        """Distill this job in the calling process."""
-        part = self.distiller().distill(self.images, self.labels, num_classes=self.num_classes, meta=self.meta)
+        """Distill this job in the calling process (loading its class first if it has a ``source``)."""
+        job = _with_data([self])[0] if self.images is None else self
+        part = job.distiller().distill(job.images, job.labels, num_classes=job.num_classes, meta=job.meta)
         part.meta = json.loads(json.dumps(part.meta))  # the same metadata whichever path carried the part
         return part
 
     def describe(self) -> str:
-        classes = sorted(int(c) for c in torch.unique(self.labels))
+        classes = [self.source.cls] if self.images is None else sorted(int(c) for c in torch.unique(self.labels))
         return f"method {self.method!r}, classes {classes}, ipc {self.ipc}, seed {self.seed}"
+
+
+def _with_data(jobs: Sequence[ClassJob]) -> list[ClassJob]:
+    """The jobs with tensors: each dataset split named by a ``source`` is loaded once, then sliced per class."""
+    from dataclasses import replace
+
+    loaded: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+    out = []
+    for job in jobs:
+        if job.images is not None:
+            out.append(job)
+            continue
+        src = job.source
+        key = (src.dataset, src.root, src.train)
+        if key not in loaded:
+            from .data import load_tensors
+
+            loaded[key] = load_tensors(src.dataset, train=src.train, root=src.root)
+        x, y = loaded[key]
+        keep = y == src.cls
+        out.append(replace(job, images=x[keep], labels=y[keep], source=None))
+    return out
 
 
 def assign_ranks(num_jobs: int, world_size: int) -> list[int]:
@@ -118,18 +221,25 @@ def distill_per_class(
     group: dist.ProcessGroup | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     all_ranks: bool = False,
+    start_method: str = "spawn",
 ) -> list[SyntheticBuffer]:
     """Run ``jobs`` and return their buffers in job order, bit-identical for any number of workers.
 
     Args:
         jobs: the calls to make; with ``group`` every rank must pass the same list.
-        workers: ``None`` / 1: run here; ``N > 1``: start N local worker processes (elastic
-            launch, gloo, one thread each); the jobs' options and metadata must then be JSON.
+        workers: ``None``: run here with the caller's intra-op threads; ``1``: run here with one
+            thread; ``N > 1``: start N local worker processes (elastic launch, gloo, one thread
+            each); the jobs' options and metadata must then be JSON. Any ``N >= 1`` gives the same
+            bytes: the thread count can change a sum's rounding (it does for MNIST-sized images).
+            Jobs with a ``source`` reach the workers as a name and a class id (each worker loads
+            its own classes); jobs with tensors go through a temporary safetensors file.
         group: an initialised process group to shard over instead (gloo, or nccl with each
             rank's CUDA device set). Rank 0 gets the full list, the other ranks an empty one
             unless ``all_ranks`` (then rank 0 sends every rank the full list: e.g. each rank of a
             data-parallel training holds the same buffer).
         timeout: seconds a rank waits for another at an exchange point (see :data:`DEFAULT_TIMEOUT`).
+        start_method: how ``workers=N`` starts its processes, one of :data:`START_METHODS`
+            ("fork" only from a caller that has not run parallel torch work yet).
     Raises ``ValueError`` for bad jobs or arguments and :class:`DistributedDistillError` when a
     rank's job raised or a rank died or hung (naming the rank).
     """
@@ -139,13 +249,25 @@ def distill_per_class(
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 1):
         raise ValueError(f"workers must be a positive int, got {workers!r}")
+    if start_method not in START_METHODS:
+        raise ValueError(f"start_method must be one of {START_METHODS}, got {start_method!r}")
     if group is not None:
         if workers not in (None, 1):
             raise ValueError("pass either a process group or workers=N, not both: the group's ranks are the workers")
         return _run_in_group(jobs, group, float(timeout), all_ranks)
-    if workers is None or workers == 1:
-        return [job.run() for job in jobs]
-    return _launch_local(jobs, workers, float(timeout))
+    if workers is None or workers == 1:  # here; a job's own exception propagates as it is
+        threads = torch.get_num_threads()
+        if workers == 1:  # one worker, one thread, like each of N: the same bytes for any N
+            torch.set_num_threads(1)
+        try:
+            ready = _with_data(jobs)
+            trace("data_ready")
+            parts = [ready[i].run() for i in range(len(ready))]
+            trace("distilled")
+        finally:
+            torch.set_num_threads(threads)
+        return parts
+    return _launch_local(jobs, workers, float(timeout), start_method)
 
 
 def merge_parts(parts: Sequence[SyntheticBuffer], **extra_meta: Any) -> SyntheticBuffer:
@@ -192,23 +314,39 @@ def _check_jobs(jobs: list[ClassJob]) -> None:
         if not isinstance(job, ClassJob):
             raise TypeError(f"job {i} is a {type(job).__name__}, not a ClassJob")
         try:
-            _distill.check_training_data(job.images, job.labels, job.num_classes)
+            if job.images is None and job.labels is None and isinstance(job.source, DatasetClass):
+                job.source.check(job.num_classes)  # the data itself is checked where it is loaded
+            elif job.source is not None:
+                raise ValueError("a job has either tensors or a source, not both")
+            else:
+                _distill.check_training_data(job.images, job.labels, job.num_classes)
             job.distiller()
         except (TypeError, ValueError) as exc:
             raise ValueError(f"job {i} ({job.method!r}): {exc}") from None
 
 
+def _run_own(jobs: list[ClassJob], rank: int, world: int) -> tuple[dict[int, SyntheticBuffer], str]:
+    """Run this rank's jobs (loading the classes of those with a ``source``): the parts, or the first error."""
+    mine = [i for i, owner in enumerate(assign_ranks(len(jobs), world)) if owner == rank]
+    parts: dict[int, SyntheticBuffer] = {}
+    try:
+        ready = dict(zip(mine, _with_data([jobs[i] for i in mine])))
+    except Exception as exc:  # e.g. the data is not under this rank's data root
+        return parts, f"rank {rank} could not load its classes ({jobs[mine[0]].describe()}, ...): {type(exc).__name__}: {exc}"
+    trace("data_ready")
+    for i in mine:
+        try:
+            parts[i] = ready.pop(i).run()
+        except Exception as exc:  # reported to every rank below, then raised there
+            return parts, f"rank {rank} failed on job {i} ({jobs[i].describe()}): {type(exc).__name__}: {exc}"
+    trace("distilled")
+    return parts, ""
+
+
 def _run_in_group(jobs: list[ClassJob], group: dist.ProcessGroup, timeout: float, all_ranks: bool = False) -> list[SyntheticBuffer]:
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     owners = assign_ranks(len(jobs), world)
-    parts: dict[int, SyntheticBuffer] = {}
-    error = ""
-    for i in (i for i, owner in enumerate(owners) if owner == rank):
-        try:
-            parts[i] = jobs[i].run()
-        except Exception as exc:  # reported to every rank below, then raised there
-            error = f"rank {rank} failed on job {i} ({jobs[i].describe()}): {type(exc).__name__}: {exc}"
-            break
+    parts, error = _run_own(jobs, rank, world)
     if world == 1:
         if error:
             raise DistributedDistillError(error, rank)
@@ -332,7 +470,7 @@ def _text_tensor(text: str) -> torch.Tensor:
 _JOBS_FILE, _RESULT_FILE, _FAILURE_FILE = "jobs.safetensors", "result.safetensors", "failure.{rank}.json"
 
 
-def _launch_local(jobs: list[ClassJob], workers: int, timeout: float) -> list[SyntheticBuffer]:
+def _launch_local(jobs: list[ClassJob], workers: int, timeout: float, start_method: str = "spawn") -> list[SyntheticBuffer]:
     """Start ``workers`` processes with torch's elastic launch API; jobs and results go through safetensors files."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -342,14 +480,22 @@ def _launch_local(jobs: list[ClassJob], workers: int, timeout: float) -> list[Sy
         config = LaunchConfig(
             min_nodes=1, max_nodes=1, nproc_per_node=workers, run_id=f"replaykit-{uuid.uuid4().hex[:12]}",
             rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1,
+            start_method=start_method,
         )
+        trace("launch")
         try:
-            elastic_launch(config, entrypoint=sys.executable)("-m", "replaykit.distributed", tmp, repr(timeout))
+            if start_method == "fork":  # the caller's interpreter, torch and replaykit already imported
+                elastic_launch(config, entrypoint=_worker_main)(tmp, repr(timeout))
+            else:
+                elastic_launch(config, entrypoint=sys.executable)("-m", "replaykit.distributed", tmp, repr(timeout))
         except ChildFailedError as exc:
             # rank 0's verdict names the culprit; else another rank's (rank 0 was lost); else the launcher's record
             verdicts = sorted(Path(tmp).glob(_FAILURE_FILE.format(rank="*")), key=lambda f: int(f.name.split(".")[1]))
             raise DistributedDistillError(*_decode_verdict(verdicts[0].read_text())) if verdicts else _launch_error(exc) from None
-        return _read_parts(Path(tmp) / _RESULT_FILE)
+        trace("workers_done")
+        parts = _read_parts(Path(tmp) / _RESULT_FILE)
+        trace("parts_read")
+        return parts
 
 
 def _launch_error(exc: Any) -> DistributedDistillError:
@@ -363,25 +509,32 @@ def _launch_error(exc: Any) -> DistributedDistillError:
 
 
 def _write_jobs(jobs: list[ClassJob], path: Path) -> None:
+    """One safetensors file: every job's spec as JSON metadata, the tensors of the jobs that carry them."""
     from safetensors.torch import save_file
 
     specs = []
     for i, job in enumerate(jobs):
         spec = {"method": job.method, "options": job.options, "ipc": job.ipc, "seed": job.seed,
                 "num_classes": job.num_classes, "meta": job.meta}
+        if job.source is not None:
+            spec["source"] = job.source.to_json()
         try:
             specs.append(json.loads(json.dumps(spec)))
         except (TypeError, ValueError) as exc:
             raise ValueError(f"job {i}: options and meta must be JSON to reach worker processes: {exc}") from None
     tensors = {}
     for i, job in enumerate(jobs):
-        tensors[f"{i}.images"] = job.images.float().contiguous()
-        tensors[f"{i}.labels"] = job.labels.contiguous()
-    save_file(tensors, str(path), metadata={"jobs": json.dumps(specs)})
+        if job.images is not None:
+            tensors[f"{i}.images"] = job.images.float().contiguous()
+            tensors[f"{i}.labels"] = job.labels.contiguous()
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"jobs": json.dumps(specs)}))
 
 
 def _read_jobs(path: Path, rank: int, world: int) -> list[ClassJob]:
-    """All jobs, with real tensors only for this rank's own (the others' are never distilled here)."""
+    """All jobs, with real tensors only for this rank's own (the others' are never distilled here).
+
+    A job with a ``source`` stays a name and a class id; this rank loads its own such classes when it runs them.
+    """
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as handle:
@@ -389,11 +542,15 @@ def _read_jobs(path: Path, rank: int, world: int) -> list[ClassJob]:
         owners = assign_ranks(len(specs), world)
         jobs = []
         for i, spec in enumerate(specs):
+            source = DatasetClass.from_json(spec["source"]) if spec.get("source") else None
             mine = owners[i] == rank
-            images = handle.get_tensor(f"{i}.images") if mine else torch.zeros(1, 1, 1, 1)
-            labels = handle.get_tensor(f"{i}.labels") if mine else torch.zeros(1, dtype=torch.int64)
+            if source is not None:
+                images = labels = None
+            else:
+                images = handle.get_tensor(f"{i}.images") if mine else torch.zeros(1, 1, 1, 1)
+                labels = handle.get_tensor(f"{i}.labels") if mine else torch.zeros(1, dtype=torch.int64)
             jobs.append(ClassJob(spec["method"], spec["options"], spec["ipc"], spec["seed"], images, labels,
-                                 spec["num_classes"], spec["meta"]))
+                                 spec["num_classes"], spec["meta"], source))
     return jobs
 
 
@@ -419,16 +576,22 @@ def _read_parts(path: Path) -> list[SyntheticBuffer]:
         ]
 
 
-def _worker_main(workdir: str, timeout: str) -> None:
+def _worker_main(workdir: str, timeout: str, imported_at: float | None = None) -> None:
     """One local worker: join the launch's gloo group, run this rank's jobs, rank 0 writes the parts."""
     from .runtime import keep_freed_memory
 
+    _trace_events.clear()  # a forked worker starts with its parent's events
+    if imported_at is not None:
+        trace("worker_import", imported_at)
+    trace("worker_start")
     torch.set_num_threads(1)
     keep_freed_memory()
     seconds = float(timeout)
     dist.init_process_group("gloo", init_method="env://", timeout=_dt.timedelta(seconds=seconds))
+    rank = dist.get_rank()
+    trace("group_joined")
     try:
-        rank, world = dist.get_rank(), dist.get_world_size()
+        world = dist.get_world_size()
         jobs = _read_jobs(Path(workdir) / _JOBS_FILE, rank, world)
         try:
             parts = _run_in_group(jobs, dist.group.WORLD, seconds)
@@ -437,13 +600,16 @@ def _worker_main(workdir: str, timeout: str) -> None:
             # Rank 0 (or whoever lost rank 0) exits non-zero, so that the agent stops a rank that still hangs;
             # the others exit cleanly, leaving rank 0 time to write its verdict.
             sys.exit(1 if rank == 0 or exc.rank == 0 else 0)
+        trace("exchanged")
         if rank == 0:
             _write_parts(parts, Path(workdir) / _RESULT_FILE)
+            trace("written")
     finally:
         dist.destroy_process_group()
+        write_trace(f"rank{rank}")
 
 
-if __name__ == "__main__":  # the local workers' entry point (see _launch_local)
+if __name__ == "__main__":  # the spawned local workers' entry point (see _launch_local)
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    record(_worker_main)(*sys.argv[1:])
+    record(_worker_main)(*sys.argv[1:], imported_at=_IMPORTED_AT)

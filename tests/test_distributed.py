@@ -1,7 +1,9 @@
 """Distillation sharded over processes: same bytes for 1 and N workers, failures name the rank, nothing partial.
 
 Each multi-process test starts two real local processes (gloo), kept cheap with the 8x8 digits,
-two images per class and a few iterations.
+two images per class and a few iterations. The command line's jobs name the dataset and a class
+(each rank loads its own classes) and its local workers are forked; the library's default spawns
+fresh interpreters: both are run here.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from safetensors.torch import load_file
 
 from replaykit.cli import main
 from replaykit.data import dataset_info, load_tensors
-from replaykit.distributed import ClassJob, DistributedDistillError, assign_ranks, distill_per_class, merge_parts
+from replaykit.distributed import (
+    ClassJob, DatasetClass, DistributedDistillError, assign_ranks, distill_per_class, merge_parts,
+)
 
 
 
@@ -79,6 +83,64 @@ def test_bad_calls_are_refused_before_any_process_starts(digits):
     unshippable = ClassJob("dm", {"iterations": 2}, 2, 0, jobs[0].images, jobs[0].labels, 10, {"mean": torch.zeros(1)})
     with pytest.raises(ValueError, match="must be JSON"):
         distill_per_class([unshippable, unshippable], workers=2)
+    with pytest.raises(ValueError, match="start_method must be one of"):
+        distill_per_class(jobs, workers=2, start_method="forkserver")
+    with pytest.raises(ValueError, match="unknown dataset"):
+        ClassJob.from_dataset("dm", {}, 2, 0, "imagenet", 0)
+    with pytest.raises(ValueError, match="job 0 .*class 10 is not a class of digits"):
+        distill_per_class([ClassJob.from_dataset("dm", {}, 2, 0, "digits", 10)])
+    both = ClassJob("dm", {}, 2, 0, jobs[0].images, jobs[0].labels, 10, source=DatasetClass("digits", 0))
+    with pytest.raises(ValueError, match="either tensors or a source"):
+        distill_per_class([both])
+
+
+def _dataset_jobs(classes=(0, 1, 2), **kw) -> list[ClassJob]:
+    return [ClassJob.from_dataset("dm", {"iterations": 3}, 2, 0, "digits", c, **kw) for c in classes]
+
+
+def _same_parts(a, b) -> bool:
+    return [(p.images.numpy().tobytes(), p.labels.numpy().tobytes(), p.class_ids.tolist()) for p in a] == \
+           [(p.images.numpy().tobytes(), p.labels.numpy().tobytes(), p.class_ids.tolist()) for p in b]
+
+
+def test_a_dataset_job_loads_its_class_with_the_bytes_of_the_sliced_tensors(digits):
+    here = distill_per_class(_jobs(digits))
+    assert _same_parts(distill_per_class(_dataset_jobs()), here)
+    assert _same_parts([job.run() for job in _dataset_jobs()], here)
+    assert _dataset_jobs()[1].describe() == "method 'dm', classes [1], ipc 2, seed 0"
+
+
+def test_spawned_workers_run_mixed_dataset_and_tensor_jobs_with_the_bytes_of_one(digits):
+    jobs = _dataset_jobs()
+    jobs[1] = _jobs(digits, classes=(1,))[0]  # rank 1's job carries tensors through the job file, rank 0's load digits
+    assert _same_parts(distill_per_class(jobs, workers=2), distill_per_class(_jobs(digits)))
+
+
+def test_forked_workers_give_the_bytes_of_one(digits):
+    assert _same_parts(distill_per_class(_jobs(digits), workers=2, start_method="fork"), distill_per_class(_jobs(digits)))
+
+
+def test_a_rank_that_cannot_load_its_class_is_named(tmp_path):
+    jobs = [ClassJob.from_dataset("dm", {"iterations": 2}, 2, 0, "digits", 0),
+            ClassJob.from_dataset("dm", {"iterations": 2}, 2, 0, "mnist", 1, root=tmp_path)]  # job 1, rank 1: no MNIST there
+    with pytest.raises(DistributedDistillError, match=r"rank 1 could not load its classes .*classes \[1\].*MNIST is not under") as caught:
+        distill_per_class(jobs, workers=2, start_method="fork")
+    assert caught.value.rank == 1
+
+
+def test_ranks_loading_mnist_write_the_bytes_of_one_process_on_its_tensors(tmp_path, real_data_root):
+    out = tmp_path / "mnist.safetensors"
+    cli = ["distill", "--dataset", "mnist", "--method", "dm", "--ipc", "1", "--iterations", "2", "--classes", "3,7", "--quiet"]
+    assert main([*cli, "--workers", "2", "--out", str(out)]) == 0
+    x, y = load_tensors("mnist")
+    meta = dataset_info("mnist").meta()
+    jobs = [ClassJob("dm", {"iterations": 2}, 1, 0, x[y == c], y[y == c], 10, meta) for c in (3, 7)]
+    threads = torch.get_num_threads()
+    here = merge_parts(distill_per_class(jobs, workers=1))  # one thread, as each worker
+    assert torch.get_num_threads() == threads  # restored
+    written = load_file(str(out))
+    assert written["images"].numpy().tobytes() == here.images.numpy().tobytes()
+    assert written["class_ids"].tolist() == [3, 7]
 
 
 def test_two_workers_write_the_bytes_of_one(tmp_path, one_worker_file):

@@ -18,19 +18,23 @@ def _parse_classes(text: str | None, num_classes: int) -> list[int] | None:
     return classes
 
 
-def _distill_per_class(args, options: dict, images, labels, info):
-    """Each class as one job over ``--workers`` local processes or torchrun's ranks; ``None`` on ranks other than 0."""
+def _distill_per_class(args, options: dict, classes: list[int], info):
+    """Each class as one job over ``--workers`` local processes or torchrun's ranks; ``None`` on ranks other than 0.
+
+    The jobs name the dataset and a class: whoever runs a job (this process, a local worker or a torchrun
+    rank) loads the training split and keeps that class, so no images are shipped to the workers.
+    """
     import torch
 
     from .. import distributed
 
-    jobs = [
-        distributed.ClassJob(args.method, {k: v for k, v in options.items() if k not in ("ipc", "seed", "progress")},
-                             args.ipc, args.seed, images[labels == c], labels[labels == c], info.num_classes, info.meta())
-        for c in torch.unique(labels).tolist()
-    ]
+    method_options = {k: v for k, v in options.items() if k not in ("ipc", "seed", "progress")}
+    jobs = [distributed.ClassJob.from_dataset(args.method, method_options, args.ipc, args.seed, info.name, c,
+                                              root=args.data_root, num_classes=info.num_classes, meta=info.meta())
+            for c in classes]
     if not distributed.launched_by_torchrun():
-        parts = distributed.distill_per_class(jobs, workers=args.workers, timeout=args.worker_timeout)
+        # fork: this process has imported torch but run no parallel torch work, so the workers can be copies of it
+        parts = distributed.distill_per_class(jobs, workers=args.workers, timeout=args.worker_timeout, start_method="fork")
         return distributed.merge_parts(parts, workers=args.workers)
     if args.workers not in (None, 1):
         raise ValueError("--workers cannot be combined with torchrun: torchrun already started the workers")
@@ -44,13 +48,12 @@ def _distill_per_class(args, options: dict, images, labels, info):
 
 
 def _distill_command(args) -> int:
-    import torch
-
     from .. import distributed
     from ..cli import CLIError
     from ..data import dataset_info, load_tensors
     from . import REGISTRY, make
 
+    distributed.trace("cli_start")
     info = dataset_info(args.dataset)
     classes = _parse_classes(args.classes, info.num_classes)
     options = {"ipc": args.ipc, "seed": args.seed, "progress": not args.quiet}
@@ -66,20 +69,26 @@ def _distill_command(args) -> int:
             raise ValueError(f"method {args.method!r} does not take {' / '.join(extra)}") from None
     else:
         distiller = make(args.method)  # raises the registry's "unknown method" error naming the available ones
-    images, labels = load_tensors(info.name, train=True, root=args.data_root)
-    if classes is not None:
-        keep = torch.isin(labels, torch.tensor(classes))
-        images, labels = images[keep], labels[keep]
     if args.workers is not None or distributed.launched_by_torchrun():
-        try:
-            buffer = _distill_per_class(args, options, images, labels, info)
+        try:  # every class of the dataset is in its training split
+            buffer = _distill_per_class(args, options, classes or list(range(info.num_classes)), info)
         except distributed.DistributedDistillError as exc:
             raise CLIError(str(exc)) from None
         if buffer is None:
             return 0  # a torchrun rank other than 0: rank 0 writes
     else:
+        import torch
+
+        images, labels = load_tensors(info.name, train=True, root=args.data_root)
+        if classes is not None:
+            keep = torch.isin(labels, torch.tensor(classes))
+            images, labels = images[keep], labels[keep]
+        distributed.trace("data_ready")
         buffer = distiller.distill(images, labels, num_classes=info.num_classes, meta=info.meta())
+        distributed.trace("distilled")
     path = buffer.save(args.out, storage=args.storage)
+    distributed.trace("saved")
+    distributed.write_trace("parent")
     print(f"{buffer!r} -> {path} ({buffer.meta['distill_seconds']:.1f} s)")
     if args.png:
         from ..viz import save_buffer_grid
@@ -104,8 +113,8 @@ def add_cli(sub) -> None:
     p.add_argument("--png", help="also save a grid of the images")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--workers", type=int,
-                   help="distill each class as one job over N local processes (1: here); same buffer for any N. "
-                        "Under torchrun the ranks are the workers")
+                   help="distill each class as one job over N local processes of one thread each (1: here, one "
+                        "thread); same buffer for any N. Under torchrun the ranks are the workers")
     p.add_argument("--worker-timeout", type=float, default=1800.0,
                    help="seconds a worker waits for another before the run fails naming it (default 1800)")
     p.set_defaults(func=_distill_command)

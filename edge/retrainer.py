@@ -27,12 +27,18 @@ OPTIMIZATION_LEVELS = {
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
 # Working memory of one onnxruntime call, planned as samples x bytes per activation float (of one sample's
-# forward pass, see the manifest) + a fixed part. Measured on MNIST ConvNet-3 width 32: a full-mode step keeps
-# forward values, their gradients and temporaries (~1.0 MB per sample + ~2 MB); head-mode steps and inference
-# keep forward values only (~0.33 MB per sample + ~1 MB). Rounded up.
+# forward pass, see the manifest) + a fixed part (+ the parameter-sized arrays a training step holds). Measured
+# on MNIST ConvNet-3 width 32 (VmHWM above the trimmed resident size before the call, fresh processes): a
+# full-mode fit in micro-batches of 1 / 8 / 16 / 32 / 64 samples peaks 1.7 / 7.8 / 16.6 / 28.7 / 58.2 MB above
+# it (planned: 3.6 / 11.6 / 20.6 / 38.8 / 75.0), a head-mode fit 3.5 / 13.3 / 26.0 MB at 8 / 32 / 64 (planned
+# 7.4 / 22.3 / 42.0), inference in chunks of 16 6.7 MB (planned 12.4); the same for float32, float16 and int8
+# weight storage (training is float32 whatever the storage). Rounded up.
 _STEP_BYTES_PER_FLOAT = 11
 _FORWARD_BYTES_PER_FLOAT = 6
 _CALL_FIXED_MB = 2.5
+# A training step also holds ~4 copies of the trainable parameters beside onnxruntime's memory (its outputs and
+# their copies; in micro-batches: zero state, accumulated gradients, the update's temporaries).
+_STEP_PARAM_COPIES = 4
 _SAFETY_MB = 4.0
 # Run option that returns onnxruntime's arena memory to the system when a call ends: used on the last call of
 # fit() and of inference, so that memory planned for one is free for the other (and for the caller's data).
@@ -120,7 +126,6 @@ class Retrainer:
         self._step_params = [n for n in self.params if PARAM_PREFIX + n in self.manifest["train_step_inputs"]]
         self._rng = np.random.default_rng(seed)
         self.peak_rss_mb = current_rss_mb()
-        self._largest_call_mb = 0.0  # see _fits
         if memory_limit_mb is not None:
             self._check_memory("after loading the bundle")
 
@@ -218,33 +223,42 @@ class Retrainer:
         factor = _STEP_BYTES_PER_FLOAT if training and self.mode == "full" else _FORWARD_BYTES_PER_FLOAT
         return floats * factor / 2**20
 
+    def _call_mb(self, samples: int, training: bool) -> float:
+        """Planned working memory of one onnxruntime call on ``samples`` samples (see the constants above)."""
+        fixed = _CALL_FIXED_MB
+        if training:
+            floats = sum(int(np.prod(self.manifest["params"][n], dtype=np.int64)) for n in self.manifest["trainable"])
+            fixed += _STEP_PARAM_COPIES * 4 * floats / 2**20
+        return samples * self._per_sample_mb(training) + fixed
+
     def plan_micro_batch(self, total: int) -> int:
         """Samples per onnxruntime call for a ``total``-sample step: all of them when the cap allows, else
         the largest micro-batch whose activations fit. The step itself is unchanged (gradients are
         accumulated over micro-batches), so a memory cap costs speed, never a different optimisation."""
         if self.memory_limit_mb is None:
             return total
-        return min(total, self._fits(self._per_sample_mb(training=True), "a training step"))
+        return min(total, self._fits(True, "a training step"))
 
-    def _fits(self, per_sample_mb: float, what: str) -> int:
-        """Samples whose working memory fits under the cap.
+    def _fits(self, training: bool, what: str) -> int:
+        """Samples whose working memory fits under the cap, on top of what the process holds now.
 
-        Measured: after a call the process stays near that call's working set (onnxruntime keeps kernel
-        buffers), and later calls reuse it. So the resident size minus the largest working set this
-        retrainer's calls used so far is what is held, and the rest of the cap is room."""
+        Measured: what the process holds is its resident size once free malloc memory is trimmed. Memory that
+        onnxruntime keeps after a call (kernel buffers) is part of it and is not credited back: a later call
+        does not reliably reuse it (a second full-mode fit in micro-batches of 32 peaked 21.2 MB above the
+        12.5 MB the first one left, 33.7 MB above the first one's start, vs 28.7 MB for the first). The
+        arena itself is handed back at the end of every fit and inference call (``_RELEASE_ARENA``), so an
+        earlier call's working set must not be credited either: doing so let a fit planned right after an
+        inference pass overshoot a 100 MB cap (100.4 MB)."""
         release_free_heap()
-        room = self.memory_limit_mb - (current_rss_mb() - self._largest_call_mb) - _SAFETY_MB
-        fits = int((room - _CALL_FIXED_MB) // per_sample_mb)
+        room = self.memory_limit_mb - current_rss_mb() - _SAFETY_MB
+        per_sample = self._per_sample_mb(training)
+        fits = int((room - self._call_mb(0, training)) // per_sample)
         if fits < 1:
             raise MemoryLimitError(
                 f"memory_limit_mb={self.memory_limit_mb:g} leaves {room:.1f} MB but {what} on one sample needs "
-                f"~{per_sample_mb + _CALL_FIXED_MB:.1f} MB; the cap cannot be met"
+                f"~{self._call_mb(1, training):.1f} MB; the cap cannot be met"
             )
         return fits
-
-    def _ran(self, samples: int, training: bool) -> None:
-        """Record the working set of calls that ran (see ``_fits``)."""
-        self._largest_call_mb = max(self._largest_call_mb, samples * self._per_sample_mb(training) + _CALL_FIXED_MB)
 
     def plan_inference_batch(self, batch_size: int | None) -> int:
         """Images per inference chunk: ``batch_size`` if given, else as many as the cap allows (at most 16:
@@ -255,7 +269,7 @@ class Retrainer:
             return batch_size
         if self.memory_limit_mb is None:
             return 16
-        return min(16, self._fits(self._per_sample_mb(training=False), "inference"))
+        return min(16, self._fits(False, "inference"))
 
     # ------------------------------------------------------------ training
     def _step_feed(self, x: np.ndarray, targets: np.ndarray, state: dict[str, np.ndarray],
@@ -354,7 +368,6 @@ class Retrainer:
                     self._check_memory("during fit")
                 bar.update(1)
         bar.close()
-        self._ran(micro, training=True)
         self.peak_rss_mb = max(self.peak_rss_mb, current_rss_mb())
         return {"losses": losses, "steps": len(losses), "batch_size": batch_size, "replay_batch_size": replay,
                 "micro_batch_size": micro, "step_seconds": step_seconds}
@@ -371,7 +384,6 @@ class Retrainer:
             chunks.append(self._infer.run(["logits"], feed, self._release if final else None)[0].copy())
             if self.memory_limit_mb is not None:
                 self._check_memory("during inference")
-        self._ran(batch_size, training=False)
         return np.concatenate(chunks)
 
     def predict(self, x: np.ndarray, batch_size: int | None = None) -> np.ndarray:

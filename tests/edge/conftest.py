@@ -85,8 +85,9 @@ def head_copy(head_bundle, tmp_path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def mnist_sized_full_bundle(tmp_path_factory) -> Path:
-    """An untrained MNIST-sized ConvNet (28x28, width 16) in full mode: big enough for memory planning to matter."""
+def mnist_sized_bundles(tmp_path_factory):
+    """``make(mode, weights)``: an untrained MNIST-sized ConvNet (28x28, width 16) exported in that mode and weight
+    storage (cached for the session): big enough for memory planning to matter."""
     import edge
     from replaykit.buffer import SyntheticBuffer
     from replaykit.networks import ConvNet
@@ -96,7 +97,15 @@ def mnist_sized_full_bundle(tmp_path_factory) -> Path:
         model = ConvNet((1, 28, 28), 10, width=16, depth=3).eval()
         images = torch.randn(40, 1, 28, 28)
     buffer = SyntheticBuffer(images, torch.arange(40) % 8, 10)
-    return edge.export(model, buffer, tmp_path_factory.mktemp("bundles") / "mnist_full", mode="full")
+    folder = tmp_path_factory.mktemp("bundles")
+    made: dict[tuple[str, str], Path] = {}
+
+    def make(mode: str = "full", weights: str = "float32") -> Path:
+        if (mode, weights) not in made:
+            made[mode, weights] = edge.export(model, buffer, folder / f"mnist_{mode}_{weights}", mode=mode, weights=weights)
+        return made[mode, weights]
+
+    return make
 
 
 @pytest.fixture(scope="session")

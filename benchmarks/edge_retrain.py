@@ -109,6 +109,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(default 128; quick: none)")
     p.add_argument("--wide-epochs", type=int, default=1, help="base-training epochs of the wide model")
     p.add_argument("--data-root", default=None)
+    p.add_argument("--no-keep-freed-memory", dest="keep_freed_memory", action="store_false",
+                   help="leave glibc malloc at its defaults in this (PyTorch) process; by default it keeps freed memory "
+                        "(replaykit.runtime.keep_freed_memory), the fastest PyTorch CPU setting. The device processes "
+                        "never use it: there a small resident set matters")
     args = p.parse_args(argv)
     if args.seed is not None:
         args.seeds = [args.seed]
@@ -205,6 +209,26 @@ def _max_diff(a: dict, b: dict, names) -> float:
     return max(float(np.abs(as_np(a[n]) - as_np(b[n])).max()) for n in names)
 
 
+def _float64_step(net, trainable, x, t, lr: float, opt: dict) -> dict[str, torch.Tensor]:
+    """torch.optim.SGD's update computed in float64 from ``net``'s current float32 parameters and momentum:
+    the exact step both float32 implementations round (PyTorch's own round-off is its distance to it)."""
+    import copy
+
+    exact = copy.deepcopy(net).double()
+    named = dict(exact.named_parameters())
+    loss = soft_cross_entropy(exact(x.double()), t.double())
+    grads = torch.autograd.grad(loss, [named[n] for n in trainable])
+    out = {}
+    for name, grad in zip(trainable, grads):
+        buf = _momentum(net, name)
+        param = named[name].detach()
+        velocity = grad + opt["weight_decay"] * param
+        if buf is not None:  # torch.optim.SGD's first step takes the gradient as the momentum buffer
+            velocity = opt["momentum"] * buf.double() + velocity
+        out[name] = param - lr * velocity
+    return out
+
+
 def parity(model, bundle: Path, x_new, y_new, buf_x, buf_t, args, seed: int, lr: float) -> dict[str, Any]:
     """``parity_steps`` identical batches through the ONNX step and through PyTorch eager; max |param diff|."""
     import onnxruntime as ort
@@ -223,8 +247,9 @@ def parity(model, bundle: Path, x_new, y_new, buf_x, buf_t, args, seed: int, lr:
     net, torch_step = _torch_trainer(model, mode, lr, opt)
     references = {"no_onednn": _torch_trainer(model, mode, lr, opt, onednn=False),
                   "float64": _torch_trainer(model, mode, lr, opt, dtype=torch.float64)}
-    one_step = 0.0
-    for x, t in _batches(x_new, y_new, buf_x, buf_t, args.parity_steps, seed):
+    one_step = one_step_torch_64 = one_step_ort_64 = 0.0
+    worst: dict[str, Any] = {}
+    for k, (x, t) in enumerate(_batches(x_new, y_new, buf_x, buf_t, args.parity_steps, seed)):
         feed = {PARAM_PREFIX + n: v for n, v in params.items() if PARAM_PREFIX + n in step_inputs}
         feed.update({STATE_PREFIX + n: v for n, v in state.items()})
         feed.update(x=x.numpy(), targets=t.numpy(), **scalars)
@@ -237,19 +262,33 @@ def parity(model, bundle: Path, x_new, y_new, buf_x, buf_t, args, seed: int, lr:
         feed1.update({STATE_PREFIX + n: v.numpy() for n, v in net_state.items()})
         feed1.update(x=x.numpy(), targets=t.numpy(), **scalars)
         out1 = session.run(names_out, feed1)
-        for k, n in enumerate(trainable):
-            params[n], state[n] = out[1 + k], out[1 + len(trainable) + k]
+        exact = _float64_step(net, trainable, x, t, lr, opt)
+        for i, n in enumerate(trainable):
+            params[n], state[n] = out[1 + i], out[1 + len(trainable) + i]
         torch_step(x, t)
         for _, ref_step in references.values():
             ref_step(x, t)
         after = dict(net.named_parameters())
-        one_step = max(one_step, _max_diff(dict(zip(trainable, out1[1:])), after, trainable))
+        ort1 = dict(zip(trainable, out1[1:]))
+        one_step_torch_64 = max(one_step_torch_64, _max_diff(after, exact, trainable))
+        one_step_ort_64 = max(one_step_ort_64, _max_diff(ort1, exact, trainable))
+        for n in trainable:
+            diff = _max_diff(ort1, after, [n])
+            if diff > one_step:  # where the worst one-step difference sits, and which side carries it
+                one_step = diff
+                worst = {"param": n, "step": k, "ort_vs_torch": diff, "ort_vs_float64": _max_diff(ort1, exact, [n]),
+                         "torch_vs_float64": _max_diff(after, exact, [n]),
+                         "param_abs_max": float(exact[n].abs().max()),
+                         "update_abs_max": float((exact[n] - net_params[n].double()).abs().max())}
     torch_params = dict(net.named_parameters())
     ref = {k: dict(r[0].named_parameters()) for k, r in references.items()}
     return {"lr": lr, "steps": args.parity_steps,
             "ort_vs_torch": _max_diff(params, torch_params, trainable),
             "per_param": {n: _max_diff(params, torch_params, [n]) for n in trainable},
             "one_step": one_step,
+            "one_step_worst": worst,
+            "one_step_ort_vs_float64": one_step_ort_64,
+            "one_step_torch_vs_float64": one_step_torch_64,
             "ort_vs_torch_no_onednn": _max_diff(params, ref["no_onednn"], trainable),
             "torch_vs_torch_no_onednn": _max_diff(torch_params, ref["no_onednn"], trainable),
             "ort_vs_float64": _max_diff(params, ref["float64"], trainable),
@@ -397,7 +436,8 @@ def run_seed(seed: int, args, out: Path) -> dict[str, Any]:
             row["export_seconds"] = export_seconds
             result["runs"].setdefault(weights, {})[mode] = row
             print(f"seed {seed} {weights} {mode}: parity {row['parity_max_abs_diff']:.2e} (one step "
-                  f"{row['parity'][0]['one_step']:.1e}), ORT {row['ort_step_ms_median']:.2f} ms vs "
+                  f"{row['parity'][0]['one_step']:.1e} at {row['parity'][0]['one_step_worst'].get('param')}; PyTorch one step vs "
+                  f"float64 {row['parity'][0]['one_step_torch_vs_float64']:.1e}), ORT {row['ort_step_ms_median']:.2f} ms vs "
                   f"torch {row['torch_step_ms_median']:.2f} ms, peak RSS {row['device']['peak_rss_mb']:.1f} MB, "
                   f"bundle {row['bundle_bytes']['total'] / 1024:.1f} KB, opened old acc {row['device']['opened_old_acc']:.4f}, "
                   f"old acc with/without buffer {row['device']['with_buffer']['old_acc']:.3f}/"
@@ -442,6 +482,8 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 PARITY_COLUMNS = [
     ("ort_vs_torch", "ORT vs PyTorch eager"),
     ("one_step", "worst one-step ORT vs PyTorch"),
+    ("one_step_ort_vs_float64", "one-step ORT vs float64"),
+    ("one_step_torch_vs_float64", "PyTorch one step vs float64"),
     ("torch_vs_torch_no_onednn", "PyTorch vs PyTorch without oneDNN"),
     ("ort_vs_torch_no_onednn", "ORT vs PyTorch without oneDNN"),
     ("ort_vs_float64", "ORT vs float64 PyTorch"),
@@ -463,7 +505,9 @@ def summarise(results: list[dict], args) -> tuple[dict, str]:
     lines = [
         f"Edge retraining, MNIST ConvNet-{args.depth} width {args.width}, {args.buffer_size}-image {args.buffer_method} buffer "
         f"(uint8), weight storages {args.weights}, seeds {args.seeds}, {args.threads} threads, device memory cap "
-        f"{args.memory_limit_mb:g} MB{' (QUICK smoke run)' if args.quick else ''}",
+        f"{args.memory_limit_mb:g} MB{' (QUICK smoke run)' if args.quick else ''}; PyTorch process "
+        f"{'keeps freed memory (glibc mallopt)' if args.keep_freed_memory else 'at glibc malloc defaults'}, device processes "
+        "at glibc defaults",
         "",
         f"Parity: max abs parameter difference after {args.parity_steps} steps of 32 new + 32 buffer samples "
         "(SGD momentum 0.9; PyTorch starts from the weights as the device opens them), worst over seeds",
@@ -478,6 +522,18 @@ def summarise(results: list[dict], args) -> tuple[dict, str]:
                 worst = {key: max(run[key] for run in runs) for key, _ in PARITY_COLUMNS}
                 summary["runs"].setdefault(weights, {}).setdefault(mode, {})[f"parity_lr{run0['lr']:g}"] = worst
                 lines.append(f"| {weights} | {mode} | {run0['lr']:g} | " + " | ".join(f"{worst[key]:.1e}" for key, _ in PARITY_COLUMNS) + " |")
+    lines += ["", "Where the worst one-step ORT vs PyTorch difference sits (worst seed, first lr): the parameter, the step, each "
+                  "side against the float64 step from the same state, and the size of that parameter and of its update", "",
+              "| weights | mode | seed | parameter | step | ORT vs PyTorch | ORT vs float64 | PyTorch vs float64 | max abs param | "
+              "max abs update |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for weights in args.weights:
+        for mode in ("head", "full"):
+            seed_worst = max(results, key=lambda r: r["runs"][weights][mode]["parity"][0]["one_step"])
+            w = seed_worst["runs"][weights][mode]["parity"][0]["one_step_worst"]
+            if w:
+                lines.append(f"| {weights} | {mode} | {seed_worst['seed']} | {w['param']} | {w['step']} | {w['ort_vs_torch']:.1e} | "
+                             f"{w['ort_vs_float64']:.1e} | {w['torch_vs_float64']:.1e} | {w['param_abs_max']:.3g} | "
+                             f"{w['update_abs_max']:.2e} |")
     lines += ["", "| weights | mode | ORT step ms | PyTorch step ms | ratio ORT/PyTorch | ORT step ms under the cap (micro-batch) | "
                   "device peak RSS MB under the cap | bundle KB | opened model, old acc | "
                   "old acc with buffer | old acc without | new acc with buffer | new acc without |",
@@ -576,6 +632,11 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     load_before = os.getloadavg()
+    keeps_freed_memory = False
+    if args.keep_freed_memory:  # the PyTorch reference at its fastest; device processes are fresh and never call it
+        from replaykit.runtime import keep_freed_memory
+
+        keeps_freed_memory = keep_freed_memory()
     results = []
     for seed in args.seeds:
         results.append(run_seed(seed, args, out))
@@ -585,7 +646,8 @@ def main(argv=None) -> int:
                "summary": summary, "seconds": time.time() - started,
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "load_average_before_after": [list(load_before), list(os.getloadavg())],
-               "machine_note": f"{os.cpu_count()}-CPU machine, no GPU"}
+               "machine_note": f"{os.cpu_count()}-CPU machine, no GPU",
+               "torch_process_keeps_freed_memory": keeps_freed_memory}
     atomic_write_json(out / "results.json", payload)
     atomic_write_bytes(out / "results.md", table.encode())
     plot(summary, out / "forgetting.png", args.weights)

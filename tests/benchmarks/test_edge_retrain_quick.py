@@ -26,6 +26,10 @@ def test_quick_run_measures_parity_latency_memory_size_and_forgetting(tmp_path, 
         assert [run["lr"] for run in row["parity"]] == ([0.01, 0.001] if weights == "float32" else [0.01])
         # float64 PyTorch is the arithmetic-exact reference: the graph tracks it about as well as PyTorch does.
         assert row["parity"][0]["ort_vs_float64"] < 10 * row["parity"][0]["torch_vs_float64"] + 1e-6
+        # One step from the same state, each side against the float64 step: where the one-step difference comes from.
+        first = row["parity"][0]
+        assert 0 < first["one_step_torch_vs_float64"] <= 1e-5 and 0 <= first["one_step_ort_vs_float64"] <= 1e-5
+        assert first["one_step_worst"]["param"] in first["per_param"]
         assert row["torch_step_ms_median"] > 0 and row["ort_step_ms_median"] > 0
         device = row["device"]
         assert device["torch_loaded"] is False and 20 < device["peak_rss_mb"] <= doc["args"]["memory_limit_mb"]
@@ -44,5 +48,7 @@ def test_quick_run_measures_parity_latency_memory_size_and_forgetting(tmp_path, 
     assert wide["width"] == 24 and set(wide["storages"]) == {"float32", "int8"}
     assert wide["storages"]["int8"]["full_bytes"] < wide["storages"]["float32"]["full_bytes"]
     assert "drop vs float32" in (out / "results.md").read_text()
+    assert "PyTorch one step vs float64" in (out / "results.md").read_text()
+    assert isinstance(doc["torch_process_keeps_freed_memory"], bool)
     assert "| int8 | head |" in (out / "results.md").read_text()
     assert (out / "forgetting.png").read_bytes()[:4] == b"\x89PNG"

@@ -71,7 +71,7 @@ def add_retrain_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-save", action="store_true", help="do not write the new parameters back")
     p.add_argument("--json", help="also write the report as JSON to this file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_retrain)
+    p.set_defaults(func=_retrain, device_side=True)  # keeps its resident set small: no allocator tuning
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:

@@ -136,13 +136,13 @@ class _LabelledImages(TensorDataset):
         return (image if self.transform is None else self.transform(image)), target
 
 
-def replay_transform(augment: bool, dataset_meta: dict[str, Any], seed: int) -> Any:
+def replay_transform(augment: bool, dataset: str | None, seed: int) -> Any:
     """The per-image transform of replayed samples: DSA's for the dataset when ``augment``, else none."""
     if not augment:
         return None
     from .augment import ReplayAugment
 
-    return ReplayAugment(dataset_meta.get("dataset"), seed=seed)
+    return ReplayAugment(dataset, seed=seed)
 
 
 class DistilledBuffer(ExemplarsBuffer):
@@ -279,7 +279,7 @@ class DistilledBuffer(ExemplarsBuffer):
         if self.synthetic is None or len(self.synthetic) == 0:
             return AvalancheDataset([])
         if self._dataset_cache is None:
-            transform = replay_transform(self.augment, self.dataset_meta, self.seed * 4_099 + self._updates)
+            transform = replay_transform(self.augment, self.dataset_meta.get("dataset"), self.seed * 4_099 + self._updates)
             base = _LabelledImages(self.synthetic.decoded_images(), self.synthetic.class_ids, transform)
             self._dataset_cache = _make_taskaware_classification_dataset(base, task_labels=0)
         return self._dataset_cache

@@ -260,9 +260,9 @@ class SyntheticBuffer:
         buffer holds them (see :meth:`_hold_codes`), else a fresh encoding."""
         from . import jpeg
 
-        held = self.__dict__.get("_held_codes")
-        if held is not None and held[0] == self._codes_key():
-            return held[1], list(held[2])
+        held = self._held_jpeg_codes()
+        if held is not None:
+            return held[0], list(held[1])
         return jpeg.encode((self.pixels() * 255.0).round_().to(torch.uint8), self.jpeg_quality)
 
     def _codes_key(self) -> tuple:

@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command != "edge":  # the device side keeps its resident set small instead
+    if not getattr(args, "device_side", False):  # a device command keeps its resident set small instead
         from .runtime import keep_freed_memory
 
         keep_freed_memory()

@@ -69,7 +69,7 @@ class CompressedReplayBuffer(ExemplarsBuffer):
         self._held: dict[int, list[torch.Tensor]] = {}  # class -> encoded exemplars in draw order
         self._header: torch.Tensor | None = None  # JPEG headers + tables shared by every held image
         self._cache: AvalancheDataset | None = None
-        self.augment, self._dataset_meta, self._updates = bool(augment), dict(dataset_meta), 0
+        self.augment, self._dataset, self._updates = bool(augment), dataset_meta.get("dataset"), 0
 
     # ------------------------------------------------------------- codec
     def _encode(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -106,7 +106,7 @@ class CompressedReplayBuffer(ExemplarsBuffer):
             classes = sorted(self._held)
             images = torch.cat([self._decode(self._held[c]) for c in classes if self._held[c]])
             labels = torch.tensor([c for c in classes for _ in self._held[c]], dtype=torch.int64)
-            transform = replay_transform(self.augment, self._dataset_meta, self.seed * 4_099 + self._updates)
+            transform = replay_transform(self.augment, self._dataset, self.seed * 4_099 + self._updates)
             self._cache = _make_taskaware_classification_dataset(_LabelledImages(images, labels, transform), task_labels=0)
         return self._cache
 

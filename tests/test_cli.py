@@ -40,3 +40,14 @@ def test_data_command_reports_found_and_missing(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "digits" in out and "ok: 1438 train / 359 test" in out
     assert "cifar10" in out and "missing" in out
+
+
+def test_allocator_tuning_is_skipped_for_the_device_command(tmp_path, monkeypatch):
+    import replaykit.runtime
+
+    calls = []
+    monkeypatch.setattr(replaykit.runtime, "keep_freed_memory", lambda: calls.append(True))
+    assert main(["retrain", str(tmp_path / "no-bundle"), "--data", str(tmp_path / "x.npz")]) == 2  # fails: no bundle
+    assert calls == []  # the device side keeps its resident set small
+    assert main(["show", str(tmp_path / "missing.safetensors")]) == 2
+    assert calls == [True]  # host commands keep freed memory for speed

@@ -62,15 +62,57 @@ def _convolution_backward(grad, inp, weight, bias_sizes, stride, padding, dilati
     return grad_input, grad_weight, grad_bias
 
 
+def _mean_over_last_two(t: torch.Tensor) -> torch.Tensor:
+    """float64 mean over the last two axes: float32 sums along the (short) last axis, float64 beyond.
+
+    onnxruntime's float32 ReduceSum / ReduceMean over a whole feature map (784 values on MNIST)
+    accumulate enough round-off to flip the sign of ReLU inputs within ~1e-7 of zero that PyTorch's
+    group norm (cascade sums) gets right; summing rows of one map row in float32 and the row sums in
+    float64 is ~7x more accurate, and no float64 copy of the feature map is made."""
+    return t.sum(-1).double().sum(-1) / (t.shape[-1] * t.shape[-2])
+
+
+def _native_group_norm(input, weight, bias, batch_size, num_channels, flattened_inner_size, num_groups, eps):
+    """Group norm forward for the exported graphs, with statistics accurate to about float32 rounding.
+
+    Same outputs as aten's (normalised input, float32 mean and rstd per group, which the decomposed
+    backward reuses), but: the mean and the biased variance come from a corrected two-pass algorithm
+    whose sums are taken by ``_mean_over_last_two``, and each channel's scale (rstd * weight) and shift
+    (bias - mean * scale) are computed in float64 and rounded once, and the output is formed from the
+    centred input. Inputs other than float32 [N, C, H, W] use aten's decomposition."""
+    from torch._decomp import decomposition_table
+
+    if input.ndim != 4 or input.dtype != torch.float32:
+        return decomposition_table[aten.native_group_norm.default](
+            input, weight, bias, batch_size, num_channels, flattened_inner_size, num_groups, eps)
+    per_group = num_channels // num_groups
+    x = input.reshape(batch_size, num_groups, per_group * input.shape[2], input.shape[3])
+    rough = _mean_over_last_two(x).float()                               # [N, G], a float32 first-pass mean
+    centred = x - rough[:, :, None, None]                                # float32, rounded relative to |x - mean|
+    correction = _mean_over_last_two(centred)                            # float64: mean = rough + correction
+    var = (_mean_over_last_two(centred * centred) - correction * correction).clamp_min(0.0)
+    rstd = torch.rsqrt(var + eps)
+    scale = rstd[:, :, None].expand(batch_size, num_groups, per_group)
+    if weight is not None:
+        scale = scale * weight.double().reshape(1, num_groups, per_group)
+    shift = -correction[:, :, None] * scale
+    if bias is not None:
+        shift = shift + bias.double().reshape(1, num_groups, per_group)
+    scale = scale.float().reshape(batch_size, num_groups, per_group, 1)
+    shift = shift.float().reshape(batch_size, num_groups, per_group, 1)
+    # (x - rough) * scale + shift: near a ReLU's zero the product is about -bias, not -mean * scale, so
+    # its rounding does not grow with mean / std (as x * scale + (bias - mean * scale) does).
+    out = (centred.reshape(batch_size, num_groups, per_group, -1) * scale + shift).reshape(input.shape)
+    return out, (rough.double() + correction).float(), rstd.float()
+
+
 def _decompositions() -> dict:
     from torch._decomp import core_aten_decompositions
-
-    from torch._decomp import decomposition_table
 
     table = dict(core_aten_decompositions())
     # Group norm as plain reductions: the exporter's InstanceNormalization forward does not
     # share its statistics with the decomposed backward, which drifts from PyTorch over many steps.
-    table[aten.native_group_norm.default] = decomposition_table[aten.native_group_norm.default]
+    table[aten.native_group_norm.default] = _native_group_norm
     table[aten.avg_pool2d_backward.default] = _avg_pool2d_backward
     table[aten.convolution_backward.default] = _convolution_backward
     return table

@@ -233,7 +233,10 @@ def test_memory_cap_is_refused_when_it_cannot_be_met(head_bundle, digits_split):
     with pytest.raises(MemoryLimitError, match="cannot be met"):
         Retrainer(head_bundle, memory_limit_mb=rss / 2)
     tight = Retrainer(head_bundle, memory_limit_mb=edge.current_rss_mb() + 40)
-    tight.memory_limit_mb = edge.current_rss_mb() + 1  # less room than one sample's step needs
+    # Less room than one sample's step needs, measured as the planner measures (free heap trimmed first: earlier
+    # tests' freed memory would otherwise leave the cap with room to spare).
+    release_free_heap()
+    tight.memory_limit_mb = edge.current_rss_mb() + 1
     with pytest.raises(MemoryLimitError, match="cannot be met"):
         tight.fit(x, y, batch_size=32)
     roomy = Retrainer(head_bundle, memory_limit_mb=edge.current_rss_mb() + 200)

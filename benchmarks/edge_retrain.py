@@ -7,7 +7,9 @@ One run, same CPU, per seed:
      float16, per-channel int8);
   4. parity: 50 steps of 32 new + 32 buffer samples in onnxruntime and PyTorch eager (both started from
      the weights as the device opens them), max |param diff|, beside two references that size float32
-     round-off: PyTorch with oneDNN off, and PyTorch in float64;
+     round-off: PyTorch with oneDNN off, and PyTorch in float64; at every step also one step from PyTorch's
+     state: ORT, PyTorch with oneDNN on and off, each against the float64 step, and at the worst step the
+     ReLU inputs whose sign ORT's float32 forward gets wrong;
   5. PyTorch eager step latency (this process) and the device side in a separate process where
      torch cannot be imported: step latency, peak resident memory (VmHWM), accuracy of the opened
      model, accuracy on old / new classes after learning 8-9 with the buffer and without it;
@@ -42,6 +44,7 @@ from edge.bundle import PARAM_PREFIX, STATE_PREFIX, TRAIN_STEP, open_parameters,
 from edge.bundle import load_tensors as load_bundle_tensors  # noqa: E402
 from edge.codec import WEIGHT_STORAGES  # noqa: E402
 from edge.exporter import soft_cross_entropy  # noqa: E402
+from edge.exporter import torch_step as eager_step  # noqa: E402
 from replaykit.data import dataset_info, load_tensors  # noqa: E402
 from replaykit.fileio import atomic_write, atomic_write_bytes, atomic_write_json  # noqa: E402
 from replaykit.networks import ConvNet  # noqa: E402
@@ -229,6 +232,62 @@ def _float64_step(net, trainable, x, t, lr: float, opt: dict) -> dict[str, torch
     return out
 
 
+def _relu_probe(bundle: Path, manifest: dict, params: dict[str, np.ndarray], threads: int):
+    """The bundle's step graph with every ReLU input as an extra output: (session, names of those inputs in graph
+    order). Head mode's frozen weights are supplied as in ``step_session``."""
+    import onnx
+    import onnxruntime as ort
+
+    proto = onnx.load(str(bundle / TRAIN_STEP), load_external_data=False)
+    relu_inputs = [node.input[0] for node in proto.graph.node if node.op_type == "Relu"]
+    for name in relu_inputs:
+        proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    frozen = sorted(init.name for init in proto.graph.initializer if init.data_location == onnx.TensorProto.EXTERNAL)
+    values = [np.ascontiguousarray(params[name[len(PARAM_PREFIX):]], dtype=np.float32) for name in frozen]
+    if frozen:
+        options.add_external_initializers(frozen, [ort.OrtValue.ortvalue_from_numpy(v) for v in values])
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session.frozen_constants = values  # keep the memory onnxruntime was given alive
+    return session, relu_inputs
+
+
+def _relu_inputs_float64(model: torch.nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor) -> list[torch.Tensor]:
+    """Every ReLU module's input in a float64 forward pass from ``params`` (float32 values, exact in float64)."""
+    import copy
+
+    from torch.func import functional_call
+
+    exact = copy.deepcopy(model).double()
+    seen: list[torch.Tensor] = []
+    hooks = [m.register_forward_pre_hook(lambda _m, inputs: seen.append(inputs[0].detach().clone()))
+             for m in exact.modules() if isinstance(m, torch.nn.ReLU)]
+    try:
+        with torch.no_grad():
+            functional_call(exact, {n: p.double() for n, p in params.items()}, (x.double(),))
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _relu_sign_flips(ort_inputs: list[np.ndarray], exact: list[torch.Tensor]) -> dict[str, Any]:
+    """ReLU inputs whose sign (> 0 or not, as the ReLU's gradient mask sees it) differs between onnxruntime and
+    float64: how many, and the smallest |float64 value| among them (None when there are none)."""
+    if len(ort_inputs) != len(exact) or any(a.shape != tuple(b.shape) for a, b in zip(ort_inputs, exact)):
+        return {"count": None, "min_abs_float64": None}
+    count, smallest = 0, None
+    for a, b in zip(ort_inputs, exact):
+        ref = b.numpy()
+        flipped = (a > 0) != (ref > 0)
+        count += int(flipped.sum())
+        if flipped.any():
+            m = float(np.abs(ref[flipped]).min())
+            smallest = m if smallest is None else min(smallest, m)
+    return {"count": count, "min_abs_float64": smallest}
+
+
 def parity(model, bundle: Path, x_new, y_new, buf_x, buf_t, args, seed: int, lr: float) -> dict[str, Any]:
     """``parity_steps`` identical batches through the ONNX step and through PyTorch eager; max |param diff|."""
     import onnxruntime as ort
@@ -247,7 +306,7 @@ def parity(model, bundle: Path, x_new, y_new, buf_x, buf_t, args, seed: int, lr:
     net, torch_step = _torch_trainer(model, mode, lr, opt)
     references = {"no_onednn": _torch_trainer(model, mode, lr, opt, onednn=False),
                   "float64": _torch_trainer(model, mode, lr, opt, dtype=torch.float64)}
-    one_step = one_step_torch_64 = one_step_ort_64 = 0.0
+    one_step = one_step_torch_64 = one_step_ort_64 = one_step_torch_spread = 0.0
     worst: dict[str, Any] = {}
     for k, (x, t) in enumerate(_batches(x_new, y_new, buf_x, buf_t, args.parity_steps, seed)):
         feed = {PARAM_PREFIX + n: v for n, v in params.items() if PARAM_PREFIX + n in step_inputs}
@@ -263,6 +322,13 @@ def parity(model, bundle: Path, x_new, y_new, buf_x, buf_t, args, seed: int, lr:
         feed1.update(x=x.numpy(), targets=t.numpy(), **scalars)
         out1 = session.run(names_out, feed1)
         exact = _float64_step(net, trainable, x, t, lr, opt)
+        # PyTorch's own one-step spread: the same eager step from the same state with oneDNN on and off.
+        eager = {}
+        for onednn in (True, False):
+            with torch.backends.mkldnn.flags(enabled=onednn):
+                eager[onednn] = eager_step(model, net_params, net_state, x, t, lr, opt["momentum"], opt["weight_decay"],
+                                           trainable)[1]
+        one_step_torch_spread = max(one_step_torch_spread, _max_diff(eager[True], eager[False], trainable))
         for i, n in enumerate(trainable):
             params[n], state[n] = out[1 + i], out[1 + len(trainable) + i]
         torch_step(x, t)
@@ -280,6 +346,13 @@ def parity(model, bundle: Path, x_new, y_new, buf_x, buf_t, args, seed: int, lr:
                          "torch_vs_float64": _max_diff(after, exact, [n]),
                          "param_abs_max": float(exact[n].abs().max()),
                          "update_abs_max": float((exact[n] - net_params[n].double()).abs().max())}
+                worst_state = (feed1, net_params, x)
+    if worst:  # ReLU inputs at the worst step whose sign onnxruntime's float32 forward gets wrong
+        feed1, net_params, x = worst_state
+        probe, relu_inputs = _relu_probe(bundle, manifest, params, args.threads)
+        flips = _relu_sign_flips(probe.run(relu_inputs, feed1), _relu_inputs_float64(model, net_params, x))
+        worst["relu_sign_flips"] = flips["count"]
+        worst["relu_flip_min_abs_float64"] = flips["min_abs_float64"]
     torch_params = dict(net.named_parameters())
     ref = {k: dict(r[0].named_parameters()) for k, r in references.items()}
     return {"lr": lr, "steps": args.parity_steps,
@@ -289,6 +362,7 @@ def parity(model, bundle: Path, x_new, y_new, buf_x, buf_t, args, seed: int, lr:
             "one_step_worst": worst,
             "one_step_ort_vs_float64": one_step_ort_64,
             "one_step_torch_vs_float64": one_step_torch_64,
+            "one_step_torch_no_onednn": one_step_torch_spread,
             "ort_vs_torch_no_onednn": _max_diff(params, ref["no_onednn"], trainable),
             "torch_vs_torch_no_onednn": _max_diff(torch_params, ref["no_onednn"], trainable),
             "ort_vs_float64": _max_diff(params, ref["float64"], trainable),
@@ -484,11 +558,16 @@ PARITY_COLUMNS = [
     ("one_step", "worst one-step ORT vs PyTorch"),
     ("one_step_ort_vs_float64", "one-step ORT vs float64"),
     ("one_step_torch_vs_float64", "PyTorch one step vs float64"),
+    ("one_step_torch_no_onednn", "PyTorch one-step spread (oneDNN on vs off)"),
     ("torch_vs_torch_no_onednn", "PyTorch vs PyTorch without oneDNN"),
     ("ort_vs_torch_no_onednn", "ORT vs PyTorch without oneDNN"),
     ("ort_vs_float64", "ORT vs float64 PyTorch"),
     ("torch_vs_float64", "PyTorch vs float64 PyTorch"),
 ]
+
+
+def _or_dash(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def _stat(values: list[float]) -> dict[str, Any]:
@@ -523,9 +602,12 @@ def summarise(results: list[dict], args) -> tuple[dict, str]:
                 summary["runs"].setdefault(weights, {}).setdefault(mode, {})[f"parity_lr{run0['lr']:g}"] = worst
                 lines.append(f"| {weights} | {mode} | {run0['lr']:g} | " + " | ".join(f"{worst[key]:.1e}" for key, _ in PARITY_COLUMNS) + " |")
     lines += ["", "Where the worst one-step ORT vs PyTorch difference sits (worst seed, first lr): the parameter, the step, each "
-                  "side against the float64 step from the same state, and the size of that parameter and of its update", "",
+                  "side against the float64 step from the same state, the size of that parameter and of its update, and the ReLU "
+                  "inputs at that step whose sign differs between onnxruntime's float32 forward and float64 (count; smallest "
+                  "|float64 value| among them, '-' when none)", "",
               "| weights | mode | seed | parameter | step | ORT vs PyTorch | ORT vs float64 | PyTorch vs float64 | max abs param | "
-              "max abs update |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "max abs update | ReLU signs ORT vs float64 differ | smallest abs float64 pre-activation among them |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for weights in args.weights:
         for mode in ("head", "full"):
             seed_worst = max(results, key=lambda r: r["runs"][weights][mode]["parity"][0]["one_step"])
@@ -533,7 +615,8 @@ def summarise(results: list[dict], args) -> tuple[dict, str]:
             if w:
                 lines.append(f"| {weights} | {mode} | {seed_worst['seed']} | {w['param']} | {w['step']} | {w['ort_vs_torch']:.1e} | "
                              f"{w['ort_vs_float64']:.1e} | {w['torch_vs_float64']:.1e} | {w['param_abs_max']:.3g} | "
-                             f"{w['update_abs_max']:.2e} |")
+                             f"{w['update_abs_max']:.2e} | {_or_dash(w.get('relu_sign_flips'), 'd')} | "
+                             f"{_or_dash(w.get('relu_flip_min_abs_float64'), '.1e')} |")
     lines += ["", "| weights | mode | ORT step ms | PyTorch step ms | ratio ORT/PyTorch | ORT step ms under the cap (micro-batch) | "
                   "device peak RSS MB under the cap | bundle KB | opened model, old acc | "
                   "old acc with buffer | old acc without | new acc with buffer | new acc without |",

@@ -30,6 +30,12 @@ def test_quick_run_measures_parity_latency_memory_size_and_forgetting(tmp_path, 
         first = row["parity"][0]
         assert 0 < first["one_step_torch_vs_float64"] <= 1e-5 and 0 <= first["one_step_ort_vs_float64"] <= 1e-5
         assert first["one_step_worst"]["param"] in first["per_param"]
+        # PyTorch's own one-step spread (oneDNN on vs off from the same state) and, at the worst step, the ReLU inputs
+        # whose sign onnxruntime's float32 forward gets wrong against float64 (the smallest |float64 value| among them).
+        assert 0 <= first["one_step_torch_no_onednn"] <= 1e-4
+        flips, smallest = first["one_step_worst"]["relu_sign_flips"], first["one_step_worst"]["relu_flip_min_abs_float64"]
+        assert isinstance(flips, int) and flips >= 0 and (smallest is None) == (flips == 0)
+        assert smallest is None or 0 <= smallest < 1e-3
         assert row["torch_step_ms_median"] > 0 and row["ort_step_ms_median"] > 0
         device = row["device"]
         assert device["torch_loaded"] is False and 20 < device["peak_rss_mb"] <= doc["args"]["memory_limit_mb"]
@@ -49,6 +55,8 @@ def test_quick_run_measures_parity_latency_memory_size_and_forgetting(tmp_path, 
     assert wide["storages"]["int8"]["full_bytes"] < wide["storages"]["float32"]["full_bytes"]
     assert "drop vs float32" in (out / "results.md").read_text()
     assert "PyTorch one step vs float64" in (out / "results.md").read_text()
+    assert "PyTorch one-step spread (oneDNN on vs off)" in (out / "results.md").read_text()
+    assert "smallest abs float64 pre-activation among them" in (out / "results.md").read_text()
     assert isinstance(doc["torch_process_keeps_freed_memory"], bool)
     assert "| int8 | head |" in (out / "results.md").read_text()
     assert (out / "forgetting.png").read_bytes()[:4] == b"\x89PNG"

@@ -46,7 +46,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 from avalanche.benchmarks.utils import AvalancheDataset
@@ -65,7 +65,7 @@ from .training import soft_cross_entropy
 if TYPE_CHECKING:
     from avalanche.training.templates import SupervisedTemplate
 
-__all__ = ["DistilledBuffer", "DistilledReplayPlugin", "MixedResolutionPlugin", "MixedViewPlugin", "low_resolution_view", "dataset_tensors", "class_quotas", "image_cost_bytes", "images_for_bytes"]
+__all__ = ["DistilledBuffer", "DistilledReplayPlugin", "MixedResolutionPlugin", "low_resolution_view", "dataset_tensors", "class_quotas", "image_cost_bytes", "images_for_bytes"]
 
 RECOMPRESS_MODES = ("distill", "select")
 
@@ -553,39 +553,24 @@ def low_resolution_view(images: torch.Tensor, factor: int) -> torch.Tensor:
     return decode_upsample(torch.nn.functional.avg_pool2d(images, factor), factor)
 
 
-class MixedViewPlugin(SupervisedPlugin):
-    """Train on a random share ``p`` of every mini-batch as the buffer's codec gives images back.
+class MixedResolutionPlugin(SupervisedPlugin):
+    """Train on a random share of every mini-batch at the buffer's stored resolution.
 
-    A buffer that holds images lossily (at reduced resolution, or as a few coefficients of a
-    basis) replays *degraded* images of the old classes while the new classes arrive clean:
-    the degradation alone then tells new from old, and at test time the (clean) old-class
-    images are taken for new classes. Showing a share of each training mini-batch through the
-    same codec (``view``: normalised images -> what the buffer would hold for them, or ``None``
-    while there is nothing to imitate yet) removes that shortcut. Evaluation is untouched.
-    """
-
-    def __init__(self, view: Callable[[torch.Tensor], torch.Tensor | None], p: float = 0.5, seed: int = 0) -> None:
-        super().__init__()
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"p must lie in [0, 1], got {p!r}")
-        self.view, self.p = view, float(p)
-        self._gen = torch.Generator().manual_seed(seed * 7_777 + 11)
-
-    def before_forward(self, strategy: "SupervisedTemplate", **kwargs: Any) -> None:
-        mix_view(strategy, self.view, self.p, self._gen)
-
-
-class MixedResolutionPlugin(MixedViewPlugin):
-    """:class:`MixedViewPlugin` for a buffer held at ``1/factor`` resolution (:func:`low_resolution_view`).
-
-    :class:`DistilledReplayPlugin` applies it by itself to low-resolution buffers.
+    A buffer held at reduced resolution replays *blurred* images of the old classes while the
+    new classes arrive sharp: sharpness alone then tells new from old, and at test time the
+    (sharp) old-class images are taken for new classes. Showing a fraction ``p`` of each
+    training mini-batch through the same down/up-sampling removes that shortcut. Evaluation
+    is untouched. :class:`DistilledReplayPlugin` applies it by itself to low-resolution buffers.
     """
 
     def __init__(self, factor: int = 2, p: float = 0.5, seed: int = 0) -> None:
+        super().__init__()
         if not isinstance(factor, int) or factor < 1:
             raise ValueError(f"factor must be a positive int, got {factor!r}")
-        super().__init__(lambda x: low_resolution_view(x, factor), p, seed)
-        self.factor = factor
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"p must lie in [0, 1], got {p!r}")
+        self.factor, self.p = factor, float(p)
+        self._gen = torch.Generator().manual_seed(seed * 7_777 + 11)
 
     def before_forward(self, strategy: "SupervisedTemplate", **kwargs: Any) -> None:
         mix_resolution(strategy, self.factor, self.p, self._gen)
@@ -594,24 +579,12 @@ class MixedResolutionPlugin(MixedViewPlugin):
 def mix_resolution(strategy: "SupervisedTemplate", factor: int, p: float, gen: torch.Generator) -> None:
     """Replace a random share ``p`` of the current training mini-batch's images by their low-resolution view."""
     x = strategy.mbatch[0]
-    if factor == 1 or x.ndim != 4 or x.shape[-1] % factor or x.shape[-2] % factor:
-        return
-    mix_view(strategy, lambda images: low_resolution_view(images, factor), p, gen)
-
-
-def mix_view(strategy: "SupervisedTemplate", view: Callable[[torch.Tensor], torch.Tensor | None], p: float,
-             gen: torch.Generator) -> None:
-    """Replace a random share ``p`` of the current training mini-batch's images by ``view`` of them."""
-    x = strategy.mbatch[0]
-    if p == 0 or x.ndim != 4:
+    if factor == 1 or p == 0 or x.ndim != 4 or x.shape[-1] % factor or x.shape[-2] % factor:
         return
     pick = torch.rand(x.shape[0], generator=gen) < p
     if pick.any():
-        viewed = view(x[pick])
-        if viewed is None:
-            return
         x = x.clone()
-        x[pick] = viewed
+        x[pick] = low_resolution_view(x[pick], factor)
         strategy.mbatch[0] = x
 
 

@@ -7,11 +7,7 @@ budget holds more of them (MRDC, Wang et al., ICLR 2022):
   the same bilinear upsampling as ReplayKit's low-resolution synthetic images;
 * ``codec="jpeg"``: encoded with torchvision's JPEG encoder at ``quality``. Every byte is
   counted; the headers and tables (~330 of the ~490 bytes of a 28x28 MNIST JPEG at quality 50)
-  are the same for every image of one size and quality, so they are held once and counted once;
-* ``codec="pca"``: ``components`` coefficients of ``bits`` bits against a basis shared by the
-  whole buffer (:class:`replaykit.basis.LinearBasisCodec`), the basis held once and counted.
-  The basis is fitted again on every update (held images as decoded plus the new data) and the
-  held exemplars are re-encoded against it.
+  are the same for every image of one size and quality, so they are held once and counted once.
 
 :class:`CompressedReplayBuffer` is an Avalanche ``ExemplarsBuffer``: class-balanced, each
 class gets an equal share of ``mem_bytes`` (one byte per label included) and keeps a seeded
@@ -29,14 +25,11 @@ from avalanche.benchmarks.utils.classification_dataset import _make_taskaware_cl
 from avalanche.training.storage_policy import ExemplarsBuffer
 from . import jpeg
 from .avalanche import _LabelledImages, dataset_tensors, replay_transform
-from .basis import LinearBasisCodec
 from .buffer import decode_upsample, pack_levels, unpack_levels
 
 __all__ = ["CompressedReplayBuffer", "CODECS"]
 
-CODECS = ("downsample", "jpeg", "pca")
-#: New images per class a ``pca`` basis is fitted on (a seeded sample), beside the held ones.
-BASIS_FIT_PER_CLASS = 1_000
+CODECS = ("downsample", "jpeg")
 
 
 class CompressedReplayBuffer(ExemplarsBuffer):
@@ -45,18 +38,16 @@ class CompressedReplayBuffer(ExemplarsBuffer):
     Args:
         mem_bytes: total bytes held (encoded pixels + one byte per label).
         dataset_meta: ``dataset_info(name).meta()`` (mean / std to recover uint8 pixels).
-        codec: ``"downsample"``, ``"jpeg"`` or ``"pca"``.
+        codec: ``"downsample"`` or ``"jpeg"``.
         factor: downsampling factor (``downsample``).
         quality: JPEG quality 1-100 (``jpeg``).
-        bits: grey-level bits (``downsample``) or bits per coefficient (``pca``).
-        components: basis vectors (``pca``).
         seed: which exemplars are drawn.
         augment: replay every held image through DSA's random transforms for the dataset
             (:class:`replaykit.augment.ReplayAugment`), as distilled replay can.
     """
 
     def __init__(self, mem_bytes: int, dataset_meta: dict[str, Any], *, codec: str = "downsample", factor: int = 2,
-                 quality: int = 50, bits: int = 8, components: int = 16, seed: int = 0, augment: bool = False) -> None:
+                 quality: int = 50, bits: int = 8, seed: int = 0, augment: bool = False) -> None:
         if not isinstance(mem_bytes, int) or isinstance(mem_bytes, bool) or mem_bytes < 1:
             raise ValueError(f"mem_bytes must be a positive int, got {mem_bytes!r}")
         if codec not in CODECS:
@@ -67,8 +58,8 @@ class CompressedReplayBuffer(ExemplarsBuffer):
             raise ValueError(f"factor must be a positive int, got {factor!r}")
         if bits not in (1, 2, 4, 8):
             raise ValueError(f"bits must be one of 1, 2, 4, 8, got {bits!r}")
-        if bits != 8 and codec == "jpeg":
-            raise ValueError("bits applies to codec='downsample' (use factor=1 to keep the full resolution) or 'pca'")
+        if bits != 8 and codec != "downsample":
+            raise ValueError("bits applies to codec='downsample' (use factor=1 to keep the full resolution)")
         if not 1 <= int(quality) <= 100:
             raise ValueError(f"quality must lie in [1, 100], got {quality!r}")
         super().__init__(max_size=1)  # Avalanche's image count is not the budget here; mem_bytes is
@@ -77,20 +68,17 @@ class CompressedReplayBuffer(ExemplarsBuffer):
         self.std = torch.tensor(dataset_meta["std"], dtype=torch.float32).view(1, -1, 1, 1)
         self._held: dict[int, list[torch.Tensor]] = {}  # class -> encoded exemplars in draw order
         self._header: torch.Tensor | None = None  # JPEG headers + tables shared by every held image
-        self.basis = LinearBasisCodec(components, bits) if codec == "pca" else None
         self._cache: AvalancheDataset | None = None
         self.augment, self._dataset, self._updates = bool(augment), dataset_meta.get("dataset"), 0
 
     # ------------------------------------------------------------- codec
     def _encode(self, images: torch.Tensor) -> list[torch.Tensor]:
-        pixels = self._pixels(images)
+        pixels = (images * self.std + self.mean).clamp(0, 1)
         self._small_size = (images.shape[-2] // self.factor, images.shape[-1] // self.factor)
         if self.codec == "downsample":
             small = torch.nn.functional.avg_pool2d(pixels, self.factor) if self.factor > 1 else pixels
             levels = (small * (2 ** self.bits - 1)).round().to(torch.uint8)
             return list(levels if self.bits == 8 else pack_levels(levels, self.bits))
-        if self.codec == "pca":
-            return list(self.basis.encode(pixels.flatten(1)))
         self._header, bodies = jpeg.encode((pixels * 255).round().to(torch.uint8), self.quality, self._header)
         return bodies
 
@@ -101,8 +89,6 @@ class CompressedReplayBuffer(ExemplarsBuffer):
                 c, h, w = self.mean.shape[1], *self._small_size
                 stacked = unpack_levels(stacked, self.bits, c * h * w).reshape(-1, c, h, w)
             pixels = decode_upsample(stacked.float() / (2 ** self.bits - 1), self.factor)
-        elif self.codec == "pca":
-            pixels = self.basis.decode(torch.stack(list(codes))).view(-1, *self.mean.shape[1:2], *self._image_size)
         else:
             pixels = jpeg.decode(self._header, list(codes), self.mean.shape[1]).float() / 255.0
         return (pixels - self.mean) / self.std
@@ -135,8 +121,6 @@ class CompressedReplayBuffer(ExemplarsBuffer):
     def update_from_tensors(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         """Add the classes of ``(images, labels)`` and re-balance every class to its byte share."""
         classes = sorted(set(self._held) | {int(c) for c in torch.unique(labels)})
-        if self.codec == "pca":
-            self._refit_basis(images, labels)
         if self.codec == "jpeg" and self._header is None:
             self._encode(images[:1])  # learn the shared header, so its bytes come off the budget first
         share = (self.mem_bytes - self._header_bytes()) // len(classes)
@@ -161,30 +145,6 @@ class CompressedReplayBuffer(ExemplarsBuffer):
         self._cache = None
         self._updates += 1
 
-    def _refit_basis(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        """Fit the shared basis on the held images (as decoded) and a sample of the new ones; re-encode the held."""
-        self._image_size = tuple(images.shape[-2:])
-        held = {c: self._decode(codes) for c, codes in self._held.items() if codes}
-        fit = list(held.values())
-        for cls in sorted(int(c) for c in torch.unique(labels)):
-            idx = torch.nonzero(labels == cls).flatten()
-            gen = torch.Generator().manual_seed(self.seed * 6_151 + cls)
-            fit.append(images[idx[torch.randperm(idx.numel(), generator=gen)[:BASIS_FIT_PER_CLASS]]])
-        self.basis.fit(self._pixels(torch.cat(fit)).flatten(1))
-        self._held = {c: self._encode(held[c]) if c in held else [] for c in self._held}
-
-    def _pixels(self, images: torch.Tensor) -> torch.Tensor:
-        return (images * self.std + self.mean).clamp(0, 1)
-
-    def view(self, images: torch.Tensor) -> torch.Tensor | None:
-        """What the buffer would give back for normalised ``images`` (``None`` before it holds a basis).
-
-        For :class:`replaykit.avalanche.MixedViewPlugin`: train on part of each mini-batch as the codec sees it.
-        """
-        if (self.codec == "jpeg" and self._header is None) or (self.codec == "pca" and not self.basis.fitted):
-            return None
-        return self._decode(self._encode(images))
-
     def resize(self, strategy: Any, new_size: int) -> None:
         raise NotImplementedError("CompressedReplayBuffer is sized in bytes: set mem_bytes")
 
@@ -193,10 +153,6 @@ class CompressedReplayBuffer(ExemplarsBuffer):
         return self._header_bytes() + sum(self._cost(c) for codes in self._held.values() for c in codes)
 
     def _header_bytes(self) -> int:
-        """Bytes held once for the whole buffer: the shared JPEG header, or the ``pca`` basis."""
-        if self.basis is not None:
-            c, h, w = self.mean.shape[1], *self._image_size
-            return self.basis.state_bytes(c * h * w) if self.basis.fitted else 0
         return 0 if self._header is None else int(self._header.numel())
 
     def __len__(self) -> int:

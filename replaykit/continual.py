@@ -35,9 +35,9 @@ __all__ = [
 ]
 
 #: Strategy kinds :func:`make_strategy` builds.
-KINDS = ("naive", "joint", "replay", "class-balanced", "herding", "gdumb", "der", "distilled", "downsample", "jpeg", "pca")
-_NEEDS_MEMORY = {"replay", "class-balanced", "herding", "gdumb", "der", "distilled", "downsample", "jpeg", "pca"}
-_BYTES_ONLY = {"downsample", "jpeg", "pca"}
+KINDS = ("naive", "joint", "replay", "class-balanced", "herding", "gdumb", "der", "distilled", "downsample", "jpeg")
+_NEEDS_MEMORY = {"replay", "class-balanced", "herding", "gdumb", "der", "distilled", "downsample", "jpeg"}
+_BYTES_ONLY = {"downsample", "jpeg"}
 #: GDumb retrains from scratch on its memory at every experience; it gets this many epochs on it
 #: (M=100 at batch 128 is one step per epoch), not the stream's epochs.
 GDUMB_EPOCHS = 250
@@ -96,12 +96,7 @@ class StrategySpec:
             aug = " aug" if self.options.get("augment") else ""
             return f"downsample x{self.options.get('factor', 2)} {budget}{bits}{mix}{aug}"
         if self.kind == "jpeg":
-            mix = f" mix={self.options['mix']}" if self.options.get("mix") else ""
-            return f"jpeg q{self.options.get('quality', 50)} {budget}{mix}" + (" aug" if self.options.get("augment") else "")
-        if self.kind == "pca":
-            mix = f" mix={self.options['mix']}" if self.options.get("mix") else ""
-            aug = " aug" if self.options.get("augment") else ""
-            return f"pca k{self.options.get('components', 16)} {self.options.get('bits', 4)}bit {budget}{mix}{aug}"
+            return f"jpeg q{self.options.get('quality', 50)} {budget}" + (" aug" if self.options.get("augment") else "")
         if self.kind in _NEEDS_MEMORY:
             return f"{self.kind} {budget}"
         return self.kind
@@ -129,7 +124,7 @@ def parse_spec(text: str) -> StrategySpec:
     values = {k: _parse_value(v) for k, v in pairs.items()}
     recompress = str(values.pop("recompress", "distill"))
     spec_keys = {"distilled": ("learner_aware", "mix", "soft", "quality", "augment"), "downsample": ("factor", "mix", "bits", "augment"),
-                 "jpeg": ("quality", "augment", "mix"), "pca": ("components", "bits", "mix", "augment")}.get(kind, ())
+                 "jpeg": ("quality", "augment")}.get(kind, ())
     options = {k: values.pop(k) for k in spec_keys if k in values}
     if values and kind != "distilled":
         raise ValueError(f"{text!r}: options {sorted(values)} mean nothing for strategy {kind!r}")
@@ -248,7 +243,7 @@ def make_strategy(spec: StrategySpec, config: RunConfig, *, progress: bool = Fal
     from avalanche.training.storage_policy import ClassBalancedBuffer, HerdingSelectionStrategy, ParametricBuffer
     from avalanche.training.supervised import DER, GDumb, JointTraining, Naive
 
-    from .avalanche import DistilledReplayPlugin, MixedResolutionPlugin, MixedViewPlugin
+    from .avalanche import DistilledReplayPlugin, MixedResolutionPlugin
     from .compressed import CompressedReplayBuffer
 
     info = dataset_info(config.dataset)
@@ -283,14 +278,10 @@ def make_strategy(spec: StrategySpec, config: RunConfig, *, progress: bool = Fal
         options = dict(spec.options)
         mix = float(options.pop("mix", 0.0))
         options["augment"] = bool(options.get("augment", False))
-        if kind == "pca":
-            options.setdefault("bits", 4)
         policy = CompressedReplayBuffer(spec.mem_bytes, info.meta(), codec=kind, seed=config.seed, **options)
         plugins = [ReplayPlugin(mem_size=1, batch_size_mem=config.batch_size_mem, storage_policy=policy)]
-        if mix > 0 and kind == "downsample":  # the same mixed-resolution training distilled replay gets with a low-resolution buffer
+        if mix > 0:  # the same mixed-resolution training distilled replay gets with a low-resolution buffer
             plugins.append(MixedResolutionPlugin(policy.factor, mix, seed=config.seed))
-        elif mix > 0:  # new data shown as the codec gives it back, so its loss is no old-class cue
-            plugins.append(MixedViewPlugin(policy.view, mix, seed=config.seed))
         return Naive(plugins=plugins, **common)
     else:  # distilled
         plugin = DistilledReplayPlugin(

@@ -21,7 +21,6 @@ from typing import Any
 import torch
 
 from ..augment import DSA, dsa_strategy
-from .. import jpeg
 from ..buffer import decode_upsample
 from ..progress import progress_bar
 from .base import DistillResult, Distiller, check_loop_options
@@ -59,9 +58,6 @@ class MatchingDistiller(Distiller):
         bits: grey levels the images are kept at (uint8 storage packs ``8 // bits`` pixels to a byte);
             below 8 the matching sees the quantised pixels (straight-through rounding), so the images
             are learned for the precision they will be stored at. Needs the dataset's mean / std in ``meta``.
-        jpeg_quality: the images will be stored as JPEG at this quality (grey-level images): the matching
-            sees them as the codec gives them back (:func:`replaykit.jpeg.simulate`, straight-through), so
-            they are learned for the JPEG loss instead of suffering it afterwards. Needs mean / std in ``meta``.
     """
 
     def __init__(
@@ -80,7 +76,6 @@ class MatchingDistiller(Distiller):
         learner: torch.nn.Module | None = None,
         learner_weight: float = 1.0,
         bits: int = 8,
-        jpeg_quality: int | None = None,
         seed: int = 0,
         progress: bool = True,
     ) -> None:
@@ -92,11 +87,6 @@ class MatchingDistiller(Distiller):
             raise ValueError("learner must be a network with an .embed(images) method (a replaykit.networks network)")
         if bits not in (1, 2, 4, 8) or isinstance(bits, bool):
             raise ValueError(f"bits must be one of 1, 2, 4, 8, got {bits!r}")
-        if jpeg_quality is not None and (isinstance(jpeg_quality, bool) or not isinstance(jpeg_quality, int)
-                                         or not 1 <= jpeg_quality <= 100):
-            raise ValueError(f"jpeg_quality must be an int in [1, 100] or None, got {jpeg_quality!r}")
-        if jpeg_quality is not None and bits != 8:
-            raise ValueError("bits and jpeg_quality are two storage forms: give one of them")
         if not (learner_weight >= 0 and math.isfinite(learner_weight)):
             raise ValueError(f"learner_weight must be >= 0, got {learner_weight!r}")
         if not (lr > 0 and math.isfinite(lr)):
@@ -113,7 +103,6 @@ class MatchingDistiller(Distiller):
         self.init = init
         self.factor = factor
         self.bits = bits
-        self.jpeg_quality = jpeg_quality
         self.learner_weight = float(learner_weight)
         self._learner = learner
 
@@ -123,11 +112,8 @@ class MatchingDistiller(Distiller):
 
     def distill(self, images, labels, *, num_classes=None, meta=None):  # noqa: D102 (documented in Distiller)
         self._dataset = (meta or {}).get("dataset")
-        if (self.bits < 8 or self.jpeg_quality is not None) and not {"mean", "std"} <= set(meta or {}):
-            stored = f"bits={self.bits}" if self.bits < 8 else f"jpeg_quality={self.jpeg_quality}"
-            raise ValueError(f"{stored} needs the dataset's mean and std in meta (dataset_info(name).meta())")
-        if self.jpeg_quality is not None and images.ndim == 4 and images.shape[1] != 1:
-            raise ValueError(f"jpeg_quality learns through grey-level JPEG; these images have {images.shape[1]} channels")
+        if self.bits < 8 and not {"mean", "std"} <= set(meta or {}):
+            raise ValueError(f"bits={self.bits} needs the dataset's mean and std in meta (dataset_info(name).meta())")
         self._norm = [torch.tensor((meta or {}).get(k, [0.0]), dtype=torch.float32).view(1, -1, 1, 1) for k in ("mean", "std")]
         return super().distill(images, labels, num_classes=num_classes, meta=meta)
 
@@ -149,11 +135,8 @@ class MatchingDistiller(Distiller):
         return torch.nn.functional.avg_pool2d(start, self.factor) if self.factor > 1 else start
 
     def _decoded(self, syn: torch.Tensor) -> torch.Tensor:
-        """What the buffer will replay: stored pixels rounded to ``bits`` or through JPEG (straight-through), then decoded."""
-        if self.jpeg_quality is not None:
-            mean, std = self._norm
-            syn = (jpeg.simulate(syn * std + mean, self.jpeg_quality) - mean) / std
-        elif self.bits < 8:
+        """What the buffer will replay: stored pixels rounded to ``bits`` (straight-through), then decoded."""
+        if self.bits < 8:
             mean, std = self._norm
             levels = 2 ** self.bits - 1
             pixels = syn * std + mean

@@ -271,11 +271,23 @@ def distill_per_class(
 
 
 def merge_parts(parts: Sequence[SyntheticBuffer], **extra_meta: Any) -> SyntheticBuffer:
-    """Join per-class parts into one buffer; the metadata is the first part's, with each part's seconds and their sum."""
+    """Join per-class parts into one buffer; the metadata is the first part's, with each part's seconds and their sum.
+
+    What can differ between parts of a budget-stopped run, each part's ``iterations_done`` and ``stopped_by``, is
+    kept per part (``part_iterations_done``, ``part_stopped_by``), and the joined ``iterations_done`` is the fewest
+    any part ran, ``stopped_by`` the first part's reason unless another part was stopped by its time budget.
+    """
     if not parts:
         raise ValueError("no parts to merge")
     meta = dict(parts[0].meta)
     meta.pop("created", None)
+    if any("iterations_done" in p.meta for p in parts):
+        meta["part_iterations_done"] = [p.meta.get("iterations_done") for p in parts]
+        meta["iterations_done"] = min(v for v in meta["part_iterations_done"] if v is not None)
+    if any("stopped_by" in p.meta for p in parts):
+        meta["part_stopped_by"] = [p.meta.get("stopped_by") for p in parts]
+        if "time_budget" in meta["part_stopped_by"]:
+            meta["stopped_by"] = "time_budget"
     meta["part_seconds"] = [float(p.meta.get("distill_seconds", 0.0)) for p in parts]
     meta["distill_seconds"] = round(sum(meta["part_seconds"]), 3)
     meta.update(extra_meta)

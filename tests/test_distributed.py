@@ -228,3 +228,20 @@ def test_all_ranks_get_the_same_full_result(tmp_path, digits):
     here = distill_per_class([ClassJob("dm", {"iterations": 3}, 2, 0, x[y == c], y[y == c], 10) for c in (0, 1, 2)])
     expected = str([hashlib.sha256(p.images.numpy().tobytes()).hexdigest() for p in here])
     assert lead.stdout.strip() == peer_out.strip() == expected
+
+
+def test_merged_metadata_keeps_what_each_part_did():
+    """A budget-stopped run's classes stop at different iterations: the merged buffer says so per part."""
+    from replaykit.buffer import SyntheticBuffer
+
+    def part(cls: int, done: int, stopped_by: str) -> SyntheticBuffer:
+        ids = torch.tensor([cls])
+        return SyntheticBuffer(torch.zeros(1, 1, 8, 8), ids, 10, ids,
+                               meta={"iterations_done": done, "stopped_by": stopped_by, "distill_seconds": 1.5})
+
+    merged = merge_parts([part(0, 900, "iterations"), part(1, 612, "time_budget")])
+    assert merged.meta["part_iterations_done"] == [900, 612]
+    assert merged.meta["iterations_done"] == 612
+    assert merged.meta["part_stopped_by"] == ["iterations", "time_budget"]
+    assert merged.meta["stopped_by"] == "time_budget"
+    assert merged.meta["distill_seconds"] == 3.0

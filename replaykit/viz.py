@@ -99,10 +99,11 @@ def save_bytes_plot(
     if not points:
         raise ValueError("no points to plot")
     fig, ax = plt.subplots(figsize=(7.0, 4.6))
-    for name, values in points.items():
+    markers = "osD^v<>P*X"  # with the 10 default colours: 100 lines before two look alike
+    for i, (name, values) in enumerate(points.items()):
         values = sorted(values)
         xs, ys, es = zip(*values)
-        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=name)
+        ax.errorbar(xs, ys, yerr=es, marker=markers[(i // 10) % len(markers)], capsize=3, label=name)
     ax.set_xscale("log")
     ax.set_xlabel("memory held after the last experience (bytes, log scale)")
     ax.set_ylabel(ylabel)

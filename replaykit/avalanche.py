@@ -57,7 +57,7 @@ from avalanche.training.storage_policy import ExemplarsBuffer
 from torch.utils.data import DataLoader, TensorDataset
 
 from . import distill as _distill
-from .buffer import _BYTES_PER_PIXEL, STORAGE_DTYPES, SyntheticBuffer, decode_upsample
+from .buffer import _BYTES_PER_PIXEL, STORAGE_DTYPES, SyntheticBuffer, decode_upsample, logit_row_bytes
 from .distill.dm import MatchingDistiller
 from .progress import progress_bar
 from .training import soft_cross_entropy
@@ -71,28 +71,30 @@ RECOMPRESS_MODES = ("distill", "select")
 
 
 def image_cost_bytes(in_shape: Sequence[int], *, factor: int = 1, storage: str = "uint8", bits: int = 8,
-                     soft_classes: int = 0) -> int:
+                     soft_classes: int = 0, logit_classes: int = 0) -> int:
     """Bytes one held image costs: its pixels at the stored resolution and precision plus a one-byte label.
 
     ``bits`` (uint8 storage only): grey levels of ``bits`` bits, packed ``8 // bits`` to a byte.
     ``soft_classes``: a float16 soft-label row over that many classes is held too.
+    ``logit_classes``: the learner's logits over that many classes are held too (int8 each + a float16 scale).
     """
     c, h, w = (int(v) for v in in_shape)
     if h % factor or w % factor:
         raise ValueError(f"decoder factor {factor} does not divide the image size {h}x{w}")
     pixels = c * (h // factor) * (w // factor)
-    labels = 1 + 2 * soft_classes
+    labels = 1 + 2 * soft_classes + (logit_row_bytes(logit_classes) if logit_classes else 0)
     if storage == "uint8":
         return math.ceil(pixels * bits / 8) + labels
     return pixels * _BYTES_PER_PIXEL[storage] + labels
 
 
 def images_for_bytes(mem_bytes: int, in_shape: Sequence[int], *, factor: int = 1, storage: str = "uint8", bits: int = 8,
-                     soft_classes: int = 0) -> int:
+                     soft_classes: int = 0, logit_classes: int = 0) -> int:
     """How many images fit in ``mem_bytes`` (pixels + labels): 78,500 B hold 100 uint8 MNIST images, 398 at 2 bits."""
     if not isinstance(mem_bytes, int) or isinstance(mem_bytes, bool) or mem_bytes < 1:
         raise ValueError(f"mem_bytes must be a positive int, got {mem_bytes!r}")
-    return mem_bytes // image_cost_bytes(in_shape, factor=factor, storage=storage, bits=bits, soft_classes=soft_classes)
+    return mem_bytes // image_cost_bytes(in_shape, factor=factor, storage=storage, bits=bits, soft_classes=soft_classes,
+                                         logit_classes=logit_classes)
 
 
 def class_quotas(classes: Sequence[int], mem_size: int) -> dict[int, int]:
@@ -179,6 +181,11 @@ class DistilledBuffer(ExemplarsBuffer):
         soft_labels: label each new synthetic image with the learner's softened prediction
             (``softmax(logits / soft_temperature)``, DER-style dark knowledge), held as float16 and
             counted in the bytes; replayed with a soft cross-entropy. Needs ``num_classes``.
+        logits: hold the learner's logits for each new image as it is stored (int8 per class + a float16
+            scale, counted in the bytes), computed at the end of the experience that brought its class;
+            :class:`DistilledReplayPlugin` replays them DER-style (an extra MSE term on a buffer batch),
+            beside the hard labels. Needs ``num_classes``, and ``recompress="select"`` (or a selecting
+            method): a held image that is distilled again has no logits of its learner any more.
     """
 
     def __init__(
@@ -201,7 +208,12 @@ class DistilledBuffer(ExemplarsBuffer):
         workers: int | None = None,
         group: Any = None,
         augment: bool = False,
+        logits: bool = False,
     ) -> None:
+        if logits and not num_classes:
+            raise ValueError("logits needs num_classes (the size of the learner's output)")
+        if logits and recompress == "distill" and not getattr(_distill.REGISTRY.get(method), "selects", False):
+            raise ValueError("logits needs recompress='select' (or a selecting method): an image distilled again has no logits of its learner")
         if (workers not in (None, 1) or group is not None) and learner_aware:
             raise ValueError("learner_aware distillation runs in this process: it cannot be combined with workers or group")
         if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 1):
@@ -229,7 +241,7 @@ class DistilledBuffer(ExemplarsBuffer):
             if not in_shape:
                 raise ValueError("mem_bytes needs dataset_meta with the images' in_shape (dataset_info(name).meta())")
             fitting = images_for_bytes(mem_bytes, in_shape, factor=factor, storage=storage, bits=bits,
-                                       soft_classes=num_classes if soft_labels else 0)
+                                       soft_classes=num_classes if soft_labels else 0, logit_classes=num_classes if logits else 0)
             if max_size is not None and max_size != fitting:
                 raise ValueError(f"give max_size or mem_bytes, not both: {mem_bytes} bytes hold {fitting} images, not {max_size}")
             if fitting < 1:
@@ -266,6 +278,7 @@ class DistilledBuffer(ExemplarsBuffer):
         self.workers = workers
         self.group = group
         self.augment = bool(augment)
+        self.logits = bool(logits)
         self._learner: torch.nn.Module | None = None
         self.synthetic: SyntheticBuffer | None = None
         self.distill_seconds: list[float] = []
@@ -292,7 +305,7 @@ class DistilledBuffer(ExemplarsBuffer):
     def post_adapt(self, agent_state: Any, exp: Any) -> None:
         """Distill the experience's training data into the buffer (Avalanche calls this after training)."""
         images, labels = dataset_tensors(exp.dataset)
-        learner = getattr(agent_state, "model", None) if self.learner_aware or self.soft_labels else None
+        learner = getattr(agent_state, "model", None) if self.learner_aware or self.soft_labels or self.logits else None
         self.update_from_tensors(images, labels, learner=learner)
 
     def resize(self, strategy: Any, new_size: int) -> None:
@@ -324,6 +337,8 @@ class DistilledBuffer(ExemplarsBuffer):
         ``learner`` (with ``learner_aware``): the network trained on this data, used by the method as a feature extractor.
         """
         _distill.check_training_data(images, labels, None)
+        if self.logits and learner is None:
+            raise ValueError("this buffer holds the learner's logits (logits=True): pass the learner that was trained on the data")
         self._learner = learner
         if self.storage == "jpeg" and self.synthetic is None:
             self._fit_jpeg_budget(images)
@@ -343,6 +358,8 @@ class DistilledBuffer(ExemplarsBuffer):
             self._check_budget(fresh)
             if self.soft_labels and learner is not None:
                 fresh = self._learner_labels(fresh, learner, k)
+            if self.logits:
+                fresh = fresh.with_logits(self._learner_outputs(fresh, learner, k))
             if held is not None and cls in held.classes:  # new data for a class already held
                 joined = SyntheticBuffer.concat([_pad(held.select_classes([cls]), k), fresh])
                 fresh = self._recompress(joined, {cls: quotas[cls]}, desc=f"{exp_tag} merge")
@@ -434,7 +451,7 @@ class DistilledBuffer(ExemplarsBuffer):
         mean, std = (torch.tensor(self.dataset_meta[k], dtype=torch.float32).view(1, -1, 1, 1) for k in ("mean", "std"))
         sample = images[torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(self.seed))[:256]]
         header, bodies = jpeg.encode(((sample * std + mean).clamp(0, 1) * 255).round().to(torch.uint8), self.jpeg_quality)
-        per_image = sum(b.numel() for b in bodies) / len(bodies) + 1
+        per_image = sum(b.numel() for b in bodies) / len(bodies) + 1 + (logit_row_bytes(self.num_classes) if self.logits else 0)
         self.max_size = max(1, int((self.mem_bytes - header.numel()) // per_image))
 
     def _trim_to_bytes(self, buffer: SyntheticBuffer) -> SyntheticBuffer:
@@ -468,8 +485,8 @@ class DistilledBuffer(ExemplarsBuffer):
     def _class_seed(self, cls: int) -> int:
         return self.seed * 1_000_003 + self._updates * 1009 + cls
 
-    def _learner_labels(self, part: SyntheticBuffer, learner: torch.nn.Module, k: int) -> SyntheticBuffer:
-        """``part`` relabelled with the learner's softened predictions on the images it will replay."""
+    def _learner_outputs(self, part: SyntheticBuffer, learner: torch.nn.Module, k: int) -> torch.Tensor:
+        """The learner's logits ``[N, k]`` on the images of ``part`` as they will be replayed (stored, then decoded)."""
         was_training = learner.training
         learner.eval()
         with torch.no_grad():
@@ -477,6 +494,11 @@ class DistilledBuffer(ExemplarsBuffer):
         learner.train(was_training)
         if logits.shape[1] != k:
             logits = torch.nn.functional.pad(logits, (0, k - logits.shape[1]), value=-1e4)[:, :k]
+        return logits
+
+    def _learner_labels(self, part: SyntheticBuffer, learner: torch.nn.Module, k: int) -> SyntheticBuffer:
+        """``part`` relabelled with the learner's softened predictions on the images it will replay."""
+        logits = self._learner_outputs(part, learner, k)
         probs = _float16_rows(torch.softmax(logits / self.soft_temperature, dim=1))
         meta = dict(part.meta, soft_label_storage="float16", soft_temperature=self.soft_temperature)
         return SyntheticBuffer(part.images, probs, k, part.class_ids, meta)
@@ -604,6 +626,10 @@ class DistilledReplayPlugin(ReplayPlugin):
         batch_size: new samples per mini-batch (default: the strategy's ``train_mb_size``).
         batch_size_mem: buffer samples per mini-batch (default: the strategy's ``train_mb_size``).
         soft_loss_weight: weight of the soft-label replay loss (soft-label buffers only).
+        logits: hold the learner's logits with every image (see :class:`DistilledBuffer`) and replay them as
+            DER does: each step also draws ``batch_size_mem`` buffer images and adds
+            ``logit_loss_weight`` times the mean squared error between the model's logits and the held ones.
+        logit_loss_weight: that weight (DER's alpha).
         mix_resolution: with a buffer held at reduced resolution, the share of every training
             mini-batch shown at that resolution (see :class:`MixedResolutionPlugin`); 0 turns it off.
         storage_policy: a ready :class:`DistilledBuffer` (overrides the options above).
@@ -634,7 +660,11 @@ class DistilledReplayPlugin(ReplayPlugin):
         workers: int | None = None,
         group: Any = None,
         augment: bool = False,
+        logits: bool = False,
+        logit_loss_weight: float = 0.1,
     ) -> None:
+        if not (logit_loss_weight >= 0 and math.isfinite(logit_loss_weight)):
+            raise ValueError(f"logit_loss_weight must be >= 0, got {logit_loss_weight!r}")
         if not 0.0 <= mix_resolution <= 1.0:
             raise ValueError(f"mix_resolution must lie in [0, 1], got {mix_resolution!r}")
         if storage_policy is None:
@@ -644,6 +674,7 @@ class DistilledReplayPlugin(ReplayPlugin):
                 mem_size, method, method_options, recompress=recompress, storage=storage, dataset_meta=dataset_meta,
                 num_classes=num_classes, seed=seed, progress=progress, mem_bytes=mem_bytes, learner_aware=learner_aware,
                 soft_labels=soft_labels, jpeg_quality=jpeg_quality, workers=workers, group=group, augment=augment,
+                logits=logits,
             )
             mem_size = storage_policy.max_size
         elif not isinstance(storage_policy, DistilledBuffer):
@@ -658,6 +689,8 @@ class DistilledReplayPlugin(ReplayPlugin):
         self.mix_resolution = float(mix_resolution)
         self._mix_gen = torch.Generator().manual_seed(seed * 7_777 + 11)
         self._soft_batches: Iterator | None = None
+        self.logit_loss_weight = float(logit_loss_weight)
+        self._logit_batches: Iterator | None = None
 
     @property
     def buffer(self) -> SyntheticBuffer | None:
@@ -673,9 +706,13 @@ class DistilledReplayPlugin(ReplayPlugin):
         sample = exp.dataset[0][0] if len(exp.dataset) else None
         self.storage_policy.check_experience(list(classes), tuple(sample.shape) if sample is not None else None)
         synthetic = self.storage_policy.synthetic
+        size = self.batch_size_mem or strategy.train_mb_size
+        if synthetic is not None and synthetic.logits is not None and len(synthetic):
+            gen = torch.Generator().manual_seed(self.seed * 104723 + strategy.clock.train_exp_counter)
+            held = TensorDataset(synthetic.decoded_images(), synthetic.logits)
+            self._logit_batches = _cycle(DataLoader(held, batch_size=size, shuffle=True, generator=gen))
         if synthetic is not None and synthetic.is_soft and len(synthetic):
             gen = torch.Generator().manual_seed(self.seed * 104729 + strategy.clock.train_exp_counter)
-            size = self.batch_size_mem or strategy.train_mb_size
             loader = DataLoader(TensorDataset(synthetic.decoded_images(), synthetic.labels), batch_size=size, shuffle=True, generator=gen)
             self._soft_batches = _cycle(loader)
             return
@@ -687,6 +724,10 @@ class DistilledReplayPlugin(ReplayPlugin):
             mix_resolution(strategy, synthetic.decoder_factor, self.mix_resolution, self._mix_gen)
 
     def before_backward(self, strategy: "SupervisedTemplate", **kwargs: Any) -> None:
+        if self._logit_batches is not None and self.logit_loss_weight > 0:
+            images, held = next(self._logit_batches)
+            outputs = strategy.model(images.to(strategy.device))
+            strategy.loss += self.logit_loss_weight * torch.nn.functional.mse_loss(outputs, held.to(strategy.device))
         if self._soft_batches is None:
             return
         images, targets = next(self._soft_batches)
@@ -694,7 +735,7 @@ class DistilledReplayPlugin(ReplayPlugin):
         strategy.loss += self.soft_loss_weight * soft_cross_entropy(logits, targets.to(strategy.device))
 
     def after_training_exp(self, strategy: "SupervisedTemplate", **kwargs: Any) -> None:
-        self._soft_batches = None  # generators cannot be checkpointed
+        self._soft_batches = self._logit_batches = None  # generators cannot be checkpointed
         self.storage_policy.post_adapt(strategy, strategy.experience)
         seconds = self.storage_policy.distill_seconds[-1]
         exp_id = int(getattr(strategy.experience, "current_experience", len(self.storage_policy.distill_seconds) - 1))

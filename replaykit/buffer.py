@@ -7,6 +7,9 @@ hard or soft labels, the class each image stands for, and metadata.
 On disk it is one safetensors file (never pickle). The header's metadata holds
 a JSON document with the buffer's metadata and a sha256 over the stored tensors,
 so a truncated, corrupt or tampered file is refused on load.
+
+A buffer may also hold the learner's *logits* for its images (DER-style knowledge, Buzzega et
+al. 2020): int8 per entry with one float16 scale per image, counted in :meth:`SyntheticBuffer.nbytes`.
 """
 
 from __future__ import annotations
@@ -23,12 +26,29 @@ import torch
 
 from .fileio import atomic_write, sha256_bytes
 
-__all__ = ["SyntheticBuffer", "BufferFormatError", "FORMAT_VERSION", "STORAGE_DTYPES", "decode_upsample", "check_decoder"]
+__all__ = ["SyntheticBuffer", "BufferFormatError", "FORMAT_VERSION", "STORAGE_DTYPES", "decode_upsample", "check_decoder",
+           "quantize_logits", "logit_row_bytes"]
 
 FORMAT_VERSION = 1
 STORAGE_DTYPES = ("float32", "float16", "uint8", "jpeg")
 _BYTES_PER_PIXEL = {"float32": 4, "float16": 2, "uint8": 1, "jpeg": 1}
 _HEADER_KEY = "replaykit"
+
+
+def quantize_logits(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[N, K]`` float logits -> (int8 ``[N, K]``, float16 ``[N]`` scales): symmetric per row, as a buffer holds them."""
+    scales = (logits.abs().amax(1) / 127).clamp_min(1e-6).half()
+    return (logits / scales.float()[:, None]).round().clamp(-127, 127).to(torch.int8), scales
+
+
+def dequantize_logits(levels: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`quantize_logits`: the float32 values a held row stands for."""
+    return levels.float() * scales.float()[:, None]
+
+
+def logit_row_bytes(num_classes: int) -> int:
+    """Bytes one image's held logits take: an int8 per class and a float16 scale."""
+    return int(num_classes) + 2
 
 
 class BufferFormatError(ValueError):
@@ -115,6 +135,8 @@ class SyntheticBuffer:
         class_ids: int64 ``[N]``: the class each image stands for (the per-class
             index); equal to ``labels`` for hard labels. Defaults to ``argmax`` of soft labels.
         meta: JSON-serialisable metadata: dataset, mean, std, method, ipc, seed, ...
+        logits: optional float32 ``[N, K]``: the learner's outputs for the images as held (DER-style
+            replay targets), exactly representable by :func:`quantize_logits` (stored int8 + scale).
     """
 
     images: torch.Tensor
@@ -122,6 +144,7 @@ class SyntheticBuffer:
     num_classes: int
     class_ids: torch.Tensor | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    logits: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.images = torch.as_tensor(self.images)
@@ -133,6 +156,8 @@ class SyntheticBuffer:
         self.meta.setdefault("created", _now())
         self.meta.setdefault("versions", _versions())
         self.meta.setdefault("label_kind", "soft" if self.labels.ndim == 2 else "hard")
+        if self.logits is not None:
+            self.logits = torch.as_tensor(self.logits)
         self.validate()
 
     # ------------------------------------------------------------------ checks
@@ -166,6 +191,12 @@ class SyntheticBuffer:
             )
         if ids.dtype != torch.int64:
             raise BufferFormatError(f"class_ids must be int64, got {ids.dtype}")
+        if self.logits is not None:
+            z = self.logits
+            if z.dtype != torch.float32 or z.shape != (n, k):
+                raise BufferFormatError(f"logits must be float32 [{n}, {k}], got {z.dtype} {tuple(z.shape)}")
+            if n and not torch.isfinite(z).all():
+                raise BufferFormatError("logits contain NaN or inf")
         check_decoder(self.meta.get("decoder"))
         check_pixel_bits(self.meta.get("pixel_bits"))
         if n:
@@ -236,11 +267,13 @@ class SyntheticBuffer:
         return self.images.numel() * _BYTES_PER_PIXEL[storage] + label_bytes
 
     def label_nbytes(self) -> int:
-        """Bytes of the labels: one per hard label; soft rows at ``meta['soft_label_storage']`` plus a one-byte class id."""
+        """Bytes of the labels: one per hard label; soft rows at ``meta['soft_label_storage']`` plus a one-byte class id;
+        held logits at :func:`logit_row_bytes` per image."""
+        logit_bytes = 0 if self.logits is None else len(self) * logit_row_bytes(self.num_classes)
         if not self.is_soft:
-            return int(self.labels.numel())
+            return int(self.labels.numel()) + logit_bytes
         soft_bytes = {"float32": 4, "float16": 2}[self.meta.get("soft_label_storage", "float32")]
-        return int(self.labels.numel()) * soft_bytes + len(self)
+        return int(self.labels.numel()) * soft_bytes + len(self) + logit_bytes
 
     @property
     def pixel_bits(self) -> int:
@@ -295,20 +328,22 @@ class SyntheticBuffer:
 
             header, bodies = self._jpeg_codes()
             images = (jpeg.decode(header, bodies, self.images.shape[1]).float() / 255.0 - mean) / std
-            return SyntheticBuffer(images.contiguous(), self.labels, self.num_classes, self.class_ids, self.meta)._hold_codes(header, bodies)
+            return SyntheticBuffer(images.contiguous(), self.labels, self.num_classes, self.class_ids, self.meta,
+                                   self.logits)._hold_codes(header, bodies)
         elif storage == "uint8":
             levels = 2 ** self.pixel_bits - 1
             images = ((self.pixels() * levels).round_() / levels - mean) / std
         else:
             raise ValueError(f"storage must be one of {STORAGE_DTYPES}, got {storage!r}")
-        return SyntheticBuffer(images.contiguous(), self.labels, self.num_classes, self.class_ids, self.meta)
+        return SyntheticBuffer(images.contiguous(), self.labels, self.num_classes, self.class_ids, self.meta, self.logits)
 
     # ------------------------------------------------------------ operations
     def subset(self, index: torch.Tensor | Sequence[int]) -> "SyntheticBuffer":
         """A new buffer with the images at ``index`` (metadata copied)."""
         idx = torch.as_tensor(index, dtype=torch.int64)
         part = SyntheticBuffer(
-            self.images[idx].clone(), self.labels[idx].clone(), self.num_classes, self.class_ids[idx].clone(), dict(self.meta)
+            self.images[idx].clone(), self.labels[idx].clone(), self.num_classes, self.class_ids[idx].clone(), dict(self.meta),
+            None if self.logits is None else self.logits[idx].clone(),
         )
         held = self._held_jpeg_codes()
         if held is not None:
@@ -317,13 +352,28 @@ class SyntheticBuffer:
 
     def relabelled(self, labels: torch.Tensor, num_classes: int, meta: dict[str, Any] | None = None) -> "SyntheticBuffer":
         """The same images (and any held JPEG codes) with other labels or label space."""
-        out = SyntheticBuffer(self.images, labels, num_classes, self.class_ids, dict(self.meta) if meta is None else meta)
+        logits = self.logits
+        if logits is not None and num_classes != self.num_classes:
+            raise BufferFormatError(f"a buffer holding logits over {self.num_classes} classes cannot be relabelled to {num_classes}")
+        out = SyntheticBuffer(self.images, labels, num_classes, self.class_ids, dict(self.meta) if meta is None else meta, logits)
         held = self._held_jpeg_codes()
         return out if held is None or out._codes_key() != self._codes_key() else out._hold_codes(*held)
 
     def with_meta(self, **updates: Any) -> "SyntheticBuffer":
         """The same images and labels with ``meta`` updated."""
-        return SyntheticBuffer(self.images, self.labels, self.num_classes, self.class_ids, {**self.meta, **updates})
+        return SyntheticBuffer(self.images, self.labels, self.num_classes, self.class_ids, {**self.meta, **updates}, self.logits)
+
+    def with_logits(self, logits: torch.Tensor) -> "SyntheticBuffer":
+        """The same buffer holding ``logits`` ``[N, K]`` for its images, rounded to how they are stored (int8 + scale)."""
+        logits = torch.as_tensor(logits).detach().float()
+        if logits.shape != (len(self), self.num_classes):
+            raise ValueError(f"logits must be [{len(self)}, {self.num_classes}], got {tuple(logits.shape)}")
+        if not torch.isfinite(logits).all():
+            raise ValueError("logits contain NaN or inf")
+        out = SyntheticBuffer(self.images, self.labels, self.num_classes, self.class_ids, dict(self.meta),
+                              dequantize_logits(*quantize_logits(logits)))
+        held = self._held_jpeg_codes()
+        return out if held is None else out._hold_codes(*held)
 
     def select_classes(self, classes: Iterable[int]) -> "SyntheticBuffer":
         wanted = torch.as_tensor(sorted(set(int(c) for c in classes)), dtype=torch.int64)
@@ -355,12 +405,16 @@ class SyntheticBuffer:
         soft = any(b.is_soft for b in buffers)
         labels = [b.soft_targets() if soft else b.labels for b in buffers]
         merged_meta = dict(buffers[0].meta) if meta is None else dict(meta)
+        with_logits = [b.logits is not None for b in buffers if len(b)]
+        if any(with_logits) and not all(with_logits):
+            raise BufferFormatError("cannot join buffers with and without held logits")
         joined = cls(
             torch.cat([b.images for b in buffers]),
             torch.cat(labels),
             k,
             torch.cat([b.class_ids for b in buffers]),
             merged_meta,
+            torch.cat([b.logits for b in buffers if len(b)]) if any(with_logits) else None,
         )
         return _join_held_codes(joined, buffers)
 
@@ -402,6 +456,8 @@ class SyntheticBuffer:
             "labels": self.labels.clone(),
             "class_ids": self.class_ids.clone(),
         }
+        if self.logits is not None:
+            tensors["logits"], tensors["logit_scales"] = quantize_logits(self.logits)
         header = {
             "jpeg_header_bytes": _jpeg_header_bytes(tensors["images"]) if storage == "jpeg" and len(self) else 0,
             "format_version": FORMAT_VERSION,
@@ -465,7 +521,14 @@ class SyntheticBuffer:
         if storage == "uint8":
             mean, std = _mean_std(meta, images.shape[1])
             images = (images.float() / (2 ** bits - 1) - mean) / std
-        loaded = cls(images.float(), tensors["labels"], int(header["num_classes"]), tensors["class_ids"], meta)
+        logits = None
+        if "logits" in tensors or "logit_scales" in tensors:
+            levels, scales = tensors.get("logits"), tensors.get("logit_scales")
+            if levels is None or scales is None or levels.dtype != torch.int8 or scales.dtype != torch.float16 \
+                    or levels.ndim != 2 or scales.shape != levels.shape[:1]:
+                raise BufferFormatError(f"{path}: held logits must be int8 [N, K] with float16 [N] scales")
+            logits = dequantize_logits(levels, scales)
+        loaded = cls(images.float(), tensors["labels"], int(header["num_classes"]), tensors["class_ids"], meta, logits)
         return loaded if codes is None else loaded._hold_codes(*codes)
 
     def __repr__(self) -> str:

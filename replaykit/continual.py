@@ -56,7 +56,8 @@ class StrategySpec:
 
     The budget is ``mem_size`` images or ``mem_bytes`` bytes (distilled and compressed replay).
     ``options``: ``factor`` / ``quality`` for compressed replay; for distilled replay
-    ``learner_aware`` (bool) besides the method's own ``method_options``; ``augment`` (bool) for
+    ``learner_aware`` and ``logits`` (bools: the learner as a feature extractor; its logits held and
+    replayed DER-style) besides the method's own ``method_options``; ``augment`` (bool) for
     both: replayed images go through DSA's random transforms.
     """
 
@@ -86,6 +87,7 @@ class StrategySpec:
             extras += [f"{k}={v}" for k, v in sorted(self.method_options.items()) if k in ("bits", "factor", "init")]
             extras += ["learner"] if self.options.get("learner_aware") else []
             extras += ["soft"] if self.options.get("soft") else []
+            extras += ["logits"] if self.options.get("logits") else []
             extras += [f"mix={self.options['mix']}"] if "mix" in self.options else []
             extras += [f"recompress={self.recompress}"] if self.recompress != "distill" else []
             extras += ["aug"] if self.options.get("augment") else []
@@ -123,7 +125,7 @@ def parse_spec(text: str) -> StrategySpec:
             mem_size = int(budget)
     values = {k: _parse_value(v) for k, v in pairs.items()}
     recompress = str(values.pop("recompress", "distill"))
-    spec_keys = {"distilled": ("learner_aware", "mix", "soft", "quality", "augment"), "downsample": ("factor", "mix", "bits", "augment"),
+    spec_keys = {"distilled": ("learner_aware", "mix", "soft", "quality", "augment", "logits"), "downsample": ("factor", "mix", "bits", "augment"),
                  "jpeg": ("quality", "augment")}.get(kind, ())
     options = {k: values.pop(k) for k in spec_keys if k in values}
     if values and kind != "distilled":
@@ -290,6 +292,7 @@ def make_strategy(spec: StrategySpec, config: RunConfig, *, progress: bool = Fal
             progress=progress, mem_bytes=spec.mem_bytes or None, learner_aware=bool(spec.options.get("learner_aware", False)),
             mix_resolution=float(spec.options.get("mix", 0.5)), soft_labels=bool(spec.options.get("soft", False)),
             jpeg_quality=int(spec.options.get("quality", 50)), augment=bool(spec.options.get("augment", False)),
+            logits=bool(spec.options.get("logits", False)),
         )
     return Naive(plugins=[plugin], **common)
 

@@ -382,3 +382,43 @@ def test_jpeg_held_buffer_saves_exactly_what_it_replays(digits, tmp_path):
     assert policy.nbytes() <= 4_000
     reloaded = SyntheticBuffer.load(policy.save(tmp_path / "b.safetensors"))
     assert torch.equal(reloaded.images, held.images)  # JPEG codes are held, not re-encoded on save
+
+
+def test_held_logits_come_from_the_learner_are_counted_and_replayed_with_an_mse_term(stream):
+    cost = 64 + 1 + 10 + 2  # uint8 8x8 digit, label, int8 logits over 10 classes and their float16 scale
+    plugin = DistilledReplayPlugin(mem_bytes=20 * cost, method="random", storage="uint8", recompress="select", dataset_meta=DIGITS,
+                                   num_classes=10, progress=False, batch_size_mem=32, logits=True)
+    strategy = make_strategy(StrategySpec("naive"), CONFIG)
+    strategy.plugins.append(plugin)
+    extra = []
+    original = plugin.before_backward
+
+    def spy(strategy, **kwargs):
+        before = float(strategy.loss)
+        original(strategy, **kwargs)
+        extra.append(float(strategy.loss) - before)
+
+    plugin.before_backward = spy
+    experiences = list(stream.train_stream)[:2]
+    strategy.train(experiences[0])
+    first = plugin.buffer
+    assert first.logits is not None and len(first) == 20 and first.nbytes("uint8") == 20 * cost
+    strategy.model.eval()
+    with torch.no_grad():  # the learner's own outputs on the images as held, right after it learnt them
+        assert (strategy.model(first.decoded_images()) - first.logits).abs().max() < first.logits.abs().max() / 100
+    assert extra and max(extra) == 0  # nothing held while the first experience trained
+    extra.clear()
+    strategy.train(experiences[1])
+    assert extra and min(extra) > 0  # an MSE term joined every step's loss
+    assert len(plugin.buffer) == 20 and plugin.buffer.logits.shape == (20, 10)
+
+
+def test_logit_buffers_refuse_what_would_lose_their_logits(digits):
+    x, y = digits
+    with pytest.raises(ValueError, match="num_classes"):
+        DistilledBuffer(10, method="random", logits=True)
+    with pytest.raises(ValueError, match="recompress='select'"):
+        DistilledBuffer(10, method="dm", num_classes=10, logits=True)
+    buffer = DistilledBuffer(10, method="random", num_classes=10, recompress="select", logits=True, progress=False)
+    with pytest.raises(ValueError, match="pass the learner"):
+        buffer.update_from_tensors(x[y < 2], y[y < 2])

@@ -282,3 +282,49 @@ def test_jpeg_codes_follow_subsets_and_concat_but_not_edits():
     edited = held.quantized("jpeg")
     edited.images.add_(0.5)  # an in-place edit invalidates the held codes
     assert held._held_jpeg_codes() is not None and edited._held_jpeg_codes() is None
+
+
+def test_held_logits_are_int8_with_a_scale_counted_and_round_trip_exactly(tmp_path):
+    buf = make_buffer()
+    raw = torch.randn(len(buf), 3, generator=torch.Generator().manual_seed(1)) * 5
+    held = buf.with_logits(raw)
+    assert (held.logits - raw).abs().max() <= raw.abs().amax(1).max() / 127  # rounded to int8 steps of each row
+    assert held.nbytes("uint8") == buf.nbytes("uint8") + len(buf) * (3 + 2)  # an int8 per class + a float16 scale
+    path = held.save(tmp_path / "logits.safetensors", storage="uint8")
+    back = SyntheticBuffer.load(path)
+    assert torch.equal(back.logits, held.logits)
+    assert back.nbytes("uint8") == held.nbytes("uint8")
+    # logits follow subsets and concatenations; a buffer without them cannot join one with them
+    part = held.subset([1, 4])
+    assert torch.equal(part.logits, held.logits[[1, 4]])
+    assert torch.equal(SyntheticBuffer.concat([part, held.subset([0])]).logits, held.logits[[1, 4, 0]])
+    with pytest.raises(BufferFormatError, match="with and without held logits"):
+        SyntheticBuffer.concat([held, buf])
+
+
+def test_bad_logits_are_refused():
+    buf = make_buffer()
+    with pytest.raises(ValueError, match=r"logits must be \[6, 3\]"):
+        buf.with_logits(torch.zeros(6, 4))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        buf.with_logits(torch.full((6, 3), float("inf")))
+    with pytest.raises(BufferFormatError, match=r"logits must be float32 \[6, 3\]"):
+        SyntheticBuffer(buf.images, buf.labels, 3, buf.class_ids, dict(META), torch.zeros(6, 2))
+
+
+def test_logits_without_their_scales_are_refused(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from replaykit.buffer import _tensor_digest
+
+    buf = make_buffer()
+    path = buf.with_logits(torch.randn(6, 3)).save(tmp_path / "buf.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k != "logit_scales"}
+    header = json.loads(meta["replaykit"])
+    header["sha256"] = _tensor_digest(tensors)  # a consistent file, just incomplete
+    save_file(tensors, str(path), metadata={"replaykit": json.dumps(header)})
+    with pytest.raises(BufferFormatError, match="float16 \\[N\\] scales"):
+        SyntheticBuffer.load(path)

@@ -303,7 +303,9 @@ def export(
     (``meta["decoder"]``) is stored at its low resolution and upsampled on the device. ``weights``
     is the parameters' storage (``float32``, ``float16`` or per-channel ``int8``, see
     :mod:`edge.codec`): the device dequantizes them to float32 when it opens the bundle, and the
-    graphs are verified against PyTorch from those dequantized values.
+    graphs are verified against PyTorch from those dequantized values. Logits a buffer holds for
+    DER-style replay on the host (``buffer.logits``) are not part of a bundle: the device step replays
+    images with their labels.
     """
     from replaykit.buffer import SyntheticBuffer
 

@@ -46,7 +46,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 from avalanche.benchmarks.utils import AvalancheDataset
@@ -65,7 +65,7 @@ from .training import soft_cross_entropy
 if TYPE_CHECKING:
     from avalanche.training.templates import SupervisedTemplate
 
-__all__ = ["DistilledBuffer", "DistilledReplayPlugin", "MixedResolutionPlugin", "low_resolution_view", "dataset_tensors", "class_quotas", "image_cost_bytes", "images_for_bytes"]
+__all__ = ["DistilledBuffer", "DistilledReplayPlugin", "MixedResolutionPlugin", "MixedViewPlugin", "low_resolution_view", "dataset_tensors", "class_quotas", "image_cost_bytes", "images_for_bytes"]
 
 RECOMPRESS_MODES = ("distill", "select")
 
@@ -412,6 +412,27 @@ class DistilledBuffer(ExemplarsBuffer):
         return 0 if self.synthetic is None else self.synthetic.nbytes(self.storage)
 
     # --------------------------------------------------------------- helpers
+    def view(self, images: torch.Tensor) -> torch.Tensor | None:
+        """Normalised full-resolution ``images`` as this buffer would give them back.
+
+        At the held images' resolution (decoded the same way) and, with ``storage="jpeg"``, through the
+        JPEG codec at ``jpeg_quality``. ``None`` while nothing is held, or when storing changes nothing
+        a learner could pick up (full resolution, float or uint8). For :func:`mix_view`.
+        """
+        held = self.synthetic
+        if held is None or not len(held):
+            return None
+        factor = held.decoder_factor
+        if (factor == 1 and self.storage != "jpeg") or images.shape[-1] % factor or images.shape[-2] % factor:
+            return None
+        small = torch.nn.functional.avg_pool2d(images, factor) if factor > 1 else images
+        if self.storage == "jpeg":
+            from . import jpeg
+
+            mean, std = (torch.tensor(self.dataset_meta[k], dtype=torch.float32).view(1, -1, 1, 1) for k in ("mean", "std"))
+            small = jpeg.roundtrip(small, self.jpeg_quality, mean, std)
+        return decode_upsample(small, factor)
+
     def _set(self, buffer: SyntheticBuffer) -> None:
         self.synthetic = buffer
         self._dataset_cache = None
@@ -575,38 +596,58 @@ def low_resolution_view(images: torch.Tensor, factor: int) -> torch.Tensor:
     return decode_upsample(torch.nn.functional.avg_pool2d(images, factor), factor)
 
 
-class MixedResolutionPlugin(SupervisedPlugin):
-    """Train on a random share of every mini-batch at the buffer's stored resolution.
+class MixedViewPlugin(SupervisedPlugin):
+    """Train on a random share ``p`` of every mini-batch as a lossy buffer gives images back.
 
-    A buffer held at reduced resolution replays *blurred* images of the old classes while the
-    new classes arrive sharp: sharpness alone then tells new from old, and at test time the
-    (sharp) old-class images are taken for new classes. Showing a fraction ``p`` of each
-    training mini-batch through the same down/up-sampling removes that shortcut. Evaluation
-    is untouched. :class:`DistilledReplayPlugin` applies it by itself to low-resolution buffers.
+    A buffer that holds images lossily (at reduced resolution, as JPEG) replays *degraded*
+    images of the old classes while the new classes arrive clean: under long training the
+    degradation alone tells new from old, and at test time the (clean) old-class images are
+    taken for new classes. Showing a share of each training mini-batch through the same codec
+    (``view``: normalised images -> what the buffer would give back, or ``None`` when there is
+    nothing to imitate) removes that shortcut. Evaluation is untouched.
+    :class:`DistilledReplayPlugin` does this by itself (``mix``).
     """
 
-    def __init__(self, factor: int = 2, p: float = 0.5, seed: int = 0) -> None:
+    def __init__(self, view: Callable[[torch.Tensor], torch.Tensor | None], p: float = 0.5, seed: int = 0) -> None:
         super().__init__()
-        if not isinstance(factor, int) or factor < 1:
-            raise ValueError(f"factor must be a positive int, got {factor!r}")
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"p must lie in [0, 1], got {p!r}")
-        self.factor, self.p = factor, float(p)
+        self.view, self.p = view, float(p)
         self._gen = torch.Generator().manual_seed(seed * 7_777 + 11)
 
     def before_forward(self, strategy: "SupervisedTemplate", **kwargs: Any) -> None:
-        mix_resolution(strategy, self.factor, self.p, self._gen)
+        mix_view(strategy, self.view, self.p, self._gen)
 
 
-def mix_resolution(strategy: "SupervisedTemplate", factor: int, p: float, gen: torch.Generator) -> None:
-    """Replace a random share ``p`` of the current training mini-batch's images by their low-resolution view."""
+class MixedResolutionPlugin(MixedViewPlugin):
+    """:class:`MixedViewPlugin` for a buffer held at ``1/factor`` resolution (:func:`low_resolution_view`)."""
+
+    def __init__(self, factor: int = 2, p: float = 0.5, seed: int = 0) -> None:
+        if not isinstance(factor, int) or factor < 1:
+            raise ValueError(f"factor must be a positive int, got {factor!r}")
+        super().__init__(lambda images: _resolution_view(images, factor), p, seed)
+        self.factor = factor
+
+
+def _resolution_view(images: torch.Tensor, factor: int) -> torch.Tensor | None:
+    if factor == 1 or images.shape[-1] % factor or images.shape[-2] % factor:
+        return None
+    return low_resolution_view(images, factor)
+
+
+def mix_view(strategy: "SupervisedTemplate", view: Callable[[torch.Tensor], torch.Tensor | None], p: float,
+             gen: torch.Generator) -> None:
+    """Replace a random share ``p`` of the current training mini-batch's images by ``view`` of them."""
     x = strategy.mbatch[0]
-    if factor == 1 or p == 0 or x.ndim != 4 or x.shape[-1] % factor or x.shape[-2] % factor:
+    if p == 0 or x.ndim != 4:
         return
     pick = torch.rand(x.shape[0], generator=gen) < p
-    if pick.any():
+    if not pick.any():
+        return
+    viewed = view(x[pick])
+    if viewed is not None:
         x = x.clone()
-        x[pick] = low_resolution_view(x[pick], factor)
+        x[pick] = viewed.to(x.device, x.dtype)
         strategy.mbatch[0] = x
 
 
@@ -630,8 +671,9 @@ class DistilledReplayPlugin(ReplayPlugin):
             DER does: each step also draws ``batch_size_mem`` buffer images and adds
             ``logit_loss_weight`` times the mean squared error between the model's logits and the held ones.
         logit_loss_weight: that weight (DER's alpha).
-        mix_resolution: with a buffer held at reduced resolution, the share of every training
-            mini-batch shown at that resolution (see :class:`MixedResolutionPlugin`); 0 turns it off.
+        mix: with a lossy buffer (reduced resolution, JPEG), the share of every training mini-batch
+            shown as the buffer would give it back (:meth:`DistilledBuffer.view`, see
+            :class:`MixedViewPlugin`); 0 turns it off.
         storage_policy: a ready :class:`DistilledBuffer` (overrides the options above).
         Other keyword arguments go to :class:`DistilledBuffer`.
     """
@@ -654,7 +696,7 @@ class DistilledReplayPlugin(ReplayPlugin):
         storage_policy: DistilledBuffer | None = None,
         mem_bytes: int | None = None,
         learner_aware: bool = False,
-        mix_resolution: float = 0.5,
+        mix: float = 0.5,
         soft_labels: bool = False,
         jpeg_quality: int = 50,
         workers: int | None = None,
@@ -665,8 +707,8 @@ class DistilledReplayPlugin(ReplayPlugin):
     ) -> None:
         if not (logit_loss_weight >= 0 and math.isfinite(logit_loss_weight)):
             raise ValueError(f"logit_loss_weight must be >= 0, got {logit_loss_weight!r}")
-        if not 0.0 <= mix_resolution <= 1.0:
-            raise ValueError(f"mix_resolution must lie in [0, 1], got {mix_resolution!r}")
+        if not 0.0 <= mix <= 1.0:
+            raise ValueError(f"mix must lie in [0, 1], got {mix!r}")
         if storage_policy is None:
             if mem_size is None and mem_bytes is None:
                 mem_size = 100
@@ -686,7 +728,7 @@ class DistilledReplayPlugin(ReplayPlugin):
         super().__init__(mem_size=mem_size, batch_size=batch_size, batch_size_mem=batch_size_mem, storage_policy=storage_policy)
         self.soft_loss_weight = soft_loss_weight
         self.seed = seed
-        self.mix_resolution = float(mix_resolution)
+        self.mix = float(mix)
         self._mix_gen = torch.Generator().manual_seed(seed * 7_777 + 11)
         self._soft_batches: Iterator | None = None
         self.logit_loss_weight = float(logit_loss_weight)
@@ -720,8 +762,8 @@ class DistilledReplayPlugin(ReplayPlugin):
 
     def before_forward(self, strategy: "SupervisedTemplate", **kwargs: Any) -> None:
         synthetic = self.storage_policy.synthetic
-        if synthetic is not None and len(synthetic) and synthetic.decoder_factor > 1:
-            mix_resolution(strategy, synthetic.decoder_factor, self.mix_resolution, self._mix_gen)
+        if synthetic is not None and len(synthetic):
+            mix_view(strategy, self.storage_policy.view, self.mix, self._mix_gen)
 
     def before_backward(self, strategy: "SupervisedTemplate", **kwargs: Any) -> None:
         if self._logit_batches is not None and self.logit_loss_weight > 0:

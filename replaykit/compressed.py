@@ -24,7 +24,7 @@ from avalanche.benchmarks.utils import AvalancheDataset
 from avalanche.benchmarks.utils.classification_dataset import _make_taskaware_classification_dataset
 from avalanche.training.storage_policy import ExemplarsBuffer
 from . import jpeg
-from .avalanche import _LabelledImages, dataset_tensors, replay_transform
+from .avalanche import _LabelledImages, _resolution_view, dataset_tensors, replay_transform
 from .buffer import decode_upsample, pack_levels, unpack_levels
 
 __all__ = ["CompressedReplayBuffer", "CODECS"]
@@ -92,6 +92,12 @@ class CompressedReplayBuffer(ExemplarsBuffer):
         else:
             pixels = jpeg.decode(self._header, list(codes), self.mean.shape[1]).float() / 255.0
         return (pixels - self.mean) / self.std
+
+    def view(self, images: torch.Tensor) -> torch.Tensor | None:
+        """Normalised ``images`` as this buffer's codec gives them back (for :class:`replaykit.avalanche.MixedViewPlugin`)."""
+        if self.codec == "jpeg":
+            return jpeg.roundtrip(images, self.quality, self.mean, self.std)
+        return _resolution_view(images, self.factor)
 
     @staticmethod
     def _cost(code: torch.Tensor) -> int:

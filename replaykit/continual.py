@@ -98,7 +98,8 @@ class StrategySpec:
             aug = " aug" if self.options.get("augment") else ""
             return f"downsample x{self.options.get('factor', 2)} {budget}{bits}{mix}{aug}"
         if self.kind == "jpeg":
-            return f"jpeg q{self.options.get('quality', 50)} {budget}" + (" aug" if self.options.get("augment") else "")
+            mix = f" mix={self.options['mix']}" if self.options.get("mix") else ""
+            return f"jpeg q{self.options.get('quality', 50)} {budget}{mix}" + (" aug" if self.options.get("augment") else "")
         if self.kind in _NEEDS_MEMORY:
             return f"{self.kind} {budget}"
         return self.kind
@@ -126,7 +127,7 @@ def parse_spec(text: str) -> StrategySpec:
     values = {k: _parse_value(v) for k, v in pairs.items()}
     recompress = str(values.pop("recompress", "distill"))
     spec_keys = {"distilled": ("learner_aware", "mix", "soft", "quality", "augment", "logits"), "downsample": ("factor", "mix", "bits", "augment"),
-                 "jpeg": ("quality", "augment")}.get(kind, ())
+                 "jpeg": ("quality", "augment", "mix")}.get(kind, ())
     options = {k: values.pop(k) for k in spec_keys if k in values}
     if values and kind != "distilled":
         raise ValueError(f"{text!r}: options {sorted(values)} mean nothing for strategy {kind!r}")
@@ -245,7 +246,7 @@ def make_strategy(spec: StrategySpec, config: RunConfig, *, progress: bool = Fal
     from avalanche.training.storage_policy import ClassBalancedBuffer, HerdingSelectionStrategy, ParametricBuffer
     from avalanche.training.supervised import DER, GDumb, JointTraining, Naive
 
-    from .avalanche import DistilledReplayPlugin, MixedResolutionPlugin
+    from .avalanche import DistilledReplayPlugin, MixedViewPlugin
     from .compressed import CompressedReplayBuffer
 
     info = dataset_info(config.dataset)
@@ -282,15 +283,15 @@ def make_strategy(spec: StrategySpec, config: RunConfig, *, progress: bool = Fal
         options["augment"] = bool(options.get("augment", False))
         policy = CompressedReplayBuffer(spec.mem_bytes, info.meta(), codec=kind, seed=config.seed, **options)
         plugins = [ReplayPlugin(mem_size=1, batch_size_mem=config.batch_size_mem, storage_policy=policy)]
-        if mix > 0:  # the same mixed-resolution training distilled replay gets with a low-resolution buffer
-            plugins.append(MixedResolutionPlugin(policy.factor, mix, seed=config.seed))
+        if mix > 0:  # the same mixed-view training distilled replay gets with a lossy buffer
+            plugins.append(MixedViewPlugin(policy.view, mix, seed=config.seed))
         return Naive(plugins=plugins, **common)
     else:  # distilled
         plugin = DistilledReplayPlugin(
             mem_size=m or None, method=spec.method, method_options=dict(spec.method_options), batch_size_mem=config.batch_size_mem,
             storage=spec.storage, recompress=spec.recompress, dataset_meta=info.meta(), num_classes=info.num_classes, seed=config.seed,
             progress=progress, mem_bytes=spec.mem_bytes or None, learner_aware=bool(spec.options.get("learner_aware", False)),
-            mix_resolution=float(spec.options.get("mix", 0.5)), soft_labels=bool(spec.options.get("soft", False)),
+            mix=float(spec.options.get("mix", 0.5)), soft_labels=bool(spec.options.get("soft", False)),
             jpeg_quality=int(spec.options.get("quality", 50)), augment=bool(spec.options.get("augment", False)),
             logits=bool(spec.options.get("logits", False)),
         )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["encode", "decode", "split_bodies", "header_length"]
+__all__ = ["encode", "decode", "split_bodies", "header_length", "roundtrip"]
 
 
 def header_length(code: torch.Tensor) -> int:
@@ -57,3 +57,14 @@ def split_bodies(data: torch.Tensor) -> list[torch.Tensor]:
     ends = torch.nonzero((data[:-1] == 0xFF) & (data[1:] == 0xD9)).flatten() + 2
     starts = torch.cat([torch.zeros(1, dtype=torch.int64), ends[:-1]])
     return [data[s:e] for s, e in zip(starts.tolist(), ends.tolist())]
+
+
+def roundtrip(images: torch.Tensor, quality: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Normalised ``[N, C, H, W]`` images as JPEG at ``quality`` gives them back (still normalised).
+
+    ``mean`` / ``std`` broadcast against ``images`` (e.g. ``[1, C, 1, 1]``); pixels are clamped to [0, 1]
+    and rounded to uint8 first, as a buffer stores them.
+    """
+    pixels = ((images * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
+    header, bodies = encode(pixels, quality)
+    return (decode(header, bodies, images.shape[1]).float() / 255.0 - mean) / std

@@ -299,24 +299,11 @@ def test_low_resolution_buffer_replays_decoded_images_and_mixes_resolution(strea
 
     plugin = DistilledReplayPlugin(
         mem_bytes=1300, method="dm", method_options={"factor": 2, "iterations": 2, "width": 16, "depth": 2, "real_batch": 16},
-        storage="uint8", recompress="select", dataset_meta=DIGITS, progress=False, batch_size_mem=32, mix_resolution=1.0,
+        storage="uint8", recompress="select", dataset_meta=DIGITS, progress=False, batch_size_mem=32, mix=1.0,
     )
     strategy = make_strategy(StrategySpec("naive"), RunConfig(**{**CONFIG.__dict__, "epochs": 1}))
     strategy.plugins.append(plugin)
-    from avalanche.core import SupervisedPlugin
-
-    seen: dict[str, list[torch.Tensor]] = {"before": [], "after": []}
-
-    class Spy(SupervisedPlugin):  # one before and one after the distilled-replay plugin
-        def __init__(self, key):
-            super().__init__()
-            self.key = key
-
-        def before_forward(self, strategy, **kwargs):
-            seen[self.key].append(strategy.mbatch[0].clone())
-
-    strategy.plugins.insert(strategy.plugins.index(plugin), Spy("before"))
-    strategy.plugins.append(Spy("after"))
+    seen = _BatchSpy(strategy, plugin).seen
     for exp in list(stream.train_stream)[:2]:
         strategy.train(exp)
     assert plugin.buffer.image_shape == (1, 4, 4) and plugin.buffer.decoded_shape == (1, 8, 8)
@@ -382,6 +369,58 @@ def test_jpeg_held_buffer_saves_exactly_what_it_replays(digits, tmp_path):
     assert policy.nbytes() <= 4_000
     reloaded = SyntheticBuffer.load(policy.save(tmp_path / "b.safetensors"))
     assert torch.equal(reloaded.images, held.images)  # JPEG codes are held, not re-encoded on save
+
+
+class _BatchSpy:
+    """Records every training mini-batch's images as a plugin placed before or after another one sees them."""
+
+    def __init__(self, strategy, plugin):
+        from avalanche.core import SupervisedPlugin
+
+        self.seen: dict[str, list[torch.Tensor]] = {"before": [], "after": []}
+        seen = self.seen
+
+        class Spy(SupervisedPlugin):
+            def __init__(self, key):
+                super().__init__()
+                self.key = key
+
+            def before_forward(self, strategy, **kwargs):
+                seen[self.key].append(strategy.mbatch[0].clone())
+
+        strategy.plugins.insert(strategy.plugins.index(plugin), Spy("before"))
+        strategy.plugins.append(Spy("after"))
+
+
+@pytest.mark.parametrize("mix", [1.0, 0.0])
+def test_jpeg_held_buffer_shows_training_batches_through_jpeg(stream, mix):
+    from replaykit import jpeg
+
+    plugin = DistilledReplayPlugin(mem_bytes=4_000, method="random", storage="jpeg", jpeg_quality=10, recompress="select",
+                                   dataset_meta=DIGITS, progress=False, batch_size_mem=32, mix=mix)
+    strategy = make_strategy(StrategySpec("naive"), RunConfig(**{**CONFIG.__dict__, "epochs": 1}))
+    strategy.plugins.append(plugin)
+    spy = _BatchSpy(strategy, plugin)
+    for exp in list(stream.train_stream)[:2]:
+        strategy.train(exp)
+    before, after = spy.seen["before"][-1], spy.seen["after"][-1]
+    assert torch.equal(spy.seen["after"][0], spy.seen["before"][0])  # first experience: nothing held, nothing mixed
+    if mix == 0:
+        assert torch.equal(after, before)
+        return
+    mean, std = (torch.tensor(DIGITS[k]).view(1, -1, 1, 1) for k in ("mean", "std"))
+    assert torch.equal(after, jpeg.roundtrip(before, 10, mean, std))  # the buffer's own codec, at its quality
+    assert (after - before).abs().max() > 0.1  # quality 10 changes the images visibly
+    with pytest.raises(ValueError, match="mix must lie"):
+        DistilledReplayPlugin(mem_bytes=4_000, method="random", storage="jpeg", dataset_meta=DIGITS, mix=-0.1)
+
+
+def test_full_resolution_uint8_buffer_has_no_view_to_mix(digits):
+    x, y = digits
+    policy = DistilledBuffer(method="random", storage="uint8", mem_bytes=1_300, dataset_meta=DIGITS, progress=False)
+    assert policy.view(x[:4]) is None  # nothing held yet
+    policy.update_from_tensors(x[y < 2], y[y < 2])
+    assert policy.view(x[:4]) is None  # uint8 at full resolution: nothing a learner could pick up
 
 
 def test_held_logits_come_from_the_learner_are_counted_and_replayed_with_an_mse_term(stream):

@@ -82,3 +82,17 @@ def test_augment_replays_transformed_copies_of_the_held_images(digits):
     changed = sum(not torch.equal(plain.buffer[i][0], augmented.buffer[i][0]) for i in range(len(plain.buffer)))
     assert changed >= len(plain.buffer) // 2
     assert [int(plain.buffer[i][1]) for i in range(5)] == [int(augmented.buffer[i][1]) for i in range(5)]
+
+
+def test_view_gives_images_back_as_the_codec_holds_them(digits):
+    from replaykit import jpeg
+    from replaykit.avalanche import low_resolution_view
+
+    x, y = _classes(*digits, [0, 1])
+    held = CompressedReplayBuffer(1300, DIGITS, codec="jpeg", quality=20)
+    held.update_from_tensors(x, y)
+    codes = held._encode(x[:5])
+    assert torch.allclose(held.view(x[:5]), held._decode(codes), atol=1e-6)  # what the buffer would replay for them
+    assert not torch.allclose(held.view(x[:5]), x[:5], atol=0.05)
+    assert torch.equal(CompressedReplayBuffer(1300, DIGITS, factor=2).view(x[:5]), low_resolution_view(x[:5], 2))
+    assert CompressedReplayBuffer(1300, DIGITS, factor=1, bits=2).view(x[:5]) is None

@@ -47,6 +47,7 @@ def test_parse_spec_and_labels():
     assert spec.label == "distilled-dm 78500B uint8 factor=2 learner recompress=select"
     jpeg = parse_spec("jpeg:78500B:quality=30")
     assert (jpeg.kind, jpeg.mem_bytes, jpeg.options, jpeg.label) == ("jpeg", 78500, {"quality": 30}, "jpeg q30 78500B")
+    assert parse_spec("jpeg:78500B:quality=2:mix=0.5").label == "jpeg q2 78500B mix=0.5"
     with pytest.raises(ValueError, match="budget in bytes"):
         parse_spec("downsample:100")
     with pytest.raises(ValueError, match="mean nothing"):

@@ -274,8 +274,8 @@ def test_a_fresh_device_process_stays_under_a_tight_cap(mnist_sized_bundles, mod
         before = r.evaluate(x, y)
         release_free_heap()
         held, micro = edge.current_rss_mb(), r.plan_micro_batch(64)
-        planned = held + r._call_mb(micro, training=True) + _SAFETY_MB
         history = r.fit(x, y, epochs=1, batch_size=32)
+        planned = held + r._call_mb(max(micro, history["micro_batch_size"]), training=True) + _SAFETY_MB
         after = r.evaluate(x, y)
         again = r.fit(x, y, epochs=1, batch_size=32)
         print(json.dumps(dict(cap=cap, peak=edge.peak_rss_mb(), micro=history["micro_batch_size"], planned=planned,
@@ -286,7 +286,9 @@ def test_a_fresh_device_process_stays_under_a_tight_cap(mnist_sized_bundles, mod
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert report["steps"] == 16 and 1 <= report["micro"] < 64 and report["micro"] == report["planned_micro"], report
+    assert report["steps"] == 16 and 1 <= report["micro"] < 64, report
+    # fit plans on the resident size it sees itself, a few hundred KB from the one seen here (CI: 18 vs 19)
+    assert abs(report["micro"] - report["planned_micro"]) <= 2, report
     assert report["planned"] <= report["cap"], report  # the plan made after inference fits on what is held
     # Linux keeps VmRSS / VmHWM per-thread and refreshes them lazily, so neither bounds the other exactly.
     assert max(report["sampled"], report["peak"]) <= report["cap"], report

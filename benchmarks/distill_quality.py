@@ -313,6 +313,25 @@ def _export_rows(path: Path, runs: list[dict[str, Any]], config: dict[str, Any])
     atomic_write_json(path, doc)
 
 
+def protocol_departures(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """(departures of the evaluation from PROTOCOL B, every departure). Only the first kind keeps a run's rows out of
+    ``benchmarks/results/``: a distillation time budget is a stated setting of the row (recorded with it), not a
+    different evaluation."""
+    evaluation = []
+    if args.num_networks != PROTOCOL["num_networks"]:
+        evaluation.append(f"{args.num_networks} ConvNet(s) instead of 5")
+    if args.epochs != PROTOCOL["epochs"]:
+        evaluation.append(f"{args.epochs} epochs instead of 300 (lr x0.1 at half)")
+    if args.width != PROTOCOL["width"]:
+        evaluation.append(f"evaluation ConvNet width {args.width} instead of 128")
+    departures = list(evaluation)
+    if args.budget is not None:
+        departures.append(f"distillation time budget {args.budget:g} s per (method, IPC) on a {os.cpu_count()}-core CPU")
+    if args.train_subset:
+        departures.append(f"distilled from a random {args.train_subset}-image subset of the training set")
+    return evaluation, departures
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -339,17 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cross = [n for n in args.cross_networks.split(",") if n.strip()]
-    departures = []
-    if args.num_networks != PROTOCOL["num_networks"]:
-        departures.append(f"{args.num_networks} ConvNet(s) instead of 5")
-    if args.epochs != PROTOCOL["epochs"]:
-        departures.append(f"{args.epochs} epochs instead of 300 (lr x0.1 at half)")
-    if args.width != PROTOCOL["width"]:
-        departures.append(f"evaluation ConvNet width {args.width} instead of 128")
-    if args.budget is not None:
-        departures.append(f"distillation time budget {args.budget:g} s per (method, IPC) on a {os.cpu_count()}-core CPU")
-    if args.train_subset:
-        departures.append(f"distilled from a random {args.train_subset}-image subset of the training set")
+    evaluation_departures, departures = protocol_departures(args)
     config = {
         "datasets": args.datasets, "ipcs": args.ipcs, "methods": args.methods, "parameterisations": args.parameterisations,
         "seed": args.seed, "budget": args.budget, "iterations": args.iterations, "num_networks": args.num_networks,
@@ -360,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
-    full_protocol = not departures[:3] and not args.quick and not args.validation and not args.train_subset
+    full_protocol = not evaluation_departures and not args.quick and not args.validation and not args.train_subset
     export = None if args.no_export or not full_protocol else Path(args.export)
     try:
         runs = _resume(out / "results.json", config, args.restart)

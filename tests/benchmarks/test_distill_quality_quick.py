@@ -80,3 +80,17 @@ def test_resumes_finished_cells_with_workers_and_refuses_other_settings(tmp_path
     third = _run("--methods", "random", "--seed", "1", "--out", out)
     assert third.returncode == 2 and "seed" in third.stderr and "--restart" in third.stderr
     assert json.loads((tmp_path / "dq" / "results.json").read_text())["runs"] == after
+
+
+def test_a_distillation_budget_is_no_evaluation_departure():
+    """Rows distilled under ``--budget`` with the PROTOCOL B evaluation go to benchmarks/results/ (they once did
+    not: the budget was counted among the evaluation departures); a smaller evaluation keeps them out."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("distill_quality_script", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    evaluation, every = script.protocol_departures(script.parse_args(["--budget", "300"]))
+    assert evaluation == [] and len(every) == 1 and "budget 300 s" in every[0]
+    evaluation, every = script.protocol_departures(script.parse_args(["--budget", "300", "--epochs", "30"]))
+    assert len(evaluation) == 1 and "30 epochs" in evaluation[0] and len(every) == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -85,8 +86,6 @@ def test_resumes_finished_cells_with_workers_and_refuses_other_settings(tmp_path
 def test_a_distillation_budget_is_no_evaluation_departure():
     """Rows distilled under ``--budget`` with the PROTOCOL B evaluation go to benchmarks/results/ (they once did
     not: the budget was counted among the evaluation departures); a smaller evaluation keeps them out."""
-    import importlib.util
-
     spec = importlib.util.spec_from_file_location("distill_quality_script", SCRIPT)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)

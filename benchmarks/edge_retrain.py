@@ -253,19 +253,21 @@ def _relu_probe(bundle: Path, manifest: dict, params: dict[str, np.ndarray], thr
     return session, relu_inputs
 
 
-def _relu_inputs_float64(model: torch.nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor) -> list[torch.Tensor]:
-    """Every ReLU module's input in a float64 forward pass from ``params`` (float32 values, exact in float64)."""
+def _relu_inputs(model: torch.nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor,
+                 dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
+    """Every ReLU module's input in a forward pass from ``params`` (float32 values, exact in float64) in ``dtype``:
+    float64 is the reference, float32 is what PyTorch eager computed in the step."""
     import copy
 
     from torch.func import functional_call
 
-    exact = copy.deepcopy(model).double()
+    net = copy.deepcopy(model).to(dtype)
     seen: list[torch.Tensor] = []
     hooks = [m.register_forward_pre_hook(lambda _m, inputs: seen.append(inputs[0].detach().clone()))
-             for m in exact.modules() if isinstance(m, torch.nn.ReLU)]
+             for m in net.modules() if isinstance(m, torch.nn.ReLU)]
     try:
         with torch.no_grad():
-            functional_call(exact, {n: p.double() for n, p in params.items()}, (x.double(),))
+            functional_call(net, {n: p.to(dtype) for n, p in params.items()}, (x.to(dtype),))
     finally:
         for h in hooks:
             h.remove()
@@ -306,8 +308,12 @@ def parity(model, bundle: Path, x_new, y_new, buf_x, buf_t, args, seed: int, lr:
     net, torch_step = _torch_trainer(model, mode, lr, opt)
     references = {"no_onednn": _torch_trainer(model, mode, lr, opt, onednn=False),
                   "float64": _torch_trainer(model, mode, lr, opt, dtype=torch.float64)}
-    one_step = one_step_torch_64 = one_step_ort_64 = one_step_torch_spread = 0.0
+    one_step = one_step_torch_64 = one_step_ort_64 = one_step_torch_spread = one_step_tie_free = 0.0
+    tie_steps = 0
     worst: dict[str, Any] = {}
+    # Every ReLU input of the step graph as an extra output: which units each side's float32 forward puts on the
+    # other side of zero than float64 does (a tie at float32 resolution moves that unit's whole gradient).
+    probe, relu_inputs = _relu_probe(bundle, manifest, params, args.threads)
     for k, (x, t) in enumerate(_batches(x_new, y_new, buf_x, buf_t, args.parity_steps, seed)):
         feed = {PARAM_PREFIX + n: v for n, v in params.items() if PARAM_PREFIX + n in step_inputs}
         feed.update({STATE_PREFIX + n: v for n, v in state.items()})
@@ -338,6 +344,14 @@ def parity(model, bundle: Path, x_new, y_new, buf_x, buf_t, args, seed: int, lr:
         ort1 = dict(zip(trainable, out1[1:]))
         one_step_torch_64 = max(one_step_torch_64, _max_diff(after, exact, trainable))
         one_step_ort_64 = max(one_step_ort_64, _max_diff(ort1, exact, trainable))
+        exact_inputs = _relu_inputs(model, net_params, x)
+        ort_flips = _relu_sign_flips(probe.run(relu_inputs, feed1), exact_inputs)
+        torch_flips = _relu_sign_flips([v.numpy() for v in _relu_inputs(model, net_params, x, torch.float32)],
+                                       exact_inputs)
+        if ort_flips["count"] == 0 and torch_flips["count"] == 0:
+            one_step_tie_free = max(one_step_tie_free, _max_diff(ort1, after, trainable))
+        else:
+            tie_steps += 1
         for n in trainable:
             diff = _max_diff(ort1, after, [n])
             if diff > one_step:  # where the worst one-step difference sits, and which side carries it
@@ -345,14 +359,10 @@ def parity(model, bundle: Path, x_new, y_new, buf_x, buf_t, args, seed: int, lr:
                 worst = {"param": n, "step": k, "ort_vs_torch": diff, "ort_vs_float64": _max_diff(ort1, exact, [n]),
                          "torch_vs_float64": _max_diff(after, exact, [n]),
                          "param_abs_max": float(exact[n].abs().max()),
-                         "update_abs_max": float((exact[n] - net_params[n].double()).abs().max())}
-                worst_state = (feed1, net_params, x)
-    if worst:  # ReLU inputs at the worst step whose sign onnxruntime's float32 forward gets wrong
-        feed1, net_params, x = worst_state
-        probe, relu_inputs = _relu_probe(bundle, manifest, params, args.threads)
-        flips = _relu_sign_flips(probe.run(relu_inputs, feed1), _relu_inputs_float64(model, net_params, x))
-        worst["relu_sign_flips"] = flips["count"]
-        worst["relu_flip_min_abs_float64"] = flips["min_abs_float64"]
+                         "update_abs_max": float((exact[n] - net_params[n].double()).abs().max()),
+                         "relu_sign_flips": ort_flips["count"], "relu_flip_min_abs_float64": ort_flips["min_abs_float64"],
+                         "torch_relu_sign_flips": torch_flips["count"],
+                         "torch_relu_flip_min_abs_float64": torch_flips["min_abs_float64"]}
     torch_params = dict(net.named_parameters())
     ref = {k: dict(r[0].named_parameters()) for k, r in references.items()}
     return {"lr": lr, "steps": args.parity_steps,
@@ -363,6 +373,8 @@ def parity(model, bundle: Path, x_new, y_new, buf_x, buf_t, args, seed: int, lr:
             "one_step_ort_vs_float64": one_step_ort_64,
             "one_step_torch_vs_float64": one_step_torch_64,
             "one_step_torch_no_onednn": one_step_torch_spread,
+            "one_step_tie_free": one_step_tie_free,
+            "tie_steps": tie_steps,
             "ort_vs_torch_no_onednn": _max_diff(params, ref["no_onednn"], trainable),
             "torch_vs_torch_no_onednn": _max_diff(torch_params, ref["no_onednn"], trainable),
             "ort_vs_float64": _max_diff(params, ref["float64"], trainable),
@@ -559,6 +571,8 @@ PARITY_COLUMNS = [
     ("one_step_ort_vs_float64", "one-step ORT vs float64"),
     ("one_step_torch_vs_float64", "PyTorch one step vs float64"),
     ("one_step_torch_no_onednn", "PyTorch one-step spread (oneDNN on vs off)"),
+    ("tie_steps", "steps where a ReLU sign differs from float64 (either side)"),
+    ("one_step_tie_free", "worst one-step ORT vs PyTorch on the other steps"),
     ("torch_vs_torch_no_onednn", "PyTorch vs PyTorch without oneDNN"),
     ("ort_vs_torch_no_onednn", "ORT vs PyTorch without oneDNN"),
     ("ort_vs_float64", "ORT vs float64 PyTorch"),
@@ -598,16 +612,17 @@ def summarise(results: list[dict], args) -> tuple[dict, str]:
         for mode in ("head", "full"):
             for k, run0 in enumerate(results[0]["runs"][weights][mode]["parity"]):
                 runs = [r["runs"][weights][mode]["parity"][k] for r in results]
-                worst = {key: max(run[key] for run in runs) for key, _ in PARITY_COLUMNS}
+                worst = {key: max((run[key] for run in runs if key in run), default=None) for key, _ in PARITY_COLUMNS}
                 summary["runs"].setdefault(weights, {}).setdefault(mode, {})[f"parity_lr{run0['lr']:g}"] = worst
-                lines.append(f"| {weights} | {mode} | {run0['lr']:g} | " + " | ".join(f"{worst[key]:.1e}" for key, _ in PARITY_COLUMNS) + " |")
+                lines.append(f"| {weights} | {mode} | {run0['lr']:g} | " + " | ".join(_or_dash(worst[key], "d" if key == "tie_steps" else ".1e") for key, _ in PARITY_COLUMNS) + " |")
     lines += ["", "Where the worst one-step ORT vs PyTorch difference sits (worst seed, first lr): the parameter, the step, each "
                   "side against the float64 step from the same state, the size of that parameter and of its update, and the ReLU "
-                  "inputs at that step whose sign differs between onnxruntime's float32 forward and float64 (count; smallest "
+                  "inputs at that step whose sign differs between each side's float32 forward and float64 (count; smallest "
                   "|float64 value| among them, '-' when none)", "",
               "| weights | mode | seed | parameter | step | ORT vs PyTorch | ORT vs float64 | PyTorch vs float64 | max abs param | "
-              "max abs update | ReLU signs ORT vs float64 differ | smallest abs float64 pre-activation among them |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "max abs update | ReLU signs ORT vs float64 differ | smallest abs float64 pre-activation among them | "
+              "ReLU signs PyTorch vs float64 differ | smallest abs float64 pre-activation among them |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for weights in args.weights:
         for mode in ("head", "full"):
             seed_worst = max(results, key=lambda r: r["runs"][weights][mode]["parity"][0]["one_step"])
@@ -616,7 +631,9 @@ def summarise(results: list[dict], args) -> tuple[dict, str]:
                 lines.append(f"| {weights} | {mode} | {seed_worst['seed']} | {w['param']} | {w['step']} | {w['ort_vs_torch']:.1e} | "
                              f"{w['ort_vs_float64']:.1e} | {w['torch_vs_float64']:.1e} | {w['param_abs_max']:.3g} | "
                              f"{w['update_abs_max']:.2e} | {_or_dash(w.get('relu_sign_flips'), 'd')} | "
-                             f"{_or_dash(w.get('relu_flip_min_abs_float64'), '.1e')} |")
+                             f"{_or_dash(w.get('relu_flip_min_abs_float64'), '.1e')} | "
+                             f"{_or_dash(w.get('torch_relu_sign_flips'), 'd')} | "
+                             f"{_or_dash(w.get('torch_relu_flip_min_abs_float64'), '.1e')} |")
     lines += ["", "| weights | mode | ORT step ms | PyTorch step ms | ratio ORT/PyTorch | ORT step ms under the cap (micro-batch) | "
                   "device peak RSS MB under the cap | bundle KB | opened model, old acc | "
                   "old acc with buffer | old acc without | new acc with buffer | new acc without |",

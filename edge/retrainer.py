@@ -126,6 +126,7 @@ class Retrainer:
         self._step_params = [n for n in self.params if PARAM_PREFIX + n in self.manifest["train_step_inputs"]]
         self._rng = np.random.default_rng(seed)
         self.peak_rss_mb = current_rss_mb()
+        self.planned_on_rss_mb: float | None = None  # trimmed resident size the last memory plan was made on
         if memory_limit_mb is not None:
             self._check_memory("after loading the bundle")
 
@@ -250,7 +251,8 @@ class Retrainer:
         earlier call's working set must not be credited either: doing so let a fit planned right after an
         inference pass overshoot a 100 MB cap (100.4 MB)."""
         release_free_heap()
-        room = self.memory_limit_mb - current_rss_mb() - _SAFETY_MB
+        self.planned_on_rss_mb = current_rss_mb()  # what the plan saw, so callers can check it exactly
+        room = self.memory_limit_mb - self.planned_on_rss_mb - _SAFETY_MB
         per_sample = self._per_sample_mb(training)
         fits = int((room - self._call_mb(0, training)) // per_sample)
         if fits < 1:
@@ -329,7 +331,8 @@ class Retrainer:
         buffer samples (default: as many as new ones; 0 trains without replay).
 
         ``micro_batch_size`` caps the samples per onnxruntime call (gradient accumulation: the same step,
-        less memory); by default the memory cap plans it."""
+        less memory); by default the memory cap plans it, and the history's ``planned_on_rss_mb`` is the
+        resident size that plan was made on (None without a cap)."""
         x_new = self._images(x_new, "x_new")
         targets = self._targets(y_new, x_new.shape[0])
         if epochs < 1 or batch_size < 1:
@@ -343,7 +346,9 @@ class Retrainer:
             if not (np.isfinite(lr) and lr > 0):
                 raise ValueError(f"lr must be a positive number, got {lr}")
             self.optimizer["lr"] = float(lr)
+        self.planned_on_rss_mb = None
         micro = self.plan_micro_batch(batch_size + replay)
+        planned_on = self.planned_on_rss_mb
         if micro_batch_size is not None:
             if micro_batch_size < 1:
                 raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
@@ -370,7 +375,8 @@ class Retrainer:
         bar.close()
         self.peak_rss_mb = max(self.peak_rss_mb, current_rss_mb())
         return {"losses": losses, "steps": len(losses), "batch_size": batch_size, "replay_batch_size": replay,
-                "micro_batch_size": micro, "step_seconds": step_seconds}
+                "micro_batch_size": micro, "step_seconds": step_seconds,
+                "planned_on_rss_mb": planned_on}
 
     # ------------------------------------------------------------ inference
     def logits(self, x: np.ndarray, batch_size: int | None = None) -> np.ndarray:

@@ -36,6 +36,12 @@ def test_quick_run_measures_parity_latency_memory_size_and_forgetting(tmp_path, 
         flips, smallest = first["one_step_worst"]["relu_sign_flips"], first["one_step_worst"]["relu_flip_min_abs_float64"]
         assert isinstance(flips, int) and flips >= 0 and (smallest is None) == (flips == 0)
         assert smallest is None or 0 <= smallest < 1e-3
+        torch_flips = first["one_step_worst"]["torch_relu_sign_flips"]
+        assert isinstance(torch_flips, int) and torch_flips >= 0
+        # On the steps where neither side puts a ReLU input on the other side of zero than float64 does, the graph's
+        # step is PyTorch's to float32 resolution (the one-step bar).
+        assert 0 <= first["tie_steps"] < first["steps"]
+        assert first["one_step_tie_free"] <= 1e-6
         assert row["torch_step_ms_median"] > 0 and row["ort_step_ms_median"] > 0
         device = row["device"]
         assert device["torch_loaded"] is False and 20 < device["peak_rss_mb"] <= doc["args"]["memory_limit_mb"]

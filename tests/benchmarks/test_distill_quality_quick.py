@@ -93,3 +93,28 @@ def test_a_distillation_budget_is_no_evaluation_departure():
     assert evaluation == [] and len(every) == 1 and "budget 300 s" in every[0]
     evaluation, every = script.protocol_departures(script.parse_args(["--budget", "300", "--epochs", "30"]))
     assert len(evaluation) == 1 and "30 epochs" in evaluation[0] and len(every) == 2
+
+
+def test_plot_export_redraws_the_committed_json_and_leaves_it_alone(tmp_path):
+    """``--plot-export`` draws one accuracy chart per dataset beside the JSON; where a cell ran at several budgets
+    the chart takes the run with the most distillation time, not the most accurate one."""
+    spec = importlib.util.spec_from_file_location("distill_quality_script", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    row = {"dataset": "mnist", "ipc": 10, "method": "dm", "parameterisation": "full", "std": 0.001}
+    doc = {"protocol": "PROTOCOL B", "rows": [{**row, "distill_seconds": 300.0, "mean": 0.90},
+                                             {**row, "distill_seconds": 60.0, "mean": 0.95},
+                                             {**row, "dataset": "fashion-mnist", "distill_seconds": 1.0, "mean": 0.8}]}
+    export = tmp_path / "distill_quality.json"
+    export.write_text(json.dumps(doc))
+    drawn: list[dict] = []
+    original = script._bar_chart
+    script._bar_chart = lambda runs, dataset, path: (drawn.extend(r for r in runs if r["dataset"] == dataset),
+                                                     original(runs, dataset, path))
+    assert script.main(["--plot-export", "--export", str(export)]) == 0
+    written = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert written == ["distill_quality_accuracy_fashion-mnist.png", "distill_quality_accuracy_mnist.png"]
+    assert all((tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in written)
+    (mnist,) = [r for r in drawn if r["dataset"] == "mnist"]
+    assert mnist["evaluation"]["convnet"]["mean"] == 0.90  # the 300 s run, not the better-scoring 60 s one
+    assert json.loads(export.read_text()) == doc

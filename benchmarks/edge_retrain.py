@@ -23,6 +23,7 @@ One run, same CPU, per seed:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -212,14 +213,29 @@ def _max_diff(a: dict, b: dict, names) -> float:
     return max(float(np.abs(as_np(a[n]) - as_np(b[n])).max()) for n in names)
 
 
-def _float64_step(net, trainable, x, t, lr: float, opt: dict) -> dict[str, torch.Tensor]:
+@contextlib.contextmanager
+def _recording_relu_inputs(net: torch.nn.Module):
+    """Yields a list that collects every ReLU module's input of the forward passes run inside the block."""
+    seen: list[torch.Tensor] = []
+    hooks = [m.register_forward_pre_hook(lambda _m, inputs: seen.append(inputs[0].detach().clone()))
+             for m in net.modules() if isinstance(m, torch.nn.ReLU)]
+    try:
+        yield seen
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _float64_step(net, trainable, x, t, lr: float, opt: dict) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
     """torch.optim.SGD's update computed in float64 from ``net``'s current float32 parameters and momentum:
-    the exact step both float32 implementations round (PyTorch's own round-off is its distance to it)."""
+    the exact step both float32 implementations round (PyTorch's own round-off is its distance to it); and
+    every ReLU input of its float64 forward, the reference for each side's ReLU signs."""
     import copy
 
     exact = copy.deepcopy(net).double()
     named = dict(exact.named_parameters())
-    loss = soft_cross_entropy(exact(x.double()), t.double())
+    with _recording_relu_inputs(exact) as relu_inputs:
+        loss = soft_cross_entropy(exact(x.double()), t.double())
     grads = torch.autograd.grad(loss, [named[n] for n in trainable])
     out = {}
     for name, grad in zip(trainable, grads):
@@ -229,7 +245,7 @@ def _float64_step(net, trainable, x, t, lr: float, opt: dict) -> dict[str, torch
         if buf is not None:  # torch.optim.SGD's first step takes the gradient as the momentum buffer
             velocity = opt["momentum"] * buf.double() + velocity
         out[name] = param - lr * velocity
-    return out
+    return out, relu_inputs
 
 
 def _relu_probe(bundle: Path, manifest: dict, params: dict[str, np.ndarray], threads: int):
@@ -253,24 +269,12 @@ def _relu_probe(bundle: Path, manifest: dict, params: dict[str, np.ndarray], thr
     return session, relu_inputs
 
 
-def _relu_inputs(model: torch.nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor,
-                 dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
-    """Every ReLU module's input in a forward pass from ``params`` (float32 values, exact in float64) in ``dtype``:
-    float64 is the reference, float32 is what PyTorch eager computed in the step."""
-    import copy
-
+def _relu_inputs_float32(model: torch.nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor) -> list[torch.Tensor]:
+    """Every ReLU module's input in PyTorch eager's float32 forward pass from ``params``."""
     from torch.func import functional_call
 
-    net = copy.deepcopy(model).to(dtype)
-    seen: list[torch.Tensor] = []
-    hooks = [m.register_forward_pre_hook(lambda _m, inputs: seen.append(inputs[0].detach().clone()))
-             for m in net.modules() if isinstance(m, torch.nn.ReLU)]
-    try:
-        with torch.no_grad():
-            functional_call(net, {n: p.to(dtype) for n, p in params.items()}, (x.to(dtype),))
-    finally:
-        for h in hooks:
-            h.remove()
+    with _recording_relu_inputs(model) as seen, torch.no_grad():
+        functional_call(model, params, (x,))
     return seen
 
 
@@ -327,7 +331,7 @@ def parity(model, bundle: Path, x_new, y_new, buf_x, buf_t, args, seed: int, lr:
         feed1.update({STATE_PREFIX + n: v.numpy() for n, v in net_state.items()})
         feed1.update(x=x.numpy(), targets=t.numpy(), **scalars)
         out1 = session.run(names_out, feed1)
-        exact = _float64_step(net, trainable, x, t, lr, opt)
+        exact, exact_inputs = _float64_step(net, trainable, x, t, lr, opt)
         # PyTorch's own one-step spread: the same eager step from the same state with oneDNN on and off.
         eager = {}
         for onednn in (True, False):
@@ -344,10 +348,8 @@ def parity(model, bundle: Path, x_new, y_new, buf_x, buf_t, args, seed: int, lr:
         ort1 = dict(zip(trainable, out1[1:]))
         one_step_torch_64 = max(one_step_torch_64, _max_diff(after, exact, trainable))
         one_step_ort_64 = max(one_step_ort_64, _max_diff(ort1, exact, trainable))
-        exact_inputs = _relu_inputs(model, net_params, x)
         ort_flips = _relu_sign_flips(probe.run(relu_inputs, feed1), exact_inputs)
-        torch_flips = _relu_sign_flips([v.numpy() for v in _relu_inputs(model, net_params, x, torch.float32)],
-                                       exact_inputs)
+        torch_flips = _relu_sign_flips([v.numpy() for v in _relu_inputs_float32(model, net_params, x)], exact_inputs)
         if ort_flips["count"] == 0 and torch_flips["count"] == 0:
             one_step_tie_free = max(one_step_tie_free, _max_diff(ort1, after, trainable))
         else:
@@ -612,9 +614,9 @@ def summarise(results: list[dict], args) -> tuple[dict, str]:
         for mode in ("head", "full"):
             for k, run0 in enumerate(results[0]["runs"][weights][mode]["parity"]):
                 runs = [r["runs"][weights][mode]["parity"][k] for r in results]
-                worst = {key: max((run[key] for run in runs if key in run), default=None) for key, _ in PARITY_COLUMNS}
+                worst = {key: max(run[key] for run in runs) for key, _ in PARITY_COLUMNS}
                 summary["runs"].setdefault(weights, {}).setdefault(mode, {})[f"parity_lr{run0['lr']:g}"] = worst
-                lines.append(f"| {weights} | {mode} | {run0['lr']:g} | " + " | ".join(_or_dash(worst[key], "d" if key == "tie_steps" else ".1e") for key, _ in PARITY_COLUMNS) + " |")
+                lines.append(f"| {weights} | {mode} | {run0['lr']:g} | " + " | ".join(format(worst[key], "d" if key == "tie_steps" else ".1e") for key, _ in PARITY_COLUMNS) + " |")
     lines += ["", "Where the worst one-step ORT vs PyTorch difference sits (worst seed, first lr): the parameter, the step, each "
                   "side against the float64 step from the same state, the size of that parameter and of its update, and the ReLU "
                   "inputs at that step whose sign differs between each side's float32 forward and float64 (count; smallest "

@@ -50,7 +50,8 @@ class MatchingDistiller(Distiller):
             picks in the learner's, else a random network's, embedding) or ``"noise"``.
         factor: store images at ``1/factor`` of the input resolution and decode them by bilinear
             upsampling (IDC's multi-formation): ``factor**2`` times as many images for the same bytes.
-            Matching runs through the decoder, so the low-resolution pixels are what is learned.
+            Matching runs through the decoder, so the low-resolution pixels are what is learned. It pays for small
+            buffers (IPC 1-10) and costs accuracy from about IPC 50 (benchmarks/RESULTS.md, PROTOCOL B).
         learner: a trained network with ``.embed`` (e.g. the continual learner at the end of an
             experience). When given, every iteration also matches the mean embedding under it
             (learner-aware, IDM-style), beside the random network.

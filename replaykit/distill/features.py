@@ -30,7 +30,7 @@ from .base import DistillResult, Distiller
 
 __all__ = [
     "RandomConvNets", "embed", "trained_embedding_net", "selection_features", "FeatureSelection",
-    "class_index", "real_init", "derive_seed",
+    "class_index", "real_init", "starting_images", "derive_seed",
 ]
 
 
@@ -155,6 +155,19 @@ def real_init(images: torch.Tensor, index: torch.Tensor, count: int, seed: int) 
     gen = torch.Generator().manual_seed(seed)
     pick = index[torch.randperm(index.numel(), generator=gen)[:count]]
     return images[pick].clone()
+
+
+def starting_images(images: torch.Tensor, labels: torch.Tensor, classes: list[int], ipc: int, init: str, seed: int) -> torch.Tensor:
+    """The learnable synthetic set, class by class in ``classes`` order: ``ipc`` real images
+    (``init="real"``) or standard-normal noise (``"noise"``) per class, seeded per class so a
+    class starts the same whichever other classes are distilled beside it."""
+    parts = []
+    for c in classes:
+        if init == "real":
+            parts.append(real_init(images, class_index(labels, c), ipc, derive_seed(seed, c)))
+        else:
+            parts.append(torch.randn((ipc, *images.shape[1:]), generator=torch.Generator().manual_seed(derive_seed(seed, c))))
+    return torch.cat(parts).requires_grad_(True)
 
 
 def selection_features(

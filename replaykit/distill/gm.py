@@ -26,7 +26,7 @@ from ..networks import ConvNet
 from ..progress import progress_bar
 from ..training import seeded
 from .base import DistillResult, Distiller, check_loop_options
-from .features import class_index, derive_seed, real_init
+from .features import class_index, derive_seed, starting_images
 
 __all__ = ["GradientMatching", "gradient_distance"]
 
@@ -101,14 +101,7 @@ class GradientMatching(Distiller):
     def _distill(self, images: torch.Tensor, labels: torch.Tensor, classes: list[int], num_classes: int) -> DistillResult:
         start = time.perf_counter()
         index = {c: class_index(labels, c) for c in classes}
-        syn = torch.cat(
-            [
-                real_init(images, index[c], self.ipc, derive_seed(self.seed, c))
-                if self.init == "real"
-                else torch.randn((self.ipc, *images.shape[1:]), generator=torch.Generator().manual_seed(derive_seed(self.seed, c)))
-                for c in classes
-            ]
-        ).requires_grad_(True)
+        syn = starting_images(images, labels, classes, self.ipc, self.init, self.seed)
         syn_labels = torch.tensor(classes).repeat_interleave(self.ipc)
         opt_img = torch.optim.SGD([syn], lr=self.lr_img, momentum=0.5)
         augment = DSA(self.dsa, seed=derive_seed(self.seed, 1))

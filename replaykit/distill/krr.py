@@ -25,7 +25,7 @@ import torch
 
 from ..progress import progress_bar
 from .base import DistillResult, Distiller, check_loop_options
-from .features import RandomConvNets, class_index, derive_seed, real_init
+from .features import RandomConvNets, derive_seed, starting_images
 
 __all__ = ["KernelRidgeDistiller", "krr_predict"]
 
@@ -92,14 +92,7 @@ class KernelRidgeDistiller(Distiller):
         n_cls = len(classes)
         column = torch.full((num_classes,), -1, dtype=torch.int64)
         column[torch.tensor(classes)] = torch.arange(n_cls)
-        syn = torch.cat(
-            [
-                real_init(images, class_index(labels, c), self.ipc, derive_seed(self.seed, c))
-                if self.init == "real"
-                else torch.randn((self.ipc, *images.shape[1:]), generator=torch.Generator().manual_seed(derive_seed(self.seed, c)))
-                for c in classes
-            ]
-        ).requires_grad_(True)
+        syn = starting_images(images, labels, classes, self.ipc, self.init, self.seed)
         syn_class = torch.tensor(classes).repeat_interleave(self.ipc)
         onehot = torch.nn.functional.one_hot(column[syn_class], n_cls).float()
         # label smoothing 0.1 so that the initial logits are finite

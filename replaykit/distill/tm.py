@@ -28,7 +28,7 @@ from ..networks import ConvNet
 from ..progress import progress_bar
 from ..training import seeded
 from .base import DistillResult, Distiller, check_loop_options
-from .features import class_index, derive_seed, real_init
+from .features import derive_seed, starting_images
 
 __all__ = ["TrajectoryMatching", "record_expert_trajectory"]
 
@@ -155,14 +155,7 @@ class TrajectoryMatching(Distiller):
             tensors = {n: t.view(s) for n, t, s in zip(names, torch.split(flat, sizes), shapes)}
             return functional_call(student, tensors, (x,))
 
-        syn = torch.cat(
-            [
-                real_init(images, class_index(labels, c), self.ipc, derive_seed(self.seed, c))
-                if self.init == "real"
-                else torch.randn((self.ipc, *shape), generator=torch.Generator().manual_seed(derive_seed(self.seed, c)))
-                for c in classes
-            ]
-        ).requires_grad_(True)
+        syn = starting_images(images, labels, classes, self.ipc, self.init, self.seed)
         syn_labels = torch.tensor(classes).repeat_interleave(self.ipc)
         lr = torch.tensor(self.syn_lr).requires_grad_(True)
         opt_img = torch.optim.SGD([syn], lr=self.lr_img, momentum=0.5)

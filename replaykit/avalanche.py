@@ -67,7 +67,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DistilledBuffer", "DistilledReplayPlugin", "MixedResolutionPlugin", "MixedViewPlugin", "low_resolution_view", "dataset_tensors", "class_quotas", "image_cost_bytes", "images_for_bytes"]
 
-RECOMPRESS_MODES = ("distill", "select")
+RECOMPRESS_MODES = ("distill", "select", "prefix")
 
 
 def image_cost_bytes(in_shape: Sequence[int], *, factor: int = 1, storage: str = "uint8", bits: int = 8,
@@ -154,8 +154,9 @@ class DistilledBuffer(ExemplarsBuffer):
         max_size: M, the most images held in total.
         method: a name from :func:`replaykit.distill.available` (``dm`` is the default).
         method_options: keyword options for the method's constructor (not ``ipc`` / ``seed``).
-        recompress: ``"distill"`` (distill a held class's synthetic set further) or
-            ``"select"`` (keep a seeded random part of it) when its quota shrinks.
+        recompress: when a held class's quota shrinks: ``"distill"`` (distill its synthetic set further),
+            ``"select"`` (keep a seeded random part of it) or ``"prefix"`` (keep its first images: the
+            ones a selecting method picked first, e.g. herding's greedy order, or the distilled ``core``).
         storage: ``"float32"``, ``"float16"`` or ``"uint8"``: the held images are rounded to
             this precision after every update, so what is replayed is exactly what
             :meth:`save` writes and :meth:`nbytes` counts (``uint8`` needs the dataset's
@@ -184,8 +185,17 @@ class DistilledBuffer(ExemplarsBuffer):
         logits: hold the learner's logits for each new image as it is stored (int8 per class + a float16
             scale, counted in the bytes), computed at the end of the experience that brought its class;
             :class:`DistilledReplayPlugin` replays them DER-style (an extra MSE term on a buffer batch),
-            beside the hard labels. Needs ``num_classes``, and ``recompress="select"`` (or a selecting
-            method): a held image that is distilled again has no logits of its learner any more.
+            beside the hard labels. Needs ``num_classes``, and ``recompress="select"`` or ``"prefix"`` (or a
+            selecting method): a held image that is distilled again has no logits of its learner any more.
+        core: distill only for the class's *final* quota, the share it keeps once all ``num_classes``
+            classes are held: ``core`` (in (0, 1]) of ``max_size // num_classes`` images per class are
+            distilled with ``method`` and stored first; the rest of the class's current quota is filled with
+            seeded random real images, which ``recompress="prefix"`` drops first as classes arrive. Without
+            it a class is distilled at the quota of the experience that brings it (e.g. 5x the final one
+            after the first of five experiences) and later thinned at random, so the images that survive
+            were distilled for a much larger set. ``core=1`` ends with only distilled images, below 1 is a
+            hybrid memory of distilled and real images in the same bytes. Needs ``num_classes`` and
+            ``recompress="prefix"``.
     """
 
     def __init__(
@@ -209,11 +219,19 @@ class DistilledBuffer(ExemplarsBuffer):
         group: Any = None,
         augment: bool = False,
         logits: bool = False,
+        core: float | None = None,
     ) -> None:
+        if core is not None:
+            if not (isinstance(core, (int, float)) and not isinstance(core, bool) and 0 < core <= 1):
+                raise ValueError(f"core must be a share in (0, 1], got {core!r}")
+            if not num_classes:
+                raise ValueError("core needs num_classes: the final quota is max_size // num_classes")
+            if recompress != "prefix":
+                raise ValueError(f"core needs recompress='prefix' (the real fill is dropped before the distilled core), got {recompress!r}")
         if logits and not num_classes:
             raise ValueError("logits needs num_classes (the size of the learner's output)")
         if logits and recompress == "distill" and not getattr(_distill.REGISTRY.get(method), "selects", False):
-            raise ValueError("logits needs recompress='select' (or a selecting method): an image distilled again has no logits of its learner")
+            raise ValueError("logits needs recompress='select' or 'prefix' (or a selecting method): an image distilled again has no logits of its learner")
         if (workers not in (None, 1) or group is not None) and learner_aware:
             raise ValueError("learner_aware distillation runs in this process: it cannot be combined with workers or group")
         if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 1):
@@ -279,6 +297,7 @@ class DistilledBuffer(ExemplarsBuffer):
         self.group = group
         self.augment = bool(augment)
         self.logits = bool(logits)
+        self.core = None if core is None else float(core)
         self._learner: torch.nn.Module | None = None
         self.synthetic: SyntheticBuffer | None = None
         self.distill_seconds: list[float] = []
@@ -445,6 +464,7 @@ class DistilledBuffer(ExemplarsBuffer):
             mem_size=self.max_size,
             recompress=self.recompress,
             storage=self.storage,
+            **({"core": self.core, "core_ipc": self.core_ipc()} if self.core is not None else {}),
             seed=self.seed,
             experiences=self._updates,
             distill_seconds=list(self.distill_seconds),
@@ -494,14 +514,37 @@ class DistilledBuffer(ExemplarsBuffer):
         """One distillation per new class: here, or sharded over ``workers`` / ``group`` (same seeds, same bytes)."""
         masks = {c: labels == c for c in classes}
         ipcs = {c: min(quotas[c], int(masks[c].sum())) for c in classes}
+        cores = {c: min(ipcs[c], self.core_ipc()) for c in classes} if self.core is not None else ipcs
         if self.workers in (None, 1) and self.group is None:
-            return {c: self._run_method(images[masks[c]], labels[masks[c]], ipcs[c], k, c) for c in classes}
-        from .distributed import ClassJob, distill_per_class
+            parts = {c: self._run_method(images[masks[c]], labels[masks[c]], cores[c], k, c) for c in classes}
+        else:
+            from .distributed import ClassJob, distill_per_class
 
-        jobs = [ClassJob(self.method, dict(self.method_options), ipcs[c], self._class_seed(c), images[masks[c]],
-                         labels[masks[c]], k, dict(self.dataset_meta)) for c in classes]
-        parts = distill_per_class(jobs, workers=self.workers, group=self.group, all_ranks=self.group is not None)
-        return dict(zip(classes, parts))
+            jobs = [ClassJob(self.method, dict(self.method_options), cores[c], self._class_seed(c), images[masks[c]],
+                             labels[masks[c]], k, dict(self.dataset_meta)) for c in classes]
+            parts = dict(zip(classes, distill_per_class(jobs, workers=self.workers, group=self.group, all_ranks=self.group is not None)))
+        if self.core is None:
+            return parts
+        return {c: self._with_real_fill(parts[c], images[masks[c]], labels[masks[c]], ipcs[c] - cores[c], k, c) for c in classes}
+
+    def core_ipc(self) -> int:
+        """Distilled images per class with ``core``: its share of the final quota ``max_size // num_classes`` (at least 1)."""
+        if self.core is None or not self.num_classes:
+            raise ValueError("core_ipc needs core and num_classes")
+        return max(1, round(self.core * (self.max_size // self.num_classes)))
+
+    def _with_real_fill(self, core: SyntheticBuffer, images: torch.Tensor, labels: torch.Tensor, count: int, k: int,
+                        cls: int) -> SyntheticBuffer:
+        """``core`` followed by ``count`` seeded random real images of the class (stored at the core's resolution)."""
+        if count <= 0:
+            return core
+        fill = _distill.make("random", ipc=count, seed=self._class_seed(cls) + 17, progress=False).distill(
+            images, labels, num_classes=k, meta=self.dataset_meta)
+        factor = core.decoder_factor
+        if factor > 1:  # held at the core's resolution, decoded the same way
+            fill = SyntheticBuffer(torch.nn.functional.avg_pool2d(fill.images, factor), fill.labels, k, fill.class_ids,
+                                   dict(fill.meta, decoder=core.meta["decoder"]))
+        return SyntheticBuffer.concat([core, fill], meta=core.meta)
 
     def _class_seed(self, cls: int) -> int:
         return self.seed * 1_000_003 + self._updates * 1009 + cls
@@ -545,7 +588,9 @@ class DistilledBuffer(ExemplarsBuffer):
             part = held.select_classes([cls])
             quota = quotas[cls]
             if len(part) > quota:
-                if self.recompress == "select":
+                if self.recompress == "prefix":
+                    part = part.subset(torch.arange(quota))
+                elif self.recompress == "select":
                     gen = torch.Generator().manual_seed(self.seed * 7919 + self._updates * 31 + cls)
                     part = part.subset(torch.randperm(len(part), generator=gen)[:quota].sort().values)
                 else:
@@ -704,6 +749,7 @@ class DistilledReplayPlugin(ReplayPlugin):
         augment: bool = False,
         logits: bool = False,
         logit_loss_weight: float = 0.1,
+        core: float | None = None,
     ) -> None:
         if not (logit_loss_weight >= 0 and math.isfinite(logit_loss_weight)):
             raise ValueError(f"logit_loss_weight must be >= 0, got {logit_loss_weight!r}")
@@ -716,7 +762,7 @@ class DistilledReplayPlugin(ReplayPlugin):
                 mem_size, method, method_options, recompress=recompress, storage=storage, dataset_meta=dataset_meta,
                 num_classes=num_classes, seed=seed, progress=progress, mem_bytes=mem_bytes, learner_aware=learner_aware,
                 soft_labels=soft_labels, jpeg_quality=jpeg_quality, workers=workers, group=group, augment=augment,
-                logits=logits,
+                logits=logits, core=core,
             )
             mem_size = storage_policy.max_size
         elif not isinstance(storage_policy, DistilledBuffer):

@@ -89,6 +89,7 @@ class StrategySpec:
             extras += ["soft"] if self.options.get("soft") else []
             extras += ["logits"] if self.options.get("logits") else []
             extras += [f"mix={self.options['mix']}"] if "mix" in self.options else []
+            extras += [f"core={self.options['core']}"] if "core" in self.options else []
             extras += [f"recompress={self.recompress}"] if self.recompress != "distill" else []
             extras += ["aug"] if self.options.get("augment") else []
             return " ".join([f"distilled-{self.method} {budget}"] + extras)
@@ -126,7 +127,7 @@ def parse_spec(text: str) -> StrategySpec:
             mem_size = int(budget)
     values = {k: _parse_value(v) for k, v in pairs.items()}
     recompress = str(values.pop("recompress", "distill"))
-    spec_keys = {"distilled": ("learner_aware", "mix", "soft", "quality", "augment", "logits"), "downsample": ("factor", "mix", "bits", "augment"),
+    spec_keys = {"distilled": ("learner_aware", "mix", "soft", "quality", "augment", "logits", "core"), "downsample": ("factor", "mix", "bits", "augment"),
                  "jpeg": ("quality", "augment", "mix")}.get(kind, ())
     options = {k: values.pop(k) for k in spec_keys if k in values}
     if values and kind != "distilled":
@@ -293,7 +294,7 @@ def make_strategy(spec: StrategySpec, config: RunConfig, *, progress: bool = Fal
             progress=progress, mem_bytes=spec.mem_bytes or None, learner_aware=bool(spec.options.get("learner_aware", False)),
             mix=float(spec.options.get("mix", 0.5)), soft_labels=bool(spec.options.get("soft", False)),
             jpeg_quality=int(spec.options.get("quality", 50)), augment=bool(spec.options.get("augment", False)),
-            logits=bool(spec.options.get("logits", False)),
+            logits=bool(spec.options.get("logits", False)), core=spec.options.get("core"),
         )
     return Naive(plugins=[plugin], **common)
 

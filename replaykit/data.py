@@ -234,7 +234,8 @@ def _unpack_cifar(root: Path) -> Path:
     archive = root / CIFAR10.filename
     if not archive.is_file():
         raise DatasetNotFoundError(
-            f"CIFAR-10 is not under the data root {root}: expected {root / CIFAR10.base_folder}/ or {archive}. "
+            f"CIFAR-10 is not under the data root {root}: expected {root / CIFAR10.base_folder}/, {archive}, or lossless PNGs in "
+            f"class folders ({root}/cifar10/train/airplane/*.png ... and test/...). "
             f"Put the files there, set REPLAYKIT_DATA, or pass download=True (--download)."
         )
     dst_root = cache_dir() / "torchvision"
@@ -246,6 +247,60 @@ def _unpack_cifar(root: Path) -> Path:
         with tarfile.open(archive, "r:gz") as tar:
             tar.extractall(dst_root, filter="data")
     return dst_root
+
+
+#: Folder names under the data root that may hold CIFAR-10 as lossless PNGs, ``<split>/<class name>/*.png``.
+CIFAR10_PNG_FOLDERS = ("cifar10", "CIFAR-10-dataset", "cifar10-png")
+
+
+def cifar10_png_folder(root: str | os.PathLike | None = None) -> Path | None:
+    """The folder holding CIFAR-10 as PNGs in class folders (``train/airplane/...``), if the data root has one."""
+    base = data_root(root)
+    for candidate in (base, *(base / name for name in CIFAR10_PNG_FOLDERS)):
+        if (candidate / "train" / DATASETS["cifar10"].class_names[0]).is_dir():
+            return candidate
+    return None
+
+
+def _png_split(folder: Path, train: bool) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 ``[N, 32, 32, 3]`` and int64 labels of one split of the PNG layout (files in name order per class).
+
+    Decoding 50,000 PNGs takes minutes on a cold disk, so the decoded split is cached (plain ``.npy``,
+    never pickled) under ``$REPLAYKIT_CACHE``, keyed by every file's name and size.
+    """
+    from PIL import Image
+
+    info = DATASETS["cifar10"]
+    split = folder / ("train" if train else "test")
+    listing = []
+    for label, name in enumerate(info.class_names):
+        files = sorted((split / name).glob("*.png")) if (split / name).is_dir() else []
+        if not files:
+            raise DatasetNotFoundError(f"CIFAR-10 PNG layout at {folder}: no PNG files in {split / name}")
+        listing += [(path, label) for path in files]
+    key = hashlib.sha256("\n".join(f"{p.relative_to(folder)}:{p.stat().st_size}" for p, _ in listing).encode()).hexdigest()[:16]
+    cached = cache_dir() / "cifar10-png" / f"{split.name}-{key}.npy"
+    labels = np.asarray([label for _, label in listing], dtype=np.int64)
+    if cached.is_file():
+        pixels = np.load(cached, allow_pickle=False)
+        if pixels.shape == (len(listing), 32, 32, 3) and pixels.dtype == np.uint8:
+            return pixels, labels
+    images = []
+    for path, _ in listing:
+        with Image.open(path) as img:
+            pixels = np.asarray(img.convert("RGB"))
+        if pixels.shape != (32, 32, 3):
+            raise ValueError(f"{path}: expected a 32x32 RGB image, found shape {pixels.shape}")
+        images.append(pixels)
+    pixels = np.stack(images)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            np.save(handle, pixels, allow_pickle=False)
+
+    atomic_write(cached, write)
+    return pixels, labels
 
 
 def load_dataset(name: str, train: bool = True, root: str | os.PathLike | None = None, download: bool = False):
@@ -313,6 +368,10 @@ def load_tensors(
     info = DATASETS[key]
     if key == "digits":
         images, labels = _digits_tensors(train)
+    elif key == "cifar10" and not download and (png := cifar10_png_folder(root)) is not None:
+        pixels, label_array = _png_split(png, train)
+        images = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous().float().div_(255.0)
+        labels = torch.from_numpy(label_array)
     else:
         ds = load_dataset(key, train=train, root=root, download=download)
         data = torch.as_tensor(np.asarray(ds.data))

@@ -461,3 +461,46 @@ def test_logit_buffers_refuse_what_would_lose_their_logits(digits):
     buffer = DistilledBuffer(10, method="random", num_classes=10, recompress="select", logits=True, progress=False)
     with pytest.raises(ValueError, match="pass the learner"):
         buffer.update_from_tensors(x[y < 2], y[y < 2])
+
+
+# ----------------------------------------------------------- distilled core + prefix
+def test_core_distills_for_the_final_quota_and_prefix_drops_the_real_fill_first(digits):
+    x, y = digits
+    # 40 images over 10 classes: final quota 4, core 0.5 -> 2 distilled images per class, stored first
+    policy = DistilledBuffer(40, method="dm", method_options={"iterations": 3, "real_batch": 8, "width": 8},
+                             recompress="prefix", core=0.5, num_classes=10, dataset_meta=DIGITS, progress=False)
+    assert policy.core_ipc() == 2
+    a = y < 2
+    policy.update_from_tensors(x[a], y[a])
+    assert policy.synthetic.counts() == {0: 20, 1: 20}
+    zeros = policy.synthetic.images[policy.synthetic.indices_of(0)].flatten(1)
+    is_real = (zeros[:, None] == x[y == 0].flatten(1)[None]).all(-1).any(1)
+    assert is_real.tolist() == [False, False] + [True] * 18  # the distilled core first, then real fill
+    first_core = zeros[:2].clone()
+    b = (y >= 2) & (y < 10)
+    policy.update_from_tensors(x[b], y[b])
+    assert policy.synthetic.counts() == {c: 4 for c in range(10)}
+    kept = policy.synthetic.images[policy.synthetic.indices_of(0)].flatten(1)
+    assert torch.equal(kept[:2], first_core)  # the core survives the shrink; the fill went first
+    assert policy.synthetic.meta["core_ipc"] == 2
+
+
+def test_herding_with_prefix_keeps_herding_order_as_classes_arrive(digits):
+    x, y = digits
+    policy = DistilledBuffer(20, method="herding", method_options={"feature": "random"}, recompress="prefix",
+                             dataset_meta=DIGITS, progress=False)
+    a = y < 2
+    policy.update_from_tensors(x[a], y[a])
+    wide = policy.synthetic.images[policy.synthetic.indices_of(0)].clone()
+    policy.update_from_tensors(x[(y >= 2) & (y < 4)], y[(y >= 2) & (y < 4)])
+    narrow = policy.synthetic.images[policy.synthetic.indices_of(0)]
+    assert torch.equal(narrow, wide[: len(narrow)])  # the greedy prefix, not a random part
+
+
+def test_core_options_are_checked():
+    with pytest.raises(ValueError, match="recompress='prefix'"):
+        DistilledBuffer(40, method="dm", core=1.0, num_classes=10, recompress="select")
+    with pytest.raises(ValueError, match="num_classes"):
+        DistilledBuffer(40, method="dm", core=1.0, recompress="prefix")
+    with pytest.raises(ValueError, match="share"):
+        DistilledBuffer(40, method="dm", core=1.5, num_classes=10, recompress="prefix")

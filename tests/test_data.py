@@ -222,3 +222,49 @@ def test_fresh_clone_offline_fails_naming_files_then_passes_with_them_in_the_cac
     code, out = _run_one_real_data_test(clone, env)
     assert code == 0 and "1 passed" in out, out  # still offline: the files in the cache were enough
     assert "replaykit: downloaded" not in out, out
+
+
+def _png_layout(root: Path, per_class: int, size: int = 32) -> dict[str, list]:
+    from PIL import Image
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    written: dict[str, list] = {}
+    for split in ("train", "test"):
+        for label, name in enumerate(dataset_info("cifar10").class_names):
+            folder = root / "cifar10" / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+                written.setdefault(split, []).append((label, pixels))
+    return written
+
+
+def test_cifar10_reads_lossless_pngs_in_class_folders(tmp_path, monkeypatch):
+    monkeypatch.setenv("REPLAYKIT_CACHE", str(tmp_path / "cache"))
+    written = _png_layout(tmp_path / "root", per_class=2)
+    for _ in range(2):  # the second read comes from the decoded cache and must be the same
+        x, y = load_tensors("cifar10", train=False, root=tmp_path / "root", normalized=False)
+        assert x.shape == (20, 3, 32, 32) and y.tolist() == [c for c in range(10) for _ in range(2)]
+        for i, (label, pixels) in enumerate(written["test"]):
+            assert torch.equal((x[i] * 255).round().to(torch.uint8), torch.from_numpy(pixels).permute(2, 0, 1))
+
+
+def test_cifar10_png_layout_with_a_class_missing_or_a_wrong_image_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("REPLAYKIT_CACHE", str(tmp_path / "cache"))
+    _png_layout(tmp_path / "root", per_class=1)
+    shutil.rmtree(tmp_path / "root" / "cifar10" / "test" / "truck")
+    with pytest.raises(DatasetNotFoundError, match="truck"):
+        load_tensors("cifar10", train=False, root=tmp_path / "root")
+    from PIL import Image
+    import numpy as np
+
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(tmp_path / "root" / "cifar10" / "train" / "cat" / "zz.png")
+    with pytest.raises(ValueError, match="32x32"):
+        load_tensors("cifar10", train=True, root=tmp_path / "root")
+
+
+def test_cifar10_absent_names_both_layouts(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match="cifar-10-python.tar.gz.*PNG"):
+        load_tensors("cifar10", root=tmp_path)

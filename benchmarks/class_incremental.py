@@ -248,28 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"run {record['total_seconds']:.0f} s, {record['memory_bytes']} B", flush=True)
         atomic_write_json(results_path, _document(config, runs))  # resumable after every run
 
-    if args.jobs <= 1:
-        for cfg, spec in cells:
-            record_done(_run_cell(cfg, spec, args.threads, not args.quiet))
-    else:  # independent runs side by side, one process each (one torch thread each by default)
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
-        import signal
-
-        # A killed benchmark must not leave its workers computing: SIGTERM unwinds to the finally below.
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-        pool = ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn"))
-        try:
-            futures = [pool.submit(_run_cell, cfg, spec, args.threads, False) for cfg, spec in cells]
-            for future in as_completed(futures):
-                record_done(future.result())
-        finally:
-            workers = list(getattr(pool, "_processes", {}).values())
-            pool.shutdown(wait=False, cancel_futures=True)
-            for worker in workers:
-                if worker.is_alive():
-                    worker.terminate()
+    run_cells(cells, args.jobs, args.threads, record_done, progress=not args.quiet)
     order = {(e, d, sd, spec.label): i for i, (e, d, sd, spec) in enumerate(
         (e, d, sd, spec) for e in args.epochs for d in args.datasets for sd in seeds for spec in specs)}
     runs.sort(key=lambda r: order.get((r["epochs"], r["dataset"], r["seed"], r["label"]), -1))
@@ -284,6 +263,31 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     print(f"wrote {results_path}, {out / 'results.md'}, {', '.join(plots)}")
     return 0
+
+
+def run_cells(cells: list[tuple[RunConfig, StrategySpec]], jobs: int, threads: int, on_done: Any, *, progress: bool = False) -> None:
+    """Run every ``(config, spec)`` cell, ``jobs`` side by side in spawned processes; ``on_done(record)`` as each ends."""
+    if jobs <= 1:
+        for cfg, spec in cells:
+            on_done(_run_cell(cfg, spec, threads, progress))
+        return
+    import multiprocessing as mp
+    import signal
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    # A killed benchmark must not leave its workers computing: SIGTERM unwinds to the finally below.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    pool = ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"))
+    try:
+        futures = [pool.submit(_run_cell, cfg, spec, threads, False) for cfg, spec in cells]
+        for future in as_completed(futures):
+            on_done(future.result())
+    finally:
+        workers = list(getattr(pool, "_processes", {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for worker in workers:
+            if worker.is_alive():
+                worker.terminate()
 
 
 _STREAMS: dict[tuple, Any] = {}

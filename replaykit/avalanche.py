@@ -541,10 +541,7 @@ class DistilledBuffer(ExemplarsBuffer):
         fill = _distill.make("random", ipc=count, seed=self._class_seed(cls) + 17, progress=False).distill(
             images, labels, num_classes=k, meta=self.dataset_meta)
         factor = core.decoder_factor
-        if factor > 1:  # held at the core's resolution, decoded the same way
-            fill = SyntheticBuffer(torch.nn.functional.avg_pool2d(fill.images, factor), fill.labels, k, fill.class_ids,
-                                   dict(fill.meta, decoder=core.meta["decoder"]))
-        return SyntheticBuffer.concat([core, fill], meta=core.meta)
+        return SyntheticBuffer.concat([core, fill if factor == 1 else _downsampled(fill, factor)], meta=core.meta)
 
     def _class_seed(self, cls: int) -> int:
         return self.seed * 1_000_003 + self._updates * 1009 + cls
@@ -578,6 +575,12 @@ class DistilledBuffer(ExemplarsBuffer):
         options = dict(self.method_options)
         if self.learner_aware and getattr(self, "_learner", None) is not None:
             options["learner"] = self._learner
+        if _distill.REGISTRY[self.method].selects:  # the stored form is the buffer's business: real images go through it as picked
+            factor = int(options.pop("factor", 1))
+            options.pop("bits", None)  # applied by the uint8 storage (pixel_bits)
+            picked = _distill.make(self.method, ipc=ipc, seed=seed, progress=self.progress, **options).distill(
+                images, labels, num_classes=k, meta=self.dataset_meta)
+            return picked if factor == 1 else _downsampled(picked, factor)
         distiller = _distill.make(self.method, ipc=ipc, seed=seed, progress=self.progress, **options)
         return distiller.distill(images, labels, num_classes=k, meta=self.dataset_meta)
 
@@ -618,6 +621,12 @@ def _match_rows(pool: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
         used[hits[0]] = True
         index.append(int(hits[0]))
     return torch.tensor(index, dtype=torch.int64)
+
+
+def _downsampled(part: SyntheticBuffer, factor: int) -> SyntheticBuffer:
+    """Real images of ``part`` held at ``1/factor`` resolution (average-pooled), decoded by bilinear upsampling."""
+    meta = dict(part.meta, decoder={"kind": "upsample", "factor": factor, "mode": "bilinear"})
+    return SyntheticBuffer(torch.nn.functional.avg_pool2d(part.images, factor), part.labels, part.num_classes, part.class_ids, meta)
 
 
 def _float16_rows(probs: torch.Tensor) -> torch.Tensor:

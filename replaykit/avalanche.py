@@ -152,7 +152,9 @@ class DistilledBuffer(ExemplarsBuffer):
 
     Args:
         max_size: M, the most images held in total.
-        method: a name from :func:`replaykit.distill.available` (``dm`` is the default).
+        method: a name from :func:`replaykit.distill.available` (``dm`` is the default), or ``"auto"``: distill,
+            hybrid or select by the bytes each class gets, from the measured table in :mod:`replaykit.memory_choice`
+            (needs ``mem_bytes`` and ``num_classes``; the choice is logged and kept in the buffer's ``memory_choice``).
         method_options: keyword options for the method's constructor (not ``ipc`` / ``seed``).
         recompress: when a held class's quota shrinks: ``"distill"`` (distill its synthetic set further),
             ``"select"`` (keep a seeded random part of it) or ``"prefix"`` (keep its first images: the
@@ -221,6 +223,16 @@ class DistilledBuffer(ExemplarsBuffer):
         logits: bool = False,
         core: float | None = None,
     ) -> None:
+        choice = None
+        if method == "auto":  # distill, hybrid or select, from the measured table in replaykit.memory_choice
+            if mem_bytes is None or not num_classes:
+                raise ValueError("method='auto' chooses by the bytes each class gets: it needs mem_bytes and num_classes")
+            if method_options or core is not None:
+                raise ValueError("method='auto' sets the method's options and core itself: leave method_options and core unset")
+            from .memory_choice import choose_memory
+
+            choice = choose_memory(mem_bytes / num_classes)
+            method, method_options, core, recompress = choice.method, dict(choice.method_options), choice.core, choice.recompress
         if core is not None:
             if not (isinstance(core, (int, float)) and not isinstance(core, bool) and 0 < core <= 1):
                 raise ValueError(f"core must be a share in (0, 1], got {core!r}")
@@ -298,6 +310,7 @@ class DistilledBuffer(ExemplarsBuffer):
         self.augment = bool(augment)
         self.logits = bool(logits)
         self.core = None if core is None else float(core)
+        self.memory_choice = None if choice is None else choice.to_json()
         self._learner: torch.nn.Module | None = None
         self.synthetic: SyntheticBuffer | None = None
         self.distill_seconds: list[float] = []
@@ -465,6 +478,7 @@ class DistilledBuffer(ExemplarsBuffer):
             recompress=self.recompress,
             storage=self.storage,
             **({"core": self.core, "core_ipc": self.core_ipc()} if self.core is not None else {}),
+            **({"memory_choice": self.memory_choice} if self.memory_choice is not None else {}),
             seed=self.seed,
             experiences=self._updates,
             distill_seconds=list(self.distill_seconds),

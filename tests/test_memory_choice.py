@@ -1,0 +1,46 @@
+"""The plugin's choice of distill / hybrid / select comes from the documented table and is recorded."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from replaykit import distill
+from replaykit.avalanche import DistilledBuffer
+from replaykit.data import dataset_info, load_tensors
+from replaykit.memory_choice import CHOICES, choose_memory
+
+
+def test_table_is_ordered_unbounded_at_the_end_and_names_its_evidence():
+    bounds = [bound for bound, _ in CHOICES]
+    assert bounds == sorted(bounds) and bounds[-1] == float("inf")
+    for _, choice in CHOICES:
+        assert choice.mode in ("distill", "hybrid", "select") and choice.method in distill.available()
+        assert (choice.core is not None) == (choice.mode != "select") and choice.evidence
+        assert choice.mode != "hybrid" or 0 < choice.core < 1
+
+
+def test_each_budget_gets_the_first_row_that_holds_it(caplog):
+    with caplog.at_level(logging.INFO, logger="replaykit"):
+        for bound, choice in CHOICES:
+            probe = bound if bound != float("inf") else 1e9
+            assert choose_memory(probe) == choice
+    assert "bytes per class" in caplog.text
+    with pytest.raises(ValueError, match="bytes_per_class"):
+        choose_memory(0)
+
+
+def test_auto_buffer_holds_what_the_table_says_and_records_it():
+    x, y = load_tensors("digits")
+    meta = dataset_info("digits").meta()
+    buffer = DistilledBuffer(method="auto", mem_bytes=650, storage="uint8", num_classes=10, dataset_meta=meta, progress=False)
+    choice = choose_memory(65.0)
+    assert buffer.method == choice.method and buffer.recompress == choice.recompress and buffer.core == choice.core
+    buffer.update_from_tensors(x[y < 2], y[y < 2])
+    assert buffer.synthetic.meta["memory_choice"] == choice.to_json() and buffer.nbytes() <= 650
+    with pytest.raises(ValueError, match="mem_bytes and num_classes"):
+        DistilledBuffer(10, method="auto", dataset_meta=meta)
+    with pytest.raises(ValueError, match="leave method_options"):
+        DistilledBuffer(method="auto", mem_bytes=650, storage="uint8", num_classes=10, dataset_meta=meta, method_options={"iterations": 5})

@@ -154,7 +154,8 @@ class DistilledBuffer(ExemplarsBuffer):
         max_size: M, the most images held in total.
         method: a name from :func:`replaykit.distill.available` (``dm`` is the default), or ``"auto"``: distill,
             hybrid or select by the bytes each class gets, from the measured table in :mod:`replaykit.memory_choice`
-            (needs ``mem_bytes`` and ``num_classes``; the choice is logged and kept in the buffer's ``memory_choice``).
+            (needs ``mem_bytes`` and ``num_classes``; the table sets the storage, JPEG quality and held logits too; the
+            choice is logged and kept in the buffer's ``memory_choice``).
         method_options: keyword options for the method's constructor (not ``ipc`` / ``seed``).
         recompress: when a held class's quota shrinks: ``"distill"`` (distill its synthetic set further),
             ``"select"`` (keep a seeded random part of it) or ``"prefix"`` (keep its first images: the
@@ -233,6 +234,7 @@ class DistilledBuffer(ExemplarsBuffer):
 
             choice = choose_memory(mem_bytes / num_classes)
             method, method_options, core, recompress = choice.method, dict(choice.method_options), choice.core, choice.recompress
+            storage, jpeg_quality, logits = choice.storage, choice.jpeg_quality, choice.logits
         if core is not None:
             if not (isinstance(core, (int, float)) and not isinstance(core, bool) and 0 < core <= 1):
                 raise ValueError(f"core must be a share in (0, 1], got {core!r}")

@@ -21,9 +21,11 @@ def test_budgets_are_raw_images_per_class():
 
 
 def test_twins_share_the_distilled_pipeline_and_baselines_fit_the_bytes():
-    rows = bytes_sweep.sweep_rows("mnist", 7_850, ("dm:core=1:iterations=50", "dm:core=0.5"), "jpeg:quality=2:logits=1:mix=0.5", "prefix")
-    by = {r["images"]: r for r in rows}
-    assert set(by) == {"distilled:dm", "hybrid:dm", "random", "herding", "replay", "der", "jpeg"}
+    rows = bytes_sweep.sweep_rows("mnist", 7_850, ("dm:core=1:iterations=50", "dm:core=0.5"), "jpeg:quality=2:logits=1:mix=0.5", "prefix",
+                                  real_pipelines=("uint8:bits=2",))
+    by = {r.get("row", r["images"]): r for r in rows}
+    assert set(by) == {"distilled:dm", "hybrid:dm", "random", "herding", "replay", "der", "jpeg", "random (uint8:bits=2)"}
+    assert by["random (uint8:bits=2)"]["pipeline"] == "uint8:bits=2:recompress=prefix"
     pipelines = {by[f]["pipeline"] for f in ("distilled:dm", "hybrid:dm", "random", "herding")}
     assert pipelines == {"jpeg:logits=1:mix=0.5:quality=2:recompress=prefix"}
     assert by["replay"]["spec"] == "replay:10" and by["der"]["spec"] == "der:9"  # 9 x (784 + 1 + 40) <= 7,850
@@ -31,7 +33,8 @@ def test_twins_share_the_distilled_pipeline_and_baselines_fit_the_bytes():
 
 
 def test_lead_is_best_distilled_minus_best_real_row():
-    fams = {"distilled:dm": (95.0, 0, 3), "hybrid:dm": (96.0, 0, 3), "random": (94.5, 0, 3), "der": (95.5, 0, 3), "replay": (90.0, 0, 3)}
+    fams = {"distilled:dm": (95.0, 0, 3), "hybrid:dm": (96.0, 0, 3), "random": (94.5, 0, 3), "der": (95.5, 0, 3), "replay": (90.0, 0, 3),
+            "random (jpeg:quality=2)": (95.2, 0, 3)}
     assert abs(bytes_sweep.lead(fams) - 0.5) < 1e-9
     assert bytes_sweep.lead({"random": (90.0, 0, 1)}) is None
 
@@ -44,13 +47,14 @@ def test_quick_run_writes_rows_table_and_plot_and_resumes(tmp_path, real_data_ro
     doc = json.loads((out / "results.json").read_text())
     assert json.loads((tmp_path / "copy.json").read_text())["rows"] == doc["rows"]
     rows = doc["rows"]
-    assert {r["images"] for r in rows} == {"distilled:dm", "random", "herding", "replay", "der", "jpeg"}
+    assert {r.get("row", r["images"]) for r in rows} == {"distilled:dm", "random", "herding", "replay", "der", "jpeg",
+                                                        "random (jpeg:quality=2:logits=1:mix=0.5)"}
     for r in rows:
         for key in ("dataset", "seed", "epochs", "budget_bytes", "memory_bytes", "memory_images", "images", "pipeline",
                     "final_accuracy", "distill_seconds"):
             assert key in r
         assert r["budget_bytes"] == 7_850 and 0 < r["memory_bytes"] <= 7_850 and 0 <= r["final_accuracy"] <= 1
-    twins = {r["pipeline"] for r in rows if r["images"] in ("distilled:dm", "random", "herding")}
+    twins = {r["pipeline"] for r in rows if r.get("row", r["images"]) in ("distilled:dm", "random", "herding")}
     assert len(twins) == 1
     assert (out / "lead_vs_bytes.png").read_bytes()[:4] == b"\x89PNG"
     assert "distilled - best real" in (out / "results.md").read_text()

@@ -32,8 +32,9 @@ def test_demo_json_and_distilled_beats_raw_replay_at_equal_bytes(capsys):
     with tempfile.TemporaryDirectory() as out:
         assert main(["demo", "--out", out, "--quiet", "--json", "--seed", "0"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    naive, raw, distilled = summary["results"]
+    naive, raw, distilled, twin = summary["results"]
     assert distilled["memory_bytes"] <= raw["memory_bytes"] == 1300 and distilled["memory_images"] > 3 * raw["memory_images"]
+    assert twin["method"] == "random" and twin["memory_images"] == distilled["memory_images"]  # same pipeline, same bytes
     assert distilled["final_accuracy"] >= raw["final_accuracy"] + 0.03 and raw["final_accuracy"] > naive["final_accuracy"]
 
 

@@ -58,6 +58,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from . import distill as _distill
 from .buffer import _BYTES_PER_PIXEL, STORAGE_DTYPES, SyntheticBuffer, decode_upsample, logit_row_bytes
+from .device import module_device, resolve_device
 from .distill.dm import MatchingDistiller
 from .progress import progress_bar
 from .training import soft_cross_entropy
@@ -186,6 +187,10 @@ class DistilledBuffer(ExemplarsBuffer):
             :class:`DistilledReplayPlugin` replays them DER-style (an extra MSE term on a buffer batch),
             beside the hard labels. Needs ``num_classes``, and ``recompress="select"`` (or a selecting
             method): a held image that is distilled again has no logits of its learner any more.
+        distill_device: where distillation runs. ``None`` (default): the strategy's device
+            (``strategy.device``) when Avalanche calls :meth:`post_adapt`, the CPU for direct
+            :meth:`update_from_tensors` calls. The held images always stay on the host (they are the
+            memory that is counted); the learner may live on any device.
     """
 
     def __init__(
@@ -209,6 +214,7 @@ class DistilledBuffer(ExemplarsBuffer):
         group: Any = None,
         augment: bool = False,
         logits: bool = False,
+        distill_device: str | torch.device | None = None,
     ) -> None:
         if logits and not num_classes:
             raise ValueError("logits needs num_classes (the size of the learner's output)")
@@ -254,9 +260,11 @@ class DistilledBuffer(ExemplarsBuffer):
         if method not in _distill.REGISTRY:
             raise ValueError(f"unknown distillation method {method!r}; available: {', '.join(_distill.available())}")
         options = dict(method_options or {})
-        clash = {"ipc", "seed", "progress", "learner"} & options.keys()
+        clash = {"ipc", "seed", "progress", "learner", "device"} & options.keys()
         if clash:
-            raise ValueError(f"method_options must not set {sorted(clash)}: the buffer chooses them")
+            raise ValueError(f"method_options must not set {sorted(clash)}: the buffer chooses them (device: distill_device=)")
+        if distill_device is not None:
+            distill_device = str(resolve_device(distill_device))
         if recompress not in RECOMPRESS_MODES:
             raise ValueError(f"recompress must be one of {RECOMPRESS_MODES}, got {recompress!r}")
         if storage in ("uint8", "jpeg") and not {"mean", "std"} <= set(dataset_meta or {}):
@@ -279,6 +287,8 @@ class DistilledBuffer(ExemplarsBuffer):
         self.group = group
         self.augment = bool(augment)
         self.logits = bool(logits)
+        self.distill_device = distill_device
+        self._work_device: str | None = None  # the strategy's device, set by post_adapt
         self._learner: torch.nn.Module | None = None
         self.synthetic: SyntheticBuffer | None = None
         self.distill_seconds: list[float] = []
@@ -306,7 +316,12 @@ class DistilledBuffer(ExemplarsBuffer):
         """Distill the experience's training data into the buffer (Avalanche calls this after training)."""
         images, labels = dataset_tensors(exp.dataset)
         learner = getattr(agent_state, "model", None) if self.learner_aware or self.soft_labels or self.logits else None
-        self.update_from_tensors(images, labels, learner=learner)
+        strategy_device = getattr(agent_state, "device", None)
+        self._work_device = None if strategy_device is None else str(resolve_device(strategy_device))
+        try:
+            self.update_from_tensors(images, labels, learner=learner)
+        finally:
+            self._work_device = None
 
     def resize(self, strategy: Any, new_size: int) -> None:
         """Change M; held classes are re-compressed when it shrinks."""
@@ -430,7 +445,7 @@ class DistilledBuffer(ExemplarsBuffer):
             from . import jpeg
 
             mean, std = (torch.tensor(self.dataset_meta[k], dtype=torch.float32).view(1, -1, 1, 1) for k in ("mean", "std"))
-            small = jpeg.roundtrip(small, self.jpeg_quality, mean, std)
+            small = jpeg.roundtrip(small.cpu(), self.jpeg_quality, mean, std).to(images.device)  # the codec runs on the host
         return decode_upsample(small, factor)
 
     def _set(self, buffer: SyntheticBuffer) -> None:
@@ -498,7 +513,7 @@ class DistilledBuffer(ExemplarsBuffer):
             return {c: self._run_method(images[masks[c]], labels[masks[c]], ipcs[c], k, c) for c in classes}
         from .distributed import ClassJob, distill_per_class
 
-        jobs = [ClassJob(self.method, dict(self.method_options), ipcs[c], self._class_seed(c), images[masks[c]],
+        jobs = [ClassJob(self.method, dict(self.method_options, device=self._device()), ipcs[c], self._class_seed(c), images[masks[c]],
                          labels[masks[c]], k, dict(self.dataset_meta)) for c in classes]
         parts = distill_per_class(jobs, workers=self.workers, group=self.group, all_ranks=self.group is not None)
         return dict(zip(classes, parts))
@@ -510,8 +525,9 @@ class DistilledBuffer(ExemplarsBuffer):
         """The learner's logits ``[N, k]`` on the images of ``part`` as they will be replayed (stored, then decoded)."""
         was_training = learner.training
         learner.eval()
-        with torch.no_grad():
-            logits = learner(part.with_meta(**self._storage_meta()).quantized(self.storage).decoded_images())
+        with torch.no_grad():  # computed where the learner lives, kept on the host with the buffer
+            images = part.with_meta(**self._storage_meta()).quantized(self.storage).decoded_images()
+            logits = learner(images.to(module_device(learner))).cpu()
         learner.train(was_training)
         if logits.shape[1] != k:
             logits = torch.nn.functional.pad(logits, (0, k - logits.shape[1]), value=-1e4)[:, :k]
@@ -535,8 +551,12 @@ class DistilledBuffer(ExemplarsBuffer):
         options = dict(self.method_options)
         if self.learner_aware and getattr(self, "_learner", None) is not None:
             options["learner"] = self._learner
-        distiller = _distill.make(self.method, ipc=ipc, seed=seed, progress=self.progress, **options)
+        distiller = _distill.make(self.method, ipc=ipc, seed=seed, progress=self.progress, device=self._device(), **options)
         return distiller.distill(images, labels, num_classes=k, meta=self.dataset_meta)
+
+    def _device(self) -> str:
+        """Where this update distills: ``distill_device``, else the strategy's device, else the CPU."""
+        return getattr(self, "distill_device", None) or getattr(self, "_work_device", None) or "cpu"
 
     def _recompress(self, held: SyntheticBuffer, quotas: dict[int, int], desc: str) -> SyntheticBuffer:
         """Shrink each class of ``held`` to its quota (classes already within it are kept as they are)."""
@@ -641,9 +661,10 @@ def mix_view(strategy: "SupervisedTemplate", view: Callable[[torch.Tensor], torc
     x = strategy.mbatch[0]
     if p == 0 or x.ndim != 4:
         return
-    pick = torch.rand(x.shape[0], generator=gen) < p
+    pick = torch.rand(x.shape[0], generator=gen) < p  # drawn on the host: the same share on every device
     if not pick.any():
         return
+    pick = pick.to(x.device)
     viewed = view(x[pick])
     if viewed is not None:
         x = x.clone()
@@ -674,6 +695,7 @@ class DistilledReplayPlugin(ReplayPlugin):
         mix: with a lossy buffer (reduced resolution, JPEG), the share of every training mini-batch
             shown as the buffer would give it back (:meth:`DistilledBuffer.view`, see
             :class:`MixedViewPlugin`); 0 turns it off.
+        distill_device: where distillation runs (default: the strategy's device; see :class:`DistilledBuffer`).
         storage_policy: a ready :class:`DistilledBuffer` (overrides the options above).
         Other keyword arguments go to :class:`DistilledBuffer`.
     """
@@ -704,6 +726,7 @@ class DistilledReplayPlugin(ReplayPlugin):
         augment: bool = False,
         logits: bool = False,
         logit_loss_weight: float = 0.1,
+        distill_device: str | torch.device | None = None,
     ) -> None:
         if not (logit_loss_weight >= 0 and math.isfinite(logit_loss_weight)):
             raise ValueError(f"logit_loss_weight must be >= 0, got {logit_loss_weight!r}")
@@ -716,7 +739,7 @@ class DistilledReplayPlugin(ReplayPlugin):
                 mem_size, method, method_options, recompress=recompress, storage=storage, dataset_meta=dataset_meta,
                 num_classes=num_classes, seed=seed, progress=progress, mem_bytes=mem_bytes, learner_aware=learner_aware,
                 soft_labels=soft_labels, jpeg_quality=jpeg_quality, workers=workers, group=group, augment=augment,
-                logits=logits,
+                logits=logits, distill_device=distill_device,
             )
             mem_size = storage_policy.max_size
         elif not isinstance(storage_policy, DistilledBuffer):

@@ -22,7 +22,9 @@ def resolve_device(device: str | torch.device | None = "cpu") -> torch.device:
     if device is None:
         return torch.device("cpu")
     if isinstance(device, str) and device.strip().lower() == "auto":
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        # "cuda" without an index: the process's current CUDA device when the work runs (a torchrun rank's own
+        # GPU); resolving it does not initialise CUDA, so a process may still fork workers afterwards
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     if not isinstance(device, (str, torch.device)):
         raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N', 'auto' or a torch.device, got {device!r}")
     try:
@@ -36,10 +38,9 @@ def resolve_device(device: str | torch.device | None = "cpu") -> torch.device:
     if not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asks for CUDA, but this PyTorch ({torch.__version__}) sees no CUDA device; "
                          "use --device cpu (or auto)")
-    index = torch.cuda.current_device() if dev.index is None else dev.index
-    if index >= torch.cuda.device_count():
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return torch.device("cuda", index)
+    return dev
 
 
 def module_device(module: torch.nn.Module) -> torch.device:

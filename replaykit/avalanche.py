@@ -664,7 +664,7 @@ def mix_view(strategy: "SupervisedTemplate", view: Callable[[torch.Tensor], torc
     pick = torch.rand(x.shape[0], generator=gen) < p  # drawn on the host: the same share on every device
     if not pick.any():
         return
-    pick = pick.to(x.device)
+    pick = pick.to(x.device, non_blocking=True)
     viewed = view(x[pick])
     if viewed is not None:
         x = x.clone()

@@ -176,6 +176,7 @@ class MatchingDistiller(Distiller):
         syn = {c: self._initial_images(images, index[c], c, gens[c]).requires_grad_(True) for c in classes}
         self._learner_copy = None
         opt = torch.optim.SGD(list(syn.values()), lr=self.lr, momentum=0.5)
+        self._norm = [t.to(images.device) for t in getattr(self, "_norm", [])]  # once, not every iteration
         batched = self.batch_classes if self.batch_classes is not None else images.device.type != "cpu"
 
         done, stopped_by, per_iter = 0, "iterations", 0.0
@@ -241,7 +242,7 @@ class MatchingDistiller(Distiller):
         the two paths see the same real batches, networks and augmentations.
         """
         picks = [index[c][torch.randint(index[c].numel(), (self.real_batch,), generator=gens[c])] for c in classes]
-        real = images[torch.cat(picks).to(images.device)]
+        real = images[torch.cat(picks).to(images.device, non_blocking=True)]
         fake = self._decoded(torch.cat([syn[c] for c in classes]))
         if dsa is not None:
             params = [dsa.reseed(derive_seed(self.seed, c, it, 3)).sample(1) for c in classes]
@@ -268,11 +269,12 @@ def _siamese_grouped(dsa: DSA, x: torch.Tensor, params: list[DSAParams], per_cla
     for ops, members in groups.items():
         values = {k: torch.cat([params[i].values[k] for i in members]).repeat_interleave(per_class, dim=0)
                   for k in params[members[0]].values}
-        outs.append(dsa.apply(blocks[members].flatten(0, 1), DSAParams(ops, values)))
+        chosen = blocks[torch.tensor(members).to(x.device, non_blocking=True)].flatten(0, 1)
+        outs.append(dsa.apply(chosen, DSAParams(ops, values)))
         order += members
     if order == list(range(len(params))):
         return torch.cat(outs)
-    inverse = torch.argsort(torch.tensor(order)).to(x.device)
+    inverse = torch.argsort(torch.tensor(order)).to(x.device, non_blocking=True)
     return torch.cat(outs).view(len(params), per_class, *x.shape[1:])[inverse].flatten(0, 1)
 
 

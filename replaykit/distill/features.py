@@ -104,9 +104,9 @@ class RandomConvNets:
             for module in self._host.modules():
                 if module is not self._host and hasattr(module, "reset_parameters"):
                     module.reset_parameters()
-            if self.net is not self._host:  # a host-to-device copy per parameter; it does not wait for queued GPU work
+            if self.net is not self._host:  # host-to-device copies that do not wait for the GPU's queued work
                 for target, source in zip(self.net.parameters(), self._host.parameters()):
-                    target.copy_(source)
+                    target.copy_(source, non_blocking=True)
         return self.net
 
 

@@ -25,7 +25,9 @@ job, so the images and labels are bit-identical whatever the number of workers
 -- for iteration-bounded runs, at the same intra-op thread count (every local worker,
 and ``workers=1``, uses one: on MNIST-sized images two threads round some sums
 differently). With a ``time_budget`` a method stops when the wall clock says so,
-and the result then depends on how fast each worker ran.
+and the result then depends on how fast each worker ran. That promise is the CPU's: jobs with
+``device="cuda"`` run on each rank's GPU (:func:`rank_gpu`), draw the same random numbers and agree
+to float rounding, not to the byte (cuDNN's algorithms and atomic adds are not bit-reproducible).
 
 Failures: a rank whose job raises reports the error to rank 0, and every rank
 raises :class:`DistributedDistillError` naming it; a rank that dies or hangs is

@@ -33,8 +33,10 @@ def _distill_per_class(args, options: dict, classes: list[int], info):
                                               root=args.data_root, num_classes=info.num_classes, meta=info.meta())
             for c in classes]
     if not distributed.launched_by_torchrun():
-        # fork: this process has imported torch but run no parallel torch work, so the workers can be copies of it
-        parts = distributed.distill_per_class(jobs, workers=args.workers, timeout=args.worker_timeout, start_method="fork")
+        # fork: this process has imported torch but run no parallel torch work, so the workers can be copies of it;
+        # not once CUDA was asked about (a forked process cannot use CUDA after its parent initialised the driver)
+        start = "fork" if args.device == "cpu" else "spawn"
+        parts = distributed.distill_per_class(jobs, workers=args.workers, timeout=args.worker_timeout, start_method=start)
         return distributed.merge_parts(parts, workers=args.workers)
     if args.workers not in (None, 1):
         raise ValueError("--workers cannot be combined with torchrun: torchrun already started the workers")

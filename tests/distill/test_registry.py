@@ -110,3 +110,25 @@ def test_every_method_runs_on_cuda_and_returns_a_host_buffer(name, tiny):
     assert gpu.images.shape == cpu.images.shape and gpu.class_ids.tolist() == cpu.class_ids.tolist()
     if distill.REGISTRY[name].selects and name == "random":
         assert torch.equal(gpu.images, cpu.images)  # host-drawn choice: the same images on every device
+
+
+def test_a_method_without_device_still_builds_on_the_cpu_and_refuses_cuda(monkeypatch, tiny):
+    from replaykit.distill.base import DistillResult, Distiller
+
+    class FirstImages(Distiller):  # written against the interface before device= existed
+        name = "first-images-test"
+        selects = True
+
+        def __init__(self, ipc: int = 1, *, seed: int = 0, progress: bool = True) -> None:
+            super().__init__(ipc, seed=seed, progress=progress)
+
+        def _distill(self, images, labels, classes, num_classes):
+            index = torch.cat([torch.nonzero(labels == c).flatten()[: self.ipc] for c in classes])
+            return DistillResult(images[index].clone(), labels[index].clone(), labels[index].clone())
+
+    monkeypatch.setitem(distill.REGISTRY, FirstImages.name, FirstImages)
+    x, y = tiny
+    assert len(distill.make(FirstImages.name, ipc=1, device="cpu").distill(x, y)) == 3
+    monkeypatch.setattr("replaykit.device.resolve_device", torch.device)  # lets "cuda" through on a CPU machine
+    with pytest.raises(ValueError, match="takes no device"):
+        distill.make(FirstImages.name, ipc=1, device="cuda")

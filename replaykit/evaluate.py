@@ -146,6 +146,9 @@ def evaluate_buffer(
     train and test; the buffer and the data may live anywhere.
     """
     device = str(resolve_device(device))
+    # the data may come on any device: scoring and the privacy check run on host copies, training on ``device``
+    test_images, test_labels = test_images.cpu(), test_labels.cpu()
+    train_images = None if train_images is None else train_images.cpu()
     if len(buffer) == 0:
         raise ValueError("the buffer is empty: nothing to train on")
     shape = buffer.decoded_shape

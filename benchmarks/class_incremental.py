@@ -29,6 +29,7 @@ import torch
 from replaykit import distill
 from replaykit.continual import GDUMB_EPOCHS, RunConfig, StrategySpec, make_stream, run
 from replaykit.data import DatasetNotFoundError, dataset_info, load_tensors
+from replaykit.device import add_device_argument, resolve_device
 from replaykit.fileio import atomic_write, atomic_write_json
 from replaykit.runtime import keep_freed_memory
 from replaykit.viz import save_accuracy_plot, save_bytes_plot
@@ -190,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="keep the runs already in OUT/results.json")
     parser.add_argument("--quick", action="store_true", help="CI smoke: small MNIST subsets, every strategy, one seed")
     parser.add_argument("--quiet", action="store_true")
+    add_device_argument(parser, "every strategy trains and distills")
     args = parser.parse_args(argv)
 
     options = json.loads(args.method_options)
@@ -225,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         "width": args.width, "depth": 3, "epochs": args.epochs, "batch_size": 128, "batch_size_mem": 128, "headline_bytes": HEADLINE_BYTES,
         "train_per_class": args.train_per_class, "test_per_class": args.test_per_class, "storage": args.storage, "recompress": args.recompress,
         "method_options": options, "quick": args.quick, "evaluated_on": "validation split of train" if args.validation else "test set",
+        "device": args.device,
     }
     runs: list[dict[str, Any]] = []
     if args.resume and results_path.is_file():
@@ -233,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     specs = _specs(methods, baselines, distilled, options, args.storage, args.recompress)
     cells = [
         (RunConfig(dataset=d, seed=sd, epochs=e, width=args.width, train_per_class=args.train_per_class,
-                   test_per_class=args.test_per_class, data_root=args.data_root, validation=args.validation), spec)
+                   test_per_class=args.test_per_class, data_root=args.data_root, validation=args.validation,
+                   device=args.device), spec)
         for e in args.epochs for sd in seeds for d in args.datasets for spec in specs  # seed by seed: partial runs stay balanced
         if (d, sd, spec.label, e) not in done
     ]
@@ -314,10 +318,16 @@ QUICK_BASELINES = ["naive", "replay:100", "gdumb:100", "der:100", f"downsample:{
 QUICK_DISTILLED = [f"distilled:{HEADLINE_BYTES}B:dm:uint8:bits=2:iterations=5:real_batch=16:recompress=select"]
 
 
+def _device_words(device: str) -> str:
+    """How the run's device reads in the results: the GPU's name, or that none was used."""
+    resolved = resolve_device(device)
+    return f"GPU {torch.cuda.get_device_name(resolved)}" if resolved.type == "cuda" else "no GPU"
+
+
 def _document(config: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "benchmark": "class_incremental (PROTOCOL A)",
-        "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads, no GPU",
+        "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads, {_device_words(config.get('device', 'cpu'))}",
         "config": config,
         "runs": runs,
     }

@@ -41,6 +41,7 @@ import torch  # noqa: E402
 
 from replaykit import distill  # noqa: E402
 from replaykit.data import DatasetNotFoundError, dataset_info, load_tensors  # noqa: E402
+from replaykit.device import add_device_argument  # noqa: E402
 from replaykit.evaluate import evaluate_buffer  # noqa: E402
 from replaykit.fileio import atomic_write, atomic_write_bytes, atomic_write_json  # noqa: E402
 from replaykit.runtime import keep_freed_memory  # noqa: E402
@@ -168,10 +169,10 @@ def dm_speed_bar(args, budget: float, long: float) -> dict[str, Any]:
     rows = []
     for label, method, opts in (("random", "random", {}), (f"dm {budget:g} s", "dm", {"time_budget": budget}),
                                 (f"dm {long:g} s", "dm", {"time_budget": long})):
-        buf = distill.make(method, ipc=10, seed=args.seed, progress=not args.quiet, **opts).distill(
+        buf = distill.make(method, ipc=10, seed=args.seed, progress=not args.quiet, device=args.device, **opts).distill(
             x, y, num_classes=10, meta=dataset_info("mnist").meta())
         ev = evaluate_buffer(buf, xt, yt, networks=["convnet"], num_networks=args.num_networks, epochs=args.epochs,
-                             width=args.width, seed=args.seed, progress=False)
+                             width=args.width, seed=args.seed, progress=False, device=args.device)
         rows.append({"label": label, "method": method, "options": opts, "distill_seconds": buf.meta["distill_seconds"],
                      "iterations_done": buf.meta.get("iterations_done"), "convnet": ev["convnet"],
                      "per_network": ev["per_network"]["convnet"]})
@@ -222,6 +223,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plot-export", action="store_true",
                    help="only redraw the accuracy plots of the --export file (beside it) and exit")
     p.add_argument("--quiet", action="store_true")
+    add_device_argument(p, "distillation and the evaluation networks")
     args = p.parse_args(argv)
     if args.quick:
         args.datasets = args.datasets or ["digits"]
@@ -287,12 +289,12 @@ def _distill_cell(method: str, opts: dict[str, Any], ipc: int, x, y, num_classes
         from replaykit import distributed  # lazily: only --workers needs torch.distributed
 
         classes = torch.unique(y).tolist()
-        job_opts = dict(opts)
+        job_opts = dict(opts, device=args.device)
         if "time_budget" in job_opts:  # the cell's wall-clock budget, shared by the classes each worker runs in turn
             job_opts["time_budget"] = job_opts["time_budget"] * args.workers / len(classes)
         jobs = [distributed.ClassJob(method, job_opts, ipc, args.seed, x[y == c], y[y == c], num_classes, meta) for c in classes]
         return distributed.merge_parts(distributed.distill_per_class(jobs, workers=args.workers), workers=args.workers)
-    return distill.make(method, ipc=ipc, seed=args.seed, progress=not args.quiet, **opts).distill(x, y, num_classes=num_classes, meta=meta)
+    return distill.make(method, ipc=ipc, seed=args.seed, progress=not args.quiet, device=args.device, **opts).distill(x, y, num_classes=num_classes, meta=meta)
 
 
 def _export_rows(path: Path, runs: list[dict[str, Any]], config: dict[str, Any]) -> None:
@@ -392,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed, "budget": args.budget, "iterations": args.iterations, "num_networks": args.num_networks,
         "epochs": args.epochs, "width": args.width, "cross_networks": cross, "cross_num_networks": args.cross_num_networks,
         "quick": args.quick, "eval_split": "validation" if args.validation else "test", "train_subset": args.train_subset,
-        "no_privacy": args.no_privacy, "departures": departures, "threads": args.threads, "workers": args.workers,
+        "no_privacy": args.no_privacy, "departures": departures, "threads": args.threads, "workers": args.workers, "device": args.device,
         "machine": f"{os.cpu_count()}-core CPU ({platform.machine()}), no GPU" if not torch.cuda.is_available() else "GPU",
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -439,11 +441,11 @@ def main(argv: list[str] | None = None) -> int:
                     buffer.save(out / f"{name}_ipc{ipc}_{method}{suffix}.safetensors")
                     ev = evaluate_buffer(buffer, xe, ye, networks=["convnet"], num_networks=args.num_networks, epochs=args.epochs,
                                          width=args.width, train_images=None if args.no_privacy else x, seed=args.seed,
-                                         progress=not args.quiet, workers=args.workers)
+                                         progress=not args.quiet, workers=args.workers, device=args.device)
                     if cross:
                         ev_cross = evaluate_buffer(buffer, xe, ye, networks=cross, num_networks=args.cross_num_networks,
                                                    epochs=args.epochs, width=args.width, seed=args.seed, progress=not args.quiet,
-                                                   workers=args.workers)
+                                                   workers=args.workers, device=args.device)
                         for arch in cross:
                             ev[arch] = ev_cross[arch]
                             ev["per_network"][arch] = ev_cross["per_network"][arch]

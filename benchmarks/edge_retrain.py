@@ -47,6 +47,7 @@ from edge.codec import WEIGHT_STORAGES  # noqa: E402
 from edge.exporter import soft_cross_entropy  # noqa: E402
 from edge.exporter import torch_step as eager_step  # noqa: E402
 from replaykit.data import dataset_info, load_tensors  # noqa: E402
+from replaykit.device import add_device_argument, resolve_device  # noqa: E402
 from replaykit.fileio import atomic_write, atomic_write_bytes, atomic_write_json  # noqa: E402
 from replaykit.networks import ConvNet  # noqa: E402
 from replaykit.training import seeded, train_classifier  # noqa: E402
@@ -117,6 +118,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="leave glibc malloc at its defaults in this (PyTorch) process; by default it keeps freed memory "
                         "(replaykit.runtime.keep_freed_memory), the fastest PyTorch CPU setting. The device processes "
                         "never use it: there a small resident set matters")
+    add_device_argument(p, "the base models train and the buffer is distilled (the edge step and its PyTorch "
+                           "reference always run on the CPU, as on an edge device)")
     args = p.parse_args(argv)
     if args.seed is not None:
         args.seeds = [args.seed]
@@ -470,13 +473,13 @@ def run_seed(seed: int, args, out: Path) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     with seeded(seed):
-        model = ConvNet(info.in_shape, 10, width=args.width, depth=args.depth)
+        model = ConvNet(info.in_shape, 10, width=args.width, depth=args.depth).to(resolve_device(args.device))
     train_classifier(model, norm(base_x), base_y, epochs=s["base_epochs"], batch_size=128, lr=0.01, seed=seed)
-    model.eval()
+    model = model.cpu().eval()  # the edge comparison runs on the CPU
     base_seconds = time.perf_counter() - t0
 
     ipc = -(-args.buffer_size // len(OLD))
-    distiller = make(args.buffer_method, ipc=ipc, seed=seed, progress=False)
+    distiller = make(args.buffer_method, ipc=ipc, seed=seed, progress=False, device=args.device)
     buffer = distiller.distill(norm(pool_x), pool_y, num_classes=10, meta=info.meta())
     keep = torch.cat([buffer.indices_of(c)[: ipc - (1 if k >= len(OLD) - (ipc * len(OLD) - args.buffer_size) else 0)]
                       for k, c in enumerate(OLD)])
@@ -541,9 +544,9 @@ def wide_run(width: int, args, out: Path, seed: int, base_x, base_y, buffer, old
     info = dataset_info("mnist")
     started = time.perf_counter()
     with seeded(seed):
-        model = ConvNet(info.in_shape, 10, width=width, depth=args.depth)
+        model = ConvNet(info.in_shape, 10, width=width, depth=args.depth).to(resolve_device(args.device))
     train_classifier(model, base_x, base_y, epochs=args.wide_epochs, batch_size=128, lr=0.01, seed=seed)
-    model.eval()
+    model = model.cpu().eval()
     x_old = _to_uint8(old_tx)
     with torch.no_grad():
         torch_acc = float((model(_normalise_uint8(x_old, info)).argmax(1) == old_ty).float().mean())

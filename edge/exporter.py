@@ -317,6 +317,7 @@ def export(
         raise ValueError(f"weights must be one of {WEIGHT_STORAGES}, got {weights!r}")
     if not isinstance(buffer, SyntheticBuffer):
         raise TypeError(f"buffer must be a SyntheticBuffer, got {type(buffer).__name__}")
+    model, buffer = _host_copies(model, buffer)
     if not hasattr(model, "classifier") or not isinstance(model.classifier, nn.Linear) or not hasattr(model, "features"):
         raise ValueError("model must have .features and a linear .classifier (a replaykit.networks network)")
     for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
@@ -443,6 +444,22 @@ def export(
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
     return out_dir
+
+
+def _host_copies(model: nn.Module, buffer):
+    """``model`` and ``buffer`` on the CPU, where export traces and verifies: a model or buffer elsewhere (a GPU)
+    is copied, so the caller's objects never move; ones already on the CPU are used as they are."""
+    import copy
+
+    from replaykit.buffer import SyntheticBuffer
+
+    if any(t.device.type != "cpu" for t in (*model.parameters(), *model.buffers())):
+        model = copy.deepcopy(model).cpu()
+    tensors = (buffer.images, buffer.labels, buffer.class_ids, buffer.logits)
+    if any(t is not None and t.device.type != "cpu" for t in tensors):
+        buffer = SyntheticBuffer(buffer.images.cpu(), buffer.labels.cpu(), buffer.num_classes, buffer.class_ids.cpu(),
+                                 buffer.meta, None if buffer.logits is None else buffer.logits.cpu())
+    return model, buffer
 
 
 def _network_spec(model: nn.Module) -> dict[str, Any]:

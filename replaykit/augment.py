@@ -152,7 +152,7 @@ class DSA:
         _check_images(x)
         if params.batch_size not in (1, x.shape[0]):
             raise ValueError(f"parameters were sampled for {params.batch_size} images, batch has {x.shape[0]}")
-        v = {k: t.to(device=x.device, dtype=x.dtype) for k, t in params.values.items()}
+        v = {k: t.to(device=x.device, dtype=x.dtype, non_blocking=True) for k, t in params.values.items()}
         for op in params.ops:
             if op == "color":
                 x = _color(x, v["brightness"], v["saturation"], v["contrast"])

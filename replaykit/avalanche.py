@@ -58,6 +58,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from . import distill as _distill
 from .buffer import _BYTES_PER_PIXEL, STORAGE_DTYPES, SyntheticBuffer, decode_upsample, logit_row_bytes
+from .device import module_device, resolve_device
 from .distill.dm import MatchingDistiller
 from .progress import progress_bar
 from .training import soft_cross_entropy
@@ -199,6 +200,10 @@ class DistilledBuffer(ExemplarsBuffer):
             were distilled for a much larger set. ``core=1`` ends with only distilled images, below 1 is a
             hybrid memory of distilled and real images in the same bytes. Needs ``num_classes`` and
             ``recompress="prefix"``.
+        distill_device: where distillation runs. ``None`` (default): the strategy's device
+            (``strategy.device``) when Avalanche calls :meth:`post_adapt`, the CPU for direct
+            :meth:`update_from_tensors` calls. The held images always stay on the host (they are the
+            memory that is counted); the learner may live on any device.
     """
 
     def __init__(
@@ -223,6 +228,7 @@ class DistilledBuffer(ExemplarsBuffer):
         augment: bool = False,
         logits: bool = False,
         core: float | None = None,
+        distill_device: str | torch.device | None = None,
     ) -> None:
         choice = None
         if method == "auto":  # distill, hybrid or select, from the measured table in replaykit.memory_choice
@@ -286,9 +292,11 @@ class DistilledBuffer(ExemplarsBuffer):
         if method not in _distill.REGISTRY:
             raise ValueError(f"unknown distillation method {method!r}; available: {', '.join(_distill.available())}")
         options = dict(method_options or {})
-        clash = {"ipc", "seed", "progress", "learner"} & options.keys()
+        clash = {"ipc", "seed", "progress", "learner", "device"} & options.keys()
         if clash:
-            raise ValueError(f"method_options must not set {sorted(clash)}: the buffer chooses them")
+            raise ValueError(f"method_options must not set {sorted(clash)}: the buffer chooses them (device: distill_device=)")
+        if distill_device is not None:
+            distill_device = str(resolve_device(distill_device))
         if recompress not in RECOMPRESS_MODES:
             raise ValueError(f"recompress must be one of {RECOMPRESS_MODES}, got {recompress!r}")
         if storage in ("uint8", "jpeg") and not {"mean", "std"} <= set(dataset_meta or {}):
@@ -313,6 +321,8 @@ class DistilledBuffer(ExemplarsBuffer):
         self.logits = bool(logits)
         self.core = None if core is None else float(core)
         self.memory_choice = None if choice is None else choice.to_json()
+        self.distill_device = distill_device
+        self._work_device: str | None = None  # the strategy's device, set by post_adapt
         self._learner: torch.nn.Module | None = None
         self.synthetic: SyntheticBuffer | None = None
         self.distill_seconds: list[float] = []
@@ -340,7 +350,12 @@ class DistilledBuffer(ExemplarsBuffer):
         """Distill the experience's training data into the buffer (Avalanche calls this after training)."""
         images, labels = dataset_tensors(exp.dataset)
         learner = getattr(agent_state, "model", None) if self.learner_aware or self.soft_labels or self.logits else None
-        self.update_from_tensors(images, labels, learner=learner)
+        strategy_device = getattr(agent_state, "device", None)
+        self._work_device = None if strategy_device is None else str(resolve_device(strategy_device))
+        try:
+            self.update_from_tensors(images, labels, learner=learner)
+        finally:
+            self._work_device = None
 
     def resize(self, strategy: Any, new_size: int) -> None:
         """Change M; held classes are re-compressed when it shrinks."""
@@ -464,7 +479,7 @@ class DistilledBuffer(ExemplarsBuffer):
             from . import jpeg
 
             mean, std = (torch.tensor(self.dataset_meta[k], dtype=torch.float32).view(1, -1, 1, 1) for k in ("mean", "std"))
-            small = jpeg.roundtrip(small, self.jpeg_quality, mean, std)
+            small = jpeg.roundtrip(small.cpu(), self.jpeg_quality, mean, std).to(images.device)  # the codec runs on the host
         return decode_upsample(small, factor)
 
     def _set(self, buffer: SyntheticBuffer) -> None:
@@ -536,7 +551,7 @@ class DistilledBuffer(ExemplarsBuffer):
         else:
             from .distributed import ClassJob, distill_per_class
 
-            jobs = [ClassJob(self.method, dict(self.method_options), cores[c], self._class_seed(c), images[masks[c]],
+            jobs = [ClassJob(self.method, dict(self.method_options, device=self._device()), cores[c], self._class_seed(c), images[masks[c]],
                              labels[masks[c]], k, dict(self.dataset_meta)) for c in classes]
             parts = dict(zip(classes, distill_per_class(jobs, workers=self.workers, group=self.group, all_ranks=self.group is not None)))
         if self.core is None:
@@ -566,8 +581,9 @@ class DistilledBuffer(ExemplarsBuffer):
         """The learner's logits ``[N, k]`` on the images of ``part`` as they will be replayed (stored, then decoded)."""
         was_training = learner.training
         learner.eval()
-        with torch.no_grad():
-            logits = learner(part.with_meta(**self._storage_meta()).quantized(self.storage).decoded_images())
+        with torch.no_grad():  # computed where the learner lives, kept on the host with the buffer
+            images = part.with_meta(**self._storage_meta()).quantized(self.storage).decoded_images()
+            logits = learner(images.to(module_device(learner))).cpu()
         learner.train(was_training)
         if logits.shape[1] != k:
             logits = torch.nn.functional.pad(logits, (0, k - logits.shape[1]), value=-1e4)[:, :k]
@@ -594,11 +610,15 @@ class DistilledBuffer(ExemplarsBuffer):
         if _distill.REGISTRY[self.method].selects:  # the stored form is the buffer's business: real images go through it as picked
             factor = int(options.pop("factor", 1))
             options.pop("bits", None)  # applied by the uint8 storage (pixel_bits)
-            picked = _distill.make(self.method, ipc=ipc, seed=seed, progress=self.progress, **options).distill(
+            picked = _distill.make(self.method, ipc=ipc, seed=seed, progress=self.progress, device=self._device(), **options).distill(
                 images, labels, num_classes=k, meta=self.dataset_meta)
             return picked if factor == 1 else _downsampled(picked, factor)
-        distiller = _distill.make(self.method, ipc=ipc, seed=seed, progress=self.progress, **options)
+        distiller = _distill.make(self.method, ipc=ipc, seed=seed, progress=self.progress, device=self._device(), **options)
         return distiller.distill(images, labels, num_classes=k, meta=self.dataset_meta)
+
+    def _device(self) -> str:
+        """Where this update distills: ``distill_device``, else the strategy's device, else the CPU."""
+        return getattr(self, "distill_device", None) or getattr(self, "_work_device", None) or "cpu"
 
     def _recompress(self, held: SyntheticBuffer, quotas: dict[int, int], desc: str) -> SyntheticBuffer:
         """Shrink each class of ``held`` to its quota (classes already within it are kept as they are)."""
@@ -711,9 +731,10 @@ def mix_view(strategy: "SupervisedTemplate", view: Callable[[torch.Tensor], torc
     x = strategy.mbatch[0]
     if p == 0 or x.ndim != 4:
         return
-    pick = torch.rand(x.shape[0], generator=gen) < p
+    pick = torch.rand(x.shape[0], generator=gen) < p  # drawn on the host: the same share on every device
     if not pick.any():
         return
+    pick = pick.to(x.device, non_blocking=True)
     viewed = view(x[pick])
     if viewed is not None:
         x = x.clone()
@@ -744,6 +765,7 @@ class DistilledReplayPlugin(ReplayPlugin):
         mix: with a lossy buffer (reduced resolution, JPEG), the share of every training mini-batch
             shown as the buffer would give it back (:meth:`DistilledBuffer.view`, see
             :class:`MixedViewPlugin`); 0 turns it off.
+        distill_device: where distillation runs (default: the strategy's device; see :class:`DistilledBuffer`).
         storage_policy: a ready :class:`DistilledBuffer` (overrides the options above).
         Other keyword arguments go to :class:`DistilledBuffer`.
     """
@@ -775,6 +797,7 @@ class DistilledReplayPlugin(ReplayPlugin):
         logits: bool = False,
         logit_loss_weight: float = 0.1,
         core: float | None = None,
+        distill_device: str | torch.device | None = None,
     ) -> None:
         if not (logit_loss_weight >= 0 and math.isfinite(logit_loss_weight)):
             raise ValueError(f"logit_loss_weight must be >= 0, got {logit_loss_weight!r}")
@@ -787,7 +810,7 @@ class DistilledReplayPlugin(ReplayPlugin):
                 mem_size, method, method_options, recompress=recompress, storage=storage, dataset_meta=dataset_meta,
                 num_classes=num_classes, seed=seed, progress=progress, mem_bytes=mem_bytes, learner_aware=learner_aware,
                 soft_labels=soft_labels, jpeg_quality=jpeg_quality, workers=workers, group=group, augment=augment,
-                logits=logits, core=core,
+                logits=logits, core=core, distill_device=distill_device,
             )
             mem_size = storage_policy.max_size
         elif not isinstance(storage_policy, DistilledBuffer):

@@ -95,8 +95,8 @@ class CompressedReplayBuffer(ExemplarsBuffer):
 
     def view(self, images: torch.Tensor) -> torch.Tensor | None:
         """Normalised ``images`` as this buffer's codec gives them back (for :class:`replaykit.avalanche.MixedViewPlugin`)."""
-        if self.codec == "jpeg":
-            return jpeg.roundtrip(images, self.quality, self.mean, self.std)
+        if self.codec == "jpeg":  # the codec runs on the host; the view goes back to the batch's device
+            return jpeg.roundtrip(images.cpu(), self.quality, self.mean, self.std).to(images.device)
         return _resolution_view(images, self.factor)
 
     @staticmethod

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .data import dataset_info, load_tensors
+from .device import resolve_device
 from .networks import ConvNet
 from .progress import progress_bar
 
@@ -166,6 +167,7 @@ class RunConfig:
     num_experiences: int = 5
     data_root: str | None = None
     validation: bool = False  # evaluate on 10 % of the training set held out (for tuning), never the test set
+    device: str = "cpu"  # where the strategy trains and distills: cpu, cuda, cuda:N or auto (CUDA when present)
 
 
 @dataclass
@@ -251,6 +253,7 @@ def make_strategy(spec: StrategySpec, config: RunConfig, *, progress: bool = Fal
     from .compressed import CompressedReplayBuffer
 
     info = dataset_info(config.dataset)
+    device = resolve_device(config.device)  # ValueError naming a bad or missing device before anything is built
     torch.manual_seed(config.seed)
     model = ConvNet(info.in_shape, info.num_classes, width=config.width, depth=config.depth)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
@@ -259,7 +262,7 @@ def make_strategy(spec: StrategySpec, config: RunConfig, *, progress: bool = Fal
     )
     common = dict(
         model=model, optimizer=optimizer, criterion=torch.nn.CrossEntropyLoss(), train_mb_size=config.batch_size,
-        train_epochs=config.epochs, eval_mb_size=1024, device="cpu", evaluator=evaluator,
+        train_epochs=config.epochs, eval_mb_size=1024, device=device, evaluator=evaluator,
     )
     m, kind = spec.mem_size, spec.kind
     if kind == "naive":

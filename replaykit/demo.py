@@ -48,8 +48,12 @@ def run_demo(
     epochs: int = DEMO_EPOCHS,
     progress: bool = True,
     validation: bool = False,
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """Run the strategies, write ``results.json``, ``accuracy.png`` and ``buffer.png`` to ``out``."""
+    """Run the strategies, write ``results.json``, ``accuracy.png`` and ``buffer.png`` to ``out``.
+
+    ``device``: where the strategies train and distill (``cpu``, ``cuda``, ``auto``).
+    """
     import torch
 
     from .avalanche import image_cost_bytes
@@ -69,7 +73,7 @@ def run_demo(
     torch.set_num_threads(min(2, torch.get_num_threads()))
     config = RunConfig(
         dataset="digits", seed=seed, epochs=epochs, width=DEMO_WIDTH, depth=DEMO_DEPTH,
-        batch_size=DEMO_BATCH, batch_size_mem=DEMO_BATCH, validation=validation,
+        batch_size=DEMO_BATCH, batch_size_mem=DEMO_BATCH, validation=validation, device=device,
     )
     info = dataset_info("digits")
     mem_bytes = mem_size * image_cost_bytes(info.in_shape)  # what raw replay holds: uint8 pixels + 1-byte labels
@@ -129,7 +133,7 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
 
 def _handle(args: argparse.Namespace) -> int:
     summary = run_demo(args.out, seed=args.seed, mem_size=args.mem, method=args.method, epochs=args.epochs,
-                       progress=not args.quiet and not args.json, validation=args.validation)
+                       progress=not args.quiet and not args.json, validation=args.validation, device=args.device)
     if args.json:
         print(json.dumps(summary, indent=2, sort_keys=True))
         return 0
@@ -160,4 +164,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON on stdout (no table)")
     parser.add_argument("--validation", action="store_true", help="score on a held-out tenth of the training split (to choose settings)")
+    from .device import add_device_argument
+
+    add_device_argument(parser, "the strategies train and distill")
     parser.set_defaults(func=_handle)

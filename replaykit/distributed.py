@@ -25,7 +25,9 @@ job, so the images and labels are bit-identical whatever the number of workers
 -- for iteration-bounded runs, at the same intra-op thread count (every local worker,
 and ``workers=1``, uses one: on MNIST-sized images two threads round some sums
 differently). With a ``time_budget`` a method stops when the wall clock says so,
-and the result then depends on how fast each worker ran.
+and the result then depends on how fast each worker ran. That promise is the CPU's: jobs with
+``device="cuda"`` run on each rank's GPU (:func:`rank_gpu`), draw the same random numbers and agree
+to float rounding, not to the byte (cuDNN's algorithms and atomic adds are not bit-reproducible).
 
 Failures: a rank whose job raises reports the error to rank 0, and every rank
 raises :class:`DistributedDistillError` naming it; a rank that dies or hangs is
@@ -303,19 +305,42 @@ def launched_by_torchrun() -> bool:
 def init_from_env(timeout: float = DEFAULT_TIMEOUT, backend: str | None = None) -> dist.ProcessGroup:
     """Initialise the default process group from torchrun's environment and return it.
 
-    ``backend`` defaults to nccl when CUDA is available (each rank on ``cuda:LOCAL_RANK``), else gloo.
-    An already initialised default group is returned as it is.
+    With CUDA, each rank's current device (what ``device="cuda"`` means there) is
+    ``cuda:(LOCAL_RANK % GPUs)`` (:func:`rank_gpu`). ``backend`` defaults to nccl when every local rank
+    has a GPU of its own; with fewer GPUs than local ranks the ranks share GPUs round-robin and
+    exchange through gloo (nccl cannot put two ranks on one GPU), and an explicit ``backend="nccl"``
+    raises ``ValueError`` saying so. Without CUDA: gloo. An already initialised default group is
+    returned as it is.
     """
     if dist.is_initialized():
         return dist.group.WORLD
     if not launched_by_torchrun():
         missing = [key for key in _TORCHRUN_ENV if key not in os.environ]
         raise ValueError(f"not launched by torchrun: environment variables {missing} are not set")
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    gpu = rank_gpu()
+    shared = gpu is not None and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > torch.cuda.device_count()
+    if backend == "nccl" and (gpu is None or shared):
+        raise ValueError(f"backend nccl needs one CUDA device per local rank: {os.environ.get('LOCAL_WORLD_SIZE', '1')} local "
+                         f"ranks, {torch.cuda.device_count() if gpu is not None else 0} CUDA device(s); use gloo "
+                         "(ranks then share GPUs round-robin) or start fewer ranks")
+    backend = backend or ("nccl" if gpu is not None and not shared else "gloo")
+    if gpu is not None:
+        torch.cuda.set_device(gpu)
     dist.init_process_group(backend, init_method="env://", timeout=_dt.timedelta(seconds=timeout))
     return dist.group.WORLD
+
+
+def rank_gpu(local_rank: int | None = None) -> int | None:
+    """The GPU a local rank computes on: ``LOCAL_RANK % device_count`` (ranks share GPUs round-robin
+    when there are fewer GPUs than ranks); ``None`` without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    local = int(os.environ.get("LOCAL_RANK", "0")) if local_rank is None else int(local_rank)
+    return local % torch.cuda.device_count()
+
+
+def _wants_cuda(jobs: Sequence[ClassJob]) -> bool:
+    return any(str(job.options.get("device", "cpu")).lower().startswith(("cuda", "auto")) for job in jobs)
 
 
 # ------------------------------------------------------------ the exchange
@@ -605,6 +630,8 @@ def _worker_main(workdir: str, timeout: str, imported_at: float | None = None) -
     try:
         world = dist.get_world_size()
         jobs = _read_jobs(Path(workdir) / _JOBS_FILE, rank, world)
+        if _wants_cuda(jobs) and rank_gpu() is not None:  # "cuda" in a job means this worker's GPU (round-robin)
+            torch.cuda.set_device(rank_gpu())
         try:
             parts = _run_in_group(jobs, dist.group.WORLD, seconds)
         except DistributedDistillError as exc:  # every rank that can be reached knows it: tell the parent, quietly

@@ -20,6 +20,7 @@ import torch
 
 from .augment import DSA, dsa_strategy
 from .buffer import SyntheticBuffer
+from .device import add_device_argument, resolve_device
 from .networks import make_network
 from .progress import progress_bar
 from .training import accuracy, seeded, train_classifier
@@ -71,15 +72,17 @@ def privacy_check(buffer: SyntheticBuffer, train_images: torch.Tensor, *, seed: 
 
 
 def _train_and_test(arch: str, index: int, *, images, targets, test_images, test_labels, shape, num_classes: int,
-                    epochs: int, lr: float, batch_size: int, augment: bool, width: int, dataset: str, seed: int) -> tuple[float, float]:
-    """Train one fresh network (seed ``seed * 1000 + index``) on the buffer; its test accuracy and seconds."""
+                    epochs: int, lr: float, batch_size: int, augment: bool, width: int, dataset: str, seed: int,
+                    device: str = "cpu") -> tuple[float, float]:
+    """Train one fresh network (seed ``seed * 1000 + index``) on the buffer, on ``device``; its test accuracy and seconds."""
     net_seed = seed * 1000 + index
     started = time.perf_counter()
     opts = {"width": width} if arch == "convnet" else {}
     with seeded(net_seed):
         net = make_network(arch, shape, num_classes, **opts)
+    net = net.to(device)  # initialised on the host from the seed: the same start on every device
     aug = DSA(dsa_strategy(dataset), seed=net_seed) if augment else None
-    train_classifier(net, images, targets, epochs=epochs, batch_size=batch_size, lr=lr,
+    train_classifier(net, images.to(device), targets.to(device), epochs=epochs, batch_size=batch_size, lr=lr,
                      lr_milestones=(epochs // 2,), augment=aug, seed=net_seed)
     return accuracy(net, test_images, test_labels), round(time.perf_counter() - started, 3)
 
@@ -126,6 +129,7 @@ def evaluate_buffer(
     seed: int = 0,
     progress: bool = True,
     workers: int = 1,
+    device: str | torch.device | None = "cpu",
 ) -> dict[str, Any]:
     """Train ``num_networks`` fresh networks of each architecture on ``buffer`` only; test on the real test set.
 
@@ -138,8 +142,13 @@ def evaluate_buffer(
     resolution is decoded first (``buffer.decoded_images()``): networks train at the test
     images' resolution. ``workers`` > 1 trains the networks in that many spawned processes
     (one thread each, one per core); each network has its own seed, so the numbers do not
-    depend on ``workers``.
+    depend on ``workers``. ``device`` (``"cpu"``, ``"cuda"``, ``"auto"``...) is where the networks
+    train and test; the buffer and the data may live anywhere.
     """
+    device = str(resolve_device(device))
+    # the data may come on any device: scoring and the privacy check run on host copies, training on ``device``
+    test_images, test_labels = test_images.cpu(), test_labels.cpu()
+    train_images = None if train_images is None else train_images.cpu()
     if len(buffer) == 0:
         raise ValueError("the buffer is empty: nothing to train on")
     shape = buffer.decoded_shape
@@ -157,11 +166,12 @@ def evaluate_buffer(
     results: dict[str, Any] = {"per_network": {}, "config": dict(
         networks=list(networks), num_networks=num_networks, epochs=epochs, lr=lr, batch_size=batch_size,
         augment=augment, width=width, seed=seed, buffer_images=len(buffer), decoder_factor=buffer.decoder_factor,
+        device=device,
     ), "seconds": {}}
     jobs = [(arch, i) for arch in networks for i in range(num_networks)]
     setting = dict(images=images, targets=targets, test_images=test_images, test_labels=test_labels, shape=shape,
                    num_classes=buffer.num_classes, epochs=epochs, lr=lr, batch_size=batch_size, augment=augment,
-                   width=width, dataset=dataset, seed=seed)
+                   width=width, dataset=dataset, seed=seed, device=device)
     if workers > 1 and len(jobs) > 1:
         outcomes = _train_in_processes(jobs, setting, workers, progress)
     else:
@@ -194,7 +204,7 @@ def _evaluate_command(args) -> int:
     networks = [n.strip() for n in args.networks.split(",") if n.strip()]
     res = evaluate_buffer(buffer, test_x, test_y, networks=networks, num_networks=args.num_networks, epochs=args.epochs,
                           width=args.width, augment=not args.no_augment, train_images=train_x, seed=args.seed,
-                          progress=not args.quiet)
+                          progress=not args.quiet, device=args.device)
     res["buffer"] = str(args.buffer)
     res["dataset"] = info.name
     for arch in networks:
@@ -226,4 +236,5 @@ def add_cli(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the results to this JSON file")
     p.add_argument("--quiet", action="store_true")
+    add_device_argument(p, "training and testing the networks")
     p.set_defaults(func=_evaluate_command)

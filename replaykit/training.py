@@ -99,4 +99,4 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
     """Top-1 accuracy in [0, 1]."""
     if images.shape[0] == 0:
         raise ValueError("cannot measure accuracy on an empty set")
-    return float((predict_logits(model, images, batch_size).argmax(1) == labels).float().mean())
+    return float((predict_logits(model, images, batch_size).argmax(1) == labels.cpu()).float().mean())  # logits come back on the host

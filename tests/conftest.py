@@ -33,6 +33,18 @@ os.environ.setdefault("REPLAYKIT_CACHE", tempfile.mkdtemp(prefix="replaykit-test
 _downloaded: list[str] = []
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """``cuda``-marked tests need a CUDA device: where torch sees none they are skipped, saying so."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    reason = f"needs a CUDA device; this torch ({torch.__version__}) sees none (benchmarks/gpu_check.py runs these on a GPU)"
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
 def pytest_report_header(config) -> str:
     policy = "user cache: missing datasets are downloaded once" if MAY_DOWNLOAD else "never downloaded into"
     return f"replaykit data root: {REAL_DATA_ROOT} ({policy})"

@@ -504,3 +504,92 @@ def test_core_options_are_checked():
         DistilledBuffer(40, method="dm", core=1.0, recompress="prefix")
     with pytest.raises(ValueError, match="share"):
         DistilledBuffer(40, method="dm", core=1.5, num_classes=10, recompress="prefix")
+
+
+# ----------------------------------------------------------------- devices
+class _Strategy(types.SimpleNamespace):
+    """What ``post_adapt`` reads from a strategy: its model and its device."""
+
+
+def _spy_make(monkeypatch):
+    """Record the device each distiller is asked for, then build it on the CPU (this machine's device)."""
+    import replaykit.avalanche as plugin_module
+    from replaykit import distill
+
+    asked: list[str] = []
+    real_make = distill.make
+
+    def make(name, **options):
+        asked.append(str(options.pop("device")))
+        return real_make(name, device="cpu", **options)
+
+    monkeypatch.setattr(distill, "make", make)
+    monkeypatch.setattr(plugin_module, "resolve_device", torch.device)  # lets a CUDA name through on a CPU machine
+    return asked
+
+
+@pytest.mark.parametrize("distill_device, expected", [(None, "cuda:3"), ("cpu", "cpu")])
+def test_distillation_follows_the_strategy_device_unless_distill_device_says_otherwise(digits, monkeypatch, distill_device, expected):
+    x, y = digits
+    keep = y < 2
+    policy = DistilledBuffer(4, "random", dataset_meta=DIGITS, progress=False, distill_device=distill_device)
+    asked = _spy_make(monkeypatch)
+    policy.post_adapt(_Strategy(device=torch.device("cuda:3"), model=None), _fake_exp(x[keep], y[keep]))
+    assert asked == [expected, expected]  # one distiller per new class, each where it was asked
+    assert policy.synthetic.images.device.type == "cpu" and policy._device() == (distill_device or "cpu")
+
+
+def test_held_logits_are_computed_where_the_learner_lives_and_kept_on_the_host(digits):
+    from replaykit.networks import ConvNet
+
+    x, y = digits
+    keep = y < 2
+
+    class Recording(ConvNet):
+        seen: list[torch.device] = []
+
+        def forward(self, images):
+            self.seen.append(images.device)
+            assert images.device == next(self.parameters()).device
+            return super().forward(images)
+
+    torch.manual_seed(0)
+    learner = Recording(x.shape[1:], 10, width=8, depth=2).to(torch.device("cpu"))
+    policy = DistilledBuffer(4, "random", dataset_meta=DIGITS, num_classes=10, progress=False, logits=True, recompress="select",
+                             distill_device=torch.device("cpu"))
+    policy.update_from_tensors(x[keep], y[keep], learner=learner)
+    assert Recording.seen and policy.synthetic.logits.device.type == "cpu" and policy.distill_device == "cpu"
+
+
+def test_distill_device_is_checked_and_not_a_method_option():
+    with pytest.raises(ValueError, match="unknown device 'gpu'"):
+        DistilledBuffer(4, "random", distill_device="gpu")
+    with pytest.raises(ValueError, match=r"must not set \['device'\]"):
+        DistilledBuffer(4, "random", method_options={"device": "cpu"})
+
+
+def test_mixed_views_land_on_the_batch_device(digits):
+    """``mix_view`` and both codec views give back tensors on the device of the batch they replace."""
+    from replaykit.avalanche import mix_view
+    from replaykit.compressed import CompressedReplayBuffer
+
+    x, y = digits
+    jpeg = CompressedReplayBuffer(2000, DIGITS, codec="jpeg", quality=50)
+    jpeg.update_from_tensors(x[:40], y[:40])
+    batch = x[:16].to(torch.device("cpu"))
+    viewed = jpeg.view(batch)
+    assert viewed.device == batch.device and viewed.shape == batch.shape and not torch.equal(viewed, batch)
+    strategy = types.SimpleNamespace(mbatch=[batch.clone(), y[:16]])
+    mix_view(strategy, jpeg.view, 1.0, torch.Generator().manual_seed(0))
+    assert strategy.mbatch[0].device == batch.device and torch.equal(strategy.mbatch[0], viewed)
+
+
+@pytest.mark.cuda
+def test_headline_plugin_on_a_cuda_strategy(stream):
+    """The issue's crash: dm, JPEG q2, logits, mix 0.5 on a CUDA strategy; distillation on the strategy's device."""
+    from replaykit.continual import parse_spec
+
+    spec = parse_spec("distilled:4000B:dm:jpeg:quality=2:iterations=5:recompress=select:logits=1:mix=0.5:augment=1")
+    result = run(spec, RunConfig(**{**CONFIG.__dict__, "epochs": 1, "device": "cuda"}), stream)
+    assert len(result.accuracy_matrix) == 5 and len(result.distill_seconds) == 5
+    assert result.buffer.images.device.type == result.buffer.logits.device.type == "cpu"

@@ -101,3 +101,36 @@ def test_validation_stream_is_carved_from_the_training_set():
     n_val = sum(len(e.dataset) for e in val.test_stream)
     assert n_val == n_train // 10
     assert n_val + sum(len(e.dataset) for e in val.train_stream) == n_train
+
+
+def test_run_config_device_reaches_the_strategy_and_a_bad_one_is_named():
+    from replaykit.continual import make_strategy
+
+    strategy = make_strategy(StrategySpec("naive"), RunConfig(**{**CONFIG.__dict__, "device": "cpu"}))
+    assert torch.device(strategy.device) == torch.device("cpu") and RunConfig().device == "cpu"
+    with pytest.raises(ValueError, match="unknown device 'gpu'"):
+        make_strategy(StrategySpec("naive"), RunConfig(**{**CONFIG.__dict__, "device": "gpu"}))
+
+
+@pytest.mark.parametrize("text", ["distilled:2000B:random:jpeg:quality=2:recompress=select:logits=1:mix=0.5:augment=1",
+                                  "jpeg:1300B:quality=50:mix=0.5", "downsample:1300B:factor=2:mix=0.5"])
+def test_the_user_paths_with_an_explicit_device_run_the_same_as_the_default(stream, text):
+    """The issue's crashing paths (held logits, JPEG views, mixing, augmentation) with the device passed explicitly."""
+    spec = parse_spec(text)
+    default = run(spec, CONFIG, stream)
+    explicit = run(spec, RunConfig(**{**CONFIG.__dict__, "device": "cpu"}), stream)
+    assert explicit.accuracy_matrix == default.accuracy_matrix and explicit.memory_bytes == default.memory_bytes
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("text", ["distilled:2000B:random:jpeg:quality=2:recompress=select:logits=1:mix=0.5:augment=1",
+                                  "distilled:2000B:dm:uint8:bits=2:iterations=5:recompress=select:learner_aware=1",
+                                  "jpeg:1300B:quality=50:mix=0.5", "downsample:1300B:factor=2:mix=0.5", "der:20"])
+def test_the_user_paths_run_on_cuda_with_the_buffer_on_the_host(stream, text):
+    spec = parse_spec(text)
+    cpu = run(spec, CONFIG, stream)
+    gpu = run(spec, RunConfig(**{**CONFIG.__dict__, "device": "cuda"}), stream)
+    assert len(gpu.accuracy_matrix) == 5 and abs(gpu.final_accuracy - cpu.final_accuracy) < 0.15
+    if gpu.buffer is not None:
+        assert gpu.buffer.images.device.type == "cpu"
+        assert gpu.buffer.logits is None or gpu.buffer.logits.device.type == "cpu"

@@ -245,3 +245,34 @@ def test_merged_metadata_keeps_what_each_part_did():
     assert merged.meta["part_stopped_by"] == ["iterations", "time_budget"]
     assert merged.meta["stopped_by"] == "time_budget"
     assert merged.meta["distill_seconds"] == 3.0
+
+
+# ------------------------------------------------------------------ GPUs
+def test_ranks_share_gpus_round_robin_and_nccl_needs_one_per_rank(monkeypatch):
+    from replaykit.distributed import init_from_env, rank_gpu
+
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        assert [rank_gpu(r) for r in range(2 * n)] == list(range(n)) * 2
+    else:
+        assert rank_gpu(0) is None and rank_gpu(5) is None
+    env = {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1", "LOCAL_RANK": "1",
+           "LOCAL_WORLD_SIZE": "1000000"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ValueError, match="nccl needs one CUDA device per local rank"):
+        init_from_env(backend="nccl")  # refused before any process group is made
+
+
+def test_a_job_on_device_cpu_gives_the_bytes_of_the_default(digits):
+    (job,) = _jobs(digits, classes=(3,))
+    on_cpu = ClassJob(job.method, {**job.options, "device": "cpu"}, job.ipc, job.seed, job.images, job.labels, 10, job.meta)
+    assert _same_parts(distill_per_class([job]), distill_per_class([on_cpu]))
+
+
+@pytest.mark.cuda
+def test_workers_on_cuda_distill_on_their_gpus_with_the_shapes_of_one(digits):
+    jobs = [ClassJob(j.method, {**j.options, "device": "cuda"}, j.ipc, j.seed, j.images, j.labels, 10, j.meta) for j in _jobs(digits)]
+    one, two = distill_per_class(jobs), distill_per_class(jobs, workers=2)
+    assert [p.class_ids.tolist() for p in one] == [p.class_ids.tolist() for p in two]
+    assert all((a.images - b.images).abs().mean() < 1e-2 for a, b in zip(one, two))  # float rounding, not bytes, on CUDA

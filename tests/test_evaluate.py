@@ -101,3 +101,25 @@ def test_low_resolution_buffer_is_decoded_before_training_and_testing(digits):
     assert res["privacy"]["synthetic_exact_copies"] == 0 and res["privacy"]["synthetic_median"] > 0
     with pytest.raises(ValueError, match=r"test images must be \[N, 1, 8, 8\]"):
         evaluate_buffer(low, torch.nn.functional.avg_pool2d(xt, 2), yt, progress=False)
+
+
+def test_explicit_cpu_device_gives_the_same_numbers_and_a_bad_device_is_named(digits):
+    x, y, xt, yt = digits
+    buf = distill.make("random", ipc=3, seed=0, progress=False).distill(x, y, meta={"dataset": "digits"})
+    kwargs = dict(networks=("convnet",), num_networks=1, epochs=5, width=8, batch_size=20, progress=False)
+    default = evaluate_buffer(buf, xt, yt, **kwargs)
+    explicit = evaluate_buffer(buf, xt, yt, device=torch.device("cpu"), **kwargs)
+    assert explicit["config"]["device"] == default["config"]["device"] == "cpu"
+    assert explicit["per_network"] == default["per_network"]
+    with pytest.raises(ValueError, match="unknown device 'gpu'"):
+        evaluate_buffer(buf, xt, yt, device="gpu", **kwargs)
+
+
+@pytest.mark.cuda
+def test_evaluate_buffer_on_cuda_trains_there_and_scores_like_the_cpu(digits):
+    x, y, xt, yt = digits
+    buf = distill.make("random", ipc=10, seed=0, progress=False).distill(x, y, meta={"dataset": "digits"})
+    kwargs = dict(networks=("convnet",), num_networks=1, epochs=40, width=16, batch_size=20, progress=False)
+    cpu = evaluate_buffer(buf, xt, yt, **kwargs)
+    gpu = evaluate_buffer(buf, xt.cuda(), yt.cuda(), device="cuda", **kwargs)
+    assert gpu["config"]["device"] == "cuda" and abs(gpu["convnet"]["mean"] - cpu["convnet"]["mean"]) < 0.05

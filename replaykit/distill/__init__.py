@@ -40,12 +40,30 @@ def available() -> list[str]:
 
 
 def make(name: str, **options) -> Distiller:
-    """Build the distiller registered as ``name`` with ``options`` for its ``__init__``."""
+    """Build the distiller registered as ``name`` with ``options`` for its ``__init__``.
+
+    A registered class written before ``device=`` existed still builds with ``device="cpu"`` (dropped:
+    it runs on the CPU anyway); asking it for another device raises ``ValueError`` naming it.
+    """
     try:
         cls = REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown distillation method {name!r}; available: {', '.join(available())}") from None
+    if "device" in options and not _takes(cls, "device"):
+        from ..device import resolve_device
+
+        if resolve_device(options["device"]).type != "cpu":
+            raise ValueError(f"method {name!r} ({cls.__name__}) takes no device: it runs on the CPU only")
+        options.pop("device")
     return cls(**options)
+
+
+def _takes(cls: type, option: str) -> bool:
+    """Whether ``cls(...)`` accepts keyword ``option`` (named, or through ``**kwargs``)."""
+    import inspect
+
+    params = inspect.signature(cls.__init__).parameters.values()
+    return any(p.name == option or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 for _cls in (RandomSubset, DistributionMatching, MultiLayerDistributionMatching, Herding, KCenter, GradientMatching, KernelRidgeDistiller, TrajectoryMatching):

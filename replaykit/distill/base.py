@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..buffer import SyntheticBuffer
+from ..device import resolve_device
 
 __all__ = ["Distiller", "DistillResult", "check_training_data", "check_loop_options"]
 
@@ -75,6 +76,9 @@ class Distiller(abc.ABC):
         ipc: images per class to produce.
         seed: all randomness (initialisation, networks, augmentation) derives from it.
         progress: show a tqdm progress bar.
+        device: where the work runs (``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"``); the input may live
+            anywhere, the returned buffer is always on the host. Random draws come from CPU generators,
+            so a seed makes the same draws on every device.
     Subclasses add their own options (iterations, time budget, network, ...).
     """
 
@@ -82,12 +86,13 @@ class Distiller(abc.ABC):
     #: True for methods that pick real images rather than synthesise new ones.
     selects: ClassVar[bool] = False
 
-    def __init__(self, ipc: int = 10, *, seed: int = 0, progress: bool = True) -> None:
+    def __init__(self, ipc: int = 10, *, seed: int = 0, progress: bool = True, device: str | torch.device | None = "cpu") -> None:
         if not isinstance(ipc, int) or isinstance(ipc, bool) or ipc < 1:
             raise ValueError(f"ipc (images per class) must be a positive int, got {ipc!r}")
         self.ipc = ipc
         self.seed = seed
         self.progress = progress
+        self.device = str(resolve_device(device))
 
     def distill(
         self,
@@ -110,9 +115,12 @@ class Distiller(abc.ABC):
         if short:
             detail = ", ".join(f"class {c} has {n}" for c, n in short)
             raise ValueError(f"{detail}: fewer real images than the {self.ipc} requested per class")
-        images = images.float()
+        # the work runs on self.device; labels (and every index drawn from them) stay on the host
+        images, labels = images.float().to(self.device), labels.cpu()
         start = time.perf_counter()
         result = self._distill(images, labels, [int(c) for c in classes], k)
+        if images.is_cuda:  # count the queued GPU work in the seconds
+            torch.cuda.synchronize(images.device)
         seconds = time.perf_counter() - start
         buffer_meta = dict(meta or {})
         buffer_meta.update(
@@ -123,7 +131,8 @@ class Distiller(abc.ABC):
             distill_seconds=round(seconds, 3),
             **(result.extra_meta or {}),
         )
-        return SyntheticBuffer(result.images.detach().float().contiguous(), result.labels.detach(), k, result.class_ids, buffer_meta)
+        return SyntheticBuffer(result.images.detach().float().cpu().contiguous(), result.labels.detach().cpu(), k,
+                               result.class_ids.cpu(), buffer_meta)
 
     @abc.abstractmethod
     def _distill(self, images: torch.Tensor, labels: torch.Tensor, classes: list[int], num_classes: int) -> DistillResult:

@@ -33,8 +33,10 @@ def _distill_per_class(args, options: dict, classes: list[int], info):
                                               root=args.data_root, num_classes=info.num_classes, meta=info.meta())
             for c in classes]
     if not distributed.launched_by_torchrun():
-        # fork: this process has imported torch but run no parallel torch work, so the workers can be copies of it
-        parts = distributed.distill_per_class(jobs, workers=args.workers, timeout=args.worker_timeout, start_method="fork")
+        # fork: this process has imported torch but run no parallel torch work, so the workers can be copies of it;
+        # not once CUDA was asked about (a forked process cannot use CUDA after its parent initialised the driver)
+        start = "fork" if args.device == "cpu" else "spawn"
+        parts = distributed.distill_per_class(jobs, workers=args.workers, timeout=args.worker_timeout, start_method=start)
         return distributed.merge_parts(parts, workers=args.workers)
     if args.workers not in (None, 1):
         raise ValueError("--workers cannot be combined with torchrun: torchrun already started the workers")
@@ -56,7 +58,7 @@ def _distill_command(args) -> int:
     distributed.trace("cli_start")
     info = dataset_info(args.dataset)
     classes = _parse_classes(args.classes, info.num_classes)
-    options = {"ipc": args.ipc, "seed": args.seed, "progress": not args.quiet}
+    options = {"ipc": args.ipc, "seed": args.seed, "progress": not args.quiet, "device": args.device}
     if args.iterations is not None:
         options["iterations"] = args.iterations
     if args.time_budget is not None:
@@ -99,6 +101,8 @@ def _distill_command(args) -> int:
 
 
 def add_cli(sub) -> None:
+    from ..device import add_device_argument
+
     p = sub.add_parser("distill", help="distill a dataset's training images into a small synthetic buffer")
     p.add_argument("--dataset", required=True, help="mnist, fashion-mnist, cifar10 or digits")
     p.add_argument("--method", default="dm", help="a registered method (see 'replaykit.distill.available()')")
@@ -112,6 +116,7 @@ def add_cli(sub) -> None:
     p.add_argument("--storage", default="float32", choices=("float32", "float16", "uint8"))
     p.add_argument("--png", help="also save a grid of the images")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_device_argument(p, "the distillation")
     p.add_argument("--workers", type=int,
                    help="distill each class as one job over N local processes of one thread each (1: here, one "
                         "thread); same buffer for any N. Under torchrun the ranks are the workers")

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..augment import DSA, dsa_strategy
+from ..augment import DSA, DSAParams, dsa_strategy
 from ..buffer import decode_upsample
 from ..progress import progress_bar
 from .base import DistillResult, Distiller, check_loop_options
@@ -59,6 +59,11 @@ class MatchingDistiller(Distiller):
         bits: grey levels the images are kept at (uint8 storage packs ``8 // bits`` pixels to a byte);
             below 8 the matching sees the quantised pixels (straight-through rounding), so the images
             are learned for the precision they will be stored at. Needs the dataset's mean / std in ``meta``.
+        device: where the matching runs (see :class:`~replaykit.distill.base.Distiller`).
+        batch_classes: one forward over all classes per iteration (one backward, no host sync per
+            class) instead of one per class. ``None`` (default): on for CUDA, off for the CPU, where
+            small per-class batches are faster and give today's exact bytes. Same random draws either
+            way; the images agree to float rounding.
     """
 
     def __init__(
@@ -79,9 +84,13 @@ class MatchingDistiller(Distiller):
         bits: int = 8,
         seed: int = 0,
         progress: bool = True,
+        device: str | torch.device | None = "cpu",
+        batch_classes: bool | None = None,
     ) -> None:
-        super().__init__(ipc, seed=seed, progress=progress)
+        super().__init__(ipc, seed=seed, progress=progress, device=device)
         check_loop_options(iterations, time_budget, "real" if init == "herding" else init)
+        if batch_classes not in (None, True, False):
+            raise ValueError(f"batch_classes must be True, False or None (auto: on for CUDA), got {batch_classes!r}")
         if not isinstance(factor, int) or isinstance(factor, bool) or factor < 1:
             raise ValueError(f"factor must be a positive int, got {factor!r}")
         if learner is not None and not callable(getattr(learner, "embed", None)):
@@ -105,11 +114,19 @@ class MatchingDistiller(Distiller):
         self.factor = factor
         self.bits = bits
         self.learner_weight = float(learner_weight)
+        self.batch_classes = batch_classes
         self._learner = learner
 
     def match_loss(self, net, real: torch.Tensor, syn: torch.Tensor) -> torch.Tensor:
         """Discrepancy between the real and synthetic batches of one class under ``net``."""
         raise NotImplementedError
+
+    def match_loss_grouped(self, net, real: torch.Tensor, syn: torch.Tensor, groups: int) -> torch.Tensor:
+        """Sum of :meth:`match_loss` over ``groups`` classes stacked in equal blocks (class-major).
+
+        Methods override it with one forward over all blocks; this fallback loops.
+        """
+        return sum(self.match_loss(net, r, f) for r, f in zip(real.chunk(groups), syn.chunk(groups)))
 
     def distill(self, images, labels, *, num_classes=None, meta=None):  # noqa: D102 (documented in Distiller)
         self._dataset = (meta or {}).get("dataset")
@@ -124,12 +141,13 @@ class MatchingDistiller(Distiller):
         if h % self.factor or w % self.factor:
             raise ValueError(f"factor {self.factor} does not divide the image size {h}x{w}")
         if self.init == "noise":
-            return torch.randn((self.ipc, c, h // self.factor, w // self.factor), generator=gen)
+            return torch.randn((self.ipc, c, h // self.factor, w // self.factor), generator=gen).to(images.device)
         if self.init == "herding":
             from .herding import herding_order
 
-            probe = self._learner if self._learner is not None else RandomConvNets(images.shape[1:], width=self.width).sample(derive_seed(self.seed, cls, 4))
-            feats = torch.nn.functional.normalize(embed(probe, images[index]), dim=1)
+            learner = getattr(self, "_learner_copy", None)
+            probe = learner if learner is not None else RandomConvNets(images.shape[1:], width=self.width, device=images.device).sample(derive_seed(self.seed, cls, 4))
+            feats = torch.nn.functional.normalize(embed(probe, images[index]), dim=1).cpu()
             start = images[index[herding_order(feats, self.ipc)]].clone()
         else:
             start = real_init(images, index, self.ipc, derive_seed(self.seed, cls, 0))
@@ -138,7 +156,7 @@ class MatchingDistiller(Distiller):
     def _decoded(self, syn: torch.Tensor) -> torch.Tensor:
         """What the buffer will replay: stored pixels rounded to ``bits`` (straight-through), then decoded."""
         if self.bits < 8:
-            mean, std = self._norm
+            mean, std = (t.to(syn.device) for t in self._norm)
             levels = 2 ** self.bits - 1
             pixels = syn * std + mean
             rounded = (pixels.clamp(0, 1) * levels).round() / levels
@@ -147,15 +165,19 @@ class MatchingDistiller(Distiller):
 
     def _distill(self, images: torch.Tensor, labels: torch.Tensor, classes: list[int], num_classes: int) -> DistillResult:
         start = time.perf_counter()
-        nets = RandomConvNets(images.shape[1:], width=self.width, depth=self.depth)
+        nets = RandomConvNets(images.shape[1:], width=self.width, depth=self.depth, device=images.device)
         dsa = dsa_for(getattr(self, "_dataset", None)) if self.augment else None
         index = {c: class_index(labels, c) for c in classes}
         gens = {c: torch.Generator().manual_seed(derive_seed(self.seed, c, 1)) for c in classes}
-        syn = {c: self._initial_images(images, index[c], c, gens[c]).requires_grad_(True) for c in classes}
-        opt = torch.optim.SGD(list(syn.values()), lr=self.lr, momentum=0.5)
         learner = None
-        if self._learner is not None:  # a frozen private copy: the caller's network is never touched
-            learner = copy.deepcopy(self._learner).eval().requires_grad_(False)
+        if self._learner is not None:  # a frozen private copy on the work's device: the caller's network is never touched
+            learner = copy.deepcopy(self._learner).eval().requires_grad_(False).to(images.device)
+        self._learner_copy = learner
+        syn = {c: self._initial_images(images, index[c], c, gens[c]).requires_grad_(True) for c in classes}
+        self._learner_copy = None
+        opt = torch.optim.SGD(list(syn.values()), lr=self.lr, momentum=0.5)
+        self._norm = [t.to(images.device) for t in getattr(self, "_norm", [])]  # once, not every iteration
+        batched = self.batch_classes if self.batch_classes is not None else images.device.type != "cpu"
 
         done, stopped_by, per_iter = 0, "iterations", 0.0
         bar = progress_bar(total=self.iterations, enabled=self.progress, desc=self.name, leave=False)
@@ -167,7 +189,9 @@ class MatchingDistiller(Distiller):
             net = nets.sample(derive_seed(self.seed, it, 2))
             opt.zero_grad(set_to_none=True)
             total = 0.0
-            for c in classes:  # per class: smaller batches run faster on CPU than one big one
+            if batched:
+                total = self._batched_step(net, learner, dsa, images, index, gens, syn, classes, it)
+            for c in classes if not batched else ():  # per class: smaller batches run faster on CPU than one big one
                 pick = index[c][torch.randint(index[c].numel(), (self.real_batch,), generator=gens[c])]
                 real, fake = images[pick], self._decoded(syn[c])
                 if dsa is not None:  # siamese: one parameter draw applied to both batches
@@ -182,7 +206,8 @@ class MatchingDistiller(Distiller):
             done += 1
             per_iter = (time.perf_counter() - start) / done
             bar.update(1)
-            bar.set_postfix(loss=f"{total:.3g}")
+            if not batched or (self.progress and (it % 50 == 0 or it == self.iterations - 1)):  # batched: sync rarely
+                bar.set_postfix(loss=f"{float(total):.3g}")
         bar.close()
         elapsed = time.perf_counter() - start
         if self.time_budget is not None and elapsed > self.time_budget and done <= 1:
@@ -191,6 +216,7 @@ class MatchingDistiller(Distiller):
                 f"on this machine ({len(classes)} classes); raise the budget or lower real_batch/width"
             )
         out = torch.cat([syn[c].detach() for c in classes])
+        self._learner_copy = None
         ids = torch.tensor([c for c in classes for _ in range(self.ipc)], dtype=torch.int64)
         extra: dict[str, Any] = {
             "iterations_done": done,
@@ -199,11 +225,57 @@ class MatchingDistiller(Distiller):
             "label_kind": "hard",
             "learner_aware": learner is not None,
         }
+        if batched:
+            extra["batched_classes"] = True
         if self.factor > 1:
             extra["decoder"] = {"kind": "upsample", "factor": self.factor, "mode": "bilinear"}
         if self.bits < 8:
             extra["pixel_bits"] = self.bits
         return DistillResult(out, ids.clone(), ids, extra)
+
+
+    def _batched_step(self, net, learner, dsa: DSA | None, images: torch.Tensor, index: dict[int, torch.Tensor],
+                      gens: dict[int, torch.Generator], syn: dict[int, torch.Tensor], classes: list[int], it: int) -> torch.Tensor:
+        """One iteration over all classes in one forward and one backward; returns the mean loss (on the device).
+
+        Draws exactly what the per-class loop draws (the same generators in the same order), so
+        the two paths see the same real batches, networks and augmentations.
+        """
+        picks = [index[c][torch.randint(index[c].numel(), (self.real_batch,), generator=gens[c])] for c in classes]
+        real = images[torch.cat(picks).to(images.device, non_blocking=True)]
+        fake = self._decoded(torch.cat([syn[c] for c in classes]))
+        if dsa is not None:
+            params = [dsa.reseed(derive_seed(self.seed, c, it, 3)).sample(1) for c in classes]
+            real = _siamese_grouped(dsa, real, params, self.real_batch)
+            fake = _siamese_grouped(dsa, fake, params, self.ipc)
+        loss = self.match_loss_grouped(net, real, fake, len(classes))
+        if learner is not None and self.learner_weight > 0:
+            loss = loss + self.learner_weight * self.match_loss_grouped(learner, real, fake, len(classes))
+        loss.backward()
+        return loss.detach() / len(classes)
+
+
+def _siamese_grouped(dsa: DSA, x: torch.Tensor, params: list[DSAParams], per_class: int) -> torch.Tensor:
+    """Apply class ``i``'s parameters to block ``i`` of ``x`` (``per_class`` images each), one call per transform kind.
+
+    With ``mode="single"`` every class draws one transform; classes that drew the same one are
+    augmented together with per-image parameters, so an iteration costs a few calls, not one per class.
+    """
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for i, p in enumerate(params):
+        groups.setdefault(p.ops, []).append(i)
+    blocks = x.view(len(params), per_class, *x.shape[1:])
+    order, outs = [], []
+    for ops, members in groups.items():
+        values = {k: torch.cat([params[i].values[k] for i in members]).repeat_interleave(per_class, dim=0)
+                  for k in params[members[0]].values}
+        chosen = blocks[torch.tensor(members).to(x.device, non_blocking=True)].flatten(0, 1)
+        outs.append(dsa.apply(chosen, DSAParams(ops, values)))
+        order += members
+    if order == list(range(len(params))):
+        return torch.cat(outs)
+    inverse = torch.argsort(torch.tensor(order)).to(x.device, non_blocking=True)
+    return torch.cat(outs).view(len(params), per_class, *x.shape[1:])[inverse].flatten(0, 1)
 
 
 class DistributionMatching(MatchingDistiller):
@@ -215,3 +287,10 @@ class DistributionMatching(MatchingDistiller):
         with torch.no_grad():
             real_mean = net.embed(real).mean(0)
         return ((real_mean - net.embed(syn).mean(0)) ** 2).sum()
+
+    def match_loss_grouped(self, net, real: torch.Tensor, syn: torch.Tensor, groups: int) -> torch.Tensor:
+        with torch.no_grad():
+            real_emb = net.embed(real)
+            real_mean = real_emb.view(groups, -1, real_emb.shape[-1]).mean(1)
+        syn_emb = net.embed(syn)
+        return ((real_mean - syn_emb.view(groups, -1, syn_emb.shape[-1]).mean(1)) ** 2).sum()

@@ -43,6 +43,26 @@ class MultiLayerDistributionMatching(MatchingDistiller):
                 stats.append(per_channel.var(1, unbiased=False))
         return stats
 
+    def _grouped_statistics(self, net, x: torch.Tensor, groups: int) -> list[torch.Tensor]:
+        """:meth:`_statistics` of each of ``groups`` equal blocks of ``x`` at once, each ``[groups, ...]``."""
+        maps = net.feature_maps(x)
+        stats = [maps[-1].flatten(1).view(groups, -1, maps[-1][0].numel()).mean(1)]
+        for fmap in maps[:-1] if len(maps) > 1 else maps:
+            per_channel = fmap.view(groups, -1, *fmap.shape[1:]).transpose(1, 2).flatten(2)  # [G, C, B*H*W]
+            stats.append(per_channel.mean(2))
+            if self.match_variance:
+                stats.append(per_channel.var(2, unbiased=False))
+        return stats
+
+    def match_loss_grouped(self, net, real: torch.Tensor, syn: torch.Tensor, groups: int) -> torch.Tensor:
+        with torch.no_grad():
+            real_stats = self._grouped_statistics(net, real, groups)
+        syn_stats = self._grouped_statistics(net, syn, groups)
+        loss = ((real_stats[0] - syn_stats[0]) ** 2).sum()
+        for r, s in zip(real_stats[1:], syn_stats[1:]):
+            loss = loss + self.layer_weight * ((r - s) ** 2).sum()
+        return loss
+
     def match_loss(self, net, real: torch.Tensor, syn: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             real_stats = self._statistics(net, real)

@@ -19,6 +19,7 @@ once:
 
 from __future__ import annotations
 
+import copy
 from typing import Sequence
 
 import torch
@@ -78,9 +79,12 @@ class RandomConvNets:
     Args:
         in_shape: ``(C, H, W)`` of the images.
         width, depth, norm: ConvNet options (see :class:`ConvNet`).
+        device: where the returned network lives. Weights are always drawn on the CPU (from the
+            seeded CPU generator) and copied there, so one seed gives the same network on every device.
     """
 
-    def __init__(self, in_shape: Sequence[int], *, width: int = 128, depth: int = 3, norm: str = "instance") -> None:
+    def __init__(self, in_shape: Sequence[int], *, width: int = 128, depth: int = 3, norm: str = "instance",
+                 device: str | torch.device = "cpu") -> None:
         self.net = ConvNet(in_shape, num_classes=1, width=width, depth=depth, norm=norm)
         for block in self.net.features[:-1]:
             for i, layer in enumerate(block):
@@ -90,13 +94,19 @@ class RandomConvNets:
             p.requires_grad_(False)
         self.net.eval()
         self.embedding_dim = self.net.embedding_dim
+        self._host = self.net  # where weights are drawn
+        if torch.device(device).type != "cpu":
+            self.net = copy.deepcopy(self._host).to(device)
 
     def sample(self, seed: int) -> ConvNet:
         """Re-draw every weight from ``seed``; return the (shared) network."""
         with seeded(seed), torch.no_grad():
-            for module in self.net.modules():
-                if module is not self.net and hasattr(module, "reset_parameters"):
+            for module in self._host.modules():
+                if module is not self._host and hasattr(module, "reset_parameters"):
                     module.reset_parameters()
+            if self.net is not self._host:  # host-to-device copies that do not wait for the GPU's queued work
+                for target, source in zip(self.net.parameters(), self._host.parameters()):
+                    target.copy_(source, non_blocking=True)
         return self.net
 
 
@@ -121,6 +131,7 @@ def trained_embedding_net(
     max_images: int = 20000,
     seed: int = 0,
     progress: bool = False,
+    device: str | torch.device = "cpu",
 ) -> ConvNet:
     """A ConvNet briefly trained on ``(images, labels)``; its embedding separates the classes.
 
@@ -131,7 +142,7 @@ def trained_embedding_net(
     random subset) are used, to keep the cost bounded on CPU.
     """
     with seeded(seed):
-        net = ConvNet(images.shape[1:], num_classes=num_classes, width=width, depth=depth)
+        net = ConvNet(images.shape[1:], num_classes=num_classes, width=width, depth=depth).to(device)
     if images.shape[0] > max_images:
         keep = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))[:max_images]
         images, labels = images[keep], labels[keep]
@@ -166,7 +177,8 @@ def starting_images(images: torch.Tensor, labels: torch.Tensor, classes: list[in
         if init == "real":
             parts.append(real_init(images, class_index(labels, c), ipc, derive_seed(seed, c)))
         else:
-            parts.append(torch.randn((ipc, *images.shape[1:]), generator=torch.Generator().manual_seed(derive_seed(seed, c))))
+            noise = torch.randn((ipc, *images.shape[1:]), generator=torch.Generator().manual_seed(derive_seed(seed, c)))
+            parts.append(noise.to(images.device))  # drawn on the host: the same start on every device
     return torch.cat(parts).requires_grad_(True)
 
 
@@ -180,6 +192,7 @@ def selection_features(
     epochs: int = 2,
     seed: int = 0,
     progress: bool = False,
+    device: str | torch.device | None = None,
 ) -> torch.Tensor:
     """L2-normalised embeddings ``[N, D]`` in which the selection baselines pick images.
 
@@ -187,11 +200,14 @@ def selection_features(
     data, so that nearness means similar class-relevant content (iCaRL's choice
     for herding). ``"random"``: a randomly initialised ConvNet: no training cost,
     but mostly low-level similarity.
+    ``device`` (default: the images' device) is where the network trains and embeds.
     """
+    device = images.device if device is None else device
     if feature == "trained":
-        net = trained_embedding_net(images, labels, num_classes, epochs=epochs, width=width, seed=seed, progress=progress)
+        net = trained_embedding_net(images, labels, num_classes, epochs=epochs, width=width, seed=seed, progress=progress,
+                                    device=device)
     elif feature == "random":
-        net = RandomConvNets(images.shape[1:], width=width).sample(seed)
+        net = RandomConvNets(images.shape[1:], width=width, device=device).sample(seed)
     else:
         raise ValueError(f"feature must be 'trained' or 'random', got {feature!r}")
     return torch.nn.functional.normalize(embed(net, images), dim=1)
@@ -207,8 +223,8 @@ class FeatureSelection(Distiller):
     selects = True
 
     def __init__(self, ipc: int = 10, *, feature: str = "trained", feature_width: int = 32, feature_epochs: int = 2,
-                 seed: int = 0, progress: bool = True) -> None:
-        super().__init__(ipc, seed=seed, progress=progress)
+                 seed: int = 0, progress: bool = True, device: str | torch.device | None = "cpu") -> None:
+        super().__init__(ipc, seed=seed, progress=progress, device=device)
         if feature not in ("trained", "random"):
             raise ValueError(f"feature must be 'trained' or 'random', got {feature!r}")
         if feature_width < 1 or feature_epochs < 0:
@@ -222,8 +238,8 @@ class FeatureSelection(Distiller):
 
     def _distill(self, images: torch.Tensor, labels: torch.Tensor, classes: list[int], num_classes: int) -> DistillResult:
         feats = selection_features(images, labels, num_classes, feature=self.feature, width=self.feature_width,
-                                   epochs=self.feature_epochs, seed=self.seed, progress=self.progress)
-        picked = []
+                                   epochs=self.feature_epochs, seed=self.seed, progress=self.progress).cpu()
+        picked = []  # the greedy orderings run on the host (small, step by step)
         for c in classes:
             idx = class_index(labels, c)
             picked.append(idx[self.order(feats[idx], self.ipc)])

@@ -84,8 +84,9 @@ class GradientMatching(Distiller):
         dsa: str = "crop_scale_rotate_cutout",
         seed: int = 0,
         progress: bool = True,
+        device: str | torch.device | None = "cpu",
     ) -> None:
-        super().__init__(ipc, seed=seed, progress=progress)
+        super().__init__(ipc, seed=seed, progress=progress, device=device)
         check_loop_options(iterations, time_budget, init)
         default_outer, default_inner = _default_loops(ipc)
         self.iterations = iterations
@@ -102,7 +103,7 @@ class GradientMatching(Distiller):
         start = time.perf_counter()
         index = {c: class_index(labels, c) for c in classes}
         syn = starting_images(images, labels, classes, self.ipc, self.init, self.seed)
-        syn_labels = torch.tensor(classes).repeat_interleave(self.ipc)
+        syn_labels = torch.tensor(classes).repeat_interleave(self.ipc).to(images.device)
         opt_img = torch.optim.SGD([syn], lr=self.lr_img, momentum=0.5)
         augment = DSA(self.dsa, seed=derive_seed(self.seed, 1))
         gen = torch.Generator().manual_seed(derive_seed(self.seed, 2))
@@ -110,7 +111,7 @@ class GradientMatching(Distiller):
         bar = progress_bar(range(self.iterations), enabled=self.progress, desc="gm", leave=False)
         for it in bar:
             with seeded(derive_seed(self.seed, 3, it)):
-                net = ConvNet(images.shape[1:], num_classes, width=self.width, depth=self.depth)
+                net = ConvNet(images.shape[1:], num_classes, width=self.width, depth=self.depth).to(images.device)
             params = [p for p in net.parameters()]
             opt_net = torch.optim.SGD(params, lr=self.lr_net, momentum=0.5)
             for ol in range(self.outer_loop):
@@ -121,7 +122,7 @@ class GradientMatching(Distiller):
                     syn_c = syn[i * self.ipc : (i + 1) * self.ipc]
                     aug = augment.sample(1)
                     real_c, syn_c = augment.apply(real_c, aug), augment.apply(syn_c, aug)
-                    target = torch.full((real_c.shape[0],), c, dtype=torch.int64)
+                    target = torch.full((real_c.shape[0],), c, dtype=torch.int64, device=images.device)
                     g_real = torch.autograd.grad(F.cross_entropy(net(real_c), target), params)
                     g_real = [g.detach() for g in g_real]
                     g_syn = torch.autograd.grad(F.cross_entropy(net(syn_c), target[: syn_c.shape[0]]), params, create_graph=True)

@@ -78,8 +78,9 @@ class KernelRidgeDistiller(Distiller):
         init: str = "real",
         seed: int = 0,
         progress: bool = True,
+        device: str | torch.device | None = "cpu",
     ) -> None:
-        super().__init__(ipc, seed=seed, progress=progress)
+        super().__init__(ipc, seed=seed, progress=progress, device=device)
         check_loop_options(iterations, time_budget, init)
         if reg <= 0:
             raise ValueError(f"reg must be positive, got {reg}")
@@ -94,14 +95,14 @@ class KernelRidgeDistiller(Distiller):
         column[torch.tensor(classes)] = torch.arange(n_cls)
         syn = starting_images(images, labels, classes, self.ipc, self.init, self.seed)
         syn_class = torch.tensor(classes).repeat_interleave(self.ipc)
-        onehot = torch.nn.functional.one_hot(column[syn_class], n_cls).float()
+        onehot = torch.nn.functional.one_hot(column[syn_class], n_cls).float().to(images.device)
         # label smoothing 0.1 so that the initial logits are finite
         logits = torch.log(onehot * 0.9 + 0.1 / n_cls).requires_grad_(self.learn_labels)
         groups = [{"params": [syn], "lr": self.lr_img}]
         if self.learn_labels:
             groups.append({"params": [logits], "lr": self.lr_labels})
         opt = torch.optim.Adam(groups)
-        probes = RandomConvNets(images.shape[1:], width=self.width, depth=self.depth)
+        probes = RandomConvNets(images.shape[1:], width=self.width, depth=self.depth, device=images.device)
         gen = torch.Generator().manual_seed(derive_seed(self.seed, 2))
         done, stopped_by, loss = 0, "iterations", torch.zeros(())
         bar = progress_bar(range(self.iterations), enabled=self.progress, desc="krr", leave=False)
@@ -110,7 +111,7 @@ class KernelRidgeDistiller(Distiller):
             pick = torch.randint(images.shape[0], (min(self.batch_real, images.shape[0]),), generator=gen)
             with torch.no_grad():
                 feat_real = net.embed(images[pick])
-            real_targets = torch.nn.functional.one_hot(column[labels[pick]], n_cls).float() - 1 / n_cls
+            real_targets = torch.nn.functional.one_hot(column[labels[pick]], n_cls).float().to(images.device) - 1 / n_cls
             syn_targets = (logits.softmax(1) if self.learn_labels else onehot) - 1 / n_cls
             feat_syn = net.embed(syn)
             scale = 1 / math.sqrt(feat_syn.shape[1])
@@ -127,7 +128,7 @@ class KernelRidgeDistiller(Distiller):
         bar.close()
         if self.learn_labels:
             probs = torch.zeros(syn.shape[0], num_classes)
-            probs[:, torch.tensor(classes)] = logits.detach().softmax(1)
+            probs[:, torch.tensor(classes)] = logits.detach().softmax(1).cpu()
             out_labels = probs
         else:
             out_labels = syn_class.clone()

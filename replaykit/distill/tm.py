@@ -110,8 +110,9 @@ class TrajectoryMatching(Distiller):
         dsa: str = "crop_scale_rotate_cutout",
         seed: int = 0,
         progress: bool = True,
+        device: str | torch.device | None = "cpu",
     ) -> None:
-        super().__init__(ipc, seed=seed, progress=progress)
+        super().__init__(ipc, seed=seed, progress=progress, device=device)
         check_loop_options(iterations, time_budget, init)
         if min(num_experts, syn_steps, match_epochs, max_start_epoch, expert_images) < 1:
             raise ValueError("num_experts, syn_steps, match_epochs, max_start_epoch and expert_images must be >= 1")
@@ -132,13 +133,15 @@ class TrajectoryMatching(Distiller):
     def _distill(self, images: torch.Tensor, labels: torch.Tensor, classes: list[int], num_classes: int) -> DistillResult:
         start = time.perf_counter()
         shape = images.shape[1:]
+        device = images.device
+        dev_labels = labels.to(device)  # the experts train where the images are
         experts = []
         for e in progress_bar(range(self.num_experts), enabled=self.progress, desc="tm experts", leave=False):
             with seeded(derive_seed(self.seed, 10, e)):
-                net = ConvNet(shape, num_classes, width=self.width, depth=self.depth)
+                net = ConvNet(shape, num_classes, width=self.width, depth=self.depth).to(device)
             experts.append(
                 record_expert_trajectory(
-                    net, images, labels, epochs=self.expert_epochs, lr=self.expert_lr, batch_size=256,
+                    net, images, dev_labels, epochs=self.expert_epochs, lr=self.expert_lr, batch_size=256,
                     images_per_epoch=self.expert_images, augment=DSA(self.dsa, seed=derive_seed(self.seed, 11, e)),
                     seed=derive_seed(self.seed, 12, e),
                 )
@@ -146,7 +149,7 @@ class TrajectoryMatching(Distiller):
         expert_seconds = time.perf_counter() - start
 
         with seeded(derive_seed(self.seed, 13)):
-            student = ConvNet(shape, num_classes, width=self.width, depth=self.depth)
+            student = ConvNet(shape, num_classes, width=self.width, depth=self.depth).to(device)
         names = [n for n, _ in student.named_parameters()]
         shapes = [p.shape for _, p in student.named_parameters()]
         sizes = [p.numel() for _, p in student.named_parameters()]
@@ -156,8 +159,8 @@ class TrajectoryMatching(Distiller):
             return functional_call(student, tensors, (x,))
 
         syn = starting_images(images, labels, classes, self.ipc, self.init, self.seed)
-        syn_labels = torch.tensor(classes).repeat_interleave(self.ipc)
-        lr = torch.tensor(self.syn_lr).requires_grad_(True)
+        syn_labels = torch.tensor(classes).repeat_interleave(self.ipc).to(device)
+        lr = torch.tensor(self.syn_lr, device=device).requires_grad_(True)
         opt_img = torch.optim.SGD([syn], lr=self.lr_img, momentum=0.5)
         opt_lr = torch.optim.SGD([lr], lr=self.lr_lr, momentum=0.5)
         augment = DSA(self.dsa, seed=derive_seed(self.seed, 14))

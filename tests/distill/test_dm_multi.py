@@ -48,3 +48,12 @@ def test_bad_options():
         MultiLayerDistributionMatching(layer_weight=-1)
     with pytest.raises(ValueError, match="time_budget"):
         MultiLayerDistributionMatching(time_budget=0)
+
+
+def test_batched_classes_statistics_match_the_per_class_loop(digits):
+    x, y, _, _ = digits
+    opts = dict(FAST, iterations=3, real_batch=16, width=16)
+    loop = distill.make("dm-multi", ipc=2, seed=0, **opts).distill(x, y)
+    batched = distill.make("dm-multi", ipc=2, seed=0, batch_classes=True, **opts).distill(x, y)
+    assert batched.meta["batched_classes"] is True
+    assert torch.allclose(batched.images, loop.images, atol=1e-5, rtol=0)

@@ -78,3 +78,57 @@ def test_bad_input_is_refused_with_a_named_problem(name, tiny):
         d.distill(x, y, num_classes=5)
     with pytest.raises(ValueError, match="ipc"):
         distill.make(name, ipc=0)
+
+
+# ------------------------------------------------------------------ devices
+@pytest.mark.parametrize("name", distill.available())
+def test_every_method_takes_device_cpu_and_gives_the_same_host_buffer(name, tiny):
+    x, y = tiny
+    default = distill.make(name, ipc=1, seed=0, progress=False, **_tiny_options(name)).distill(x, y, num_classes=10)
+    explicit = distill.make(name, ipc=1, seed=0, progress=False, device=torch.device("cpu"), **_tiny_options(name)).distill(
+        x, y, num_classes=10)
+    assert distill.make(name, ipc=1, device="cpu").device == "cpu"
+    assert explicit.meta["options"]["device"] == "cpu"
+    assert explicit.images.device.type == explicit.labels.device.type == explicit.class_ids.device.type == "cpu"
+    assert torch.equal(explicit.images, default.images) and torch.equal(explicit.labels, default.labels)
+
+
+@pytest.mark.parametrize("name", distill.available())
+def test_every_method_names_a_bad_device(name):
+    with pytest.raises(ValueError, match="unknown device 'gpu'"):
+        distill.make(name, ipc=1, device="gpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", distill.available())
+def test_every_method_runs_on_cuda_and_returns_a_host_buffer(name, tiny):
+    x, y = tiny
+    cpu = distill.make(name, ipc=2, seed=0, progress=False, **_tiny_options(name)).distill(x, y, num_classes=10)
+    gpu = distill.make(name, ipc=2, seed=0, progress=False, device="cuda", **_tiny_options(name)).distill(x.cuda(), y.cuda(),
+                                                                                                        num_classes=10)
+    assert gpu.images.device.type == gpu.labels.device.type == "cpu" and gpu.meta["options"]["device"] == "cuda"
+    assert gpu.images.shape == cpu.images.shape and gpu.class_ids.tolist() == cpu.class_ids.tolist()
+    if distill.REGISTRY[name].selects and name == "random":
+        assert torch.equal(gpu.images, cpu.images)  # host-drawn choice: the same images on every device
+
+
+def test_a_method_without_device_still_builds_on_the_cpu_and_refuses_cuda(monkeypatch, tiny):
+    from replaykit.distill.base import DistillResult, Distiller
+
+    class FirstImages(Distiller):  # written against the interface before device= existed
+        name = "first-images-test"
+        selects = True
+
+        def __init__(self, ipc: int = 1, *, seed: int = 0, progress: bool = True) -> None:
+            super().__init__(ipc, seed=seed, progress=progress)
+
+        def _distill(self, images, labels, classes, num_classes):
+            index = torch.cat([torch.nonzero(labels == c).flatten()[: self.ipc] for c in classes])
+            return DistillResult(images[index].clone(), labels[index].clone(), labels[index].clone())
+
+    monkeypatch.setitem(distill.REGISTRY, FirstImages.name, FirstImages)
+    x, y = tiny
+    assert len(distill.make(FirstImages.name, ipc=1, device="cpu").distill(x, y)) == 3
+    monkeypatch.setattr("replaykit.device.resolve_device", torch.device)  # lets "cuda" through on a CPU machine
+    with pytest.raises(ValueError, match="takes no device"):
+        distill.make(FirstImages.name, ipc=1, device="cuda")

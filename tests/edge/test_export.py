@@ -273,3 +273,21 @@ def test_group_norm_is_at_least_as_accurate_as_pytorch_near_a_relu_zero(level):
     torch_error = float((eager - exact)[near].abs().max())
     assert onnx_error <= 2e-7 and onnx_error <= torch_error, (onnx_error, torch_error)
     assert float((torch.from_numpy(y).double() - exact).abs().max()) <= 1e-6
+
+
+def test_export_uses_a_cpu_model_and_buffer_as_they_are(trained_model, replay_buffer):
+    from edge.exporter import _host_copies
+
+    model, buffer = _host_copies(trained_model, replay_buffer)
+    assert model is trained_model and buffer is replay_buffer  # nothing copied on the CPU path
+
+
+@pytest.mark.cuda
+def test_export_from_cuda_copies_and_leaves_the_callers_model_there(tmp_path, trained_model, replay_buffer):
+    import copy
+
+    import edge
+
+    on_gpu = copy.deepcopy(trained_model).cuda()
+    bundle = edge.export(on_gpu, replay_buffer, tmp_path / "gpu", mode="head")
+    assert (bundle / "manifest.json").is_file() and next(on_gpu.parameters()).device.type == "cuda"

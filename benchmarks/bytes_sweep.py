@@ -31,10 +31,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from class_incremental import run_cells  # noqa: E402  (a sibling script, not a package)
+from class_incremental import _device_words, run_cells  # noqa: E402  (a sibling script, not a package)
 
 from replaykit.continual import RunConfig, parse_spec  # noqa: E402
 from replaykit.data import DatasetNotFoundError, dataset_info, load_tensors  # noqa: E402
+from replaykit.device import add_device_argument  # noqa: E402
 from replaykit.fileio import atomic_write, atomic_write_json  # noqa: E402
 from replaykit.runtime import keep_freed_memory  # noqa: E402
 
@@ -201,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--quick", action="store_true", help="CI smoke: small MNIST subsets, two budgets, one seed, few iterations")
     parser.add_argument("--quiet", action="store_true")
+    add_device_argument(parser, "every strategy trains and distills")
     args = parser.parse_args(argv)
 
     seeds = [args.seed] if args.seed is not None else args.seeds
@@ -238,12 +240,13 @@ def main(argv: list[str] | None = None) -> int:
                         if (dataset, seed, epochs, row["spec"]) in done:
                             continue
                         cfg = RunConfig(dataset=dataset, seed=seed, epochs=epochs, width=args.width, train_per_class=args.train_per_class,
-                                        test_per_class=args.test_per_class, data_root=args.data_root, validation=args.validation)
+                                        test_per_class=args.test_per_class, data_root=args.data_root, validation=args.validation,
+                                        device=args.device)
                         spec = parse_spec(row["spec"])
                         about[(dataset, seed, epochs, spec.label, budget)] = dict(row, budget_bytes=budget)
                         cells.append((cfg, spec))
     config = {"width": args.width, "pipeline": pipeline_text(args.pipeline, args.recompress), "distilled": list(distilled),
-              "real_pipelines": list(args.real_pipelines),
+              "real_pipelines": list(args.real_pipelines), "device": args.device,
               "evaluated_on": "validation split of train" if args.validation else "test set", "quick": args.quick,
               "train_per_class": args.train_per_class, "test_per_class": args.test_per_class, "jobs": args.jobs, "threads_per_job": threads}
     start = time.perf_counter()
@@ -280,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _document(config: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"benchmark": "bytes_sweep (PROTOCOL A over byte budgets)",
-            "machine": f"{platform.machine()} CPU, {platform.processor() or 'unknown'}, no GPU", "config": config, "rows": rows}
+            "machine": f"{platform.machine()} CPU, {platform.processor() or 'unknown'}, {_device_words(config.get('device', 'cpu'))}",
+            "config": config, "rows": rows}
 
 
 if __name__ == "__main__":

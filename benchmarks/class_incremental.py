@@ -103,7 +103,7 @@ def _table(runs: list[dict[str, Any]], config: dict[str, Any]) -> str:
         f"test: {'full test sets' if config.get('test_per_class') is None else str(config['test_per_class']) + ' per class (subsample)'}.",
         "replay = Avalanche ReplayPlugin default storage (ExperienceBalancedBuffer: reservoir sampling within each experience). "
         "Memory bytes: everything held after the last experience: real images as uint8 + 1-byte label; downsample: "
-        "uint8 at half resolution + label; jpeg: torchvision's encoded files, the headers shared by all of them counted once, + label; distilled images at "
+        "uint8 at half resolution + label; jpeg: the encoded files (Pillow; byte-identical to torchvision's former encoder), the headers shared by all of them counted once, + label; distilled images at "
         "their stored resolution and precision + label; DER adds its float32 logits.",
         "",
         "| dataset | epochs | strategy | seeds | final avg acc (%) | forgetting (%) | distill s (sum over exps) | run s | memory images | memory bytes |",

@@ -187,6 +187,8 @@ def decode_stored_images(stored: np.ndarray, storage: str, shape: tuple[int, int
         maximum = 255
     elif storage == "uint8":
         maximum = (1 << pixel_bits) - 1
+        if stored.dtype != np.uint8:
+            raise CodecError(f"images stored as {stored.dtype}, the manifest says uint8")
         if pixel_bits == 8:
             levels = stored
         else:
@@ -194,7 +196,7 @@ def decode_stored_images(stored: np.ndarray, storage: str, shape: tuple[int, int
                 raise CodecError(f"packed {pixel_bits}-bit images must be [N, bytes] uint8 rows holding {list(shape)}, "
                                  f"got {stored.dtype}{list(stored.shape)}")
             levels = unpack_levels(stored, pixel_bits, int(np.prod(shape))).reshape(-1, *shape)
-        if levels.dtype != np.uint8 or levels.max(initial=0) > maximum:
+        if levels.max(initial=0) > maximum:
             raise CodecError(f"uint8 images hold values above {maximum} ({pixel_bits}-bit levels)")
     else:
         if stored.dtype != np.dtype(storage):

@@ -27,7 +27,7 @@ def add_export_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export", help="write an ONNX edge bundle (model + replay buffer) for on-device retraining",
         description="Build a replaykit.networks model, load its weights from a safetensors file, and export it with a "
-                    "replay buffer as an edge bundle (model.onnx, train_step.onnx, buffer.safetensors, manifest.json).",
+                    "replay buffer as an edge bundle (model.onnx, train_step.onnx, buffer.safetensors, replay.safetensors, manifest.json).",
     )
     p.add_argument("--weights", required=True, help="model state_dict as .safetensors (never a pickle)")
     p.add_argument("--network", required=True, help="network name: convnet, mlp or lenet")

@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                                         test_per_class=args.test_per_class, data_root=args.data_root, validation=args.validation,
                                         device=args.device)
                         spec = parse_spec(row["spec"])
-                        about[(dataset, seed, epochs, spec.label, budget)] = dict(row, budget_bytes=budget)
+                        about[(dataset, seed, epochs, spec.identity)] = dict(row, budget_bytes=budget)
                         cells.append((cfg, spec))
     config = {"width": args.width, "pipeline": pipeline_text(args.pipeline, args.recompress), "distilled": list(distilled),
               "real_pipelines": list(args.real_pipelines), "device": args.device,
@@ -252,8 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
 
     def record_done(record: dict[str, Any]) -> None:
-        budget = next(b for (d, s, e, label, b) in about if (d, s, e, label) == (record["dataset"], record["seed"], record["epochs"], record["label"]))
-        row = about[(record["dataset"], record["seed"], record["epochs"], record["label"], budget)]
+        row = about[(record["dataset"], record["seed"], record["epochs"], record["identity"])]
         rows.append({
             "dataset": record["dataset"], "seed": record["seed"], "epochs": record["epochs"], "budget_bytes": row["budget_bytes"],
             "memory_bytes": record["memory_bytes"], "memory_images": record["memory_images"], "images": row["images"],

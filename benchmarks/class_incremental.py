@@ -92,7 +92,7 @@ def _has_data(name: str, root: str | None) -> bool:
 def _table(runs: list[dict[str, Any]], config: dict[str, Any]) -> str:
     groups: dict[tuple[str, int, str], list[dict[str, Any]]] = defaultdict(list)
     for r in runs:
-        groups[(r["dataset"], r["epochs"], r["label"])].append(r)
+        groups[(r["dataset"], r["epochs"], _display_label(r, runs))].append(r)
     lines = [
         f"Network: ConvNet-3 width {config['width']} (PROTOCOL: {PROTOCOL_WIDTH}"
         + ("" if config["width"] == PROTOCOL_WIDTH else "; narrower for the 2-core CPU budget, same for every method")
@@ -104,7 +104,7 @@ def _table(runs: list[dict[str, Any]], config: dict[str, Any]) -> str:
         f"test: {'full test sets' if config.get('test_per_class') is None else str(config['test_per_class']) + ' per class (subsample)'}.",
         "replay = Avalanche ReplayPlugin default storage (ExperienceBalancedBuffer: reservoir sampling within each experience). "
         "Memory bytes: everything held after the last experience: real images as uint8 + 1-byte label; downsample: "
-        "uint8 at half resolution + label; jpeg: torchvision's encoded files, the headers shared by all of them counted once, + label; distilled images at "
+        "uint8 at half resolution + label; jpeg: the encoded files (Pillow; byte-identical to torchvision's former encoder), the headers shared by all of them counted once, + label; distilled images at "
         "their stored resolution and precision + label; DER adds its float32 logits.",
         "",
         "| dataset | epochs | strategy | seeds | final avg acc (%) | forgetting (%) | distill s (sum over exps) | run s | memory images | memory bytes |",
@@ -121,6 +121,17 @@ def _table(runs: list[dict[str, Any]], config: dict[str, Any]) -> str:
             f"{ds.mean():.1f} | {secs.mean():.0f} | {rs[0]['memory_images']} | {rs[0]['memory_bytes']} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _display_label(record: dict[str, Any], runs: list[dict[str, Any]]) -> str:
+    """The run's label, plus its method options when another run of the same table has the same label
+    but a different identity (e.g. ``iterations=100`` vs ``300``), so that rows never merge."""
+    twins = {_record_identity(r) for r in runs
+             if r["label"] == record["label"] and r["dataset"] == record["dataset"] and r["epochs"] == record["epochs"]}
+    if len(twins) < 2:
+        return record["label"]
+    extra = " ".join(f"{k}={v}" for k, v in sorted(record.get("method_options", {}).items()) if f"{k}={v}" not in record["label"].split())
+    return f"{record['label']} {extra}".rstrip() if extra else f"{record['label']} [{_record_identity(record)}]"
 
 
 def _family(run: dict[str, Any]) -> str:
@@ -153,7 +164,7 @@ def _plots(runs: list[dict[str, Any]], out: Path) -> list[str]:
     by_dataset: dict[str, dict[str, list[list[float]]]] = defaultdict(lambda: defaultdict(list))
     for r in runs:
         if r["kind"] != "joint":
-            by_dataset[f"{r['dataset']}_{r['epochs']}ep"][r["label"]].append([100 * a for a in r["stream_accuracy"]])
+            by_dataset[f"{r['dataset']}_{r['epochs']}ep"][_display_label(r, runs)].append([100 * a for a in r["stream_accuracy"]])
     for dataset, curves in by_dataset.items():
         means = {k: list(np.mean(v, axis=0)) for k, v in curves.items()}
         stds = {k: list(np.std(v, axis=0)) for k, v in curves.items()}
@@ -232,14 +243,14 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict[str, Any]] = []
     if args.resume and results_path.is_file():
         runs = json.loads(results_path.read_text())["runs"]
-    done = {(r["dataset"], r["seed"], r["label"], r["epochs"]) for r in runs}
+    done = {(r["dataset"], r["seed"], _record_identity(r), r["epochs"]) for r in runs}
     specs = _specs(methods, baselines, distilled, options, args.storage, args.recompress)
     cells = [
         (RunConfig(dataset=d, seed=sd, epochs=e, width=args.width, train_per_class=args.train_per_class,
                    test_per_class=args.test_per_class, data_root=args.data_root, validation=args.validation,
                    device=args.device), spec)
         for e in args.epochs for sd in seeds for d in args.datasets for spec in specs  # seed by seed: partial runs stay balanced
-        if (d, sd, spec.label, e) not in done
+        if (d, sd, spec.identity, e) not in done
     ]
     config["jobs"], config["threads_per_job"] = args.jobs, args.threads
     start = time.perf_counter()
@@ -253,9 +264,9 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_json(results_path, _document(config, runs))  # resumable after every run
 
     run_cells(cells, args.jobs, args.threads, record_done, progress=not args.quiet)
-    order = {(e, d, sd, spec.label): i for i, (e, d, sd, spec) in enumerate(
+    order = {(e, d, sd, spec.identity): i for i, (e, d, sd, spec) in enumerate(
         (e, d, sd, spec) for e in args.epochs for d in args.datasets for sd in seeds for spec in specs)}
-    runs.sort(key=lambda r: order.get((r["epochs"], r["dataset"], r["seed"], r["label"]), -1))
+    runs.sort(key=lambda r: order.get((r["epochs"], r["dataset"], r["seed"], _record_identity(r)), -1))
     document = _document(config, runs)
     document["wall_seconds_this_invocation"] = round(time.perf_counter() - start, 1)
     atomic_write_json(results_path, document)
@@ -310,7 +321,25 @@ def _run_cell(cfg: RunConfig, spec: StrategySpec, threads: int, progress: bool) 
     if spec.kind == "distilled":
         record.update(method_options=spec.method_options, storage=spec.storage, recompress=spec.recompress)
     record["options"] = spec.options
+    record["identity"] = spec.identity
     return record
+
+
+def _record_identity(record: dict[str, Any]) -> str:
+    """The spec identity of a run record; records written before identities existed get theirs rebuilt
+    from the fields they kept (kind, options, method options, storage, the budget in the label)."""
+    if "identity" in record:
+        return record["identity"]
+    tokens = record["label"].split()
+    mem_bytes = next((int(t[:-1]) for t in tokens if t.endswith("B") and t[:-1].isdigit()), 0)
+    fields: dict[str, Any] = {"kind": record["kind"], "mem_size": record["mem_size"], "mem_bytes": mem_bytes, "options": record.get("options", {})}
+    if record["kind"] == "distilled":
+        fields.update(method=record["method"], method_options=record.get("method_options", {}), storage=record.get("storage", "float32"),
+                      recompress=record.get("recompress", "distill"))
+    try:
+        return StrategySpec.from_json(fields).identity
+    except ValueError:  # a record no current spec can describe: it only matches itself
+        return "label:" + record["label"]
 
 
 # --quick checks the code paths (every kind of memory, bytes accounting), not the numbers, in well under 2 minutes.

@@ -53,6 +53,9 @@ from replaykit.networks import ConvNet  # noqa: E402
 from replaykit.training import seeded, train_classifier  # noqa: E402
 
 OLD, NEW = list(range(8)), [8, 9]
+#: Replay buffers compared at the headline bytes (PROTOCOL A's 100 uint8 MNIST images + labels).
+BUFFER_KINDS = ("host-headline", "uint8-100")
+HEADLINE_BYTES = 78_500
 
 # Runs in a child process: torch is blocked, only numpy + onnxruntime + safetensors + edge.
 DEVICE_SCRIPT = textwrap.dedent("""
@@ -113,6 +116,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also train a ConvNet of this width: bundle sizes and opened accuracy per storage "
                         "(default 128; quick: none)")
     p.add_argument("--wide-epochs", type=int, default=1, help="base-training epochs of the wide model")
+    p.add_argument("--buffers", nargs="*", default=None, choices=BUFFER_KINDS,
+                   help="also compare replay buffers of the headline bytes on the device (full mode, int8 weights): "
+                        "host-headline = the host's best buffer (dm, JPEG q2, held logits, mix 0.5, 78,500 B), "
+                        "uint8-100 = 100 uint8 images (default: both; --quick: none unless asked)")
+    p.add_argument("--only-buffers", action="store_true", help="run only the buffer comparison (no parity, latency, wide run)")
+    p.add_argument("--buffer-iterations", type=int, default=None, help="dm iterations per class of host-headline (default 100; quick 5)")
+    p.add_argument("--copy-json", default=None,
+                   help="merge this run's buffer rows into this results document (e.g. benchmarks/results/edge_retrain.json), "
+                        "replacing its rows of the same buffer and seed")
     p.add_argument("--data-root", default=None)
     p.add_argument("--no-keep-freed-memory", dest="keep_freed_memory", action="store_false",
                    help="leave glibc malloc at its defaults in this (PyTorch) process; by default it keeps freed memory "
@@ -132,7 +144,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.parity_steps is None:
         args.parity_steps = 10 if args.quick else 50
     if args.wide_width is None:
-        args.wide_width = 0 if args.quick else 128
+        args.wide_width = 0 if args.quick or args.only_buffers else 128
+    if args.buffers is None:
+        args.buffers = list(BUFFER_KINDS) if args.only_buffers or not args.quick else []
+    if args.buffer_iterations is None:
+        args.buffer_iterations = 5 if args.quick else 100
     return args
 
 
@@ -209,6 +225,11 @@ def _momentum(net, name: str):
     param = dict(net.named_parameters())[name]
     buf = net._sgd.state.get(param, {}).get("momentum_buffer")
     return None if buf is None else buf.detach().clone()
+
+
+def _mean_weights(rows: int) -> dict[str, np.ndarray]:
+    """The step graph's row weights of a plain step (the batch mean of the cross-entropy, no logit rows)."""
+    return {"ce_weight": np.full(rows, 1.0 / rows, dtype=np.float32), "logit_weight": np.zeros(rows, dtype=np.float32)}
 
 
 def _max_diff(a: dict, b: dict, names) -> float:
@@ -324,7 +345,7 @@ def parity(model, bundle: Path, x_new, y_new, buf_x, buf_t, args, seed: int, lr:
     for k, (x, t) in enumerate(_batches(x_new, y_new, buf_x, buf_t, args.parity_steps, seed)):
         feed = {PARAM_PREFIX + n: v for n, v in params.items() if PARAM_PREFIX + n in step_inputs}
         feed.update({STATE_PREFIX + n: v for n, v in state.items()})
-        feed.update(x=x.numpy(), targets=t.numpy(), **scalars)
+        feed.update(x=x.numpy(), targets=t.numpy(), **_mean_weights(len(x)), **scalars)
         out = session.run(names_out, feed)
         # One step from PyTorch's current state: the graph's own error, without accumulated drift.
         net_params = {n: p.detach().clone() for n, p in net.named_parameters()}
@@ -332,7 +353,7 @@ def parity(model, bundle: Path, x_new, y_new, buf_x, buf_t, args, seed: int, lr:
                      for n in trainable}
         feed1 = {PARAM_PREFIX + n: v.numpy() for n, v in net_params.items() if PARAM_PREFIX + n in step_inputs}
         feed1.update({STATE_PREFIX + n: v.numpy() for n, v in net_state.items()})
-        feed1.update(x=x.numpy(), targets=t.numpy(), **scalars)
+        feed1.update(x=x.numpy(), targets=t.numpy(), **_mean_weights(len(x)), **scalars)
         out1 = session.run(names_out, feed1)
         exact, exact_inputs = _float64_step(net, trainable, x, t, lr, opt)
         # PyTorch's own one-step spread: the same eager step from the same state with oneDNN on and off.
@@ -419,7 +440,7 @@ def frozen_constants_vs_fed(bundle: Path, x_new, y_new, buf_x, buf_t, args, seed
     times: dict[str, list[float]] = {"constants": [], "fed": []}
     for k, (x, t) in enumerate(_batches(x_new, y_new, buf_x, buf_t, args.latency_steps + 5, seed + 2)):
         feed = {PARAM_PREFIX + n: params[n] for n in manifest["params"] if PARAM_PREFIX + n in manifest["train_step_inputs"]}
-        feed.update({STATE_PREFIX + n: v for n, v in state.items()}, x=x.numpy(), targets=t.numpy(), **scalars)
+        feed.update({STATE_PREFIX + n: v for n, v in state.items()}, x=x.numpy(), targets=t.numpy(), **_mean_weights(len(x)), **scalars)
         for name, session, extra in (("constants", constants, {}),
                                      ("fed", fed, {init.name: params[init.name[len(PARAM_PREFIX):]] for init in frozen})):
             started = time.perf_counter()
@@ -500,6 +521,12 @@ def run_seed(seed: int, args, out: Path) -> dict[str, Any]:
         base_old = float((model(norm(old_tx)).argmax(1) == old_ty).float().mean())
     result: dict[str, Any] = {"seed": seed, "base_train_seconds": base_seconds, "base_old_acc": base_old,
                               "buffer_images": len(buffer), "buffer_counts": buffer.counts(), "runs": {}}
+    if args.buffers:
+        # The host distils each experience from all of its data (quick: the small distillation pool).
+        host_x, host_y = (pool_x, pool_y) if args.quick else _take(x_train, y_train, OLD, None, gen)
+        result["buffer_rows"] = buffer_rows(model, buffer, norm(host_x), host_y, files, args, seed, data_dir, s["device_epochs"])
+    if args.only_buffers:
+        return result
     torch_ms = {mode: torch_latency(model, mode, x_new_t, new_y, buf_x, buf_t, args, seed) for mode in ("head", "full")}
     for weights in args.weights:
         for mode in ("head", "full"):
@@ -536,6 +563,75 @@ def run_seed(seed: int, args, out: Path) -> dict[str, Any]:
     if args.wide_width:
         result["wide"] = wide_run(args.wide_width, args, out, seed, norm(base_x), base_y, buffer, old_tx, old_ty)
     return result
+
+
+def host_headline_buffer(model: torch.nn.Module, pool_x: torch.Tensor, pool_y: torch.Tensor, args, seed: int):
+    """The host's headline buffer of the old classes: a ``DistilledReplayPlugin`` as ``class_incremental.py``'s
+    first DISTILLED row builds it (dm, JPEG q2, held logits, recompress=select, mix 0.5, 78,500 B), its buffer
+    updated experience by experience (classes 0-1, 2-3, 4-5, 6-7) with ``model`` as the learner whose logits it
+    holds (the model trained on all old classes: the learner a device starts from)."""
+    from replaykit.avalanche import DistilledReplayPlugin
+
+    info = dataset_info("mnist")
+    plugin = DistilledReplayPlugin(
+        mem_bytes=HEADLINE_BYTES, method="dm", method_options={"iterations": args.buffer_iterations}, storage="jpeg",
+        jpeg_quality=2, recompress="select", logits=True, mix=0.5, dataset_meta=info.meta(), num_classes=10,
+        seed=seed, progress=False,
+    )
+    for first in range(0, len(OLD), 2):
+        keep = (pool_y == OLD[first]) | (pool_y == OLD[first + 1])
+        plugin.storage_policy.update_from_tensors(pool_x[keep], pool_y[keep], learner=model)
+    return plugin
+
+
+def buffer_rows(model, uint8_buffer, pool_x, pool_y, files: dict[str, str], args, seed: int, data_dir: Path,
+                epochs: int) -> list[dict[str, Any]]:
+    """PROTOCOL C with each replay buffer of ``args.buffers`` at the headline bytes: export a full-mode int8
+    bundle of ``model`` with it, learn classes 8-9 on the device (torch blocked, memory cap), score old / new classes."""
+    rows = []
+    for kind in args.buffers:
+        started = time.perf_counter()
+        if kind == "host-headline":
+            host = host_headline_buffer(model, pool_x, pool_y, args, seed)
+            held, host_bytes, images = host, host.storage_policy.nbytes(), len(host.buffer)
+        else:
+            held, host_bytes, images = uint8_buffer, uint8_buffer.nbytes("uint8"), len(uint8_buffer)
+        build_seconds = time.perf_counter() - started
+        bundle = edge.export(model, held, data_dir / f"bundle_buffer_{kind}", mode="full", weights="int8", lr=0.01,
+                             momentum=0.9, overwrite=True, seed=seed)
+        manifest = edge.read_manifest(bundle)
+        device = run_device(bundle, files, args, seed, epochs, [32], args.memory_limit_mb)
+        row = {"buffer": kind, "seed": seed, "buffer_images": images, "host_buffer_bytes": host_bytes,
+               "buffer_file_bytes": (bundle / "replay.safetensors").stat().st_size,
+               "bundle_bytes": _bundle_bytes(bundle)["total"], "image_storage": manifest["image_storage"],
+               "held_logits": manifest["replay"]["held_logits"], "mix": manifest["replay"]["mix"],
+               "logit_loss_weight": manifest["replay"]["logit_loss_weight"],
+               "old_class_accuracy": device["with_buffer"]["old_acc"], "new_class_accuracy": device["with_buffer"]["new_acc"],
+               "opened_old_accuracy": device["opened_old_acc"], "peak_rss_mb": device["peak_rss_mb"],
+               "cap_mb": args.memory_limit_mb, "torch_loaded": device["torch_loaded"],
+               "device_step_ms_median": device["with_buffer"]["step_ms_median"], "steps": device["with_buffer"]["steps"],
+               "build_seconds": build_seconds}
+        rows.append(row)
+        print(f"seed {seed} buffer {kind}: {images} images, host {host_bytes} B, replay file {row['buffer_file_bytes']} B, "
+              f"old acc {row['old_class_accuracy']:.4f}, new acc {row['new_class_accuracy']:.4f}, "
+              f"peak RSS {row['peak_rss_mb']:.1f} MB (cap {args.memory_limit_mb:g})", flush=True)
+    return rows
+
+
+def buffer_table(results: list[dict]) -> tuple[list[dict], str]:
+    """Every buffer row, and a table of old / new accuracy per buffer (mean ± std over seeds)."""
+    rows = [row for r in results for row in r.get("buffer_rows", [])]
+    lines = ["| buffer | seeds | images | replay file bytes | old-class acc | new-class acc | peak RSS MB (cap) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for kind in BUFFER_KINDS:
+        mine = [row for row in rows if row["buffer"] == kind]
+        if not mine:
+            continue
+        old, new = _stat([row["old_class_accuracy"] for row in mine]), _stat([row["new_class_accuracy"] for row in mine])
+        lines.append(f"| {kind} | {len(mine)} | {max(row['buffer_images'] for row in mine)} | "
+                     f"{max(row['buffer_file_bytes'] for row in mine)} | {_fmt(old, 4)} | {_fmt(new, 4)} | "
+                     f"{max(row['peak_rss_mb'] for row in mine):.1f} ({mine[0]['cap_mb']:g}) |")
+    return rows, "\n".join(lines) + "\n"
 
 
 def wide_run(width: int, args, out: Path, seed: int, base_x, base_y, buffer, old_tx, old_ty) -> dict[str, Any]:
@@ -746,8 +842,14 @@ def main(argv=None) -> int:
     for seed in args.seeds:
         results.append(run_seed(seed, args, out))
         atomic_write_json(out / "results_partial.json", {"args": vars(args), "results": results})
-    summary, table = summarise(results, args)
-    payload = {"args": vars(args), "settings": _settings(args.quick), "results": results,
+    rows, rows_table = buffer_table(results)
+    if args.only_buffers:
+        summary, table = {}, ""
+    else:
+        summary, table = summarise(results, args)
+    if rows:
+        table += "\nReplay buffers at the headline bytes on the device (full mode, int8 weights, learns 8-9):\n\n" + rows_table
+    payload = {"args": vars(args), "settings": _settings(args.quick), "results": results, "buffer_rows": rows,
                "summary": summary, "seconds": time.time() - started,
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "load_average_before_after": [list(load_before), list(os.getloadavg())],
@@ -755,10 +857,24 @@ def main(argv=None) -> int:
                "torch_process_keeps_freed_memory": keeps_freed_memory}
     atomic_write_json(out / "results.json", payload)
     atomic_write_bytes(out / "results.md", table.encode())
-    plot(summary, out / "forgetting.png", args.weights)
+    if summary:
+        plot(summary, out / "forgetting.png", args.weights)
+    if args.copy_json:
+        merge_buffer_rows(Path(args.copy_json), rows, payload)
     print(table)
     print(f"wrote {out}/results.json, results.md, forgetting.png in {payload['seconds']:.0f} s")
     return 0
+
+
+def merge_buffer_rows(path: Path, rows: list[dict], payload: dict) -> None:
+    """Put ``rows`` into the results document at ``path`` (its other contents kept), replacing rows of the same
+    buffer and seed; the run's date, load and arguments go beside them."""
+    document = json.loads(path.read_text()) if path.is_file() else {}
+    fresh = {(row["buffer"], row["seed"]) for row in rows}
+    kept = [row for row in document.get("buffer_rows", []) if (row["buffer"], row["seed"]) not in fresh]
+    document["buffer_rows"] = kept + rows
+    document["buffer_rows_run"] = {k: payload[k] for k in ("args", "date", "load_average_before_after", "seconds", "machine_note")}
+    atomic_write_json(path, document)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,13 @@ A bundle is a folder::
     train_step.onnx     one SGD-with-momentum step as a pure function (head mode: the
                         frozen feature extractor is a set of constants whose values the
                         runtime supplies from buffer.safetensors, see ``step_session``)
-    buffer.safetensors  replay images + labels, parameters (float32, float16 or int8 +
-                        scales, see ``edge.codec``) and, once saved, the momentum
+    buffer.safetensors  parameters (float32, float16 or int8 + scales, see ``edge.codec``)
+                        and, once saved, the momentum
+    replay.safetensors  the replay buffer as the host holds it: its own image codes (JPEG
+                        bodies after one shared header, packed grey levels, uint8, float16,
+                        at the stored resolution), one byte per hard label (or soft rows +
+                        class ids) and the held logits (int8 + float16 row scales): the
+                        host's ``buffer.nbytes()`` plus the safetensors header
     manifest.json       format version, shapes, normalisation, classes, mode, weight and
                         image storage, image decoder, size and sha256 of every other file
 
@@ -32,18 +37,19 @@ import numpy as np
 
 from replaykit.fileio import atomic_write, atomic_write_json, sha256_file
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 MODEL = "model.onnx"
 TRAIN_STEP = "train_step.onnx"
 BUFFER = "buffer.safetensors"
-BUNDLE_FILES = (MODEL, TRAIN_STEP, BUFFER)
+REPLAY = "replay.safetensors"
+BUNDLE_FILES = (MODEL, TRAIN_STEP, BUFFER, REPLAY)
 PENDING = ".pending"  # suffix of the journal files written by ``save_state``
 
 PARAM_PREFIX = "param."
 STATE_PREFIX = "state."
 MODES = ("head", "full")
-STORAGES = ("uint8", "float16")
+STORAGES = ("uint8", "float16", "float32", "jpeg")  # replay image storage, see edge.codec
 OPTIMIZER_STATES = ("zero", "stored")
 # External-data location of the head-mode step graph's frozen parameters: a file that never exists, so
 # onnxruntime refuses the graph unless the runtime supplies the values (``step_session``).
@@ -93,7 +99,7 @@ def read_manifest(bundle_dir: str | os.PathLike, verify: bool = True) -> dict[st
     if missing:
         raise BundleError(f"{path} does not list {missing}")
     for key in ("input_shape", "num_classes", "mode", "mean", "std", "params", "trainable", "image_storage",
-                "weight_storage", "param_storage", "optimizer_state", "buffer_image_shape", "decoder"):
+                "weight_storage", "param_storage", "optimizer_state", "buffer_image_shape", "decoder", "replay"):
         if key not in manifest:
             raise BundleError(f"{path} lacks the field {key!r}")
     if verify:
@@ -111,13 +117,14 @@ def read_manifest(bundle_dir: str | os.PathLike, verify: bool = True) -> dict[st
     return manifest
 
 
-def load_tensors(bundle_dir: Path) -> dict[str, np.ndarray]:
+def load_tensors(bundle_dir: Path, name: str = BUFFER) -> dict[str, np.ndarray]:
+    """The tensors of ``buffer.safetensors`` (parameters) or, with ``name=REPLAY``, of the replay buffer."""
     from safetensors.numpy import load_file
 
     try:
-        return load_file(str(bundle_dir / BUFFER))
+        return load_file(str(bundle_dir / name))
     except Exception as exc:  # safetensors raises its own types for bad headers
-        raise BundleError(f"{bundle_dir / BUFFER} is not readable safetensors: {exc}") from exc
+        raise BundleError(f"{bundle_dir / name} is not readable safetensors: {exc}") from exc
 
 
 def open_parameters(bundle_dir: Path, manifest: dict[str, Any], tensors: dict[str, np.ndarray]

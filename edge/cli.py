@@ -27,7 +27,7 @@ def add_export_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export", help="write an ONNX edge bundle (model + replay buffer) for on-device retraining",
         description="Build a replaykit.networks model, load its weights from a safetensors file, and export it with a "
-                    "replay buffer as an edge bundle (model.onnx, train_step.onnx, buffer.safetensors, manifest.json).",
+                    "replay buffer as an edge bundle (model.onnx, train_step.onnx, buffer.safetensors, replay.safetensors, manifest.json).",
     )
     p.add_argument("--weights", required=True, help="model state_dict as .safetensors (never a pickle)")
     p.add_argument("--network", required=True, help="network name: convnet, mlp or lenet")
@@ -36,7 +36,8 @@ def add_export_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--buffer", required=True, help="replay buffer file written by SyntheticBuffer.save")
     p.add_argument("--out", required=True, help="bundle folder to create")
     p.add_argument("--mode", choices=["head", "full"], default="head", help="train only the classifier (head) or all")
-    p.add_argument("--storage", choices=["uint8", "float16"], default="uint8", help="replay image storage")
+    p.add_argument("--storage", choices=["uint8", "float16", "float32", "jpeg"], default=None,
+                   help="replay image storage (default: as the buffer file holds them: its JPEG codes, or uint8 grey levels)")
     p.add_argument("--weight-storage", choices=["float32", "float16", "int8"], default="float32",
                    help="parameter storage in the bundle (int8: per-output-channel, float32 scales); the device "
                         "dequantizes to float32 and trains in float32 (--weights is the model file)")
@@ -112,7 +113,7 @@ def _export(args: argparse.Namespace) -> int:
                  weight_decay=args.weight_decay, verify=not args.no_verify, seed=args.seed, overwrite=args.overwrite)
     manifest = json.loads((out / "manifest.json").read_text())
     total = sum(entry["size"] for entry in manifest["files"].values())
-    print(f"wrote {out}: mode={args.mode}, {len(buffer)} replay images ({args.storage}), {args.weight_storage} weights, "
+    print(f"wrote {out}: mode={args.mode}, {len(buffer)} replay images ({manifest['image_storage']}), {args.weight_storage} weights, "
           f"{total / 1024:.1f} KB")
     return 0
 

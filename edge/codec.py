@@ -141,3 +141,106 @@ def upsample_bilinear(images: np.ndarray, factor: int) -> np.ndarray:
     columns = _blend(images[..., low], images[..., high], one - frac, frac)
     low, high, frac = _source_index(images.shape[2], factor)
     return np.ascontiguousarray(_blend(columns[:, :, low, :], columns[:, :, high, :], (one - frac)[:, None], frac[:, None]))
+
+
+# ----------------------------------------------------------------- replay buffer (as the host holds it)
+#: How a bundle's replay images are stored: the host buffer's own codes (``SyntheticBuffer._stored_images``).
+IMAGE_STORAGES = ("uint8", "float16", "float32", "jpeg")
+LABEL_STORAGES = ("hard", "float16", "float32")
+
+
+def unpack_levels(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """``[N, B]`` bytes holding ``8 // bits`` grey levels each (lowest bits first) -> ``[N, count]`` uint8 levels;
+    the inverse of the host's ``replaykit.buffer.pack_levels``."""
+    if bits not in (1, 2, 4, 8):
+        raise CodecError(f"pixel_bits must be one of 1, 2, 4, 8, got {bits!r}")
+    packed = np.asarray(packed, dtype=np.uint8)
+    if bits == 8:
+        return packed[:, :count]
+    shifts = (np.arange(8 // bits, dtype=np.uint8) * bits).astype(np.uint8)
+    values = (packed[..., None] >> shifts) & np.uint8((1 << bits) - 1)
+    return values.reshape(packed.shape[0], -1)[:, :count]
+
+
+def decode_stored_images(stored: np.ndarray, storage: str, shape: tuple[int, int, int], count: int, *,
+                         mean: np.ndarray, std: np.ndarray, pixel_bits: int = 8, jpeg_header_bytes: int = 0) -> np.ndarray:
+    """A bundle's stored replay images -> ``[count, *shape]`` normalised float32 at their stored resolution.
+
+    The same arithmetic as the host (``SyntheticBuffer.load`` / ``quantized``): levels / (2**bits - 1) or JPEG
+    pixels / 255, then ``(p - mean) / std`` in float32; float16 / float32 images are stored normalised."""
+    from replaykit import jpeg  # numpy + Pillow only
+
+    if storage not in IMAGE_STORAGES:
+        raise CodecError(f"image storage {storage!r} is not one of {IMAGE_STORAGES}")
+    stored = np.asarray(stored)
+    if storage == "jpeg":
+        if stored.dtype != np.uint8 or stored.ndim != 1 or not 0 < jpeg_header_bytes < stored.size:
+            raise CodecError(f"JPEG images must be one flat uint8 array after a {jpeg_header_bytes}-byte header, "
+                             f"got {stored.dtype}{list(stored.shape)}")
+        try:
+            bodies = jpeg.split_body_arrays(stored[jpeg_header_bytes:])
+            if len(bodies) != count:
+                raise CodecError(f"{len(bodies)} JPEG images for {count} labels")
+            levels = jpeg.decode_arrays(stored[:jpeg_header_bytes].tobytes(), bodies, shape[0])
+        except jpeg.JpegError as exc:
+            raise CodecError(str(exc)) from exc
+        maximum = 255
+    elif storage == "uint8":
+        maximum = (1 << pixel_bits) - 1
+        if stored.dtype != np.uint8:
+            raise CodecError(f"images stored as {stored.dtype}, the manifest says uint8")
+        if pixel_bits == 8:
+            levels = stored
+        else:
+            if stored.dtype != np.uint8 or stored.ndim != 2 or stored.shape[1] != -(-int(np.prod(shape)) * pixel_bits // 8):
+                raise CodecError(f"packed {pixel_bits}-bit images must be [N, bytes] uint8 rows holding {list(shape)}, "
+                                 f"got {stored.dtype}{list(stored.shape)}")
+            levels = unpack_levels(stored, pixel_bits, int(np.prod(shape))).reshape(-1, *shape)
+        if levels.max(initial=0) > maximum:
+            raise CodecError(f"uint8 images hold values above {maximum} ({pixel_bits}-bit levels)")
+    else:
+        if stored.dtype != np.dtype(storage):
+            raise CodecError(f"images stored as {stored.dtype}, the manifest says {storage}")
+        levels = None
+    images = stored.astype(np.float32) if levels is None else (levels.astype(np.float32) / np.float32(maximum) - mean) / std
+    if images.shape != (count, *shape):
+        raise CodecError(f"replay images decode to {list(images.shape)}, the manifest says {[count, *shape]}")
+    if not np.isfinite(images).all():
+        raise CodecError("replay images contain NaN or inf")
+    return np.ascontiguousarray(images, dtype=np.float32)
+
+
+def dequantize_logits(levels: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Held logits: int8 ``[N, K]`` times float16 ``[N]`` row scales, as ``replaykit.buffer.dequantize_logits``."""
+    if levels.dtype != np.int8 or scales.dtype != np.float16 or levels.ndim != 2 or scales.shape != levels.shape[:1]:
+        raise CodecError(f"held logits must be int8 [N, K] with float16 [N] scales, got {levels.dtype}{list(levels.shape)} "
+                         f"and {scales.dtype}{list(scales.shape)}")
+    return levels.astype(np.float32) * scales.astype(np.float32)[:, None]
+
+
+def avg_pool(images: np.ndarray, factor: int) -> np.ndarray:
+    """``[N, C, H, W]`` -> mean over non-overlapping ``factor x factor`` windows (H, W multiples of it)."""
+    if factor == 1:
+        return images
+    n, c, h, w = images.shape
+    return images.reshape(n, c, h // factor, factor, w // factor, factor).mean(axis=(3, 5), dtype=np.float32)
+
+
+def has_view(storage: str, factor: int) -> bool:
+    """Whether storing changes images in a way a learner could pick up (the host's ``DistilledBuffer.view``):
+    a reduced resolution, or JPEG."""
+    return factor > 1 or storage == "jpeg"
+
+
+def view_images(images: np.ndarray, storage: str, factor: int, mean: np.ndarray, std: np.ndarray,
+                quality: int | None = None) -> np.ndarray:
+    """Normalised full-resolution images as the buffer's codec would give them back: average-pooled by
+    ``factor``, through JPEG at ``quality`` (pixels clamped and rounded as the host does), upsampled."""
+    from replaykit import jpeg
+
+    small = avg_pool(np.asarray(images, dtype=np.float32), factor)
+    if storage == "jpeg":
+        pixels = np.rint(np.clip(small * std + mean, 0.0, 1.0) * np.float32(255)).astype(np.uint8)
+        header, bodies = jpeg.encode_arrays(pixels, int(quality))
+        small = (jpeg.decode_arrays(header, bodies, pixels.shape[1]).astype(np.float32) / np.float32(255) - mean) / std
+    return upsample_bilinear(small.astype(np.float32), factor)

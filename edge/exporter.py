@@ -23,10 +23,10 @@ from torch import nn
 from replaykit.fileio import atomic_write_bytes, atomic_write_json
 
 from .bundle import (
-    BUFFER, FORMAT_VERSION, FROZEN_LOCATION, MANIFEST, MODEL, MODES, PARAM_PREFIX, STATE_PREFIX, STORAGES, TRAIN_STEP,
+    BUFFER, FORMAT_VERSION, FROZEN_LOCATION, MANIFEST, MODEL, MODES, PARAM_PREFIX, REPLAY, STATE_PREFIX, STORAGES, TRAIN_STEP,
     file_entry, step_session, write_tensors,
 )
-from .codec import WEIGHT_STORAGES, decode_parameters, decoder_factor, encode_parameters
+from .codec import WEIGHT_STORAGES, decode_parameters, decoder_factor, encode_parameters, has_view
 
 aten = torch.ops.aten
 
@@ -128,21 +128,40 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return -(targets * torch.log_softmax(logits, dim=1)).sum(dim=1).mean()
 
 
+def replay_loss(logits: torch.Tensor, targets: torch.Tensor, ce_weight: torch.Tensor, logit_weight: torch.Tensor) -> torch.Tensor:
+    """The step's loss, row by row: ``sum_i ce_weight_i * CE(z_i, t_i) + logit_weight_i * ||z_i - t_i||^2``.
+
+    A row is either a labelled sample (``targets`` a probability row, ``ce_weight`` 1/rows: the batch mean of
+    :func:`soft_cross_entropy`) or a logit-replay sample (``targets`` the held logits, ``logit_weight``
+    w / (rows * K): DER's ``w * mse_loss``, as the host's ``DistilledReplayPlugin`` adds it). Weights are
+    normalised over the whole step, so micro-batches' gradients simply add up."""
+    ce = -(targets * torch.log_softmax(logits, dim=1)).sum(dim=1)
+    squared = (logits - targets).square().sum(dim=1)
+    return (ce * ce_weight).sum() + (squared * logit_weight).sum()
+
+
+def mean_weights(rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ce_weight, logit_weight) of a plain step: every row labelled, the batch mean of the cross-entropy."""
+    return torch.full((rows,), 1.0 / rows), torch.zeros(rows)
+
+
 def make_step_fn(model: nn.Module, frozen: Sequence[str], trainable: Sequence[str]) -> Callable:
-    """(frozen..., trainable..., state..., x, targets, lr, momentum, weight_decay) -> (loss, new params..., new state...)."""
+    """(frozen..., trainable..., state..., x, targets, ce_weight, logit_weight, lr, momentum, weight_decay)
+    -> (loss, new params..., new state...); the loss is :func:`replay_loss`."""
     from torch.func import functional_call, grad_and_value
 
     nf, nt = len(frozen), len(trainable)
 
-    def loss_of(train: dict, fixed: dict, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return soft_cross_entropy(functional_call(model, {**fixed, **train}, (x,)), targets)
+    def loss_of(train: dict, fixed: dict, x: torch.Tensor, targets: torch.Tensor, ce_weight: torch.Tensor,
+                logit_weight: torch.Tensor) -> torch.Tensor:
+        return replay_loss(functional_call(model, {**fixed, **train}, (x,)), targets, ce_weight, logit_weight)
 
     def step(*args: torch.Tensor):
         fixed = dict(zip(frozen, args[:nf]))
         params = args[nf: nf + nt]
         state = args[nf + nt: nf + 2 * nt]
-        x, targets, lr, momentum, weight_decay = args[nf + 2 * nt:]
-        grads, loss = grad_and_value(loss_of)(dict(zip(trainable, params)), fixed, x, targets)
+        x, targets, ce_weight, logit_weight, lr, momentum, weight_decay = args[nf + 2 * nt:]
+        grads, loss = grad_and_value(loss_of)(dict(zip(trainable, params)), fixed, x, targets, ce_weight, logit_weight)
         # torch.optim.SGD: g += wd * p; v = momentum * v + g; p -= lr * v
         new_state = [momentum * v + grads[name] + weight_decay * p for name, p, v in zip(trainable, params, state)]
         new_params = [p - lr * v for p, v in zip(params, new_state)]
@@ -260,18 +279,72 @@ def _strip_metadata(proto) -> None:
 
 
 # ----------------------------------------------------------------- export
-def _targets(buffer, num_classes: int) -> np.ndarray:
-    soft = buffer.soft_targets().detach().float()
-    if soft.shape[1] < num_classes:
-        soft = F.pad(soft, (0, num_classes - soft.shape[1]))
-    return soft.numpy().astype(np.float32)
+def in_channels(buffer) -> int:
+    return int(buffer.image_shape[0])
 
 
-def _stored_images(buffer, storage: str) -> np.ndarray:
-    """Replay images as the bundle stores them: at the buffer's own (possibly reduced) resolution."""
-    if storage == "uint8":
-        return (buffer.pixels() * 255.0).round().to(torch.uint8).numpy()
-    return buffer.images.detach().to(torch.float16).numpy()
+def _host_buffer(buffer: Any, storage: str | None, mix: float | None,
+                 logit_loss_weight: float | None) -> tuple[Any, str, float, float]:
+    """(SyntheticBuffer, image storage, mix, logit loss weight) of what the host holds.
+
+    ``buffer`` is a ``SyntheticBuffer``, a ``DistilledBuffer`` (its ``storage``) or a ``DistilledReplayPlugin``
+    (also its ``mix`` and ``logit_loss_weight``); explicit arguments win. A bare buffer is stored as JPEG when it
+    holds JPEG codes, else as uint8 grey levels (``meta["pixel_bits"]`` of them, packed)."""
+    from replaykit.buffer import SyntheticBuffer
+
+    plugin = buffer if hasattr(buffer, "storage_policy") and hasattr(buffer, "logit_loss_weight") else None
+    policy = plugin.storage_policy if plugin is not None else buffer
+    held_storage = None
+    if not isinstance(policy, SyntheticBuffer) and hasattr(policy, "synthetic") and hasattr(policy, "storage"):
+        held_storage = policy.storage
+        policy = policy.synthetic
+        if policy is None:
+            raise ValueError("the host buffer is empty: nothing has been distilled yet")
+    if not isinstance(policy, SyntheticBuffer):
+        raise TypeError(f"buffer must be a SyntheticBuffer, DistilledBuffer or DistilledReplayPlugin, got {type(buffer).__name__}")
+    if storage is None:
+        storage = held_storage or ("jpeg" if policy._held_jpeg_codes() is not None else "uint8")
+    if mix is None:
+        mix = plugin.mix if plugin is not None else 0.0
+    if logit_loss_weight is None:
+        logit_loss_weight = plugin.logit_loss_weight if plugin is not None else 0.1
+    return policy, storage, float(mix), float(logit_loss_weight)
+
+
+def _replay_tensors(buffer, storage: str, num_classes: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The replay file's tensors, the host buffer's own codes (``SyntheticBuffer._stored_images``: what
+    ``nbytes(storage)`` counts), and the manifest entry that says how to decode them."""
+    images = buffer._stored_images(storage).detach().cpu().numpy()
+    entry: dict[str, Any] = {"count": len(buffer), "pixel_bits": buffer.pixel_bits if storage == "uint8" else 8,
+                             "jpeg_header_bytes": 0, "jpeg_quality": None}
+    if storage == "jpeg":
+        from replaykit import jpeg
+
+        entry["jpeg_header_bytes"] = jpeg.header_length(images)
+        entry["jpeg_quality"] = buffer.jpeg_quality
+    tensors = {"images": images}
+    if num_classes > 256 and not buffer.is_soft:
+        raise ValueError(f"hard labels are stored as one byte: at most 256 classes, the model has {num_classes}")
+    if buffer.is_soft:
+        label_storage = buffer.meta.get("soft_label_storage", "float32")
+        soft = buffer.labels.detach().float()
+        tensors["labels"] = F.pad(soft, (0, num_classes - soft.shape[1])).numpy().astype(label_storage)
+        tensors["class_ids"] = buffer.class_ids.numpy().astype(np.uint8)
+    else:
+        label_storage = "hard"
+        tensors["labels"] = buffer.labels.numpy().astype(np.uint8)
+    entry["label_storage"] = label_storage
+    entry["held_logits"] = buffer.logits is not None
+    if buffer.logits is not None:
+        from replaykit.buffer import quantize_logits
+
+        if buffer.logits.shape[1] != num_classes:
+            raise ValueError(f"the buffer holds logits over {buffer.logits.shape[1]} classes, the model has {num_classes} outputs")
+        levels, scales = quantize_logits(buffer.logits)
+        tensors["logits"], tensors["logit_scales"] = levels.numpy(), scales.numpy()
+    entry["host_nbytes"] = int(buffer.nbytes(storage))
+    entry["stored_bytes"] = int(sum(t.nbytes for t in tensors.values()))
+    return tensors, entry
 
 
 def export(
@@ -280,7 +353,7 @@ def export(
     out_dir: str | Path,
     *,
     mode: str = "head",
-    storage: str = "uint8",
+    storage: str | None = None,
     weights: str = "float32",
     lr: float = 0.01,
     momentum: float = 0.9,
@@ -289,6 +362,8 @@ def export(
     verify: bool = True,
     seed: int = 0,
     overwrite: bool = False,
+    mix: float | None = None,
+    logit_loss_weight: float | None = None,
 ) -> Path:
     """Write an edge bundle for ``model`` and its replay ``buffer`` into ``out_dir``.
 
@@ -299,16 +374,19 @@ def export(
     leave room for new classes). The bundle is built in a temporary folder and
     moved into place only after its graphs matched PyTorch.
 
-    ``storage`` is the replay images' (``uint8`` pixels or ``float16``); a buffer with a decoder
-    (``meta["decoder"]``) is stored at its low resolution and upsampled on the device. ``weights``
-    is the parameters' storage (``float32``, ``float16`` or per-channel ``int8``, see
-    :mod:`edge.codec`): the device dequantizes them to float32 when it opens the bundle, and the
-    graphs are verified against PyTorch from those dequantized values. Logits a buffer holds for
-    DER-style replay on the host (``buffer.logits``) are not part of a bundle: the device step replays
-    images with their labels.
+    ``buffer`` is a ``SyntheticBuffer``, or the host's ``DistilledBuffer`` / ``DistilledReplayPlugin``. The
+    bundle's ``replay.safetensors`` holds it as the host does: ``storage`` (default: the host's own, see
+    :func:`_host_buffer`) is ``jpeg`` (the held codes, one shared header), ``uint8`` (grey levels, packed when
+    ``meta["pixel_bits"] < 8``), ``float16`` or ``float32``, at the stored resolution (a buffer with a decoder,
+    ``meta["decoder"]``, is upsampled on the device); labels one byte each; held logits (``buffer.logits``)
+    as int8 + float16 row scales. So the file is ``buffer.nbytes(storage)`` plus its safetensors header.
+    The device step replays the held logits DER-style with ``logit_loss_weight`` (the host plugin's, 0.1 by
+    default) and shows a share ``mix`` of every mini-batch through the buffer's codec (the plugin's ``mix``;
+    0 for a bare buffer), as the host plugin does. ``weights`` is the parameters' storage (``float32``,
+    ``float16`` or per-channel ``int8``, see :mod:`edge.codec`): the device dequantizes them to float32 when
+    it opens the bundle, and the graphs are verified against PyTorch from those dequantized values.
     """
-    from replaykit.buffer import SyntheticBuffer
-
+    buffer, storage, mix, logit_loss_weight = _host_buffer(buffer, storage, mix, logit_loss_weight)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if storage not in STORAGES:
@@ -318,6 +396,12 @@ def export(
     if not isinstance(buffer, SyntheticBuffer):
         raise TypeError(f"buffer must be a SyntheticBuffer, got {type(buffer).__name__}")
     model, buffer = _host_copies(model, buffer)
+    if not 0.0 <= mix <= 1.0:
+        raise ValueError(f"mix must lie in [0, 1], got {mix!r}")
+    if not (np.isfinite(logit_loss_weight) and logit_loss_weight >= 0):
+        raise ValueError(f"logit_loss_weight must be a finite number >= 0, got {logit_loss_weight!r}")
+    if storage == "jpeg" and in_channels(buffer) not in (1, 3):
+        raise ValueError(f"JPEG storage holds 1 or 3 channels, the buffer has {in_channels(buffer)}")
     if not hasattr(model, "classifier") or not isinstance(model.classifier, nn.Linear) or not hasattr(model, "features"):
         raise ValueError("model must have .features and a linear .classifier (a replaykit.networks network)")
     for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
@@ -361,12 +445,14 @@ def export(
         torch.manual_seed(seed)
         example_x = torch.randn(3, *in_shape)
         example_t = torch.softmax(torch.randn(3, num_classes), dim=1)
+    example_w = list(mean_weights(3))
     scalars = [torch.tensor(lr, dtype=torch.float32), torch.tensor(momentum, dtype=torch.float32),
                torch.tensor(weight_decay, dtype=torch.float32)]
     state = [torch.zeros_like(named[n]) for n in trainable]
-    step_args = [named[n] for n in frozen] + [named[n] for n in trainable] + state + [example_x, example_t] + scalars
+    step_args = [named[n] for n in frozen] + [named[n] for n in trainable] + state + [example_x, example_t] + example_w + scalars
     step_inputs = ([PARAM_PREFIX + n for n in frozen] + [PARAM_PREFIX + n for n in trainable]
-                   + [STATE_PREFIX + n for n in trainable] + ["x", "targets", "lr", "momentum", "weight_decay"])
+                   + [STATE_PREFIX + n for n in trainable]
+                   + ["x", "targets", "ce_weight", "logit_weight", "lr", "momentum", "weight_decay"])
     step_outputs = ["loss"] + ["new." + PARAM_PREFIX + n for n in trainable] + ["new." + STATE_PREFIX + n for n in trainable]
     nb = len(frozen) + 2 * len(trainable)
     step_fn = make_step_fn(model, frozen, trainable)
@@ -374,7 +460,7 @@ def export(
 
     model_bytes = trace_to_onnx(forward_fn, [named[n] for n in names] + [example_x],
                                 [PARAM_PREFIX + n for n in names] + ["x"], ["logits"], [len(names)])
-    step_bytes = trace_to_onnx(step_fn, step_args, step_inputs, step_outputs, [nb, nb + 1])
+    step_bytes = trace_to_onnx(step_fn, step_args, step_inputs, step_outputs, [nb, nb + 1, nb + 2, nb + 3])
     if frozen:
         # Head mode: the device never changes the feature extractor, so its parameters become constants
         # of the step graph (onnxruntime pre-packs them: faster steps, see RESULTS.md); their values stay
@@ -385,11 +471,8 @@ def export(
 
     # Momentum starts at zero: it is not stored until the device saves (manifest "optimizer_state").
     tensors, param_storage = encode_parameters({n: named[n].numpy() for n in names}, weights, PARAM_PREFIX)
-    tensors.update({
-        "images": _stored_images(buffer, storage),
-        "targets": _targets(buffer, num_classes),
-        "class_ids": buffer.class_ids.numpy().astype(np.int64),
-    })
+    replay_tensors, replay = _replay_tensors(buffer, storage, num_classes)
+    replay.update(mix=mix if has_view(storage, buffer.decoder_factor) else 0.0, logit_loss_weight=logit_loss_weight)
 
     # Build next to the target so the final rename stays on one filesystem.
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -398,6 +481,7 @@ def export(
         atomic_write_bytes(tmp_dir / MODEL, model_bytes)
         atomic_write_bytes(tmp_dir / TRAIN_STEP, step_bytes)
         write_tensors(tmp_dir / BUFFER, tensors)
+        write_tensors(tmp_dir / REPLAY, replay_tensors)
         manifest: dict[str, Any] = {
             "format": "replaykit-edge-bundle",
             "format_version": FORMAT_VERSION,
@@ -410,6 +494,7 @@ def export(
             "image_storage": storage,
             "buffer_image_shape": list(buffer.image_shape),
             "decoder": decoder,
+            "replay": replay,
             "weight_storage": weights,
             "param_storage": param_storage,
             "optimizer_state": "zero",
@@ -420,7 +505,7 @@ def export(
             "trainable": trainable,
             "frozen": frozen,
             "optimizer": {"name": "sgd", "lr": lr, "momentum": momentum, "weight_decay": weight_decay},
-            "loss": "soft_cross_entropy",
+            "loss": "replay_loss",
             "network": _network_spec(model),
             "train_step_inputs": step_inputs,
             "train_step_outputs": step_outputs,
@@ -430,7 +515,7 @@ def export(
             "saves": 0,
             "files": {},
         }
-        manifest["files"] = {name: file_entry(tmp_dir / name) for name in (MODEL, TRAIN_STEP, BUFFER)}
+        manifest["files"] = {name: file_entry(tmp_dir / name) for name in (MODEL, TRAIN_STEP, BUFFER, REPLAY)}
         atomic_write_json(tmp_dir / MANIFEST, manifest)
         if verify:
             errors = verify_bundle(model, tmp_dir)
@@ -491,12 +576,18 @@ def _activation_floats(model: nn.Module, in_shape: tuple[int, ...]) -> int:
 
 # ----------------------------------------------------------------- verification
 def torch_step(model: nn.Module, params: dict[str, torch.Tensor], state: dict[str, torch.Tensor], x: torch.Tensor,
-               targets: torch.Tensor, lr: float, momentum: float, weight_decay: float, trainable: Sequence[str]):
-    """The reference step in PyTorch eager (autograd + the torch.optim.SGD update rule)."""
+               targets: torch.Tensor, lr: float, momentum: float, weight_decay: float, trainable: Sequence[str],
+               ce_weight: torch.Tensor | None = None, logit_weight: torch.Tensor | None = None):
+    """The reference step in PyTorch eager (autograd + the torch.optim.SGD update rule); without weights
+    the loss is the batch mean of :func:`soft_cross_entropy`, else :func:`replay_loss`."""
     from torch.func import functional_call
 
     leaves = {n: p.detach().clone().requires_grad_(n in trainable) for n, p in params.items()}
-    loss = soft_cross_entropy(functional_call(model, leaves, (x,)), targets)
+    logits = functional_call(model, leaves, (x,))
+    if ce_weight is None and logit_weight is None:
+        loss = soft_cross_entropy(logits, targets)
+    else:
+        loss = replay_loss(logits, targets, ce_weight, logit_weight)
     grads = torch.autograd.grad(loss, [leaves[n] for n in trainable])
     new_params, new_state = dict(params), dict(state)
     with torch.no_grad():
@@ -525,6 +616,11 @@ def verify_bundle(model: nn.Module, bundle_dir: str | Path, steps: int = 3, batc
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, *manifest["input_shape"], generator=gen)
     targets = torch.softmax(torch.randn(batch, manifest["num_classes"], generator=gen), dim=1)
+    # The last rows replay logits (DER-style term), the others are labelled: both terms of the step are checked.
+    held = max(1, batch // 3) if batch > 1 else 0
+    targets[batch - held:] = 3 * torch.randn(held, manifest["num_classes"], generator=gen)
+    ce_weight = torch.cat([torch.full((batch - held,), 1.0 / (batch - held)), torch.zeros(held)])
+    logit_weight = torch.cat([torch.zeros(batch - held), torch.full((held,), 0.1 / (max(held, 1) * manifest["num_classes"]))])
     opened, opened_state = open_parameters(bundle_dir, manifest, tensors)
     params = {n: torch.from_numpy(opened[n].copy()) for n in names}
     state = {n: torch.from_numpy(opened_state[n].copy()) for n in trainable}
@@ -544,9 +640,11 @@ def verify_bundle(model: nn.Module, bundle_dir: str | Path, steps: int = 3, batc
     for _ in range(steps):
         feed = {PARAM_PREFIX + n: onnx_params[n] for n in names if PARAM_PREFIX + n in manifest["train_step_inputs"]}
         feed.update({STATE_PREFIX + n: onnx_state[n] for n in trainable})
-        feed.update({"x": x.numpy(), "targets": targets.numpy(), **scalars})
+        feed.update({"x": x.numpy(), "targets": targets.numpy(), "ce_weight": ce_weight.numpy(),
+                     "logit_weight": logit_weight.numpy(), **scalars})
         out = dict(zip(manifest["train_step_outputs"], step.run(manifest["train_step_outputs"], feed)))
-        loss, params, state = torch_step(model, params, state, x, targets, opt["lr"], opt["momentum"], opt["weight_decay"], trainable)
+        loss, params, state = torch_step(model, params, state, x, targets, opt["lr"], opt["momentum"], opt["weight_decay"], trainable,
+                                         ce_weight, logit_weight)
         errors["loss"] = max(errors.get("loss", 0.0), abs(float(out["loss"]) - loss))
         for n in trainable:
             onnx_params[n] = out["new." + PARAM_PREFIX + n]

@@ -14,10 +14,12 @@ import onnxruntime as ort
 from replaykit.progress import progress_bar
 
 from .bundle import (
-    MODEL, PARAM_PREFIX, STATE_PREFIX, TRAIN_STEP, BundleError, load_tensors, open_parameters, read_manifest, save_state,
+    MODEL, PARAM_PREFIX, REPLAY, STATE_PREFIX, TRAIN_STEP, BundleError, load_tensors, open_parameters, read_manifest, save_state,
     step_session,
 )
-from .codec import CodecError, decoder_factor, upsample_bilinear
+from .codec import (
+    LABEL_STORAGES, CodecError, decode_stored_images, decoder_factor, dequantize_logits, upsample_bilinear, view_images,
+)
 from .memory import MemoryLimitError, current_rss_mb, peak_rss_mb, release_free_heap
 
 OPTIMIZATION_LEVELS = {
@@ -101,8 +103,8 @@ class Retrainer:
         self._std = np.asarray(m["std"], dtype=np.float32).reshape(1, -1, 1, 1)
         tensors = load_tensors(self.bundle_dir)
         self.params, self.state = open_parameters(self.bundle_dir, m, tensors)
-        self.buffer_x, self.buffer_targets = self._read_buffer(tensors)
         del tensors
+        self._read_buffer()
         self.optimizer = dict(m["optimizer"])
 
         options = _session_options()
@@ -131,33 +133,66 @@ class Retrainer:
             self._check_memory("after loading the bundle")
 
     # ------------------------------------------------------------ loading
-    def _read_buffer(self, tensors: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        images, targets = tensors.get("images"), tensors.get("targets")
-        if images is None or targets is None:
-            raise BundleError(f"{self.bundle_dir}: the buffer file lacks images or targets")
+    def _read_buffer(self) -> None:
+        """Decode ``replay.safetensors`` (the host buffer's own codes) into normalised float32 images at the
+        network's resolution, their target rows, and the held logits (``None`` when the host held none)."""
+        m = self.manifest
+        tensors = load_tensors(self.bundle_dir, REPLAY)
+        replay = m["replay"]
         try:
-            factor = decoder_factor(self.manifest["decoder"])
+            factor = decoder_factor(m["decoder"])
+            if not isinstance(replay, dict) or replay.get("label_storage") not in LABEL_STORAGES:
+                raise CodecError(f"the manifest's replay entry {replay!r} names no label storage of {LABEL_STORAGES}")
+            stored = tuple(int(s) for s in m["buffer_image_shape"])
+            decoded = (stored[0], stored[1] * factor, stored[2] * factor) if len(stored) == 3 else stored
+            if decoded != self.input_shape:
+                raise CodecError(f"buffer images {list(stored)} upsampled by {factor} give {list(decoded)}, "
+                                 f"not the model's input {list(self.input_shape)}: decoder or shapes tampered with")
+            images, labels = tensors.get("images"), tensors.get("labels")
+            if images is None or labels is None:
+                raise CodecError("the replay file lacks images or labels")
+            count = int(labels.shape[0])
+            if count != replay.get("count"):
+                raise CodecError(f"the replay file holds {count} labels, the manifest says {replay.get('count')}")
+            bits = replay.get("pixel_bits", 8)
+            head = replay.get("jpeg_header_bytes", 0)
+            if not isinstance(bits, int) or not isinstance(head, int):
+                raise CodecError(f"pixel_bits {bits!r} / jpeg_header_bytes {head!r} must be ints")
+            small = decode_stored_images(images, m["image_storage"], stored, count, mean=self._mean, std=self._std,
+                                         pixel_bits=bits, jpeg_header_bytes=head)
+            self.buffer_targets = self._replay_targets(labels, tensors.get("class_ids"), replay["label_storage"], count)
+            self.buffer_logits = None
+            if replay.get("held_logits"):
+                levels, scales = tensors.get("logits"), tensors.get("logit_scales")
+                if levels is None or scales is None:
+                    raise CodecError("the manifest says the buffer holds logits but the replay file lacks them")
+                self.buffer_logits = dequantize_logits(levels, scales)
+                if self.buffer_logits.shape != (count, self.num_classes) or not np.isfinite(self.buffer_logits).all():
+                    raise CodecError(f"held logits {list(self.buffer_logits.shape)} are not finite [{count}, {self.num_classes}]")
+            self.mix = float(replay.get("mix", 0.0))
+            self.logit_loss_weight = float(replay.get("logit_loss_weight", 0.0))
+            if not (0.0 <= self.mix <= 1.0 and np.isfinite(self.logit_loss_weight) and self.logit_loss_weight >= 0):
+                raise CodecError(f"mix {self.mix} must lie in [0, 1] and logit_loss_weight {self.logit_loss_weight} be >= 0")
+            quality = replay.get("jpeg_quality")
+            if m["image_storage"] == "jpeg" and not (isinstance(quality, int) and 1 <= quality <= 100):
+                raise CodecError(f"jpeg_quality {quality!r} must be an int in [1, 100]")
         except CodecError as exc:
             raise BundleError(f"{self.bundle_dir}: {exc}") from exc
-        stored = tuple(int(s) for s in self.manifest["buffer_image_shape"])
-        decoded = (stored[0], stored[1] * factor, stored[2] * factor) if len(stored) == 3 else stored
-        if decoded != self.input_shape:
-            raise BundleError(f"{self.bundle_dir}: buffer images {list(stored)} upsampled by {factor} give {list(decoded)}, "
-                              f"not the model's input {list(self.input_shape)}: decoder or shapes tampered with")
-        if tuple(images.shape[1:]) != stored or targets.shape != (images.shape[0], self.num_classes):
-            raise BundleError(
-                f"{self.bundle_dir}: buffer images {images.shape} / targets {targets.shape} do not match the manifest "
-                f"(images {list(stored)}, {self.num_classes} classes)"
-            )
-        storage = self.manifest["image_storage"]
-        expected = {"uint8": np.uint8, "float16": np.float16}.get(storage)
-        if expected is None or images.dtype != expected:
-            raise BundleError(f"{self.bundle_dir}: images stored as {images.dtype}, manifest says {storage!r}")
-        if storage == "uint8":
-            decoded = (images.astype(np.float32) / 255.0 - self._mean) / self._std
-        else:
-            decoded = images.astype(np.float32)
-        return upsample_bilinear(decoded, factor), targets.astype(np.float32)
+        self._view = dict(storage=m["image_storage"], factor=factor, quality=quality)
+        self.buffer_x = upsample_bilinear(small, factor)
+
+    def _replay_targets(self, labels: np.ndarray, class_ids: np.ndarray | None, storage: str, count: int) -> np.ndarray:
+        """Target rows of the replayed images: one-hot for one-byte hard labels, else the stored soft rows."""
+        if storage == "hard":
+            if labels.dtype != np.uint8 or labels.shape != (count,) or (labels >= self.num_classes).any():
+                raise CodecError(f"hard labels must be uint8 [{count}] below {self.num_classes}, got {labels.dtype}{list(labels.shape)}")
+            return np.eye(self.num_classes, dtype=np.float32)[labels]
+        if labels.dtype != np.dtype(storage) or labels.shape != (count, self.num_classes) or class_ids is None:
+            raise CodecError(f"soft labels must be {storage} [{count}, {self.num_classes}] with class ids, got {labels.dtype}{list(labels.shape)}")
+        rows = labels.astype(np.float32)
+        if not np.isfinite(rows).all() or (rows < 0).any():
+            raise CodecError("soft labels must be finite and non-negative")
+        return rows
 
     def _check_graphs(self) -> None:
         step_inputs = [i.name for i in self._step.get_inputs()]
@@ -274,23 +309,28 @@ class Retrainer:
         return min(16, self._fits(False, "inference"))
 
     # ------------------------------------------------------------ training
-    def _step_feed(self, x: np.ndarray, targets: np.ndarray, state: dict[str, np.ndarray],
+    def _step_feed(self, x: np.ndarray, targets: np.ndarray, weights: tuple[np.ndarray, np.ndarray], state: dict[str, np.ndarray],
                    hyper: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feed = {PARAM_PREFIX + n: self.params[n] for n in self._step_params}
         feed.update({STATE_PREFIX + n: v for n, v in state.items()})
-        feed.update({"x": x, "targets": targets, **hyper})
+        feed.update({"x": x, "targets": targets, "ce_weight": weights[0], "logit_weight": weights[1], **hyper})
         return feed
 
     def _hyper(self) -> dict[str, np.ndarray]:
         return {k: np.array(self.optimizer[k], dtype=np.float32) for k in ("lr", "momentum", "weight_decay")}
 
-    def _run_step(self, x: np.ndarray, targets: np.ndarray, micro_batch: int, last: bool = False) -> float:
+    def _run_step(self, x: np.ndarray, targets: np.ndarray, micro_batch: int, last: bool = False,
+                  weights: tuple[np.ndarray, np.ndarray] | None = None) -> float:
         """One SGD step on the whole batch; in micro-batches when the memory plan asks for it.
-        ``last``: the final step of a fit, whose final call hands the arena's memory back."""
+        ``weights``: each row's (cross-entropy, logit-replay) weight, normalised over the whole step (default:
+        the batch mean of the cross-entropy). ``last``: the final step of a fit, whose final call hands the
+        arena's memory back."""
+        if weights is None:
+            weights = (np.full(len(x), 1.0 / len(x), dtype=np.float32), np.zeros(len(x), dtype=np.float32))
         trainable = self.manifest["trainable"]
         names_out = self.manifest["train_step_outputs"]
         if micro_batch >= len(x):
-            outputs = self._step.run(names_out, self._step_feed(x, targets, self.state, self._hyper()),
+            outputs = self._step.run(names_out, self._step_feed(x, targets, weights, self.state, self._hyper()),
                                      self._release if last else None)
             loss = _finite_loss(outputs[0])
             # Copies: onnxruntime's outputs are views into its own memory, which they would keep alive.
@@ -299,21 +339,22 @@ class Retrainer:
             for name, value in zip(trainable, outputs[1 + len(trainable):]):
                 self.state[name] = value.copy()
             return loss
-        # With lr = momentum = weight_decay = 0 and zero state, the graph's new state is exactly the
-        # micro-batch's mean gradient; the batch-mean gradient is their size-weighted sum (exact for
-        # these networks: no batch statistics). The update is then torch.optim.SGD's rule, as in the graph.
+        # With lr = momentum = weight_decay = 0 and zero state, the graph's new state is exactly the gradient
+        # of the micro-batch's share of the step's loss (the row weights are normalised over the whole step);
+        # the step's gradient is their sum (exact for these networks: no batch statistics). The update is then
+        # torch.optim.SGD's rule, as in the graph.
         zeros = {k: np.zeros((), dtype=np.float32) for k in ("lr", "momentum", "weight_decay")}
         zero_state = {n: np.zeros_like(v) for n, v in self.state.items()}
         grads = {n: np.zeros_like(v) for n, v in self.state.items()}
         loss = 0.0
         for start in range(0, len(x), micro_batch):
-            xb, tb = x[start: start + micro_batch], targets[start: start + micro_batch]
+            part = slice(start, start + micro_batch)
             final = last and start + micro_batch >= len(x)
-            outputs = self._step.run(names_out, self._step_feed(xb, tb, zero_state, zeros), self._release if final else None)
-            weight = np.float32(len(xb) / len(x))
-            loss += float(weight) * _finite_loss(outputs[0])
+            outputs = self._step.run(names_out, self._step_feed(x[part], targets[part], (weights[0][part], weights[1][part]),
+                                                                zero_state, zeros), self._release if final else None)
+            loss += _finite_loss(outputs[0])
             for name, grad in zip(trainable, outputs[1 + len(trainable):]):
-                grads[name] += weight * grad
+                grads[name] += grad
             del outputs  # views into onnxruntime's memory: do not keep them alive through the next call
             if self.memory_limit_mb is not None:
                 self._check_memory("during a training step")
@@ -347,7 +388,7 @@ class Retrainer:
                 raise ValueError(f"lr must be a positive number, got {lr}")
             self.optimizer["lr"] = float(lr)
         self.planned_on_rss_mb = None
-        micro = self.plan_micro_batch(batch_size + replay)
+        micro = self.plan_micro_batch(batch_size + replay + (replay if self._replays_logits() else 0))
         planned_on = self.planned_on_rss_mb
         if micro_batch_size is not None:
             if micro_batch_size < 1:
@@ -361,13 +402,9 @@ class Retrainer:
             order = self._rng.permutation(x_new.shape[0])
             for start in range(0, len(order), batch_size):
                 idx = order[start: start + batch_size]
-                xb, tb = self._normalised(x_new[idx]), targets[idx]
-                if replay:
-                    pick = self._rng.choice(len(self.buffer_x), size=replay, replace=replay > len(self.buffer_x))
-                    xb = np.concatenate([xb, self.buffer_x[pick]])
-                    tb = np.concatenate([tb, self.buffer_targets[pick]])
+                xb, tb, wb = self._batch(x_new[idx], targets[idx], replay)
                 started = time.perf_counter()
-                losses.append(self._run_step(xb, tb, micro, last=len(losses) == steps - 1))
+                losses.append(self._run_step(xb, tb, micro, last=len(losses) == steps - 1, weights=wb))
                 step_seconds.append(time.perf_counter() - started)
                 if self.memory_limit_mb is not None:
                     self._check_memory("during fit")
@@ -377,6 +414,38 @@ class Retrainer:
         return {"losses": losses, "steps": len(losses), "batch_size": batch_size, "replay_batch_size": replay,
                 "micro_batch_size": micro, "step_seconds": step_seconds,
                 "planned_on_rss_mb": planned_on}
+
+    def _replays_logits(self) -> bool:
+        return self.buffer_logits is not None and self.logit_loss_weight > 0
+
+    def _batch(self, x_new: np.ndarray, targets: np.ndarray, replay: int
+               ) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
+        """One step's rows, as the host's ``DistilledReplayPlugin`` builds them: the new samples and ``replay``
+        buffer samples (cross-entropy, batch mean), a share ``mix`` of them shown through the buffer's codec
+        (``edge.codec.view_images``: a lossy buffer's look is then no old-class cue), and, when the buffer holds
+        logits, ``replay`` more buffer samples whose held logits are matched DER-style (weight
+        ``logit_loss_weight`` on the mean squared error). Without replay the buffer plays no part."""
+        xb, tb = self._normalised(x_new), targets
+        if replay:
+            pick = self._rng.choice(len(self.buffer_x), size=replay, replace=replay > len(self.buffer_x))
+            xb = np.concatenate([xb, self.buffer_x[pick]])
+            tb = np.concatenate([tb, self.buffer_targets[pick]])
+            if self.mix > 0:
+                shown = self._rng.random(len(xb)) < self.mix
+                if shown.any():
+                    xb[shown] = view_images(xb[shown], self._view["storage"], self._view["factor"], self._mean, self._std,
+                                            self._view["quality"])
+        rows = len(xb)
+        ce_weight = np.full(rows, 1.0 / rows, dtype=np.float32)
+        logit_weight = np.zeros(rows, dtype=np.float32)
+        if replay and self._replays_logits():
+            held = self._rng.choice(len(self.buffer_x), size=replay, replace=replay > len(self.buffer_x))
+            xb = np.concatenate([xb, self.buffer_x[held]])
+            tb = np.concatenate([tb, self.buffer_logits[held]])
+            ce_weight = np.concatenate([ce_weight, np.zeros(replay, dtype=np.float32)])
+            logit_weight = np.concatenate([logit_weight, np.full(replay, self.logit_loss_weight / (replay * self.num_classes),
+                                                                 dtype=np.float32)])
+        return np.ascontiguousarray(xb, dtype=np.float32), np.ascontiguousarray(tb, dtype=np.float32), (ce_weight, logit_weight)
 
     # ------------------------------------------------------------ inference
     def logits(self, x: np.ndarray, batch_size: int | None = None) -> np.ndarray:

@@ -577,12 +577,15 @@ def _load_jpeg(path: Path, data: torch.Tensor, header: dict[str, Any], meta: dic
         raise BufferFormatError(f"{path}: jpeg storage needs a flat byte tensor, image_shape and jpeg_header_bytes in the header")
     if count == 0:
         return torch.zeros(0, *shape, dtype=torch.uint8), None
-    bodies = jpeg.split_bodies(data[head:])
+    try:
+        bodies = jpeg.split_bodies(data[head:])
+    except jpeg.JpegError as exc:
+        raise BufferFormatError(f"{path}: {exc}") from exc
     if len(bodies) != count:
         raise BufferFormatError(f"{path}: {len(bodies)} JPEG images for {count} labels")
     try:
         pixels = jpeg.decode(data[:head], bodies, int(shape[0]))
-    except RuntimeError as exc:
+    except (RuntimeError, jpeg.JpegError) as exc:
         raise BufferFormatError(f"{path}: a stored JPEG image does not decode: {exc}") from exc
     if tuple(pixels.shape[1:]) != tuple(shape):
         raise BufferFormatError(f"{path}: JPEG images decode to {tuple(pixels.shape[1:])}, the header says {tuple(shape)}")

@@ -5,7 +5,7 @@ budget holds more of them (MRDC, Wang et al., ICLR 2022):
 
 * ``codec="downsample"``: average-pooled by ``factor`` and stored as uint8, decoded with
   the same bilinear upsampling as ReplayKit's low-resolution synthetic images;
-* ``codec="jpeg"``: encoded with torchvision's JPEG encoder at ``quality``. Every byte is
+* ``codec="jpeg"``: encoded with Pillow's JPEG encoder (:mod:`replaykit.jpeg`) at ``quality``. Every byte is
   counted; the headers and tables (~330 of the ~490 bytes of a 28x28 MNIST JPEG at quality 50)
   are the same for every image of one size and quality, so they are held once and counted once.
 

@@ -10,6 +10,8 @@ plus :class:`replaykit.avalanche.DistilledReplayPlugin`.
 
 from __future__ import annotations
 
+import inspect
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
@@ -39,6 +41,14 @@ __all__ = [
 KINDS = ("naive", "joint", "replay", "class-balanced", "herding", "gdumb", "der", "distilled", "downsample", "jpeg")
 _NEEDS_MEMORY = {"replay", "class-balanced", "herding", "gdumb", "der", "distilled", "downsample", "jpeg"}
 _BYTES_ONLY = {"downsample", "jpeg"}
+#: Spec options each kind reads, with their type (``bool`` parses strictly from true/false/1/0).
+OPTION_TYPES: dict[str, dict[str, type]] = {
+    "distilled": {"learner_aware": bool, "mix": float, "soft": bool, "quality": int, "augment": bool, "logits": bool, "core": float},
+    "downsample": {"factor": int, "mix": float, "bits": int, "augment": bool},
+    "jpeg": {"quality": int, "augment": bool, "mix": float},
+}
+#: Constructor arguments of a distillation method the buffer sets itself (never from a spec).
+_BUFFER_CHOSEN = frozenset({"self", "ipc", "seed", "progress", "learner"})
 #: GDumb retrains from scratch on its memory at every experience; it gets this many epochs on it
 #: (M=100 at batch 128 is one step per epoch), not the stream's epochs.
 GDUMB_EPOCHS = 250
@@ -78,6 +88,38 @@ class StrategySpec:
             raise ValueError(f"strategy {self.kind!r} needs a budget in bytes mem_bytes >= 1")
         if self.kind in _NEEDS_MEMORY - _BYTES_ONLY and self.mem_size < 1 and not (self.kind == "distilled" and self.mem_bytes > 0):
             raise ValueError(f"strategy {self.kind!r} needs a memory budget mem_size >= 1")
+        types = OPTION_TYPES.get(self.kind, {})
+        unknown = sorted(set(self.options) - set(types))
+        if unknown:
+            raise ValueError(f"options {unknown} mean nothing for strategy {self.kind!r}; it reads {sorted(types) or 'none'}")
+        for key, value in self.options.items():
+            _check_type(key, value, types[key])
+        if self.kind == "distilled":
+            params = method_parameters(self.method)
+            for key, value in self.method_options.items():
+                if key not in params:
+                    raise ValueError(f"method {self.method!r} has no option {key!r}; it takes {sorted(params)}")
+                if params[key] is not None:
+                    _check_type(key, value, params[key])
+        elif self.method_options:
+            raise ValueError(f"method_options {sorted(self.method_options)} mean nothing for strategy {self.kind!r}")
+
+    @property
+    def identity(self) -> str:
+        """Every field as canonical JSON: what ``--resume`` and the tables tell runs apart by.
+
+        The :attr:`label` is for people and leaves options out (e.g. ``iterations``); two specs
+        that differ in any field have different identities.
+        """
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "StrategySpec":
+        """The spec :func:`dataclasses.asdict` (or :attr:`identity`) wrote; unknown keys are an error."""
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"unknown StrategySpec fields {unknown}")
+        return cls(**data)
 
     @property
     def label(self) -> str:
@@ -113,31 +155,119 @@ def parse_spec(text: str) -> StrategySpec:
     The budget is a number of images (``replay:200``) or bytes (``downsample:78500B``).
     Examples: ``"naive"``, ``"replay:200"``, ``"jpeg:78500B:quality=50"``,
     ``"distilled:78500B:dm:uint8:factor=2:learner_aware=1:recompress=select:iterations=300"``.
-    ``key=value`` pairs go to the spec's ``options`` (factor, quality, learner_aware), its
-    ``recompress``, or else the method's options (numbers parsed as numbers).
+    ``key=value`` pairs go to the spec's ``options`` (:data:`OPTION_TYPES` of the kind), its
+    ``recompress``, or else (distilled replay) the method's constructor options, each parsed as
+    the type of that argument's default. Booleans are true/false/1/0; an unknown key, a
+    repeated key or a value of the wrong type is a ValueError naming it.
     """
     positional = [p for p in text.split(":") if "=" not in p]
-    pairs = dict(p.split("=", 1) for p in text.split(":") if "=" in p)
+    pairs: dict[str, str] = {}
+    for part in text.split(":"):
+        if "=" in part:
+            key, value = part.split("=", 1)
+            if key in pairs:
+                raise ValueError(f"{text!r}: option {key!r} is given twice")
+            pairs[key] = value
+    if not positional or not positional[0]:
+        raise ValueError(f"{text!r}: a spec starts with the strategy kind, one of {', '.join(KINDS)}")
     kind = positional[0]
     mem_size = mem_bytes = 0
     if len(positional) > 1:
         budget = positional[1]
-        if budget.upper().endswith("B"):
-            mem_bytes = int(budget[:-1])
-        else:
-            mem_size = int(budget)
-    values = {k: _parse_value(v) for k, v in pairs.items()}
-    recompress = str(values.pop("recompress", "distill"))
-    spec_keys = {"distilled": ("learner_aware", "mix", "soft", "quality", "augment", "logits", "core"), "downsample": ("factor", "mix", "bits", "augment"),
-                 "jpeg": ("quality", "augment", "mix")}.get(kind, ())
-    options = {k: values.pop(k) for k in spec_keys if k in values}
-    if values and kind != "distilled":
-        raise ValueError(f"{text!r}: options {sorted(values)} mean nothing for strategy {kind!r}")
-    if kind == "distilled":
-        method = positional[2] if len(positional) > 2 else "dm"
-        storage = positional[3] if len(positional) > 3 else "float32"
-        return StrategySpec(kind, mem_size, method, values, storage=storage, recompress=recompress, mem_bytes=mem_bytes, options=options)
-    return StrategySpec(kind, mem_size, mem_bytes=mem_bytes, options=options)
+        try:
+            if budget.upper().endswith("B"):
+                mem_bytes = int(budget[:-1])
+            else:
+                mem_size = int(budget)
+        except ValueError:
+            raise ValueError(f"{text!r}: budget {budget!r} is neither a number of images (200) nor of bytes (78500B)") from None
+    if kind not in KINDS:
+        raise ValueError(f"unknown strategy {kind!r}; choose from {', '.join(KINDS)}")
+    if "recompress" in pairs and kind != "distilled":
+        raise ValueError(f"{text!r}: option 'recompress' means nothing for strategy {kind!r}")
+    recompress = pairs.pop("recompress", "distill")
+    types = OPTION_TYPES.get(kind, {})
+    options = {k: _parse_typed(k, pairs.pop(k), types[k]) for k in list(pairs) if k in types}
+    if kind != "distilled":
+        if len(positional) > 2:
+            raise ValueError(f"{text!r}: unexpected fields {positional[2:]} (options are key=value)")
+        if pairs:
+            raise ValueError(f"{text!r}: options {sorted(pairs)} mean nothing for strategy {kind!r}; it reads {sorted(types) or 'none'}")
+        return StrategySpec(kind, mem_size, mem_bytes=mem_bytes, options=options)
+    method = positional[2] if len(positional) > 2 else "dm"
+    storage = positional[3] if len(positional) > 3 else "float32"
+    if len(positional) > 4:
+        raise ValueError(f"{text!r}: unexpected fields {positional[4:]} after the storage (options are key=value)")
+    params = method_parameters(method)
+    unknown = sorted(set(pairs) - set(params))
+    if unknown:
+        raise ValueError(
+            f"{text!r}: unknown option(s) {unknown} for distilled replay with method {method!r}; "
+            f"spec options are {sorted(types)} and 'recompress', method options are {sorted(set(params) - set(types))}"
+        )
+    method_options = {k: _parse_typed(k, v, params[k]) for k, v in pairs.items()}
+    return StrategySpec(kind, mem_size, method, method_options, storage=storage, recompress=recompress, mem_bytes=mem_bytes, options=options)
+
+
+def method_parameters(method: str) -> dict[str, type | None]:
+    """Options a spec may pass to ``method``'s constructor, with the type of each default (None: any).
+
+    Follows ``**options`` to the base class it forwards to (``dm-multi`` takes ``dm``'s options).
+    """
+    from . import distill
+
+    if method == "auto":  # the buffer takes the method and its options from replaykit.memory_choice
+        return {}
+    if method not in distill.REGISTRY:
+        raise ValueError(f"unknown distillation method {method!r}; available: {', '.join(distill.available())}")
+    # a selecting method's picks go through the buffer's stored form like distilled images (its twins)
+    params: dict[str, type | None] = {"factor": int, "bits": int} if distill.REGISTRY[method].selects else {}
+    for cls in distill.REGISTRY[method].__mro__:
+        if "__init__" not in vars(cls):
+            continue
+        forwards = False
+        for p in inspect.signature(cls.__init__).parameters.values():
+            if p.kind is p.VAR_KEYWORD:
+                forwards = True
+            elif p.kind is not p.VAR_POSITIONAL and p.name not in _BUFFER_CHOSEN and p.name not in params:
+                default = p.default
+                params[p.name] = None if default is p.empty or default is None else type(default)
+        if not forwards:
+            break
+    return params
+
+
+def _parse_typed(key: str, text: str, kind: type | None) -> Any:
+    """``text`` as a ``kind`` (bool strictly from true/false/1/0), or a ValueError naming key and value."""
+    if kind is bool:
+        lowered = text.strip().lower()
+        if lowered in ("true", "1"):
+            return True
+        if lowered in ("false", "0"):
+            return False
+        raise ValueError(f"option {key}={text!r} is not a boolean; write true/false or 1/0")
+    if kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            raise ValueError(f"option {key}={text!r} is not {'an int' if kind is int else 'a number'}") from None
+    if kind is str:
+        return text
+    return _parse_value(text)
+
+
+def _check_type(key: str, value: Any, kind: type) -> None:
+    """Reject a value of the wrong type (a string for a bool, a bool or float for an int)."""
+    if kind is bool:
+        ok = isinstance(value, bool) or (type(value) is int and value in (0, 1))
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        raise ValueError(f"option {key}={value!r} must be {kind.__name__}, got {type(value).__name__}")
 
 
 def _parse_value(text: str) -> Any:

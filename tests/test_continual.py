@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -134,3 +136,73 @@ def test_the_user_paths_run_on_cuda_with_the_buffer_on_the_host(stream, text):
     if gpu.buffer is not None:
         assert gpu.buffer.images.device.type == "cpu"
         assert gpu.buffer.logits is None or gpu.buffer.logits.device.type == "cpu"
+
+
+def test_booleans_parse_strictly():
+    assert parse_spec("jpeg:78500B:quality=10:augment=False").options == {"quality": 10, "augment": False}
+    assert parse_spec("jpeg:78500B:quality=10:augment=False").options["augment"] is False
+    assert parse_spec("jpeg:78500B:augment=true").options["augment"] is True
+    assert parse_spec("distilled:78500B:dm:jpeg:logits=0:soft=1").options == {"logits": False, "soft": True}
+    for bad in ("yes", "False!", "2", ""):
+        with pytest.raises(ValueError, match=f"augment={bad!r} is not a boolean"):
+            parse_spec(f"jpeg:78500B:augment={bad}")
+    with pytest.raises(ValueError, match="augment='False' must be bool"):
+        StrategySpec("jpeg", mem_bytes=100, options={"augment": "False"})
+
+
+def test_unknown_and_mistyped_keys_are_errors_naming_them():
+    with pytest.raises(ValueError, match=r"\['iteratons'\].*method 'dm'"):
+        parse_spec("distilled:78500B:dm:uint8:iteratons=100")
+    with pytest.raises(ValueError, match=r"\['bits'\] mean nothing for strategy 'jpeg'"):
+        parse_spec("jpeg:78500B:bits=2")
+    with pytest.raises(ValueError, match="iterations='many' is not an int"):
+        parse_spec("distilled:78500B:dm:uint8:iterations=many")
+    with pytest.raises(ValueError, match="given twice"):
+        parse_spec("jpeg:78500B:quality=2:quality=10")
+    with pytest.raises(ValueError, match="method 'random' has no option 'iterations'"):
+        StrategySpec("distilled", 10, "random", {"iterations": 2})
+    # a selecting method's picks are held in the buffer's stored form, as its distilled twin's are
+    assert parse_spec("distilled:7850B:random:uint8:factor=2:bits=2:core=1:recompress=prefix").method_options == {"factor": 2, "bits": 2}
+    assert parse_spec("distilled:7850B:auto").method == "auto"
+    with pytest.raises(ValueError, match="unknown distillation method 'dn'"):
+        parse_spec("distilled:100:dn")
+    with pytest.raises(ValueError, match="budget 'lots'"):
+        parse_spec("replay:lots")
+    # dm-multi forwards **options to dm: dm's own options are valid for it, typed as dm declares them
+    spec = parse_spec("distilled:78500B:dm-multi:uint8:bits=2:match_variance=0:lr=2")
+    assert spec.method_options == {"bits": 2, "match_variance": False, "lr": 2.0}
+
+
+def test_identity_tells_apart_what_the_label_does_not():
+    a = parse_spec("distilled:78500B:dm:uint8:iterations=100")
+    b = parse_spec("distilled:78500B:dm:uint8:iterations=300")
+    assert a.label == b.label  # the human label stays short (and stable for published tables)
+    assert a.identity != b.identity
+    assert parse_spec("jpeg:78500B:quality=2").identity != parse_spec("jpeg:78500B:quality=2:augment=1").identity
+    assert a.identity == parse_spec("distilled:78500B:dm:uint8:iterations=100").identity
+    assert StrategySpec.from_json(json.loads(b.identity)) == b
+    with pytest.raises(ValueError, match="unknown StrategySpec fields"):
+        StrategySpec.from_json({"kind": "naive", "colour": 1})
+
+
+def test_benchmark_resume_and_tables_keep_specs_apart_by_identity():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import class_incremental as ci
+
+    a = parse_spec("distilled:78500B:dm:uint8:iterations=100")
+    b = parse_spec("distilled:78500B:dm:uint8:iterations=300")
+
+    def record(spec, acc):
+        return {"dataset": "mnist", "epochs": 1, "seed": 0, "label": spec.label, "kind": spec.kind, "mem_size": spec.mem_size,
+                "method": spec.method, "method_options": spec.method_options, "storage": spec.storage, "recompress": spec.recompress,
+                "options": spec.options, "final_accuracy": acc, "forgetting": None, "distill_seconds": [], "total_seconds": 1.0,
+                "memory_images": 1, "memory_bytes": 1}
+
+    old = record(a, 0.5)  # a record written before identities were stored: rebuilt from its fields
+    new = {**record(b, 0.9), "identity": b.identity}
+    assert ci._record_identity(old) == a.identity and ci._record_identity(new) == b.identity
+    table = ci._table([old, new], {"width": 32, "batch_size": 128, "batch_size_mem": 128})
+    assert "uint8 iterations=100 | 1 | 50.00" in table and "uint8 iterations=300 | 1 | 90.00" in table

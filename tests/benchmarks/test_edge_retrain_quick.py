@@ -66,3 +66,29 @@ def test_quick_run_measures_parity_latency_memory_size_and_forgetting(tmp_path, 
     assert isinstance(doc["torch_process_keeps_freed_memory"], bool)
     assert "| int8 | head |" in (out / "results.md").read_text()
     assert (out / "forgetting.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_quick_buffer_comparison_ships_the_hosts_buffer_in_its_bytes(tmp_path, real_data_root):
+    """``--only-buffers``: the host's headline buffer (JPEG q2 codes + held logits) and 100 uint8 images, each at
+    78,500 B, exported full mode / int8 and retrained on the device with torch blocked under the memory cap."""
+    out = tmp_path / "edge"
+    merged = tmp_path / "merged.json"
+    merged.write_text(json.dumps({"kept": 1, "buffer_rows": [{"buffer": "uint8-100", "seed": 0, "stale": True}]}))
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--only-buffers", "--width", "16", "--out", str(out),
+                           "--copy-json", str(merged)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((out / "results.json").read_text())
+    rows = {row["buffer"]: row for row in doc["buffer_rows"]}
+    assert set(rows) == {"host-headline", "uint8-100"}
+    host, raw = rows["host-headline"], rows["uint8-100"]
+    assert host["image_storage"] == "jpeg" and host["held_logits"] and host["mix"] == 0.5 and host["logit_loss_weight"] == 0.1
+    assert raw["image_storage"] == "uint8" and not raw["held_logits"] and raw["buffer_images"] == 100
+    assert raw["host_buffer_bytes"] == 78_500 and host["host_buffer_bytes"] <= 78_500
+    assert host["buffer_images"] > 300  # JPEG q2 holds several times the images of raw uint8 in the same bytes
+    for row in (host, raw):
+        assert row["host_buffer_bytes"] < row["buffer_file_bytes"] <= row["host_buffer_bytes"] + 4096
+        assert row["torch_loaded"] is False and 20 < row["peak_rss_mb"] <= row["cap_mb"] == 100
+        assert 0 < row["old_class_accuracy"] <= 1 and 0 <= row["new_class_accuracy"] <= 1  # quick: 4 steps only
+    document = json.loads(merged.read_text())
+    assert document["kept"] == 1 and sorted(r["buffer"] for r in document["buffer_rows"]) == ["host-headline", "uint8-100"]
+    assert "Replay buffers at the headline bytes" in (out / "results.md").read_text()

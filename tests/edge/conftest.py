@@ -133,3 +133,21 @@ def low_res_head_bundle(tmp_path_factory, trained_model, low_res_buffer) -> Path
 
     return edge.export(trained_model, low_res_buffer, tmp_path_factory.mktemp("bundles") / "low_res_head", mode="head",
                        weights="float16", lr=0.05, momentum=0.9)
+
+
+@pytest.fixture(scope="session")
+def host_jpeg_buffer(trained_model, replay_buffer):
+    """The replay buffer as the host's headline configuration holds it: JPEG codes (quality 10) and the
+    learner's logits (int8 + float16 scales)."""
+    held = replay_buffer.with_meta(jpeg_quality=10).quantized("jpeg")
+    with torch.no_grad():
+        return held.with_logits(trained_model(held.decoded_images()))
+
+
+@pytest.fixture(scope="session")
+def host_jpeg_bundle(tmp_path_factory, trained_model, host_jpeg_buffer) -> Path:
+    """Full mode, int8 weights, the host buffer's own JPEG codes and logits, half of every batch shown through JPEG."""
+    import edge
+
+    return edge.export(trained_model, host_jpeg_buffer, tmp_path_factory.mktemp("bundles") / "host_jpeg", mode="full",
+                       weights="int8", lr=0.02, momentum=0.9, mix=0.5)

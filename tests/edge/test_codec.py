@@ -85,3 +85,54 @@ def test_decoder_entries_are_validated():
             decoder_factor(bad)
     with pytest.raises(ValueError, match="N, C, H, W"):
         upsample_bilinear(np.zeros((3, 4, 4), np.float32), 2)
+
+
+# ----------------------------------------------------------------- replay images as the host holds them
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_unpacking_inverts_the_hosts_packing(bits):
+    from edge.codec import unpack_levels
+    from replaykit.buffer import pack_levels
+
+    levels = torch.randint(0, 2 ** bits, (5, 1, 7, 7), generator=torch.Generator().manual_seed(bits), dtype=torch.uint8)
+    packed = pack_levels(levels, bits).numpy()
+    assert packed.shape[1] == -(-49 * bits // 8)
+    assert np.array_equal(unpack_levels(packed, bits, 49).reshape(5, 1, 7, 7), levels.numpy())
+
+
+@pytest.mark.parametrize("storage,bits", [("uint8", 8), ("uint8", 2), ("float16", 8), ("float32", 8), ("jpeg", 8)])
+def test_device_decodes_every_storage_to_the_hosts_values(storage, bits):
+    """The device's numpy (+ Pillow) decoder gives the very values the host replays from the same codes."""
+    from edge.codec import decode_stored_images
+    from replaykit import jpeg
+    from replaykit.buffer import SyntheticBuffer
+
+    gen = torch.Generator().manual_seed(7)
+    meta = {"mean": [0.13], "std": [0.31], "jpeg_quality": 10, "pixel_bits": bits}
+    buffer = SyntheticBuffer(torch.randn(12, 1, 8, 8, generator=gen), torch.arange(12) % 4, 4, meta=meta)
+    held = buffer.quantized(storage)  # what the host replays
+    stored = held._stored_images(storage).numpy()  # what it saves and counts
+    head = jpeg.header_length(stored) if storage == "jpeg" else 0
+    mean, std = np.float32([[[[0.13]]]]), np.float32([[[[0.31]]]])
+    device = decode_stored_images(stored, storage, (1, 8, 8), 12, mean=mean, std=std, pixel_bits=bits, jpeg_header_bytes=head)
+    assert device.dtype == np.float32 and np.array_equal(device, held.images.numpy())
+    with pytest.raises(CodecError):
+        decode_stored_images(stored, storage, (1, 8, 8), 11, mean=mean, std=std, pixel_bits=bits, jpeg_header_bytes=head)
+
+
+def test_codec_view_is_the_hosts_view():
+    """Mixed-view training on the device shows images as the host's DistilledBuffer.view does: average-pooled,
+    through JPEG at the buffer's quality, upsampled."""
+    from edge.codec import avg_pool, has_view, view_images
+    from replaykit import jpeg
+    from replaykit.buffer import decode_upsample
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 1, 8, 8, generator=gen)
+    mean, std = torch.tensor(0.13).view(1, 1, 1, 1), torch.tensor(0.31).view(1, 1, 1, 1)
+    assert np.allclose(avg_pool(x.numpy(), 2), torch.nn.functional.avg_pool2d(x, 2).numpy(), atol=1e-6)
+    host = jpeg.roundtrip(x, 5, mean, std).numpy()
+    device = view_images(x.numpy(), "jpeg", 1, mean.numpy(), std.numpy(), 5)
+    assert np.array_equal(device, host)
+    host_small = decode_upsample(torch.nn.functional.avg_pool2d(x, 2), 2).numpy()
+    assert np.allclose(view_images(x.numpy(), "uint8", 2, mean.numpy(), std.numpy()), host_small, atol=1e-5)
+    assert has_view("jpeg", 1) and has_view("uint8", 2) and not has_view("uint8", 1)

@@ -25,7 +25,7 @@ LEVELS = [
 def test_manifest_lists_every_file_and_the_bundle_contract(head_bundle, trained_model):
     manifest = json.loads((head_bundle / "manifest.json").read_text())
     assert manifest["format_version"] == edge.FORMAT_VERSION
-    assert set(manifest["files"]) == {"model.onnx", "train_step.onnx", "buffer.safetensors"}
+    assert set(manifest["files"]) == {"model.onnx", "train_step.onnx", "buffer.safetensors", "replay.safetensors"}
     for name, entry in manifest["files"].items():
         assert (head_bundle / name).stat().st_size == entry["size"]
         assert len(entry["sha256"]) == 64
@@ -89,12 +89,18 @@ def test_full_mode_gradients_match_layer_by_layer(full_bundle, trained_model):
     session = ort.InferenceSession(str(full_bundle / TRAIN_STEP), providers=["CPUExecutionProvider"])
     feed = {PARAM_PREFIX + n: tensors[PARAM_PREFIX + n] for n in names}
     feed.update({STATE_PREFIX + n: np.zeros_like(tensors[PARAM_PREFIX + n]) for n in manifest["trainable"]})
-    feed.update({"x": x.numpy(), "targets": y.numpy(), "lr": np.array(1.0, np.float32), "momentum": np.array(0.9, np.float32),
-                 "weight_decay": np.array(0.0, np.float32)})
+    # Six labelled rows (batch-mean cross-entropy) and three rows replaying held logits (DER-style squared error).
+    y[6:] = 2 * torch.randn(3, 10, generator=gen)
+    ce_weight = torch.tensor([1 / 6] * 6 + [0.0] * 3)
+    logit_weight = torch.tensor([0.0] * 6 + [0.1 / 30] * 3)
+    feed.update({"x": x.numpy(), "targets": y.numpy(), "ce_weight": ce_weight.numpy(), "logit_weight": logit_weight.numpy(),
+                 "lr": np.array(1.0, np.float32), "momentum": np.array(0.9, np.float32), "weight_decay": np.array(0.0, np.float32)})
     out = dict(zip(manifest["train_step_outputs"], session.run(manifest["train_step_outputs"], feed)))
     params = {n: torch.from_numpy(tensors[PARAM_PREFIX + n].copy()) for n in names}
     zeros = {n: torch.zeros_like(params[n]) for n in names}
-    _, _, grads = torch_step(trained_model, params, zeros, x, y, 1.0, 0.9, 0.0, names)
+    _, _, grads = torch_step(trained_model, params, zeros, x, y, 1.0, 0.9, 0.0, names, ce_weight, logit_weight)
+    _, _, without = torch_step(trained_model, params, zeros, x, y, 1.0, 0.9, 0.0, names, ce_weight, torch.zeros(9))
+    assert any(float((grads[n] - without[n]).abs().max()) > 1e-6 for n in names)  # the logit term moves the gradient
     assert len(names) == 10  # 2 conv blocks x (conv w, b, norm w, b) + classifier w, b
     for n in names:
         scale = float(grads[n].abs().max()) + 1e-8
@@ -238,7 +244,7 @@ def test_low_resolution_buffer_is_stored_at_low_resolution(low_res_head_bundle, 
     manifest = edge.read_manifest(low_res_head_bundle)
     assert manifest["decoder"] == {"kind": "upsample", "factor": 2, "mode": "bilinear"}
     assert manifest["buffer_image_shape"] == [1, 4, 4] and manifest["input_shape"] == [1, 8, 8]
-    images = load_file(str(low_res_head_bundle / "buffer.safetensors"))["images"]
+    images = load_file(str(low_res_head_bundle / "replay.safetensors"))["images"]
     assert images.dtype == np.uint8 and images.shape == (len(low_res_buffer), 1, 4, 4)
     assert manifest["weight_storage"] == "float16" and set(manifest["param_storage"].values()) == {"float16"}
 

@@ -180,7 +180,7 @@ def test_tampered_truncated_and_mismatched_bundles_are_refused(head_copy, full_b
 
     # A file from the full-mode bundle (other storage, other step inputs), with the manifest's checksum "fixed":
     # its step graph lacks the frozen constants the head manifest lists.
-    for name, complaint in (("buffer.safetensors", "images stored as"), ("train_step.onnx", "do not belong to this manifest")):
+    for name, complaint in (("replay.safetensors", "images stored as float16"), ("train_step.onnx", "do not belong to this manifest")):
         swapped = Path(shutil.copytree(head_copy, tmp_path / f"swapped-{name}"))
         shutil.copy(full_bundle / name, swapped / name)
         entry = bundle_module.file_entry(swapped / name)
@@ -396,3 +396,100 @@ def test_tampered_weight_storage_and_decoder_entries_are_refused(int8_full_bundl
     _rewrite_manifest(bundle, lambda m: m["files"].__setitem__("buffer.safetensors", entry))
     with pytest.raises(BundleError, match="lacks its float32 scales"):
         Retrainer(bundle)
+
+
+# ----------------------------------------------------------------- the buffer as the host holds it
+def test_bundle_carries_the_hosts_codes_and_logits_in_its_bytes(host_jpeg_bundle, host_jpeg_buffer):
+    from safetensors.numpy import load_file
+
+    from replaykit.buffer import quantize_logits
+
+    manifest = edge.read_manifest(host_jpeg_bundle)
+    replay = manifest["replay"]
+    assert manifest["image_storage"] == "jpeg" and replay["jpeg_quality"] == 10 and replay["held_logits"]
+    assert replay["mix"] == 0.5 and replay["logit_loss_weight"] == 0.1
+    stored = load_file(str(host_jpeg_bundle / "replay.safetensors"))
+    header, bodies = host_jpeg_buffer._jpeg_codes()
+    assert stored["images"].tobytes() == b"".join(bytes(t.numpy()) for t in [header, *bodies])  # the very codes
+    levels, scales = quantize_logits(host_jpeg_buffer.logits)
+    assert np.array_equal(stored["logits"], levels.numpy()) and np.array_equal(stored["logit_scales"], scales.numpy())
+    assert stored["labels"].dtype == np.uint8 and np.array_equal(stored["labels"], host_jpeg_buffer.labels.numpy())
+    # bytes: the host's count plus the safetensors header, nothing else
+    size = (host_jpeg_bundle / "replay.safetensors").stat().st_size
+    assert replay["host_nbytes"] == host_jpeg_buffer.nbytes("jpeg") == sum(t.nbytes for t in stored.values())
+    assert 0 < size - host_jpeg_buffer.nbytes("jpeg") <= 1024
+
+
+def test_host_and_device_decode_every_held_code_to_equal_pixels(host_jpeg_bundle, host_jpeg_buffer, tmp_path):
+    """The device (torch blocked) decodes the bundle's JPEG codes and logits to exactly the values the host replays."""
+    script = textwrap.dedent(f"""
+        import importlib.abc, sys
+        class NoTorch(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch" or name.startswith("torch."):
+                    raise ImportError("torch is not available on this device")
+        sys.meta_path.insert(0, NoTorch())
+        import numpy as np
+        import edge
+        r = edge.Retrainer({str(host_jpeg_bundle)!r})
+        np.savez({str(tmp_path / 'device.npz')!r}, x=r.buffer_x, logits=r.buffer_logits, targets=r.buffer_targets)
+        print("torch" in sys.modules)
+    """)
+    env = {**os.environ, "PYTHONPATH": str(Path(edge.__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False"
+    device = np.load(tmp_path / "device.npz")
+    assert np.array_equal(device["x"], host_jpeg_buffer.decoded_images().numpy())
+    assert np.array_equal(device["logits"], host_jpeg_buffer.logits.numpy())
+    assert np.array_equal(device["targets"], host_jpeg_buffer.soft_targets().numpy())
+
+
+def test_steps_replay_held_logits_and_mix_codec_views_as_the_host_plugin(host_jpeg_bundle, digits_split):
+    from edge.codec import view_images
+
+    retrainer = Retrainer(host_jpeg_bundle, seed=3)
+    x_new, y_new = _split(digits_split, [8, 9])
+    retrainer.mix = 1.0  # every labelled row through the codec, so the rows can be checked one by one
+    xb, tb, (ce, lw) = retrainer._batch(x_new[:16], retrainer._targets(y_new[:16], 16), 8)
+    assert xb.shape[0] == 16 + 8 + 8  # new, replayed with labels, replayed with held logits
+    assert np.array_equal(xb[:16], view_images(x_new[:16], "jpeg", 1, retrainer._mean, retrainer._std, 10))
+    assert np.isclose(ce.sum(), 1.0) and (ce[24:] == 0).all() and (lw[:24] == 0).all()
+    assert np.isclose(lw.sum(), 0.1 / retrainer.num_classes)  # DER: w * mean squared error over rows and classes
+    held = [np.flatnonzero((retrainer.buffer_x == row).all(axis=(1, 2, 3))) for row in xb[24:]]
+    assert all(np.array_equal(tb[24 + i], retrainer.buffer_logits[h[0]]) for i, h in enumerate(held))
+    history = retrainer.fit(x_new[:64], y_new[:64], batch_size=16, replay_batch_size=8)
+    assert history["steps"] == 4 and np.isfinite(history["losses"]).all()
+    # Micro-batches give the same step (the row weights are normalised over the whole step).
+    whole, parts = Retrainer(host_jpeg_bundle, seed=5), Retrainer(host_jpeg_bundle, seed=5)
+    whole.fit(x_new[:32], y_new[:32], batch_size=16, replay_batch_size=8)
+    parts.fit(x_new[:32], y_new[:32], batch_size=16, replay_batch_size=8, micro_batch_size=7)
+    assert max(float(np.abs(whole.params[n] - parts.params[n]).max()) for n in whole.params) < 1e-5
+
+
+def test_packed_grey_levels_travel_packed(trained_model, replay_buffer, tmp_path):
+    from safetensors.numpy import load_file
+
+    two_bit = replay_buffer.with_meta(pixel_bits=2).quantized("uint8")
+    bundle = edge.export(trained_model, two_bit, tmp_path / "b", mode="head", verify=False)
+    stored = load_file(str(bundle / "replay.safetensors"))["images"]
+    assert stored.shape == (len(two_bit), 16)  # 64 pixels at 2 bits
+    assert np.array_equal(Retrainer(bundle).buffer_x, two_bit.decoded_images().numpy())
+    assert edge.read_manifest(bundle)["replay"]["mix"] == 0.0  # full resolution, grey levels: nothing to mix
+
+
+def test_tampered_replay_entries_are_refused(host_jpeg_bundle, tmp_path):
+    import shutil
+
+    cases = [
+        (lambda m: m["replay"].__setitem__("count", 3), "manifest says 3"),
+        (lambda m: m["replay"].__setitem__("jpeg_header_bytes", 5), "does not decode|start-of-scan|JPEG"),
+        (lambda m: m["replay"].__setitem__("label_storage", "int4"), "label storage"),
+        (lambda m: m["replay"].__setitem__("mix", 2.0), "mix"),
+        (lambda m: m.__setitem__("image_storage", "png"), "image storage 'png'"),
+    ]
+    for k, (change, complaint) in enumerate(cases):
+        bundle = Path(shutil.copytree(host_jpeg_bundle, tmp_path / f"case{k}"))
+        _rewrite_manifest(bundle, change)
+        with pytest.raises(BundleError, match=complaint):
+            Retrainer(bundle)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import time
@@ -65,6 +66,10 @@ def _session_options() -> ort.SessionOptions:
 _ARENA_REGISTERED = False
 
 
+class RetrainerClosedError(RuntimeError):
+    """A Retrainer was used after ``close()`` (or after its ``with`` block ended)."""
+
+
 class Retrainer:
     """Open a bundle, learn new samples mixed with its replay buffer, predict, save.
 
@@ -83,6 +88,7 @@ class Retrainer:
     def __init__(self, bundle_dir: str | os.PathLike, memory_limit_mb: float | None = None, seed: int = 0,
                  optimization: str = "all", threads: int | None = None, progress: bool = False) -> None:
         self.bundle_dir = Path(bundle_dir)
+        self.closed = False
         self.memory_limit_mb = memory_limit_mb
         self.progress = progress
         if memory_limit_mb is not None:
@@ -333,6 +339,7 @@ class Retrainer:
         ``micro_batch_size`` caps the samples per onnxruntime call (gradient accumulation: the same step,
         less memory); by default the memory cap plans it, and the history's ``planned_on_rss_mb`` is the
         resident size that plan was made on (None without a cap)."""
+        self._require_open()
         x_new = self._images(x_new, "x_new")
         targets = self._targets(y_new, x_new.shape[0])
         if epochs < 1 or batch_size < 1:
@@ -380,6 +387,7 @@ class Retrainer:
 
     # ------------------------------------------------------------ inference
     def logits(self, x: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+        self._require_open()
         x = self._images(x)
         batch_size = self.plan_inference_batch(batch_size)
         feed = {PARAM_PREFIX + n: p for n, p in self.params.items()}
@@ -398,6 +406,7 @@ class Retrainer:
 
     def evaluate(self, x: np.ndarray, y: Any, batch_size: int | None = None) -> float:
         """Top-1 accuracy in [0, 1] on integer labels (or the argmax of soft labels)."""
+        self._require_open()
         x = self._images(x)
         targets = self._targets(y, x.shape[0])
         return float((self.predict(x, batch_size) == targets.argmax(axis=1)).mean())
@@ -405,6 +414,7 @@ class Retrainer:
     def save(self) -> Path:
         """Write the trained parameters (float32: training is float32 whatever the bundle's weight storage)
         and the momentum into the bundle (crash-safe). Frozen parameters keep their stored bytes."""
+        self._require_open()
         from .codec import SCALE_PREFIX
 
         tensors = load_tensors(self.bundle_dir)
@@ -418,6 +428,30 @@ class Retrainer:
         manifest["optimizer"] = dict(self.optimizer)
         self.manifest = save_state(self.bundle_dir, manifest, tensors)
         return self.bundle_dir
+
+    # ------------------------------------------------------------ lifetime
+    def close(self) -> None:
+        """Release the onnxruntime sessions, the parameters and the buffer, and hand freed memory back to the
+        system, so that a long-lived device process can open bundle after bundle at a flat resident size.
+        Idempotent; any later call but ``close`` / ``memory_report`` raises :class:`RetrainerClosedError`."""
+        if self.closed:
+            return
+        self.closed = True
+        self._infer = self._step = self._release = None
+        self.params, self.state = {}, {}
+        self.buffer_x = self.buffer_targets = None
+        gc.collect()  # sessions sit in reference cycles with their bindings: free them now, not at some later pass
+        release_free_heap()
+
+    def __enter__(self) -> "Retrainer":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def _require_open(self) -> None:
+        if self.closed:
+            raise RetrainerClosedError(f"this Retrainer of {self.bundle_dir} is closed; open the bundle again")
 
     def memory_report(self) -> dict[str, float]:
         """Peak resident memory of the whole process (VmHWM) and of this retrainer's lifetime (sampled)."""

@@ -409,3 +409,46 @@ def test_tampered_weight_storage_and_decoder_entries_are_refused(int8_full_bundl
     _rewrite_manifest(bundle, lambda m: m["files"].__setitem__("buffer.safetensors", entry))
     with pytest.raises(BundleError, match="lacks its float32 scales"):
         Retrainer(bundle)
+
+
+def test_closed_retrainer_refuses_calls_and_with_block_closes(head_bundle, digits_split):
+    x, y = _split(digits_split, [8, 9])
+    with Retrainer(head_bundle) as r:
+        assert r.evaluate(x[:20], y[:20]) >= 0.0
+    assert r.closed and r.params == {} and r._step is None and r._infer is None
+    r.close()  # idempotent
+    for call in (lambda: r.fit(x[:8], y[:8]), lambda: r.evaluate(x[:8], y[:8]), lambda: r.predict(x[:8]), r.save):
+        with pytest.raises(edge.RetrainerClosedError, match="closed"):
+            call()
+    assert r.memory_report()["rss_mb"] > 0
+
+
+def test_open_fit_evaluate_save_close_rounds_keep_a_flat_resident_size(mnist_sized_bundles, tmp_path):
+    """A long-lived device process retrains round after round under a 100 MB cap: after the first round (which pays
+    onnxruntime's one-time, process-wide setup) the resident size stays flat, and the whole process never passes the cap."""
+    import shutil
+
+    bundle = Path(shutil.copytree(mnist_sized_bundles("full", "float32"), tmp_path / "bundle"))
+    script = textwrap.dedent(f"""
+        import gc, json, numpy as np, edge
+        from edge.memory import release_free_heap
+        rng = np.random.default_rng(0)
+        x = rng.integers(0, 256, (64, 1, 28, 28), dtype=np.uint8)
+        y = rng.integers(0, 10, 64)
+        rss = []
+        for k in range(6):
+            with edge.Retrainer({str(bundle)!r}, memory_limit_mb=100, seed=k) as r:
+                r.fit(x, y, epochs=1, batch_size=32)
+                r.evaluate(x, y)
+                r.save()
+            gc.collect(); release_free_heap()
+            rss.append(edge.current_rss_mb())
+        print(json.dumps(dict(rss=rss, peak=edge.peak_rss_mb())))
+    """)
+    env = {**os.environ, "PYTHONPATH": str(Path(edge.__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["peak"] <= 100, report
+    assert abs(report["rss"][-1] - report["rss"][1]) <= 2.0, report  # round 6 vs round 2
+    assert edge.read_manifest(bundle)["saves"] == 6

@@ -15,7 +15,7 @@ import onnxruntime as ort
 from replaykit.progress import progress_bar
 
 from .bundle import (
-    MODEL, PARAM_PREFIX, STATE_PREFIX, TRAIN_STEP, BundleError, load_tensors, open_parameters, read_manifest, save_state,
+    BUFFER, MODEL, PARAM_PREFIX, STATE_PREFIX, TRAIN_STEP, BundleError, load_tensors, open_parameters, read_manifest, save_state,
     step_session,
 )
 from .codec import CodecError, decoder_factor, upsample_bilinear
@@ -41,6 +41,13 @@ _CALL_FIXED_MB = 2.5
 # their copies; in micro-batches: zero state, accumulated gradients, the update's temporaries).
 _STEP_PARAM_COPIES = 4
 _SAFETY_MB = 4.0
+# Resident memory onnxruntime takes to open a bundle's two sessions beyond the files themselves: the first time in a
+# process (kernel registries, thread pool, code pages) and any later time. Measured (MNIST ConvNet-3 width 32 full
+# mode, 250 KB of files): +16.7 MB then +2.8 MB. Rounded down: a cap between estimate and truth still fails safe
+# at the check after loading.
+_OPEN_FIRST_MB = 12.0
+_OPEN_FIXED_MB = 2.0
+_SESSIONS_OPENED = False
 # Run option that returns onnxruntime's arena memory to the system when a call ends: used on the last call of
 # fit() and of inference, so that memory planned for one is free for the other (and for the caller's data).
 _RELEASE_ARENA = ("memory.enable_memory_arena_shrinkage", "cpu:0")
@@ -105,6 +112,8 @@ class Retrainer:
         self.mode = m["mode"]
         self._mean = np.asarray(m["mean"], dtype=np.float32).reshape(1, -1, 1, 1)
         self._std = np.asarray(m["std"], dtype=np.float32).reshape(1, -1, 1, 1)
+        if memory_limit_mb is not None:
+            self._check_open_fits()
         tensors = load_tensors(self.bundle_dir)
         self.params, self.state = open_parameters(self.bundle_dir, m, tensors)
         self.buffer_x, self.buffer_targets = self._read_buffer(tensors)
@@ -127,6 +136,8 @@ class Retrainer:
         except Exception as exc:  # onnxruntime raises its own error types for bad graphs
             raise BundleError(f"{self.bundle_dir}: onnxruntime cannot load the graphs (graph files that do not belong to "
                               f"this manifest?): {exc}") from exc
+        global _SESSIONS_OPENED
+        _SESSIONS_OPENED = True
         self._check_graphs()
         # Parameters the step graph takes as inputs (in head mode the frozen ones are constants inside it).
         self._step_params = [n for n in self.params if PARAM_PREFIX + n in self.manifest["train_step_inputs"]]
@@ -224,6 +235,23 @@ class Retrainer:
                 "the cap cannot be met"
             )
 
+    def _check_open_fits(self) -> None:
+        """Refuse a cap below what opening this bundle takes, before anything is loaded, so that the process never
+        passes the cap on the way to finding out: the files (read, decoded, copied into onnxruntime), the
+        float32 buffer images, and onnxruntime's own setup (the first session of a process, measured ~14 MB on an
+        MNIST ConvNet-3 full-mode bundle, later ones ~3 MB; see ``_OPEN_*_MB``)."""
+        sizes = sum(int(self.manifest["files"][name]["size"]) for name in (MODEL, TRAIN_STEP, BUFFER))
+        # At most this many stored images (one byte or more per stored pixel), each decoded to float32 model input.
+        images = int(self.manifest["files"][BUFFER]["size"]) // max(1, int(np.prod(self.manifest["buffer_image_shape"])))
+        decoded = 4 * int(np.prod(self.input_shape)) * images
+        need = (_OPEN_FIXED_MB if _SESSIONS_OPENED else _OPEN_FIRST_MB) + (3 * sizes + 2 * decoded) / 2**20
+        release_free_heap()
+        held = current_rss_mb()
+        if held + need + _SAFETY_MB > self.memory_limit_mb:
+            raise MemoryLimitError(f"memory_limit_mb={self.memory_limit_mb:g} is below what opening {self.bundle_dir} "
+                                   f"takes: the process holds {held:.1f} MB and the bundle needs ~{need:.1f} MB more "
+                                   f"(+{_SAFETY_MB:g} MB margin); the cap cannot be met")
+
     def _per_sample_mb(self, training: bool) -> float:
         floats = int(self.manifest["activation_floats_per_sample"])
         # Inference and head-mode steps keep forward values only; full mode also keeps their gradients.
@@ -237,6 +265,21 @@ class Retrainer:
             floats = sum(int(np.prod(self.manifest["params"][n], dtype=np.int64)) for n in self.manifest["trainable"])
             fixed += _STEP_PARAM_COPIES * 4 * floats / 2**20
         return samples * self._per_sample_mb(training) + fixed
+
+    def _check_batch_fits(self, samples: int) -> None:
+        """Refuse a step whose own input arrays (normalised float32 images and target rows, a few copies while a batch
+        is assembled) would not fit under the cap, before any of them is allocated: micro-batching bounds onnxruntime's
+        memory, not the batch the caller asked for."""
+        if self.memory_limit_mb is None:
+            return
+        per_sample = 4 * (int(np.prod(self.input_shape)) + self.num_classes)
+        need = 3 * samples * per_sample / 2**20
+        release_free_heap()
+        room = self.memory_limit_mb - current_rss_mb() - _SAFETY_MB - self._call_mb(1, True)
+        if need > room:
+            raise MemoryLimitError(f"a step of {samples} samples needs ~{need:.1f} MB for its inputs but "
+                                   f"memory_limit_mb={self.memory_limit_mb:g} leaves {max(room, 0.0):.1f} MB; "
+                                   "lower batch_size / replay_batch_size")
 
     def plan_micro_batch(self, total: int) -> int:
         """Samples per onnxruntime call for a ``total``-sample step: all of them when the cap allows, else
@@ -349,17 +392,31 @@ class Retrainer:
             raise ValueError(f"replay_batch_size must be >= 0, got {replay}")
         if replay and len(self.buffer_x) == 0:
             raise ValueError("this bundle's buffer is empty; pass replay_batch_size=0")
-        if lr is not None:
-            if not (np.isfinite(lr) and lr > 0):
-                raise ValueError(f"lr must be a positive number, got {lr}")
-            self.optimizer["lr"] = float(lr)
+        if lr is not None and not (isinstance(lr, (int, float, np.floating)) and np.isfinite(lr) and lr > 0):
+            raise ValueError(f"lr must be a positive number, got {lr}")
+        if micro_batch_size is not None and micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        self._check_batch_fits(min(batch_size, x_new.shape[0]) + replay)
         self.planned_on_rss_mb = None
         micro = self.plan_micro_batch(batch_size + replay)
         planned_on = self.planned_on_rss_mb
         if micro_batch_size is not None:
-            if micro_batch_size < 1:
-                raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
             micro = min(micro, micro_batch_size)
+        # Nothing has changed so far; from here a failure (a loss that turns NaN, a cap reached mid-step) puts the
+        # parameters, momentum, optimizer and sampler back as they were: a failed fit is no fit.
+        before = ({n: v for n, v in self.params.items()}, {n: v for n, v in self.state.items()}, dict(self.optimizer),
+                  self._rng.bit_generator.state)
+        try:
+            if lr is not None:
+                self.optimizer["lr"] = float(lr)
+            return self._fit_steps(x_new, targets, epochs, batch_size, replay, micro, planned_on)
+        except BaseException:
+            self.params, self.state, self.optimizer = before[0], before[1], before[2]
+            self._rng.bit_generator.state = before[3]
+            raise
+
+    def _fit_steps(self, x_new: np.ndarray, targets: np.ndarray, epochs: int, batch_size: int, replay: int, micro: int,
+                   planned_on: float | None) -> dict[str, Any]:
         losses: list[float] = []
         step_seconds: list[float] = []
         steps = epochs * -(-x_new.shape[0] // batch_size)
@@ -380,6 +437,8 @@ class Retrainer:
                     self._check_memory("during fit")
                 bar.update(1)
         bar.close()
+        if not all(np.isfinite(v).all() for v in self.params.values()):
+            raise FloatingPointError("the parameters became NaN/inf during fit; lower the learning rate")
         self.peak_rss_mb = max(self.peak_rss_mb, current_rss_mb())
         return {"losses": losses, "steps": len(losses), "batch_size": batch_size, "replay_batch_size": replay,
                 "micro_batch_size": micro, "step_seconds": step_seconds,

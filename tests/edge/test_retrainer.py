@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -452,3 +453,96 @@ def test_open_fit_evaluate_save_close_rounds_keep_a_flat_resident_size(mnist_siz
     assert report["peak"] <= 100, report
     assert abs(report["rss"][-1] - report["rss"][1]) <= 2.0, report  # round 6 vs round 2
     assert edge.read_manifest(bundle)["saves"] == 6
+
+
+def _bundle_digest(bundle: Path) -> dict[str, str]:
+    from replaykit.fileio import sha256_file
+
+    return {p.name: sha256_file(p) for p in sorted(bundle.iterdir()) if p.is_file()}
+
+
+def _hostile_calls(x: np.ndarray, y: np.ndarray) -> list[tuple[str, Any, type]]:
+    nan = x[:16].copy()
+    nan[3, 0, 2, 2] = np.nan
+    inf = x[:16].copy()
+    inf[0, 0, 0, 0] = -np.inf
+    soft = np.full((16, 10), 0.1, np.float32)
+    soft[2, 0] = np.nan
+    return [
+        ("NaN image", lambda r: r.fit(nan, y[:16]), ValueError),
+        ("inf image", lambda r: r.fit(inf, y[:16]), ValueError),
+        ("float64 images", lambda r: r.fit(x[:16].astype(np.float64), y[:16]), ValueError),
+        ("int16 images", lambda r: r.fit(x[:16].astype(np.int16), y[:16]), ValueError),
+        ("wrong image shape", lambda r: r.fit(np.zeros((4, 1, 9, 9), np.float32), y[:4]), ValueError),
+        ("3-d images", lambda r: r.fit(x[:4, 0], y[:4]), ValueError),
+        ("list of images", lambda r: r.fit(x[:4].tolist(), y[:4]), TypeError),
+        ("label above the classes", lambda r: r.fit(x[:16], np.full(16, 10)), ValueError),
+        ("negative label", lambda r: r.fit(x[:16], np.full(16, -1)), ValueError),
+        ("labels of another length", lambda r: r.fit(x[:16], y[:15]), ValueError),
+        ("float class labels", lambda r: r.fit(x[:16], y[:16].astype(np.float32)), ValueError),
+        ("NaN soft labels", lambda r: r.fit(x[:16], soft), ValueError),
+        ("empty batch", lambda r: r.fit(x[:0], y[:0]), ValueError),
+        ("zero batch size", lambda r: r.fit(x[:16], y[:16], batch_size=0), ValueError),
+        ("NaN learning rate", lambda r: r.fit(x[:16], y[:16], lr=float("nan")), ValueError),
+        ("negative replay", lambda r: r.fit(x[:16], y[:16], replay_batch_size=-1), ValueError),
+        ("diverging learning rate", lambda r: r.fit(x[:64], y[:64], lr=3e38), FloatingPointError),
+        ("evaluate NaN image", lambda r: r.evaluate(nan, y[:16]), ValueError),
+        ("evaluate label out of range", lambda r: r.evaluate(x[:16], np.full(16, 99)), ValueError),
+        ("evaluate empty batch", lambda r: r.evaluate(x[:0], y[:0]), ValueError),
+    ]
+
+
+def test_hostile_inputs_are_refused_before_anything_changes(head_copy, digits_split):
+    """Each bad call raises its named error and leaves parameters, momentum, optimizer, sampler and the bundle on disk
+    exactly as they were: the next (good) fit runs as if the bad calls never happened."""
+    x, y = _split(digits_split, [8, 9])
+    before_disk = _bundle_digest(head_copy)
+    r, clean = Retrainer(head_copy, seed=5), Retrainer(head_copy, seed=5)
+    r.fit(x[:32], y[:32]), clean.fit(x[:32], y[:32])  # non-zero momentum to protect
+    for name, call, error in _hostile_calls(x, y):
+        with pytest.raises(error):
+            call(r)
+        for n in r.params:
+            assert np.array_equal(r.params[n], clean.params[n]), (name, n)
+        for n in r.state:
+            assert np.array_equal(r.state[n], clean.state[n]), (name, n)
+        assert r.optimizer == clean.optimizer, name
+        assert _bundle_digest(head_copy) == before_disk, name
+    a, b = r.fit(x[32:96], y[32:96]), clean.fit(x[32:96], y[32:96])
+    assert a["losses"] == b["losses"]  # the sampler was not advanced by the refused calls either
+
+
+def test_hostile_sizes_are_refused_under_the_cap_without_passing_it(mnist_sized_bundles, tmp_path):
+    """A fresh device process: a cap below what the bundle needs is refused before it is opened, and a step far above
+    the cap before its batch is assembled; VmHWM never passes the cap; the bundle's bytes are unchanged."""
+    import shutil
+
+    bundle = Path(shutil.copytree(mnist_sized_bundles("full", "float32"), tmp_path / "bundle"))
+    before = _bundle_digest(bundle)
+    script = textwrap.dedent(f"""
+        import json, numpy as np, edge
+        from edge.memory import current_rss_mb
+        out = {{}}
+        tight = current_rss_mb() + 6
+        try:
+            edge.Retrainer({str(bundle)!r}, memory_limit_mb=tight)
+        except edge.MemoryLimitError as exc:
+            out["tight"] = str(exc)
+        out["tight_cap"], out["peak_after_tight"] = tight, edge.peak_rss_mb()
+        x = np.zeros((200, 1, 28, 28), np.uint8)
+        y = np.zeros(200, np.int64)
+        r = edge.Retrainer({str(bundle)!r}, memory_limit_mb=100)
+        try:
+            r.fit(x, y, batch_size=64, replay_batch_size=1_000_000)
+        except edge.MemoryLimitError as exc:
+            out["huge"] = str(exc)
+        out["peak"] = edge.peak_rss_mb()
+        print(json.dumps(out))
+    """)
+    env = {**os.environ, "PYTHONPATH": str(Path(edge.__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "cannot be met" in report["tight"] and report["peak_after_tight"] <= report["tight_cap"], report
+    assert "1000064 samples" in report["huge"] and report["peak"] <= 100, report
+    assert _bundle_digest(bundle) == before

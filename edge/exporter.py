@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from replaykit.fileio import atomic_write_bytes, atomic_write_json
+from replaykit.fileio import atomic_write_bytes
 
 from .bundle import (
     BUFFER, FORMAT_VERSION, FROZEN_LOCATION, MANIFEST, MODEL, MODES, PARAM_PREFIX, STATE_PREFIX, STORAGES, TRAIN_STEP,
-    file_entry, step_session, write_tensors,
+    file_entry, step_session, write_manifest, write_tensors,
 )
 from .codec import WEIGHT_STORAGES, decode_parameters, decoder_factor, encode_parameters
 
@@ -430,7 +430,7 @@ def export(
             "files": {},
         }
         manifest["files"] = {name: file_entry(tmp_dir / name) for name in (MODEL, TRAIN_STEP, BUFFER)}
-        atomic_write_json(tmp_dir / MANIFEST, manifest)
+        manifest = write_manifest(tmp_dir / MANIFEST, manifest)
         if verify:
             errors = verify_bundle(model, tmp_dir)
             worst = max(errors.values())

@@ -159,7 +159,7 @@ def test_crash_during_save_leaves_a_consistent_bundle(crash_at, head_copy, digit
 def _rewrite_manifest(bundle_dir: Path, change) -> None:
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
     change(manifest)
-    (bundle_dir / "manifest.json").write_text(json.dumps(manifest))
+    bundle_module.write_manifest(bundle_dir / "manifest.json", manifest)  # a consistent forgery: its checksum "fixed" too
 
 
 def test_tampered_truncated_and_mismatched_bundles_are_refused(head_copy, full_bundle, tmp_path):
@@ -546,3 +546,17 @@ def test_hostile_sizes_are_refused_under_the_cap_without_passing_it(mnist_sized_
     assert "cannot be met" in report["tight"] and report["peak_after_tight"] <= report["tight_cap"], report
     assert "1000064 samples" in report["huge"] and report["peak"] <= 100, report
     assert _bundle_digest(bundle) == before
+
+
+def test_manifest_field_edited_without_its_checksum_is_refused(head_copy):
+    """Regression (fuzzing, issue 25): the manifest's fields (normalisation, learning rate) were covered by no
+    checksum, so an edited mean opened as a different model without an error."""
+    manifest = json.loads((head_copy / "manifest.json").read_text())
+    manifest["mean"] = [0.5]
+    (head_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="own checksum"):
+        Retrainer(head_copy)
+    manifest["files"] = ["model.onnx"]
+    bundle_module.write_manifest(head_copy / "manifest.json", manifest)
+    with pytest.raises(BundleError, match="'files' must map"):
+        Retrainer(head_copy)

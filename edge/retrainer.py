@@ -279,7 +279,7 @@ class Retrainer:
         if need > room:
             raise MemoryLimitError(f"a step of {samples} samples needs ~{need:.1f} MB for its inputs but "
                                    f"memory_limit_mb={self.memory_limit_mb:g} leaves {max(room, 0.0):.1f} MB; "
-                                   "lower batch_size / replay_batch_size")
+                                   "the cap cannot be met: lower batch_size / replay_batch_size")
 
     def plan_micro_batch(self, total: int) -> int:
         """Samples per onnxruntime call for a ``total``-sample step: all of them when the cap allows, else
@@ -396,10 +396,10 @@ class Retrainer:
             raise ValueError(f"lr must be a positive number, got {lr}")
         if micro_batch_size is not None and micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-        self._check_batch_fits(min(batch_size, x_new.shape[0]) + replay)
         self.planned_on_rss_mb = None
         micro = self.plan_micro_batch(batch_size + replay)
         planned_on = self.planned_on_rss_mb
+        self._check_batch_fits(min(batch_size, x_new.shape[0]) + replay)
         if micro_batch_size is not None:
             micro = min(micro, micro_batch_size)
         # Nothing has changed so far; from here a failure (a loss that turns NaN, a cap reached mid-step) puts the

@@ -482,7 +482,9 @@ class SyntheticBuffer:
         try:
             with safe_open(str(path), framework="pt") as handle:
                 metadata = handle.metadata() or {}
-                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+                # Copies: safetensors hands out views of its memory map, and a file later rewritten in place (not
+                # renamed over) would silently change the loaded buffer, or crash the process if it shrank.
+                tensors = {key: handle.get_tensor(key).clone() for key in handle.keys()}
         except Exception as exc:  # safetensors raises its own error types for bad headers / truncation
             raise BufferFormatError(f"{path} is not a readable safetensors buffer (truncated or corrupt?): {exc}") from exc
         if _HEADER_KEY not in metadata:

@@ -356,3 +356,13 @@ def test_logits_without_their_scales_are_refused(tmp_path):
     save_file(tensors, str(path), metadata={"replaykit": json.dumps(header)})
     with pytest.raises(BufferFormatError, match="float16 \\[N\\] scales"):
         SyntheticBuffer.load(path)
+
+
+def test_loaded_buffer_does_not_change_when_its_file_is_rewritten_in_place(tmp_path):
+    """Regression (fuzzing, issue 25): the loaded labels and class ids were views of safetensors' memory map of the
+    file, so rewriting the file in place (cp over it, a downloader) changed a buffer already in memory."""
+    path = make_buffer(soft=True).save(tmp_path / "buf.safetensors")
+    loaded = SyntheticBuffer.load(path)
+    labels, ids = loaded.labels.clone(), loaded.class_ids.clone()
+    path.write_bytes(path.read_bytes()[:8] + b"A" * (path.stat().st_size - 8))  # same inode, other bytes
+    assert torch.equal(loaded.labels, labels) and torch.equal(loaded.class_ids, ids)

@@ -36,7 +36,7 @@ from class_incremental import _device_words, run_cells  # noqa: E402  (a sibling
 from replaykit.continual import RunConfig, parse_spec  # noqa: E402
 from replaykit.data import DatasetNotFoundError, dataset_info, load_tensors  # noqa: E402
 from replaykit.device import add_device_argument  # noqa: E402
-from replaykit.fileio import atomic_write, atomic_write_json  # noqa: E402
+from replaykit.fileio import JSONFileError, atomic_write, atomic_write_checked_json, read_checked_json  # noqa: E402
 from replaykit.runtime import keep_freed_memory  # noqa: E402
 
 #: Budgets as raw uint8 images (+ 1-byte label) per class over 10 classes: 1/4, 1/2, 1, 2.5, 5, 10, 20.
@@ -224,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
-    rows: list[dict[str, Any]] = json.loads(results_path.read_text())["rows"] if args.resume and results_path.is_file() else []
+    rows: list[dict[str, Any]] = read_checked_json(results_path).get("rows", []) if args.resume and results_path.is_file() else []
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and {"dataset", "seed", "epochs", "spec"} <= set(r) for r in rows):
+        raise JSONFileError(f"{results_path}: 'rows' must be a list of objects with dataset, seed, epochs and spec")
     done = {(r["dataset"], r["seed"], r["epochs"], r["spec"]) for r in rows}
     cells, about = [], {}
     for epochs in args.epochs:
@@ -264,14 +266,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{record['dataset']} {record['epochs']}ep seed {record['seed']} {row['budget_bytes']} B {row['images']}: "
                   f"{100 * record['final_accuracy']:.2f} % ({record['memory_images']} img, {record['memory_bytes']} B, "
                   f"distill {sum(record['distill_seconds']):.0f} s, run {record['total_seconds']:.0f} s)", flush=True)
-        atomic_write_json(results_path, _document(config, rows))
+        atomic_write_checked_json(results_path, _document(config, rows))
 
     run_cells(cells, args.jobs, threads, record_done)
     document = _document(config, rows)
     document["wall_seconds_this_invocation"] = round(time.perf_counter() - start, 1)
-    atomic_write_json(results_path, document)
+    atomic_write_checked_json(results_path, document)
     if args.copy_json:
-        atomic_write_json(Path(args.copy_json), document)
+        atomic_write_checked_json(Path(args.copy_json), document)
     text = table(rows)
     atomic_write(out / "results.md", lambda tmp: tmp.write_text(text))
     plot = lead_plot(rows, out / "lead_vs_bytes.png")

@@ -30,7 +30,7 @@ from replaykit import distill
 from replaykit.continual import GDUMB_EPOCHS, RunConfig, StrategySpec, make_stream, run
 from replaykit.data import DatasetNotFoundError, dataset_info, load_tensors
 from replaykit.device import add_device_argument, resolve_device
-from replaykit.fileio import atomic_write, atomic_write_json
+from replaykit.fileio import atomic_write, atomic_write_checked_json, read_runs
 from replaykit.runtime import keep_freed_memory
 from replaykit.viz import save_accuracy_plot, save_bytes_plot
 
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     runs: list[dict[str, Any]] = []
     if args.resume and results_path.is_file():
-        runs = json.loads(results_path.read_text())["runs"]
+        runs = read_runs(results_path, ("dataset", "seed", "label", "epochs"))[1]
     done = {(r["dataset"], r["seed"], _record_identity(r), r["epochs"]) for r in runs}
     specs = _specs(methods, baselines, distilled, options, args.storage, args.recompress)
     cells = [
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{record['dataset']} {record['epochs']}ep seed {record['seed']} {record['label']}: final acc "
                   f"{100 * record['final_accuracy']:.2f} %, distill {sum(record['distill_seconds']):.1f} s, "
                   f"run {record['total_seconds']:.0f} s, {record['memory_bytes']} B", flush=True)
-        atomic_write_json(results_path, _document(config, runs))  # resumable after every run
+        atomic_write_checked_json(results_path, _document(config, runs))  # resumable after every run
 
     run_cells(cells, args.jobs, args.threads, record_done, progress=not args.quiet)
     order = {(e, d, sd, spec.identity): i for i, (e, d, sd, spec) in enumerate(
@@ -269,9 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     runs.sort(key=lambda r: order.get((r["epochs"], r["dataset"], r["seed"], _record_identity(r)), -1))
     document = _document(config, runs)
     document["wall_seconds_this_invocation"] = round(time.perf_counter() - start, 1)
-    atomic_write_json(results_path, document)
+    atomic_write_checked_json(results_path, document)
     if args.copy_json:
-        atomic_write_json(Path(args.copy_json), document)
+        atomic_write_checked_json(Path(args.copy_json), document)
     table = _table(runs, config)
     atomic_write(out / "results.md", lambda tmp: tmp.write_text(table))
     plots = _plots(runs, out)

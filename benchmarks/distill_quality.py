@@ -43,7 +43,9 @@ from replaykit import distill  # noqa: E402
 from replaykit.data import DatasetNotFoundError, dataset_info, load_tensors  # noqa: E402
 from replaykit.device import add_device_argument  # noqa: E402
 from replaykit.evaluate import evaluate_buffer  # noqa: E402
-from replaykit.fileio import atomic_write, atomic_write_bytes, atomic_write_json  # noqa: E402
+from replaykit.fileio import (  # noqa: E402
+    JSONFileError, atomic_write, atomic_write_bytes, atomic_write_checked_json, atomic_write_json, read_runs,
+)
 from replaykit.runtime import keep_freed_memory  # noqa: E402
 
 PUBLISHED = {  # PROTOCOL B, ConvNet-3, IPC 1 / 10 / 50 (%)
@@ -274,13 +276,15 @@ def _resume(path: Path, config: dict[str, Any], restart: bool) -> list[dict[str,
     """Finished cells of an earlier run with the same settings (none with ``restart``)."""
     if restart or not path.exists():
         return []
-    doc = json.loads(path.read_text())
+    doc, runs = read_runs(path, ("dataset", "method", "ipc"))
     old = doc.get("config", {})
+    if not isinstance(old, dict):
+        raise JSONFileError(f"{path}: 'config' must be an object")
     changed = [k for k in _FINGERPRINT if old.get(k) != config.get(k)]
     if changed:
         raise ValueError(f"{path} was written with other settings ({', '.join(f'{k}: {old.get(k)!r} -> {config.get(k)!r}' for k in changed)}); "
                          "pass --restart to discard it or choose another --out")
-    return list(doc.get("runs", []))
+    return list(runs)
 
 
 def _distill_cell(method: str, opts: dict[str, Any], ipc: int, x, y, num_classes: int, meta: dict, args) -> Any:
@@ -410,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     speed = dm_speed_bar(args, *args.dm_speed) if args.dm_speed else None
 
     def save() -> None:  # after every cell, atomically: an interrupted run resumes from here
-        atomic_write_json(out / "results.json", {"config": config, "runs": runs, "dm_speed": speed})
+        atomic_write_checked_json(out / "results.json", {"config": config, "runs": runs, "dm_speed": speed})
         atomic_write_bytes(out / "results.md", (_table(runs, config) + (_speed_table(speed) if speed else "")).encode("utf-8"))
         if export is not None:
             _export_rows(export, runs, config)

@@ -337,6 +337,7 @@ def parity(model, bundle: Path, x_new, y_new, buf_x, buf_t, args, seed: int, lr:
     references = {"no_onednn": _torch_trainer(model, mode, lr, opt, onednn=False),
                   "float64": _torch_trainer(model, mode, lr, opt, dtype=torch.float64)}
     one_step = one_step_torch_64 = one_step_ort_64 = one_step_torch_spread = one_step_tie_free = 0.0
+    one_step_state_tie_free = state_abs_max = 0.0
     tie_steps = 0
     worst: dict[str, Any] = {}
     # Every ReLU input of the step graph as an extra output: which units each side's float32 forward puts on the
@@ -376,6 +377,12 @@ def parity(model, bundle: Path, x_new, y_new, buf_x, buf_t, args, seed: int, lr:
         torch_flips = _relu_sign_flips([v.numpy() for v in _relu_inputs_float32(model, net_params, x)], exact_inputs)
         if ort_flips["count"] == 0 and torch_flips["count"] == 0:
             one_step_tie_free = max(one_step_tie_free, _max_diff(ort1, after, trainable))
+            # The momentum the graph hands to its next step, against torch.optim.SGD's buffer after the same step:
+            # what carries a trajectory from one step to the next, checked without the steps' drift.
+            ort_state1 = dict(zip(trainable, out1[1 + len(trainable):]))
+            torch_state1 = {n: _momentum(net, n) for n in trainable}
+            one_step_state_tie_free = max(one_step_state_tie_free, _max_diff(ort_state1, torch_state1, trainable))
+            state_abs_max = max(state_abs_max, max(float(torch_state1[n].abs().max()) for n in trainable))
         else:
             tie_steps += 1
         for n in trainable:
@@ -400,6 +407,8 @@ def parity(model, bundle: Path, x_new, y_new, buf_x, buf_t, args, seed: int, lr:
             "one_step_torch_vs_float64": one_step_torch_64,
             "one_step_torch_no_onednn": one_step_torch_spread,
             "one_step_tie_free": one_step_tie_free,
+            "one_step_state_tie_free": one_step_state_tie_free,
+            "state_abs_max_tie_free": state_abs_max,
             "tie_steps": tie_steps,
             "ort_vs_torch_no_onednn": _max_diff(params, ref["no_onednn"], trainable),
             "torch_vs_torch_no_onednn": _max_diff(torch_params, ref["no_onednn"], trainable),
@@ -674,6 +683,7 @@ PARITY_COLUMNS = [
     ("one_step_torch_no_onednn", "PyTorch one-step spread (oneDNN on vs off)"),
     ("tie_steps", "steps where a ReLU sign differs from float64 (either side)"),
     ("one_step_tie_free", "worst one-step ORT vs PyTorch on the other steps"),
+    ("one_step_state_tie_free", "worst one-step momentum ORT vs PyTorch on the other steps"),
     ("torch_vs_torch_no_onednn", "PyTorch vs PyTorch without oneDNN"),
     ("ort_vs_torch_no_onednn", "ORT vs PyTorch without oneDNN"),
     ("ort_vs_float64", "ORT vs float64 PyTorch"),

@@ -22,9 +22,9 @@ from typing import Any
 
 from .bundle import FORMAT_VERSION, BundleError, read_manifest
 from .memory import MemoryLimitError, current_rss_mb, peak_rss_mb
-from .retrainer import Retrainer
+from .retrainer import Retrainer, RetrainerClosedError
 
-__all__ = ["export", "verify_bundle", "Retrainer", "BundleError", "MemoryLimitError", "read_manifest",
+__all__ = ["export", "verify_bundle", "Retrainer", "RetrainerClosedError", "BundleError", "MemoryLimitError", "read_manifest",
            "peak_rss_mb", "current_rss_mb", "FORMAT_VERSION"]
 
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from replaykit.fileio import atomic_write, atomic_write_json, sha256_file
+from replaykit.fileio import atomic_write, atomic_write_json, sha256_bytes, sha256_file
 
 FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
@@ -45,6 +45,8 @@ BUFFER = "buffer.safetensors"
 REPLAY = "replay.safetensors"
 BUNDLE_FILES = (MODEL, TRAIN_STEP, BUFFER, REPLAY)
 PENDING = ".pending"  # suffix of the journal files written by ``save_state``
+MANIFEST_CHECKSUM = "manifest_sha256"
+MAX_MANIFEST_BYTES = 16 << 20
 
 PARAM_PREFIX = "param."
 STATE_PREFIX = "state."
@@ -86,15 +88,24 @@ def read_manifest(bundle_dir: str | os.PathLike, verify: bool = True) -> dict[st
     path = bundle_dir / MANIFEST
     if not path.is_file():
         raise BundleError(f"{bundle_dir} has no {MANIFEST}; it is not an edge bundle")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{path} has {path.stat().st_size} bytes; a manifest has at most {MAX_MANIFEST_BYTES}")
     try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise BundleError(f"{path} is not valid JSON (truncated or corrupt?): {exc}") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != "replaykit-edge-bundle":
         raise BundleError(f"{path} is not a ReplayKit edge bundle manifest")
+    # The manifest's own checksum: the file checksums below guard the other files, this one guards the fields
+    # (shapes, normalisation, optimizer) that decide what they mean. Manifests written before it existed have none.
+    if MANIFEST_CHECKSUM in manifest and manifest[MANIFEST_CHECKSUM] != _manifest_digest(manifest):
+        raise BundleError(f"{path} does not match its own checksum: the manifest was modified or corrupted")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise BundleError(f"{path}: format version {manifest.get('format_version')!r}; this runtime reads {FORMAT_VERSION}")
     files = manifest.get("files", {})
+    if not isinstance(files, dict) or set(files) - set(BUNDLE_FILES) or not all(
+            isinstance(e, dict) and isinstance(e.get("size"), int) and isinstance(e.get("sha256"), str) for e in files.values()):
+        raise BundleError(f"{path}: 'files' must map {list(BUNDLE_FILES)} to their size and sha256")
     missing = [name for name in BUNDLE_FILES if name not in files]
     if missing:
         raise BundleError(f"{path} does not list {missing}")
@@ -114,6 +125,19 @@ def read_manifest(bundle_dir: str | os.PathLike, verify: bool = True) -> dict[st
                 )
             if sha256_file(file) != entry["sha256"]:
                 raise BundleError(f"{file} does not match its sha256 in the manifest: the file was modified or corrupted")
+    return manifest
+
+
+def _manifest_digest(manifest: dict[str, Any]) -> str:
+    body = {k: v for k, v in manifest.items() if k != MANIFEST_CHECKSUM}
+    return sha256_bytes(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+
+
+def write_manifest(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Write ``manifest`` atomically with its own checksum; returns what was written."""
+    manifest = {k: v for k, v in manifest.items() if k != MANIFEST_CHECKSUM}
+    manifest[MANIFEST_CHECKSUM] = _manifest_digest(manifest)
+    atomic_write_json(path, manifest)
     return manifest
 
 
@@ -172,7 +196,7 @@ def save_state(bundle_dir: Path, manifest: dict[str, Any], tensors: dict[str, np
     manifest = json.loads(json.dumps(manifest))
     manifest["files"][BUFFER] = file_entry(new_buffer)
     manifest["saves"] = int(manifest.get("saves", 0)) + 1
-    atomic_write_json(new_manifest_path, manifest)
+    manifest = write_manifest(new_manifest_path, manifest)
     os.replace(new_buffer, bundle_dir / BUFFER)
     os.replace(new_manifest_path, bundle_dir / MANIFEST)
     return manifest

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import time
@@ -14,7 +15,7 @@ import onnxruntime as ort
 from replaykit.progress import progress_bar
 
 from .bundle import (
-    MODEL, PARAM_PREFIX, REPLAY, STATE_PREFIX, TRAIN_STEP, BundleError, load_tensors, open_parameters, read_manifest, save_state,
+    BUFFER, MODEL, PARAM_PREFIX, REPLAY, STATE_PREFIX, TRAIN_STEP, BundleError, load_tensors, open_parameters, read_manifest, save_state,
     step_session,
 )
 from .codec import (
@@ -42,6 +43,13 @@ _CALL_FIXED_MB = 2.5
 # their copies; in micro-batches: zero state, accumulated gradients, the update's temporaries).
 _STEP_PARAM_COPIES = 4
 _SAFETY_MB = 4.0
+# Resident memory onnxruntime takes to open a bundle's two sessions beyond the files themselves: the first time in a
+# process (kernel registries, thread pool, code pages) and any later time. Measured (MNIST ConvNet-3 width 32 full
+# mode, 250 KB of files): +16.7 MB then +2.8 MB. Rounded down: a cap between estimate and truth still fails safe
+# at the check after loading.
+_OPEN_FIRST_MB = 12.0
+_OPEN_FIXED_MB = 2.0
+_SESSIONS_OPENED = False
 # Run option that returns onnxruntime's arena memory to the system when a call ends: used on the last call of
 # fit() and of inference, so that memory planned for one is free for the other (and for the caller's data).
 _RELEASE_ARENA = ("memory.enable_memory_arena_shrinkage", "cpu:0")
@@ -67,6 +75,10 @@ def _session_options() -> ort.SessionOptions:
 _ARENA_REGISTERED = False
 
 
+class RetrainerClosedError(RuntimeError):
+    """A Retrainer was used after ``close()`` (or after its ``with`` block ended)."""
+
+
 class Retrainer:
     """Open a bundle, learn new samples mixed with its replay buffer, predict, save.
 
@@ -85,6 +97,7 @@ class Retrainer:
     def __init__(self, bundle_dir: str | os.PathLike, memory_limit_mb: float | None = None, seed: int = 0,
                  optimization: str = "all", threads: int | None = None, progress: bool = False) -> None:
         self.bundle_dir = Path(bundle_dir)
+        self.closed = False
         self.memory_limit_mb = memory_limit_mb
         self.progress = progress
         if memory_limit_mb is not None:
@@ -101,6 +114,8 @@ class Retrainer:
         self.mode = m["mode"]
         self._mean = np.asarray(m["mean"], dtype=np.float32).reshape(1, -1, 1, 1)
         self._std = np.asarray(m["std"], dtype=np.float32).reshape(1, -1, 1, 1)
+        if memory_limit_mb is not None:
+            self._check_open_fits()
         tensors = load_tensors(self.bundle_dir)
         self.params, self.state = open_parameters(self.bundle_dir, m, tensors)
         del tensors
@@ -123,6 +138,8 @@ class Retrainer:
         except Exception as exc:  # onnxruntime raises its own error types for bad graphs
             raise BundleError(f"{self.bundle_dir}: onnxruntime cannot load the graphs (graph files that do not belong to "
                               f"this manifest?): {exc}") from exc
+        global _SESSIONS_OPENED
+        _SESSIONS_OPENED = True
         self._check_graphs()
         # Parameters the step graph takes as inputs (in head mode the frozen ones are constants inside it).
         self._step_params = [n for n in self.params if PARAM_PREFIX + n in self.manifest["train_step_inputs"]]
@@ -253,6 +270,23 @@ class Retrainer:
                 "the cap cannot be met"
             )
 
+    def _check_open_fits(self) -> None:
+        """Refuse a cap below what opening this bundle takes, before anything is loaded, so that the process never
+        passes the cap on the way to finding out: the files (read, decoded, copied into onnxruntime), the
+        float32 buffer images, and onnxruntime's own setup (the first session of a process, measured ~14 MB on an
+        MNIST ConvNet-3 full-mode bundle, later ones ~3 MB; see ``_OPEN_*_MB``)."""
+        sizes = sum(int(self.manifest["files"][name]["size"]) for name in (MODEL, TRAIN_STEP, BUFFER))
+        # At most this many stored images (one byte or more per stored pixel), each decoded to float32 model input.
+        images = int(self.manifest["files"][BUFFER]["size"]) // max(1, int(np.prod(self.manifest["buffer_image_shape"])))
+        decoded = 4 * int(np.prod(self.input_shape)) * images
+        need = (_OPEN_FIXED_MB if _SESSIONS_OPENED else _OPEN_FIRST_MB) + (3 * sizes + 2 * decoded) / 2**20
+        release_free_heap()
+        held = current_rss_mb()
+        if held + need + _SAFETY_MB > self.memory_limit_mb:
+            raise MemoryLimitError(f"memory_limit_mb={self.memory_limit_mb:g} is below what opening {self.bundle_dir} "
+                                   f"takes: the process holds {held:.1f} MB and the bundle needs ~{need:.1f} MB more "
+                                   f"(+{_SAFETY_MB:g} MB margin); the cap cannot be met")
+
     def _per_sample_mb(self, training: bool) -> float:
         floats = int(self.manifest["activation_floats_per_sample"])
         # Inference and head-mode steps keep forward values only; full mode also keeps their gradients.
@@ -266,6 +300,21 @@ class Retrainer:
             floats = sum(int(np.prod(self.manifest["params"][n], dtype=np.int64)) for n in self.manifest["trainable"])
             fixed += _STEP_PARAM_COPIES * 4 * floats / 2**20
         return samples * self._per_sample_mb(training) + fixed
+
+    def _check_batch_fits(self, samples: int) -> None:
+        """Refuse a step whose own input arrays (normalised float32 images and target rows, a few copies while a batch
+        is assembled) would not fit under the cap, before any of them is allocated: micro-batching bounds onnxruntime's
+        memory, not the batch the caller asked for."""
+        if self.memory_limit_mb is None:
+            return
+        per_sample = 4 * (int(np.prod(self.input_shape)) + self.num_classes)
+        need = 3 * samples * per_sample / 2**20
+        release_free_heap()
+        room = self.memory_limit_mb - current_rss_mb() - _SAFETY_MB - self._call_mb(1, True)
+        if need > room:
+            raise MemoryLimitError(f"a step of {samples} samples needs ~{need:.1f} MB for its inputs but "
+                                   f"memory_limit_mb={self.memory_limit_mb:g} leaves {max(room, 0.0):.1f} MB; "
+                                   "the cap cannot be met: lower batch_size / replay_batch_size")
 
     def plan_micro_batch(self, total: int) -> int:
         """Samples per onnxruntime call for a ``total``-sample step: all of them when the cap allows, else
@@ -374,6 +423,7 @@ class Retrainer:
         ``micro_batch_size`` caps the samples per onnxruntime call (gradient accumulation: the same step,
         less memory); by default the memory cap plans it, and the history's ``planned_on_rss_mb`` is the
         resident size that plan was made on (None without a cap)."""
+        self._require_open()
         x_new = self._images(x_new, "x_new")
         targets = self._targets(y_new, x_new.shape[0])
         if epochs < 1 or batch_size < 1:
@@ -383,17 +433,31 @@ class Retrainer:
             raise ValueError(f"replay_batch_size must be >= 0, got {replay}")
         if replay and len(self.buffer_x) == 0:
             raise ValueError("this bundle's buffer is empty; pass replay_batch_size=0")
-        if lr is not None:
-            if not (np.isfinite(lr) and lr > 0):
-                raise ValueError(f"lr must be a positive number, got {lr}")
-            self.optimizer["lr"] = float(lr)
+        if lr is not None and not (isinstance(lr, (int, float, np.floating)) and np.isfinite(lr) and lr > 0):
+            raise ValueError(f"lr must be a positive number, got {lr}")
+        if micro_batch_size is not None and micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
         self.planned_on_rss_mb = None
         micro = self.plan_micro_batch(batch_size + replay + (replay if self._replays_logits() else 0))
         planned_on = self.planned_on_rss_mb
+        self._check_batch_fits(min(batch_size, x_new.shape[0]) + replay)
         if micro_batch_size is not None:
-            if micro_batch_size < 1:
-                raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
             micro = min(micro, micro_batch_size)
+        # Nothing has changed so far; from here a failure (a loss that turns NaN, a cap reached mid-step) puts the
+        # parameters, momentum, optimizer and sampler back as they were: a failed fit is no fit.
+        before = ({n: v for n, v in self.params.items()}, {n: v for n, v in self.state.items()}, dict(self.optimizer),
+                  self._rng.bit_generator.state)
+        try:
+            if lr is not None:
+                self.optimizer["lr"] = float(lr)
+            return self._fit_steps(x_new, targets, epochs, batch_size, replay, micro, planned_on)
+        except BaseException:
+            self.params, self.state, self.optimizer = before[0], before[1], before[2]
+            self._rng.bit_generator.state = before[3]
+            raise
+
+    def _fit_steps(self, x_new: np.ndarray, targets: np.ndarray, epochs: int, batch_size: int, replay: int, micro: int,
+                   planned_on: float | None) -> dict[str, Any]:
         losses: list[float] = []
         step_seconds: list[float] = []
         steps = epochs * -(-x_new.shape[0] // batch_size)
@@ -410,6 +474,8 @@ class Retrainer:
                     self._check_memory("during fit")
                 bar.update(1)
         bar.close()
+        if not all(np.isfinite(v).all() for v in self.params.values()):
+            raise FloatingPointError("the parameters became NaN/inf during fit; lower the learning rate")
         self.peak_rss_mb = max(self.peak_rss_mb, current_rss_mb())
         return {"losses": losses, "steps": len(losses), "batch_size": batch_size, "replay_batch_size": replay,
                 "micro_batch_size": micro, "step_seconds": step_seconds,
@@ -449,6 +515,7 @@ class Retrainer:
 
     # ------------------------------------------------------------ inference
     def logits(self, x: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+        self._require_open()
         x = self._images(x)
         batch_size = self.plan_inference_batch(batch_size)
         feed = {PARAM_PREFIX + n: p for n, p in self.params.items()}
@@ -467,6 +534,7 @@ class Retrainer:
 
     def evaluate(self, x: np.ndarray, y: Any, batch_size: int | None = None) -> float:
         """Top-1 accuracy in [0, 1] on integer labels (or the argmax of soft labels)."""
+        self._require_open()
         x = self._images(x)
         targets = self._targets(y, x.shape[0])
         return float((self.predict(x, batch_size) == targets.argmax(axis=1)).mean())
@@ -474,6 +542,7 @@ class Retrainer:
     def save(self) -> Path:
         """Write the trained parameters (float32: training is float32 whatever the bundle's weight storage)
         and the momentum into the bundle (crash-safe). Frozen parameters keep their stored bytes."""
+        self._require_open()
         from .codec import SCALE_PREFIX
 
         tensors = load_tensors(self.bundle_dir)
@@ -487,6 +556,30 @@ class Retrainer:
         manifest["optimizer"] = dict(self.optimizer)
         self.manifest = save_state(self.bundle_dir, manifest, tensors)
         return self.bundle_dir
+
+    # ------------------------------------------------------------ lifetime
+    def close(self) -> None:
+        """Release the onnxruntime sessions, the parameters and the buffer, and hand freed memory back to the
+        system, so that a long-lived device process can open bundle after bundle at a flat resident size.
+        Idempotent; any later call but ``close`` / ``memory_report`` raises :class:`RetrainerClosedError`."""
+        if self.closed:
+            return
+        self.closed = True
+        self._infer = self._step = self._release = None
+        self.params, self.state = {}, {}
+        self.buffer_x = self.buffer_targets = None
+        gc.collect()  # sessions sit in reference cycles with their bindings: free them now, not at some later pass
+        release_free_heap()
+
+    def __enter__(self) -> "Retrainer":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def _require_open(self) -> None:
+        if self.closed:
+            raise RetrainerClosedError(f"this Retrainer of {self.bundle_dir} is closed; open the bundle again")
 
     def memory_report(self) -> dict[str, float]:
         """Peak resident memory of the whole process (VmHWM) and of this retrainer's lifetime (sampled)."""

@@ -467,6 +467,7 @@ class SyntheticBuffer:
             "meta": self.meta,
             "sha256": _tensor_digest(tensors),
         }
+        header["header_sha256"] = _header_digest(header)
         metadata = {_HEADER_KEY: json.dumps(header, sort_keys=True)}
         return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
@@ -481,15 +482,36 @@ class SyntheticBuffer:
         try:
             with safe_open(str(path), framework="pt") as handle:
                 metadata = handle.metadata() or {}
-                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+                # Copies: safetensors hands out views of its memory map, and a file later rewritten in place (not
+                # renamed over) would silently change the loaded buffer, or crash the process if it shrank.
+                tensors = {key: handle.get_tensor(key).clone() for key in handle.keys()}
         except Exception as exc:  # safetensors raises its own error types for bad headers / truncation
             raise BufferFormatError(f"{path} is not a readable safetensors buffer (truncated or corrupt?): {exc}") from exc
         if _HEADER_KEY not in metadata:
             raise BufferFormatError(f"{path} has no ReplayKit header; it was not written by SyntheticBuffer.save")
         try:
             header = json.loads(metadata[_HEADER_KEY])
-        except json.JSONDecodeError as exc:
+        except (ValueError, RecursionError) as exc:
             raise BufferFormatError(f"{path}: the ReplayKit header is not valid JSON: {exc}") from exc
+        if not isinstance(header, dict):
+            raise BufferFormatError(f"{path}: the ReplayKit header is a JSON {type(header).__name__}, not an object")
+        # The tensors' checksum does not cover the header (meta, classes, storage): its own does. Files written
+        # before it existed have none and are read as they are.
+        if "header_sha256" in header and header["header_sha256"] != _header_digest(header):
+            raise BufferFormatError(f"{path}: the ReplayKit header does not match its checksum; it was modified or corrupted")
+        if not isinstance(header.get("meta", {}), dict) or isinstance(header.get("num_classes"), bool) \
+                or not isinstance(header.get("num_classes"), int):
+            raise BufferFormatError(f"{path}: the ReplayKit header needs an int num_classes and an object meta")
+        try:
+            return cls._from_checked(path, header, tensors)
+        except BufferFormatError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError, OverflowError) as exc:
+            # A header written by someone else (it matched its checksum) that this reader cannot make sense of.
+            raise BufferFormatError(f"{path}: the buffer does not decode: {type(exc).__name__}: {exc}") from exc
+
+    @classmethod
+    def _from_checked(cls, path: Path, header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> "SyntheticBuffer":
         if header.get("format_version") != FORMAT_VERSION:
             raise BufferFormatError(f"{path}: format version {header.get('format_version')!r}, this ReplayKit reads {FORMAT_VERSION}")
         missing = {"images", "labels", "class_ids"} - tensors.keys()
@@ -599,6 +621,12 @@ def _mean_std(meta: dict[str, Any], channels: int) -> tuple[torch.Tensor, torch.
     if mean.shape[1] != channels or std.shape[1] != channels:
         raise BufferFormatError(f"meta mean/std have {mean.shape[1]}/{std.shape[1]} channels, images have {channels}")
     return mean, std
+
+
+def _header_digest(header: dict[str, Any]) -> str:
+    """sha256 of the header's canonical JSON without the checksums (the tensors' one is checked against them)."""
+    body = {k: v for k, v in header.items() if k not in ("header_sha256", "sha256")}
+    return sha256_bytes(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
 
 
 def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:

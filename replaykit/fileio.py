@@ -61,7 +61,8 @@ def atomic_write(path: PathLike, write: Callable[[Path], None]) -> Path:
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    remove_stale_temporaries(target)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -75,6 +76,97 @@ def atomic_write(path: PathLike, write: Callable[[Path], None]) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return target
+
+
+def remove_stale_temporaries(path: PathLike) -> int:
+    """Delete the temporary files that writers of ``path`` killed mid-write left behind (their process is gone);
+    a live writer's file is kept. Readers never look at them; this only keeps them from piling up. Returns how
+    many were removed."""
+    target = Path(path)
+    removed = 0
+    try:
+        candidates = list(target.parent.glob(f".{glob_escape(target.name)}.*.tmp"))
+    except OSError:
+        return 0
+    for tmp in candidates:
+        pid = tmp.name[len(target.name) + 2:].split(".", 1)[0]
+        if not pid.isdigit() or _process_alive(int(pid)):
+            continue
+        try:
+            tmp.unlink()
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[]" else c for c in name)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but belongs to someone else
+        return True
+    return True
+
+
+class JSONFileError(ValueError):
+    """A JSON document on disk that is unreadable, not what it should be, or fails its checksum."""
+
+
+CHECKSUM_KEY = "sha256_of_document"
+
+
+def _canonical(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True).encode("ascii")
+
+
+def atomic_write_checked_json(path: PathLike, obj: dict[str, Any]) -> Path:
+    """``atomic_write_json`` of a dict plus the sha256 of its canonical form, so that ``read_checked_json`` tells any
+    change of content (a flipped digit is still valid JSON) from the document as written."""
+    body = {k: v for k, v in obj.items() if k != CHECKSUM_KEY}
+    return atomic_write_json(path, {**body, CHECKSUM_KEY: sha256_bytes(_canonical(body))})
+
+
+def read_checked_json(path: PathLike, max_bytes: int = 1 << 30) -> dict[str, Any]:
+    """Read a dict written by ``atomic_write_checked_json``: :class:`JSONFileError` unless it is exactly what was
+    written. Documents without a checksum (written before it existed) are read as they are."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise JSONFileError(f"{path} has {size} bytes, more than the {max_bytes} a results document may have")
+    try:
+        obj = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise JSONFileError(f"{path} is not valid UTF-8 JSON (truncated or corrupt?): {exc}") from exc
+    if not isinstance(obj, dict):
+        raise JSONFileError(f"{path} holds a JSON {type(obj).__name__}, not an object")
+    if CHECKSUM_KEY in obj:
+        body = {k: v for k, v in obj.items() if k != CHECKSUM_KEY}
+        try:
+            digest = sha256_bytes(_canonical(body))
+        except (ValueError, RecursionError) as exc:
+            raise JSONFileError(f"{path}: the document cannot be checked: {exc}") from exc
+        if obj[CHECKSUM_KEY] != digest:
+            raise JSONFileError(f"{path} does not match its checksum: modified or corrupted after it was written")
+        return body
+    return obj
+
+
+def read_runs(path: PathLike, required: tuple[str, ...]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A benchmark's results document for ``--resume``: (document, its ``runs``), each run an object with the
+    ``required`` keys; :class:`JSONFileError` otherwise, never a KeyError deep inside the benchmark."""
+    doc = read_checked_json(path)
+    runs = doc.get("runs")
+    if not isinstance(runs, list) or not all(isinstance(r, dict) and all(k in r for k in required) for r in runs):
+        raise JSONFileError(f"{path}: 'runs' must be a list of objects with the keys {list(required)}")
+    return doc, runs
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> Path:

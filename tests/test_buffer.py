@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from replaykit.buffer import BufferFormatError, SyntheticBuffer
+from replaykit.buffer import BufferFormatError, SyntheticBuffer, _header_digest
 
 META = {"dataset": "digits", "mean": [0.3], "std": [0.4], "method": "test", "ipc": 2}
 
@@ -94,10 +94,38 @@ def test_header_claiming_other_checksum_or_version_is_refused(tmp_path):
     def bump_version(header):
         meta = json.loads(header["__metadata__"]["replaykit"])
         meta["format_version"] = 99
+        meta["header_sha256"] = _header_digest(meta)  # a consistent forgery: only the version check can refuse it
         header["__metadata__"]["replaykit"] = json.dumps(meta)
 
     _rewrite_header(path, bump_version)
     with pytest.raises(BufferFormatError, match="format version"):
+        SyntheticBuffer.load(path)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda h: h["meta"].__setitem__("mean", [0.2]),  # valid JSON, other normalisation: other pixels on load
+    lambda h: h.__setitem__("num_classes", 11),
+    lambda h: h.__setitem__("storage", "float16"),
+])
+def test_header_edited_without_its_checksum_is_refused(tmp_path, edit):
+    """Regression (fuzzing, issue 25): the tensors' checksum did not cover the header, so an edited normalisation or
+    class count loaded as different data without an error."""
+    path = make_buffer().with_meta(mean=[0.1], std=[0.3]).save(tmp_path / "buf.safetensors", storage="uint8")
+
+    def change(header):
+        meta = json.loads(header["__metadata__"]["replaykit"])
+        edit(meta)
+        header["__metadata__"]["replaykit"] = json.dumps(meta)
+
+    _rewrite_header(path, change)
+    with pytest.raises(BufferFormatError, match="header does not match its checksum"):
+        SyntheticBuffer.load(path)
+
+
+def test_header_that_is_not_an_object_is_a_format_error(tmp_path):
+    path = make_buffer().save(tmp_path / "buf.safetensors")
+    _rewrite_header(path, lambda header: header["__metadata__"].__setitem__("replaykit", "[1, 2]"))
+    with pytest.raises(BufferFormatError, match="not an object"):
         SyntheticBuffer.load(path)
 
 
@@ -328,3 +356,13 @@ def test_logits_without_their_scales_are_refused(tmp_path):
     save_file(tensors, str(path), metadata={"replaykit": json.dumps(header)})
     with pytest.raises(BufferFormatError, match="float16 \\[N\\] scales"):
         SyntheticBuffer.load(path)
+
+
+def test_loaded_buffer_does_not_change_when_its_file_is_rewritten_in_place(tmp_path):
+    """Regression (fuzzing, issue 25): the loaded labels and class ids were views of safetensors' memory map of the
+    file, so rewriting the file in place (cp over it, a downloader) changed a buffer already in memory."""
+    path = make_buffer(soft=True).save(tmp_path / "buf.safetensors")
+    loaded = SyntheticBuffer.load(path)
+    labels, ids = loaded.labels.clone(), loaded.class_ids.clone()
+    path.write_bytes(path.read_bytes()[:8] + b"A" * (path.stat().st_size - 8))  # same inode, other bytes
+    assert torch.equal(loaded.labels, labels) and torch.equal(loaded.class_ids, ids)

@@ -43,3 +43,35 @@ def test_fileio_does_not_import_torch():
 
     code = "import sys, replaykit.fileio; assert 'torch' not in sys.modules, 'torch was imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_checked_json_refuses_a_flipped_digit_and_reads_legacy_documents(tmp_path):
+    """Regression (fuzzing, issue 25): a results file with one digit changed is still valid JSON and was resumed
+    from as if it were the original."""
+    from replaykit.fileio import JSONFileError, atomic_write_checked_json, read_checked_json, read_runs
+
+    path = tmp_path / "results.json"
+    doc = {"config": {"seed": 0}, "runs": [{"dataset": "mnist", "acc": 0.9812}]}
+    atomic_write_checked_json(path, doc)
+    assert read_checked_json(path) == doc
+    path.write_text(path.read_text().replace("0.9812", "0.9813"))
+    with pytest.raises(JSONFileError, match="checksum"):
+        read_checked_json(path)
+    path.write_text(json.dumps(doc))  # written before checksums existed: read as it is
+    assert read_runs(path, ("dataset",)) == (doc, doc["runs"])
+    with pytest.raises(JSONFileError, match="keys"):
+        read_runs(path, ("seed",))
+    for bad in (b"[1, 2]", b"\xff\xfe", b'{"runs": [1'):
+        path.write_bytes(bad)
+        with pytest.raises(JSONFileError):
+            read_checked_json(path)
+
+
+def test_temporaries_of_dead_writers_are_removed_on_the_next_write(tmp_path):
+    target = tmp_path / "out.json"
+    dead = tmp_path / ".out.json.999999999.abc.tmp"  # no such pid
+    dead.write_text("half")
+    mine = tmp_path / f".out.json.{os.getpid()}.def.tmp"  # a live writer's: kept
+    mine.write_text("in progress")
+    atomic_write_json(target, {"a": 1})
+    assert not dead.exists() and mine.exists() and json.loads(target.read_text()) == {"a": 1}

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -158,7 +159,7 @@ def test_crash_during_save_leaves_a_consistent_bundle(crash_at, head_copy, digit
 def _rewrite_manifest(bundle_dir: Path, change) -> None:
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
     change(manifest)
-    (bundle_dir / "manifest.json").write_text(json.dumps(manifest))
+    bundle_module.write_manifest(bundle_dir / "manifest.json", manifest)  # a consistent forgery: its checksum "fixed" too
 
 
 def test_tampered_truncated_and_mismatched_bundles_are_refused(head_copy, full_bundle, tmp_path):
@@ -299,21 +300,34 @@ def test_a_fresh_device_process_stays_under_a_tight_cap(mnist_sized_bundles, mod
 
 @pytest.mark.parametrize("bundle_name", ["head_bundle", "full_bundle"])
 def test_micro_batched_steps_equal_whole_batch_steps(bundle_name, request, digits_split):
-    """Gradient accumulation over micro-batches is the same SGD step, up to float32 rounding."""
+    """Gradient accumulation over micro-batches is the same SGD step, up to float32 rounding.
+
+    Compared one step at a time from the same parameters, momentum and sampler state: a trajectory over
+    several steps would be a float race (a ReLU input within round-off of zero can flip between the two
+    routes' kernels and move the following steps by a unit's gradient), which is not what is promised."""
+    import copy
+
     bundle = request.getfixturevalue(bundle_name)
     x, y = _split(digits_split, [8, 9])
     whole, micro = Retrainer(bundle, seed=3), Retrainer(bundle, seed=3)
-    h_whole = whole.fit(x[:96], y[:96], batch_size=32)
-    h_micro = micro.fit(x[:96], y[:96], batch_size=32, micro_batch_size=5)
-    assert h_whole["micro_batch_size"] == 64 and h_micro["micro_batch_size"] == 5
-    assert h_whole["planned_on_rss_mb"] is None  # no cap, no memory plan
-    np.testing.assert_allclose(h_micro["losses"], h_whole["losses"], rtol=1e-5, atol=1e-6)
-    moved = max(float(np.abs(whole.params[n] - Retrainer(bundle).params[n]).max()) for n in whole.params)
-    assert moved > 1e-3  # the steps did change the parameters ...
-    for name in whole.params:  # ... and both routes changed them the same way
-        np.testing.assert_allclose(micro.params[name], whole.params[name], rtol=0, atol=1e-5)
-        np.testing.assert_allclose(micro.state[name] if name in micro.state else 0.0,
-                                   whole.state[name] if name in whole.state else 0.0, rtol=0, atol=1e-5)
+    start = {n: v.copy() for n, v in whole.params.items()}
+    for k in range(3):  # the first step from zero momentum, the others from the momentum it built
+        xb, yb = x[32 * k: 32 * (k + 1)], y[32 * k: 32 * (k + 1)]
+        micro.params = {n: v.copy() for n, v in whole.params.items()}
+        micro.state = {n: v.copy() for n, v in whole.state.items()}
+        micro._rng = copy.deepcopy(whole._rng)
+        h_whole = whole.fit(xb, yb, batch_size=32)
+        h_micro = micro.fit(xb, yb, batch_size=32, micro_batch_size=5)
+        assert h_whole["micro_batch_size"] == 64 and h_micro["micro_batch_size"] == 5 and h_whole["steps"] == 1
+        assert h_whole["planned_on_rss_mb"] is None  # no cap, no memory plan
+        np.testing.assert_allclose(h_micro["losses"], h_whole["losses"], rtol=1e-5, atol=1e-6)
+        for name in whole.params:  # both routes changed the parameters and the momentum the same way
+            np.testing.assert_allclose(micro.params[name], whole.params[name], rtol=0, atol=1e-6)
+            np.testing.assert_allclose(micro.state[name] if name in micro.state else 0.0,
+                                       whole.state[name] if name in whole.state else 0.0, rtol=0, atol=1e-5)
+    assert max(float(np.abs(whole.state[n]).max()) for n in whole.state) > 1e-2  # momentum carried real values
+    moved = max(float(np.abs(whole.params[n] - start[n]).max()) for n in whole.params)
+    assert moved > 1e-3  # the steps did change the parameters
     with pytest.raises(ValueError, match="micro_batch_size"):
         whole.fit(x[:8], y[:8], micro_batch_size=0)
 
@@ -493,3 +507,153 @@ def test_tampered_replay_entries_are_refused(host_jpeg_bundle, tmp_path):
         _rewrite_manifest(bundle, change)
         with pytest.raises(BundleError, match=complaint):
             Retrainer(bundle)
+
+
+def test_closed_retrainer_refuses_calls_and_with_block_closes(head_bundle, digits_split):
+    x, y = _split(digits_split, [8, 9])
+    with Retrainer(head_bundle) as r:
+        assert r.evaluate(x[:20], y[:20]) >= 0.0
+    assert r.closed and r.params == {} and r._step is None and r._infer is None
+    r.close()  # idempotent
+    for call in (lambda: r.fit(x[:8], y[:8]), lambda: r.evaluate(x[:8], y[:8]), lambda: r.predict(x[:8]), r.save):
+        with pytest.raises(edge.RetrainerClosedError, match="closed"):
+            call()
+    assert r.memory_report()["rss_mb"] > 0
+
+
+def test_open_fit_evaluate_save_close_rounds_keep_a_flat_resident_size(mnist_sized_bundles, tmp_path):
+    """A long-lived device process retrains round after round under a 100 MB cap: after the first round (which pays
+    onnxruntime's one-time, process-wide setup) the resident size stays flat, and the whole process never passes the cap."""
+    import shutil
+
+    bundle = Path(shutil.copytree(mnist_sized_bundles("full", "float32"), tmp_path / "bundle"))
+    script = textwrap.dedent(f"""
+        import gc, json, numpy as np, edge
+        from edge.memory import release_free_heap
+        rng = np.random.default_rng(0)
+        x = rng.integers(0, 256, (64, 1, 28, 28), dtype=np.uint8)
+        y = rng.integers(0, 10, 64)
+        rss = []
+        for k in range(6):
+            with edge.Retrainer({str(bundle)!r}, memory_limit_mb=100, seed=k) as r:
+                r.fit(x, y, epochs=1, batch_size=32)
+                r.evaluate(x, y)
+                r.save()
+            gc.collect(); release_free_heap()
+            rss.append(edge.current_rss_mb())
+        print(json.dumps(dict(rss=rss, peak=edge.peak_rss_mb())))
+    """)
+    env = {**os.environ, "PYTHONPATH": str(Path(edge.__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["peak"] <= 100, report
+    assert abs(report["rss"][-1] - report["rss"][1]) <= 2.0, report  # round 6 vs round 2
+    assert edge.read_manifest(bundle)["saves"] == 6
+
+
+def _bundle_digest(bundle: Path) -> dict[str, str]:
+    from replaykit.fileio import sha256_file
+
+    return {p.name: sha256_file(p) for p in sorted(bundle.iterdir()) if p.is_file()}
+
+
+def _hostile_calls(x: np.ndarray, y: np.ndarray) -> list[tuple[str, Any, type]]:
+    nan = x[:16].copy()
+    nan[3, 0, 2, 2] = np.nan
+    inf = x[:16].copy()
+    inf[0, 0, 0, 0] = -np.inf
+    soft = np.full((16, 10), 0.1, np.float32)
+    soft[2, 0] = np.nan
+    return [
+        ("NaN image", lambda r: r.fit(nan, y[:16]), ValueError),
+        ("inf image", lambda r: r.fit(inf, y[:16]), ValueError),
+        ("float64 images", lambda r: r.fit(x[:16].astype(np.float64), y[:16]), ValueError),
+        ("int16 images", lambda r: r.fit(x[:16].astype(np.int16), y[:16]), ValueError),
+        ("wrong image shape", lambda r: r.fit(np.zeros((4, 1, 9, 9), np.float32), y[:4]), ValueError),
+        ("3-d images", lambda r: r.fit(x[:4, 0], y[:4]), ValueError),
+        ("list of images", lambda r: r.fit(x[:4].tolist(), y[:4]), TypeError),
+        ("label above the classes", lambda r: r.fit(x[:16], np.full(16, 10)), ValueError),
+        ("negative label", lambda r: r.fit(x[:16], np.full(16, -1)), ValueError),
+        ("labels of another length", lambda r: r.fit(x[:16], y[:15]), ValueError),
+        ("float class labels", lambda r: r.fit(x[:16], y[:16].astype(np.float32)), ValueError),
+        ("NaN soft labels", lambda r: r.fit(x[:16], soft), ValueError),
+        ("empty batch", lambda r: r.fit(x[:0], y[:0]), ValueError),
+        ("zero batch size", lambda r: r.fit(x[:16], y[:16], batch_size=0), ValueError),
+        ("NaN learning rate", lambda r: r.fit(x[:16], y[:16], lr=float("nan")), ValueError),
+        ("negative replay", lambda r: r.fit(x[:16], y[:16], replay_batch_size=-1), ValueError),
+        ("diverging learning rate", lambda r: r.fit(x[:64], y[:64], lr=3e38), FloatingPointError),
+        ("evaluate NaN image", lambda r: r.evaluate(nan, y[:16]), ValueError),
+        ("evaluate label out of range", lambda r: r.evaluate(x[:16], np.full(16, 99)), ValueError),
+        ("evaluate empty batch", lambda r: r.evaluate(x[:0], y[:0]), ValueError),
+    ]
+
+
+def test_hostile_inputs_are_refused_before_anything_changes(head_copy, digits_split):
+    """Each bad call raises its named error and leaves parameters, momentum, optimizer, sampler and the bundle on disk
+    exactly as they were: the next (good) fit runs as if the bad calls never happened."""
+    x, y = _split(digits_split, [8, 9])
+    before_disk = _bundle_digest(head_copy)
+    r, clean = Retrainer(head_copy, seed=5), Retrainer(head_copy, seed=5)
+    r.fit(x[:32], y[:32]), clean.fit(x[:32], y[:32])  # non-zero momentum to protect
+    for name, call, error in _hostile_calls(x, y):
+        with pytest.raises(error):
+            call(r)
+        for n in r.params:
+            assert np.array_equal(r.params[n], clean.params[n]), (name, n)
+        for n in r.state:
+            assert np.array_equal(r.state[n], clean.state[n]), (name, n)
+        assert r.optimizer == clean.optimizer, name
+        assert _bundle_digest(head_copy) == before_disk, name
+    a, b = r.fit(x[32:96], y[32:96]), clean.fit(x[32:96], y[32:96])
+    assert a["losses"] == b["losses"]  # the sampler was not advanced by the refused calls either
+
+
+def test_hostile_sizes_are_refused_under_the_cap_without_passing_it(mnist_sized_bundles, tmp_path):
+    """A fresh device process: a cap below what the bundle needs is refused before it is opened, and a step far above
+    the cap before its batch is assembled; VmHWM never passes the cap; the bundle's bytes are unchanged."""
+    import shutil
+
+    bundle = Path(shutil.copytree(mnist_sized_bundles("full", "float32"), tmp_path / "bundle"))
+    before = _bundle_digest(bundle)
+    script = textwrap.dedent(f"""
+        import json, numpy as np, edge
+        from edge.memory import current_rss_mb
+        out = {{}}
+        tight = current_rss_mb() + 6
+        try:
+            edge.Retrainer({str(bundle)!r}, memory_limit_mb=tight)
+        except edge.MemoryLimitError as exc:
+            out["tight"] = str(exc)
+        out["tight_cap"], out["peak_after_tight"] = tight, edge.peak_rss_mb()
+        x = np.zeros((200, 1, 28, 28), np.uint8)
+        y = np.zeros(200, np.int64)
+        r = edge.Retrainer({str(bundle)!r}, memory_limit_mb=100)
+        try:
+            r.fit(x, y, batch_size=64, replay_batch_size=1_000_000)
+        except edge.MemoryLimitError as exc:
+            out["huge"] = str(exc)
+        out["peak"] = edge.peak_rss_mb()
+        print(json.dumps(out))
+    """)
+    env = {**os.environ, "PYTHONPATH": str(Path(edge.__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "cannot be met" in report["tight"] and report["peak_after_tight"] <= report["tight_cap"], report
+    assert "1000064 samples" in report["huge"] and report["peak"] <= 100, report
+    assert _bundle_digest(bundle) == before
+
+
+def test_manifest_field_edited_without_its_checksum_is_refused(head_copy):
+    """Regression (fuzzing, issue 25): the manifest's fields (normalisation, learning rate) were covered by no
+    checksum, so an edited mean opened as a different model without an error."""
+    manifest = json.loads((head_copy / "manifest.json").read_text())
+    manifest["mean"] = [0.5]
+    (head_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="own checksum"):
+        Retrainer(head_copy)
+    manifest["files"] = ["model.onnx"]
+    bundle_module.write_manifest(head_copy / "manifest.json", manifest)
+    with pytest.raises(BundleError, match="'files' must map"):
+        Retrainer(head_copy)

@@ -18,7 +18,6 @@ row holding real images, per dataset) to ``--out``; ``--copy-json`` also writes 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import sys

@@ -393,8 +393,6 @@ def export(
         raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
     if weights not in WEIGHT_STORAGES:
         raise ValueError(f"weights must be one of {WEIGHT_STORAGES}, got {weights!r}")
-    if not isinstance(buffer, SyntheticBuffer):
-        raise TypeError(f"buffer must be a SyntheticBuffer, got {type(buffer).__name__}")
     model, buffer = _host_copies(model, buffer)
     if not 0.0 <= mix <= 1.0:
         raise ValueError(f"mix must lie in [0, 1], got {mix!r}")

@@ -59,12 +59,9 @@ HEADLINE_BYTES = 78_500
 
 # Runs in a child process: torch is blocked, only numpy + onnxruntime + safetensors + edge.
 DEVICE_SCRIPT = textwrap.dedent("""
-    import importlib.abc, json, statistics, sys
-    class NoTorch(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "torch" or name.startswith("torch."):
-                raise ImportError("torch is blocked in the device process")
-    sys.meta_path.insert(0, NoTorch())
+    from edge.sandbox import block_torch
+    block_torch()
+    import json, statistics, sys
     import numpy as np
     import edge
     job = json.loads(sys.argv[1])

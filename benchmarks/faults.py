@@ -509,12 +509,9 @@ def run_kill(work: Path, bundle_src: Path, trials: int, seed: int) -> list[dict[
 
 # ------------------------------------------------------------------ device process: rounds and hostile inputs
 DEVICE_SCRIPT = textwrap.dedent("""
-    import importlib.abc, gc, hashlib, json, sys
-    class NoTorch(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "torch" or name.startswith("torch."):
-                raise ImportError("torch is blocked in the device process")
-    sys.meta_path.insert(0, NoTorch())
+    from edge.sandbox import block_torch
+    block_torch()
+    import gc, hashlib, json, sys
     from pathlib import Path
     import numpy as np
     import edge

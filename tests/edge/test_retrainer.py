@@ -45,12 +45,9 @@ def test_device_side_runs_where_torch_cannot_be_imported(head_copy, digits_split
     np.savez(tmp_path / "new.npz", x=x_new, y=y_new)
     np.savez(tmp_path / "test.npz", x=x_test, y=y_test)
     script = textwrap.dedent(f"""
-        import importlib.abc, json, sys
-        class NoTorch(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name == "torch" or name.startswith("torch."):
-                    raise ImportError("torch is not available on this device")
-        sys.meta_path.insert(0, NoTorch())
+        from edge.sandbox import block_torch
+        block_torch()
+        import json, sys
         import numpy as np
         import edge
         retrainer = edge.Retrainer({str(head_copy)!r}, memory_limit_mb=400, seed=0)
@@ -437,12 +434,9 @@ def test_bundle_carries_the_hosts_codes_and_logits_in_its_bytes(host_jpeg_bundle
 def test_host_and_device_decode_every_held_code_to_equal_pixels(host_jpeg_bundle, host_jpeg_buffer, tmp_path):
     """The device (torch blocked) decodes the bundle's JPEG codes and logits to exactly the values the host replays."""
     script = textwrap.dedent(f"""
-        import importlib.abc, sys
-        class NoTorch(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name == "torch" or name.startswith("torch."):
-                    raise ImportError("torch is not available on this device")
-        sys.meta_path.insert(0, NoTorch())
+        from edge.sandbox import block_torch
+        block_torch()
+        import sys
         import numpy as np
         import edge
         r = edge.Retrainer({str(host_jpeg_bundle)!r})

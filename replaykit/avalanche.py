@@ -572,7 +572,7 @@ class DistilledBuffer(ExemplarsBuffer):
         fill = _distill.make("random", ipc=count, seed=self._class_seed(cls) + 17, progress=False).distill(
             images, labels, num_classes=k, meta=self.dataset_meta)
         factor = core.decoder_factor
-        return SyntheticBuffer.concat([core, fill if factor == 1 else _downsampled(fill, factor)], meta=core.meta)
+        return SyntheticBuffer.concat([core, _downsampled(fill, factor)], meta=core.meta)
 
     def _class_seed(self, cls: int) -> int:
         return self.seed * 1_000_003 + self._updates * 1009 + cls
@@ -612,7 +612,7 @@ class DistilledBuffer(ExemplarsBuffer):
             options.pop("bits", None)  # applied by the uint8 storage (pixel_bits)
             picked = _distill.make(self.method, ipc=ipc, seed=seed, progress=self.progress, device=self._device(), **options).distill(
                 images, labels, num_classes=k, meta=self.dataset_meta)
-            return picked if factor == 1 else _downsampled(picked, factor)
+            return _downsampled(picked, factor)
         distiller = _distill.make(self.method, ipc=ipc, seed=seed, progress=self.progress, device=self._device(), **options)
         return distiller.distill(images, labels, num_classes=k, meta=self.dataset_meta)
 
@@ -661,6 +661,8 @@ def _match_rows(pool: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
 
 def _downsampled(part: SyntheticBuffer, factor: int) -> SyntheticBuffer:
     """Real images of ``part`` held at ``1/factor`` resolution (average-pooled), decoded by bilinear upsampling."""
+    if factor == 1:
+        return part
     meta = dict(part.meta, decoder={"kind": "upsample", "factor": factor, "mode": "bilinear"})
     return SyntheticBuffer(torch.nn.functional.avg_pool2d(part.images, factor), part.labels, part.num_classes, part.class_ids, meta)
 

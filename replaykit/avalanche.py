@@ -154,7 +154,7 @@ class DistilledBuffer(ExemplarsBuffer):
     Args:
         max_size: M, the most images held in total.
         method: a name from :func:`replaykit.distill.available` (``dm`` is the default), or ``"auto"``: distill,
-            hybrid or select by the bytes each class gets, from the measured table in :mod:`replaykit.memory_choice`
+            hybrid or select by the raw images each class's bytes buy, from the measured table in :mod:`replaykit.memory_choice`
             (needs ``mem_bytes`` and ``num_classes``; the table sets the storage, JPEG quality and held logits too; the
             choice is logged and kept in the buffer's ``memory_choice``).
         method_options: keyword options for the method's constructor (not ``ipc`` / ``seed``).
@@ -238,7 +238,9 @@ class DistilledBuffer(ExemplarsBuffer):
                 raise ValueError("method='auto' sets the method's options and core itself: leave method_options and core unset")
             from .memory_choice import choose_memory
 
-            choice = choose_memory(mem_bytes / num_classes)
+            if not (dataset_meta or {}).get("in_shape"):
+                raise ValueError("method='auto' chooses by raw images per class: it needs dataset_meta with in_shape (dataset_info(name).meta())")
+            choice = choose_memory(mem_bytes / num_classes, dataset_meta["in_shape"])
             method, method_options, core, recompress = choice.method, dict(choice.method_options), choice.core, choice.recompress
             storage, jpeg_quality, logits = choice.storage, choice.jpeg_quality, choice.logits
         if core is not None:

@@ -38,7 +38,7 @@ class MemoryChoice:
 
 
 #: (most bytes per class, choice), smallest budgets first; the first row whose bound holds the budget wins.
-#: Every row names the validation runs it rests on (benchmarks/RESULTS.md, "Where distillation earns its bytes").
+#: Every row names the validation runs it rests on (benchmarks/log/JOURNAL.md, "Where distillation earns its bytes").
 CHOICES: tuple[tuple[float, MemoryChoice], ...] = (
     (785.0, MemoryChoice(
         "distill", "dm", {"factor": 2, "bits": 2, "iterations": 1500}, core=1.0,

@@ -6,6 +6,7 @@ grew past its bar, and when the generator stops handling what benchmarks add (ne
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import re
@@ -41,6 +42,13 @@ def test_line_bars_and_the_lines_ci_greps():
     assert readme.count("\n") <= 250
     lines = readme.splitlines()
     assert 'pip install -e ".[dev]"' in lines and "python -m pytest -q" in lines
+
+
+def test_readme_python_blocks_parse():
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    assert len(blocks) >= 4
+    for block in blocks:
+        ast.parse(block)
 
 
 def test_documents_cite_no_tracker_and_no_path_outside_the_repository():

@@ -466,11 +466,21 @@ def faults(docs: dict[str, dict[str, Any]]) -> list[str]:
         out += [f"Device rounds: {rounds.get('rounds')} open-fit-evaluate-save rounds under a {num(rounds.get('cap_mb'), 'g')} MB cap: "
                 f"peak resident {num(rounds.get('peak_rss_mb'), '.1f')} MB, drift from round 2 to the last "
                 f"{num(rounds.get('drift_mb_round2_to_last'), '+.1f')} MB.", ""]
-    hostile = (doc.get("hostile_inputs") or {}).get("cases") or []
+    hostile_doc = doc.get("hostile_inputs") or {}
+    hostile = hostile_doc.get("cases") or []
     if hostile:
-        out += ["| hostile device input | error | state unchanged | bundle unchanged | peak MB |", "|---|---|---|---|---:|"]
-        out += [f"| {r.get('input')} | {str(r.get('error')).replace('|', '/')[:90]} | {r.get('state_unchanged')} | "
-                f"{r.get('bundle_unchanged')} | {num(r.get('peak_rss_mb'), '.1f')} |" for r in hostile] + [""]
+        errors: dict[str, int] = defaultdict(int)
+        for r in hostile:
+            errors[str(r.get("error")).split(":")[0]] += 1
+        same = sum(bool(r.get("state_unchanged")) for r in hostile), sum(bool(r.get("bundle_unchanged")) for r in hostile)
+        peak = max((r.get("peak_rss_mb") or 0.0) for r in hostile)
+        out += [f"Hostile device inputs ({len(hostile)}: {', '.join(str(r.get('input')) for r in hostile)}): errors raised "
+                f"{', '.join(f'{k} x{v}' for k, v in sorted(errors.items()))}; parameters unchanged after {same[0]}, bundle unchanged "
+                f"after {same[1]}; peak resident {peak:.1f} MB; torch loaded in the device process: "
+                f"{hostile_doc.get('torch_loaded', rounds.get('torch_loaded', '-'))}.", ""]
+    if doc.get("bugs_found"):
+        out += [f"Defects these runs found, each fixed with a regression test: {len(doc['bugs_found'])} "
+                "(listed with their fixes and tests in `BUGS_FOUND`, `benchmarks/faults.py`).", ""]
     return out
 
 
@@ -525,6 +535,10 @@ def render_results(results_dir: Path = RESULTS_DIR) -> str:
     lines = ["# Benchmark results", ""] + TEXT["intro"] + [""]
     for section in SECTIONS:
         lines += section(docs)
+    plots = sorted(p.name for p in Path(results_dir).glob("*.png"))
+    if plots:
+        lines += ["## Plots", "", "Committed beside the JSON, drawn by the benchmark scripts: "
+                  + ", ".join(f"[{name}](results/{name})" for name in plots) + "."]
     while lines and lines[-1] == "":
         lines.pop()
     return "\n".join(lines) + "\n"

@@ -63,7 +63,8 @@ def test_documents_cite_no_tracker_and_no_path_outside_the_repository():
 
 def test_a_changed_figure_makes_the_committed_page_stale(tmp_path):
     results = tmp_path / "results"
-    shutil.copytree(ROOT / "benchmarks" / "results", results, ignore=shutil.ignore_patterns("*.png"))
+    shutil.copytree(ROOT / "benchmarks" / "results", results)
+    assert make_results.render_results(results) == (ROOT / "benchmarks" / "RESULTS.md").read_text()
     doc = json.loads((results / "distill_quality.json").read_text())
     doc["rows"][0]["mean"] += 0.01
     (results / "distill_quality.json").write_text(json.dumps(doc))
@@ -123,7 +124,22 @@ def test_edge_buffer_rows_and_faults_are_tabled(tmp_path):
     assert "| uint8-100 | 3 | 100 | ≤80,002 |" in text
     assert "| buffer file | 10,000 | 9,990 | 10 | 0 | 12.3 | 1.50 |" in text
     assert "| SyntheticBuffer.save | 200 | 150 | 120 | 80 | 0 | 150 → 0 |" in text
-    assert "peak resident 91.2 MB" in text and "NaN images" in text
+    assert "peak resident 91.2 MB" in text and "Hostile device inputs (1: NaN images): errors raised ValueError x1" in text
+
+
+def test_gpu_and_distributed_documents_are_tabled(tmp_path):
+    (tmp_path / "gpu_check.json").write_text(json.dumps({
+        "machine": "x86_64, 16 CPUs, GPU-X", "torch": "2.9", "cuda": "12.8", "quick": False, "seconds": 300,
+        "rows": [{"part": "a", "item": "distilled-dm 78500B", "accuracy": 95.5, "cpu_accuracy": 95.62, "status": "ok"},
+                 {"part": "b", "item": "dm, 2000 it", "distill_seconds": 9.87, "status": "ok"}]}))
+    (tmp_path / "distributed.json").write_text(json.dumps({
+        "command": "/a/b/.venv/bin/python benchmarks/distributed_speedup.py --repeats 2", "mean_wall_seconds": {"1w": 200.0, "2w": 110.0},
+        "speedup": {"2w over 1w": 1.82}, "runs": [{"config": "1w", "flags": "--workers 1"}, {"config": "2w", "flags": "--workers 2"}],
+        "identical_tensors": True}))
+    text = make_results.render_results(tmp_path)
+    assert "| a | distilled-dm 78500B | 95.50 (95.62) | - | ok |" in text and "| b | dm, 2000 it | - | 9.87 | ok |" in text
+    assert "GPU-X" in text and "Command: `python benchmarks/distributed_speedup.py --repeats 2`" in text
+    assert "| 2w (--workers 2) | 1 | 110.0 | - | 1.82 | True |" in text
 
 
 @pytest.mark.parametrize("cmd, shown", [

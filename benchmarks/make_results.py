@@ -112,6 +112,7 @@ def command_text(cmd: str) -> str:
     """A recorded command with the machine's own paths cut to repository-relative ones."""
     cmd = re.sub(r"(?<!\S)\S*/python3?(?=\s)", "python", cmd)
     cmd = re.sub(r"(?<![\w.])/\S*?/(?=(benchmarks|runs|replaykit|edge|tests)/)", "", cmd)
+    cmd = re.sub(r"(?<!\S)/\S*/([^/\s]+)", r"<scratch>/\1", cmd)  # a scratch folder outside the repository
     return cmd if cmd.startswith(("python", "flock", "nice", "replaykit", "torchrun")) else f"python benchmarks/{cmd}" \
         if cmd.split(" ", 1)[0].endswith(".py") and "/" not in cmd.split(" ", 1)[0] else cmd
 
@@ -131,6 +132,8 @@ def recorded(doc: dict[str, Any]) -> str:
     elif doc.get("uptime_before"):
         parts.append(f"load before / after: {doc['uptime_before'].split('load average: ')[-1]} / "
                      f"{doc.get('uptime_after', '?').split('load average: ')[-1]}")
+    if doc.get("load_note"):
+        parts.append(f"load: {doc['load_note']}")
     seconds = doc.get("seconds") or doc.get("wall_seconds_this_invocation")
     if seconds:
         parts.append(f"wall time {seconds:,.0f} s" + (" (last invocation)" if "wall_seconds_this_invocation" in doc else ""))
@@ -237,9 +240,11 @@ def _family_key(family: str) -> tuple[int, str]:
 
 
 def sweep_summary(rows: list[dict[str, Any]]) -> dict[tuple[str, int, int], dict[str, list[dict]]]:
-    """(dataset, epochs, budget) -> family -> its rows (one per seed)."""
+    """(dataset, epochs, budget) -> family -> its rows (one per seed); rows scored on the test set only."""
     out: dict[tuple[str, int, int], dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
+        if r.get("evaluated_on", "test set") != "test set":
+            continue
         out[(r["dataset"], r["epochs"], r["budget_bytes"])][_family(r)].append(r)
     return out
 
@@ -279,11 +284,14 @@ def bytes_sweep(docs: dict[str, dict[str, Any]]) -> list[str]:
     summ = sweep_summary(rows)
     cfg = doc.get("config", {})
     out = [f"## {title}", "", TEXT["bytes_sweep"], "",
-           recorded(doc) + f" Evaluated on the {cfg.get('evaluated_on', 'test set')}; ConvNet-3 width {cfg.get('width', '?')}. "
+           recorded(doc) + f" Rows scored on the test set; ConvNet-3 width {cfg.get('width', '?')}. "
            + command_line(doc, "python benchmarks/bytes_sweep.py --datasets D --images-per-class N --pipeline P --distilled SPEC "
                                "--resume --copy-json benchmarks/results/bytes_sweep.json"), ""]
     if doc.get("note"):
         out += [f"Note recorded with the rows: {doc['note']}", ""]
+    held_out = sum(1 for r in rows if r.get("evaluated_on", "test set") != "test set")
+    if held_out:
+        out += [f"{held_out} rows scored on a validation split are in the JSON but not in these tables.", ""]
     out += ["The pipeline each distilled row shares with its twins, and the distilled row's spec, per budget:", ""]
     for b in sorted({k[2] for k in summ}):
         fams = [(f, rs) for k, fs in summ.items() if k[2] == b for f, rs in fs.items()]
@@ -413,7 +421,8 @@ def edge(docs: dict[str, dict[str, Any]]) -> list[str]:
             out.append("")
         wide = (doc.get("summary") or {}).get("wide") or {}
         if wide:
-            out += ["Bundle size at the protocol's width (narrow width in brackets) and the opened model's old-class accuracy:", "",
+            out += [f"Bundle size at width {args.get('wide_width', '?')} (width {args.get('width', '?')} in brackets) and the opened "
+                    "model's old-class accuracy:", "",
                     "| weights | head KB | full KB | old acc opened on the device | drop vs PyTorch (points) |", "|---|---:|---:|---:|---:|"]
             for weights, s in wide.items():
                 out.append(f"| {weights} | {stat(s.get('head_kb'), 1, 1)} ({stat(s.get('head_kb_narrow'), 1, 1)}) | "

@@ -335,7 +335,10 @@ def readme_table(docs: dict[str, dict[str, Any]]) -> list[str]:
     keys = [k for k in sorted(summ) if PIXELS.get(k[0]) and round(k[2] / (10 * (PIXELS[k[0]] + 1)), 6) in README_IMAGES_PER_CLASS]
     columns = sorted({(d, e) for d, e, _ in keys}, key=lambda k: (k[1], list(DATASET_NAMES).index(k[0]) if k[0] in DATASET_NAMES else 99, k[0]))
     ipcs = sorted({round(b / (10 * (PIXELS[d] + 1)), 6) for d, _, b in keys})
-    lines = ["| final accuracy % (mean ± std, 3 seeds unless marked) | " + " | ".join(f"{dataset_name(d)} {e} ep" for d, e in columns) + " |",
+    counts = [len(rs) for k in keys for rs in summ[k].values()]
+    usual = max(set(counts), key=counts.count) if counts else 0
+    width = (doc.get("config") or {}).get("width", "?")
+    lines = [f"| final accuracy % (mean ± std, {usual} seeds unless marked; ConvNet-3 width {width}) | " + " | ".join(f"{dataset_name(d)} {e} ep" for d, e in columns) + " |",
              "|---|" + "---:|" * len(columns)]
     for ipc in ipcs:
         at = {c: next((summ[k] for k in keys if (k[0], k[1]) == c and round(k[2] / (10 * (PIXELS[k[0]] + 1)), 6) == ipc), {}) for c in columns}
@@ -349,7 +352,7 @@ def readme_table(docs: dict[str, dict[str, Any]]) -> list[str]:
             cells = []
             for c in columns:
                 rs = at[c].get(f)
-                cells.append("-" if not rs else pct(*mean_std(r["final_accuracy"] for r in rs)) + (f" (n={len(rs)})" if len(rs) != 3 else ""))
+                cells.append("-" if not rs else pct(*mean_std(r["final_accuracy"] for r in rs)) + (f" (n={len(rs)})" if len(rs) != usual else ""))
             imgs = span(r["memory_images"] for fams in at.values() for r in fams.get(f, []))
             name = family_text(f)
             name = f"**{name}**" if f.startswith(("distilled:", "hybrid:")) else name

@@ -262,7 +262,8 @@ def budget_text(dataset: str, budget: int) -> str:
     return f"{budget:,} B" + (f" ({budget / (10 * (pixels + 1)):g} img/class)" if pixels else "")
 
 
-def family_text(family: str) -> str:
+def family_text(family: str, rows: list[dict[str, Any]]) -> str:
+    """A row's name: twins and distilled rows by family, the other rows by the pipeline their runs recorded."""
     head = family.split(":")[0]
     if head in ("random", "herding") and family == head:
         return f"twin: {head} real images"
@@ -271,8 +272,8 @@ def family_text(family: str) -> str:
     if " (" in family and family.endswith(")"):
         head, pipeline = family[:-1].split(" (", 1)
         return f"{head} real images through `{pipeline}`"
-    return {"replay": "ReplayPlugin (reservoir, uint8)", "der": "DER (uint8 + float32 logits)",
-            "jpeg": "JPEG real exemplars (q2, mix)"}.get(family, family)
+    pipes = sorted({str(r.get("pipeline")) for r in rows if r.get("pipeline")})
+    return f"{family}: {' / '.join(pipes)}" if pipes else family
 
 
 def bytes_sweep(docs: dict[str, dict[str, Any]]) -> list[str]:
@@ -316,7 +317,7 @@ def bytes_sweep(docs: dict[str, dict[str, Any]]) -> list[str]:
                 n = f", n={len(rs)}" if len(rs) != len(seeds) else ""
                 cells.append(f"{pct(*mean_std(r['final_accuracy'] for r in rs))} ({span(r['memory_images'] for r in rs)} img, "
                              f"≤{max(r['memory_bytes'] for r in rs):,} B{n})")
-            name = family_text(f)
+            name = family_text(f, [r for b in budgets for r in summ[(dataset, epochs, b)].get(f, [])])
             out.append(f"| {'**' + name + '**' if f.startswith(('distilled:', 'hybrid:')) else name} | " + " | ".join(cells) + " |")
         leads = [sweep_lead(summ[(dataset, epochs, b)]) for b in budgets]
         out.append("| **lead** (points) | " + " | ".join("-" if x is None else f"**{100 * x:+.2f}**" for x in leads) + " |")
@@ -354,7 +355,7 @@ def readme_table(docs: dict[str, dict[str, Any]]) -> list[str]:
                 rs = at[c].get(f)
                 cells.append("-" if not rs else pct(*mean_std(r["final_accuracy"] for r in rs)) + (f" (n={len(rs)})" if len(rs) != usual else ""))
             imgs = span(r["memory_images"] for fams in at.values() for r in fams.get(f, []))
-            name = family_text(f)
+            name = family_text(f, [r for fams in at.values() for r in fams.get(f, [])])
             name = f"**{name}**" if f.startswith(("distilled:", "hybrid:")) else name
             lines.append(f"| {name}, {imgs} images | " + " | ".join(cells) + " |")
         leads = [sweep_lead(at[c]) if at[c] else None for c in columns]

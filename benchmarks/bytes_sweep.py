@@ -46,7 +46,7 @@ CIFAR_IMAGES_PER_CLASS = (1, 2.5, 10)
 #: held classes shrink by keeping their first images.
 PIPELINE = "uint8:factor=2:bits=2:logits=1:mix=0.5"
 #: Other pipelines random real images run through too: JPEG q2 with held logits is the strongest real row at 1-10
-#: raw images per class (benchmarks/RESULTS.md), so the distilled row must beat it, not only its own twins.
+#: raw images per class (benchmarks/log/JOURNAL.md), so the distilled row must beat it, not only its own twins.
 REAL_PIPELINES = ("jpeg:quality=2:logits=1:mix=0.5",)
 RECOMPRESS = "prefix"
 #: Distilled rows: method and its options after ``core=`` (the distilled share of the final quota).

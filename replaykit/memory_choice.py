@@ -40,7 +40,7 @@ class MemoryChoice:
 #: (channels, most raw images per class, choice), smallest budgets first per image kind; the first row of
 #: the images' kind whose bound holds the budget wins. A raw image is the uint8 pixels of one image plus a
 #: one-byte label (MNIST 785 B, CIFAR-10 3,073 B). Every row names the validation runs it rests on
-#: (validation split of the training set, seed 0, 1 epoch per experience, never the test set).
+#: (validation split of the training set, seed 0, 1 epoch per experience, never the test set; benchmarks/log/JOURNAL.md).
 CHOICES: tuple[tuple[int, float, MemoryChoice], ...] = (
     (1, 1.0, MemoryChoice(
         "distill", "dm", {"factor": 2, "bits": 2, "iterations": 1500}, core=1.0,

@@ -246,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
                         spec = parse_spec(row["spec"])
                         about[(dataset, seed, epochs, spec.identity)] = dict(row, budget_bytes=budget)
                         cells.append((cfg, spec))
-    config = {"width": args.width, "pipeline": pipeline_text(args.pipeline, args.recompress), "distilled": list(distilled),
+    config = {"command": " ".join(["python benchmarks/bytes_sweep.py", *(argv if argv is not None else sys.argv[1:])]),
+              "width": args.width, "pipeline": pipeline_text(args.pipeline, args.recompress), "distilled": list(distilled),
               "real_pipelines": list(args.real_pipelines), "device": args.device,
               "evaluated_on": "validation split of train" if args.validation else "test set", "quick": args.quick,
               "train_per_class": args.train_per_class, "test_per_class": args.test_per_class, "jobs": args.jobs, "threads_per_job": threads}
@@ -284,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
 def _document(config: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"benchmark": "bytes_sweep (PROTOCOL A over byte budgets)",
             "machine": f"{platform.machine()} CPU, {platform.processor() or 'unknown'}, {_device_words(config.get('device', 'cpu'))}",
-            "config": config, "rows": rows}
+            "date": time.strftime("%Y-%m-%d", time.gmtime()), "command": config.get("command"), "config": config, "rows": rows}
 
 
 if __name__ == "__main__":

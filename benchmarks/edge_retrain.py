@@ -68,9 +68,13 @@ DEVICE_SCRIPT = textwrap.dedent("""
     with np.load(job["new"]) as new:
         x_new, y_new = new["x"], new["y"]
 
-    def accuracy(r, key):  # test data is read only while it is scored, as a device would stream it
-        with np.load(job[key]) as data:
-            return r.evaluate(data["x"], data["y"])
+    def accuracy(r, key, chunk=1024):  # test data streamed from disk in chunks while it is scored, as a device reads it
+        labels = np.load(job[key] + "_y.npy")
+        correct = 0
+        for start in range(0, len(labels), chunk):
+            x = np.array(np.load(job[key] + "_x.npy", mmap_mode="r")[start: start + chunk])  # unmapped with the view
+            correct += int((r.predict(x) == labels[start: start + chunk]).sum())
+        return correct / len(labels)
 
     report = {}
     for replay in job["replays"]:
@@ -514,10 +518,13 @@ def run_seed(seed: int, args, out: Path) -> dict[str, Any]:
 
     data_dir = out / f"seed{seed}"
     files = {}
-    for name, (x, y) in {"new": (new_x, new_y), "old_test": (old_tx, old_ty), "new_test": (new_tx, new_ty)}.items():
-        path = data_dir / f"{name}.npz"
-        atomic_write(path, lambda tmp, x=x, y=y: np.savez(open(tmp, "wb"), x=_to_uint8(x), y=y.numpy()))
-        files[name] = str(path)
+    path = data_dir / "new.npz"
+    atomic_write(path, lambda tmp: np.savez(open(tmp, "wb"), x=_to_uint8(new_x), y=new_y.numpy()))
+    files["new"] = str(path)
+    for name, (x, y) in {"old_test": (old_tx, old_ty), "new_test": (new_tx, new_ty)}.items():  # .npy: streamed in chunks
+        for part, value in (("x", _to_uint8(x)), ("y", y.numpy())):
+            atomic_write(data_dir / f"{name}_{part}.npy", lambda tmp, value=value: np.save(open(tmp, "wb"), value))
+        files[name] = str(data_dir / name)
     x_new_t = _normalise_uint8(np.load(files["new"])["x"], info)
     buf_x = (torch.from_numpy(_to_uint8(buffer.pixels())).float() / 255.0 - torch.tensor(info.mean).view(1, -1, 1, 1)) / torch.tensor(info.std).view(1, -1, 1, 1)
     buf_t = buffer.soft_targets().float()

@@ -162,9 +162,53 @@ def unpack_levels(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     return values.reshape(packed.shape[0], -1)[:, :count]
 
 
-def decode_stored_images(stored: np.ndarray, storage: str, shape: tuple[int, int, int], count: int, *,
-                         mean: np.ndarray, std: np.ndarray, pixel_bits: int = 8, jpeg_header_bytes: int = 0) -> np.ndarray:
-    """A bundle's stored replay images -> ``[count, *shape]`` normalised float32 at their stored resolution.
+#: Bytes per held value of each image storage on the device (JPEG is held as its decoded uint8 pixels).
+HELD_BYTES = {"uint8": 1, "jpeg": 1, "float16": 2, "float32": 4}
+_JPEG_CHUNK = 256  # images decoded per Pillow pass at open: bounds the list of per-image arrays decode_arrays stacks
+
+
+class ReplayImages:
+    """A bundle's replay images as the device holds them: uint8 levels (grey levels, unpacked; JPEG decoded once
+    to its uint8 pixels) or the stored float16 / float32, at the stored resolution. :meth:`take` gives rows as
+    normalised float32 at the network's resolution, per mini-batch, so the float32 buffer is never resident (a
+    1,452-image JPEG buffer: 1.1 MB held instead of 4.6 MB). Row by row the arithmetic is that of decoding all at
+    once, so the values are identical."""
+
+    def __init__(self, held: np.ndarray, maximum: int | None, mean: np.ndarray, std: np.ndarray, factor: int = 1) -> None:
+        self.held, self.maximum, self.factor = held, maximum, factor
+        self.mean, self.std = np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
+
+    def __len__(self) -> int:
+        return int(self.held.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.held.nbytes)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of the decoded buffer ``[N, C, H*f, W*f]``."""
+        n, c, h, w = self.held.shape
+        return (n, c, h * self.factor, w * self.factor)
+
+    def take(self, index: np.ndarray | slice) -> np.ndarray:
+        """Rows ``index`` as normalised float32 ``[k, C, H*f, W*f]`` (a fresh array)."""
+        rows = self.held[index]
+        if self.maximum is None:
+            small = rows.astype(np.float32)
+        else:
+            small = (rows.astype(np.float32) / np.float32(self.maximum) - self.mean) / self.std
+        return np.ascontiguousarray(upsample_bilinear(small.astype(np.float32, copy=False), self.factor), dtype=np.float32)
+
+    def all(self) -> np.ndarray:
+        """Every row decoded (allocates the whole float32 buffer: for inspection and tests, not for training)."""
+        return self.take(slice(None))
+
+
+def read_replay_images(stored: np.ndarray, storage: str, shape: tuple[int, int, int], count: int, *,
+                       mean: np.ndarray, std: np.ndarray, pixel_bits: int = 8, jpeg_header_bytes: int = 0,
+                       factor: int = 1) -> ReplayImages:
+    """A bundle's stored replay images -> :class:`ReplayImages` (``count`` images of ``shape``), every code checked.
 
     The same arithmetic as the host (``SyntheticBuffer.load`` / ``quantized``): levels / (2**bits - 1) or JPEG
     pixels / 255, then ``(p - mean) / std`` in float32; float16 / float32 images are stored normalised."""
@@ -181,33 +225,52 @@ def decode_stored_images(stored: np.ndarray, storage: str, shape: tuple[int, int
             bodies = jpeg.split_body_arrays(stored[jpeg_header_bytes:])
             if len(bodies) != count:
                 raise CodecError(f"{len(bodies)} JPEG images for {count} labels")
-            levels = jpeg.decode_arrays(stored[:jpeg_header_bytes].tobytes(), bodies, shape[0])
+            header = stored[:jpeg_header_bytes].tobytes()
+            held = np.empty((count, *shape), dtype=np.uint8)
+            for start in range(0, count, _JPEG_CHUNK):
+                part = jpeg.decode_arrays(header, bodies[start: start + _JPEG_CHUNK], shape[0])
+                if part.shape[1:] != tuple(shape):
+                    raise CodecError(f"JPEG images decode to {list(part.shape[1:])}, the manifest says {list(shape)}")
+                held[start: start + len(part)] = part
+            del bodies
         except jpeg.JpegError as exc:
             raise CodecError(str(exc)) from exc
-        maximum = 255
+        maximum: int | None = 255
     elif storage == "uint8":
         maximum = (1 << pixel_bits) - 1
         if stored.dtype != np.uint8:
             raise CodecError(f"images stored as {stored.dtype}, the manifest says uint8")
         if pixel_bits == 8:
-            levels = stored
+            held = stored
         else:
-            if stored.dtype != np.uint8 or stored.ndim != 2 or stored.shape[1] != -(-int(np.prod(shape)) * pixel_bits // 8):
+            if stored.ndim != 2 or stored.shape[1] != -(-int(np.prod(shape)) * pixel_bits // 8):
                 raise CodecError(f"packed {pixel_bits}-bit images must be [N, bytes] uint8 rows holding {list(shape)}, "
                                  f"got {stored.dtype}{list(stored.shape)}")
-            levels = unpack_levels(stored, pixel_bits, int(np.prod(shape))).reshape(-1, *shape)
-        if levels.max(initial=0) > maximum:
+            held = unpack_levels(stored, pixel_bits, int(np.prod(shape))).reshape(-1, *shape)
+        if held.max(initial=0) > maximum:
             raise CodecError(f"uint8 images hold values above {maximum} ({pixel_bits}-bit levels)")
     else:
         if stored.dtype != np.dtype(storage):
             raise CodecError(f"images stored as {stored.dtype}, the manifest says {storage}")
-        levels = None
-    images = stored.astype(np.float32) if levels is None else (levels.astype(np.float32) / np.float32(maximum) - mean) / std
-    if images.shape != (count, *shape):
-        raise CodecError(f"replay images decode to {list(images.shape)}, the manifest says {[count, *shape]}")
-    if not np.isfinite(images).all():
-        raise CodecError("replay images contain NaN or inf")
-    return np.ascontiguousarray(images, dtype=np.float32)
+        if not np.isfinite(stored).all():
+            raise CodecError("replay images contain NaN or inf")
+        held, maximum = stored, None
+    if held.shape != (count, *shape):
+        raise CodecError(f"replay images decode to {list(held.shape)}, the manifest says {[count, *shape]}")
+    images = ReplayImages(np.ascontiguousarray(held), maximum, mean, std, factor)
+    if maximum is not None:  # (p - mean) / std is monotone in p: finite at the two extreme levels, finite for all
+        ends = (np.array([0.0, 1.0], dtype=np.float32).reshape(2, 1, 1, 1) - images.mean) / images.std
+        if not np.isfinite(ends).all():
+            raise CodecError("replay images contain NaN or inf (a zero or non-finite std / mean)")
+    return images
+
+
+def decode_stored_images(stored: np.ndarray, storage: str, shape: tuple[int, int, int], count: int, *,
+                         mean: np.ndarray, std: np.ndarray, pixel_bits: int = 8, jpeg_header_bytes: int = 0) -> np.ndarray:
+    """A bundle's stored replay images -> ``[count, *shape]`` normalised float32 at their stored resolution
+    (all at once: see :class:`ReplayImages` for the per-batch form the Retrainer holds)."""
+    return read_replay_images(stored, storage, shape, count, mean=mean, std=std, pixel_bits=pixel_bits,
+                              jpeg_header_bytes=jpeg_header_bytes).all()
 
 
 def dequantize_logits(levels: np.ndarray, scales: np.ndarray) -> np.ndarray:

@@ -19,7 +19,7 @@ from .bundle import (
     step_session,
 )
 from .codec import (
-    LABEL_STORAGES, CodecError, decode_stored_images, decoder_factor, dequantize_logits, upsample_bilinear, view_images,
+    HELD_BYTES, LABEL_STORAGES, CodecError, ReplayImages, decoder_factor, dequantize_logits, read_replay_images, view_images,
 )
 from .memory import MemoryLimitError, current_rss_mb, peak_rss_mb, release_free_heap
 
@@ -151,8 +151,9 @@ class Retrainer:
 
     # ------------------------------------------------------------ loading
     def _read_buffer(self) -> None:
-        """Decode ``replay.safetensors`` (the host buffer's own codes) into normalised float32 images at the
-        network's resolution, their target rows, and the held logits (``None`` when the host held none)."""
+        """Read ``replay.safetensors`` (the host buffer's own codes): the images as compact levels that each step
+        decodes to normalised float32 (:class:`edge.codec.ReplayImages`), their target rows, and the held logits
+        (``None`` when the host held none)."""
         m = self.manifest
         tensors = load_tensors(self.bundle_dir, REPLAY)
         replay = m["replay"]
@@ -175,8 +176,9 @@ class Retrainer:
             head = replay.get("jpeg_header_bytes", 0)
             if not isinstance(bits, int) or not isinstance(head, int):
                 raise CodecError(f"pixel_bits {bits!r} / jpeg_header_bytes {head!r} must be ints")
-            small = decode_stored_images(images, m["image_storage"], stored, count, mean=self._mean, std=self._std,
-                                         pixel_bits=bits, jpeg_header_bytes=head)
+            held = read_replay_images(images, m["image_storage"], stored, count, mean=self._mean, std=self._std,
+                                      pixel_bits=bits, jpeg_header_bytes=head, factor=factor)
+            del images, tensors["images"]
             self.buffer_targets = self._replay_targets(labels, tensors.get("class_ids"), replay["label_storage"], count)
             self.buffer_logits = None
             if replay.get("held_logits"):
@@ -196,7 +198,13 @@ class Retrainer:
         except CodecError as exc:
             raise BundleError(f"{self.bundle_dir}: {exc}") from exc
         self._view = dict(storage=m["image_storage"], factor=factor, quality=quality)
-        self.buffer_x = upsample_bilinear(small, factor)
+        self.buffer_images: ReplayImages | None = held
+
+    @property
+    def buffer_x(self) -> np.ndarray | None:
+        """Every replay image as normalised float32 at the network's resolution (decoded on each access, for
+        inspection: training decodes only the rows of each step)."""
+        return None if self.buffer_images is None else self.buffer_images.all()
 
     def _replay_targets(self, labels: np.ndarray, class_ids: np.ndarray | None, storage: str, count: int) -> np.ndarray:
         """Target rows of the replayed images: one-hot for one-byte hard labels, else the stored soft rows."""
@@ -246,19 +254,29 @@ class Retrainer:
         if y.shape[:1] != (n,):
             raise ValueError(f"got {n} images but labels of shape {list(y.shape)}")
         if y.ndim == 1 and np.issubdtype(y.dtype, np.integer):
-            bad = y[(y < 0) | (y >= self.num_classes)]
-            if bad.size:
-                raise ValueError(
-                    f"labels {sorted(set(bad.tolist()))[:5]} are outside this bundle's classes 0..{self.num_classes - 1}; "
-                    "new classes need a model exported with spare outputs"
-                )
-            return np.eye(self.num_classes, dtype=np.float32)[y]
+            return np.eye(self.num_classes, dtype=np.float32)[self._checked_classes(y)]
         if y.ndim == 2 and y.shape[1] == self.num_classes and np.issubdtype(y.dtype, np.floating):
             if not np.isfinite(y).all() or (y < 0).any() or not np.allclose(y.sum(1), 1.0, atol=1e-3):
                 raise ValueError("soft labels must be finite, non-negative rows that sum to 1")
             return y.astype(np.float32)
         raise ValueError(f"labels must be integer classes [N] or float probability rows [N, {self.num_classes}], got "
                          f"{y.dtype}{list(y.shape)}")
+
+    def _checked_classes(self, y: np.ndarray) -> np.ndarray:
+        bad = y[(y < 0) | (y >= self.num_classes)]
+        if bad.size:
+            raise ValueError(
+                f"labels {sorted(set(bad.tolist()))[:5]} are outside this bundle's classes 0..{self.num_classes - 1}; "
+                "new classes need a model exported with spare outputs"
+            )
+        return y
+
+    def _classes(self, y: Any, n: int) -> np.ndarray:
+        """Class index per row: integer labels as given (checked), soft rows by their argmax."""
+        y = np.asarray(y)
+        if y.shape[:1] == (n,) and y.ndim == 1 and np.issubdtype(y.dtype, np.integer):
+            return self._checked_classes(y)
+        return self._targets(y, n).argmax(axis=1)
 
     # ------------------------------------------------------------ memory
     def _check_memory(self, when: str) -> None:
@@ -272,20 +290,33 @@ class Retrainer:
 
     def _check_open_fits(self) -> None:
         """Refuse a cap below what opening this bundle takes, before anything is loaded, so that the process never
-        passes the cap on the way to finding out: the files (read, decoded, copied into onnxruntime), the
-        float32 buffer images, and onnxruntime's own setup (the first session of a process, measured ~14 MB on an
-        MNIST ConvNet-3 full-mode bundle, later ones ~3 MB; see ``_OPEN_*_MB``)."""
-        sizes = sum(int(self.manifest["files"][name]["size"]) for name in (MODEL, TRAIN_STEP, BUFFER))
-        # At most this many stored images (one byte or more per stored pixel), each decoded to float32 model input.
-        images = int(self.manifest["files"][BUFFER]["size"]) // max(1, int(np.prod(self.manifest["buffer_image_shape"])))
-        decoded = 4 * int(np.prod(self.input_shape)) * images
-        need = (_OPEN_FIXED_MB if _SESSIONS_OPENED else _OPEN_FIRST_MB) + (3 * sizes + 2 * decoded) / 2**20
+        passes the cap on the way to finding out: the files (read, decoded, copied into onnxruntime), the replay
+        buffer as the Retrainer holds it (:meth:`_replay_held_mb`, x3 for the transients of decoding it), and
+        onnxruntime's own setup (the first session of a process, measured ~14 MB on an MNIST ConvNet-3 full-mode
+        bundle, later ones ~3 MB; see ``_OPEN_*_MB``)."""
+        sizes = sum(int(self.manifest["files"][name]["size"]) for name in (MODEL, TRAIN_STEP, BUFFER, REPLAY)
+                    if name in self.manifest["files"])
+        need = (_OPEN_FIXED_MB if _SESSIONS_OPENED else _OPEN_FIRST_MB) + 3 * sizes / 2**20 + 3 * self._replay_held_mb()
         release_free_heap()
         held = current_rss_mb()
         if held + need + _SAFETY_MB > self.memory_limit_mb:
             raise MemoryLimitError(f"memory_limit_mb={self.memory_limit_mb:g} is below what opening {self.bundle_dir} "
                                    f"takes: the process holds {held:.1f} MB and the bundle needs ~{need:.1f} MB more "
                                    f"(+{_SAFETY_MB:g} MB margin); the cap cannot be met")
+
+    def _replay_held_mb(self) -> float:
+        """What an open Retrainer holds for its replay buffer, from the manifest: the images as compact levels
+        (one byte per stored pixel for uint8 and JPEG, else the stored float width: never the float32 network
+        input, which each step decodes for its own rows only) and float32 target / held-logit rows. A count that
+        is not an int counts as 0 here; reading the buffer then refuses it."""
+        m = self.manifest
+        replay = m.get("replay")
+        count = replay.get("count") if isinstance(replay, dict) else None
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            return 0.0
+        pixels = int(np.prod([int(s) for s in m["buffer_image_shape"]], dtype=np.int64))
+        rows = 2 if replay.get("held_logits") else 1
+        return count * (HELD_BYTES.get(m["image_storage"], 4) * pixels + rows * 4 * self.num_classes) / 2**20
 
     def _per_sample_mb(self, training: bool) -> float:
         floats = int(self.manifest["activation_floats_per_sample"])
@@ -431,7 +462,7 @@ class Retrainer:
         replay = batch_size if replay_batch_size is None else int(replay_batch_size)
         if replay < 0:
             raise ValueError(f"replay_batch_size must be >= 0, got {replay}")
-        if replay and len(self.buffer_x) == 0:
+        if replay and len(self.buffer_images) == 0:
             raise ValueError("this bundle's buffer is empty; pass replay_batch_size=0")
         if lr is not None and not (isinstance(lr, (int, float, np.floating)) and np.isfinite(lr) and lr > 0):
             raise ValueError(f"lr must be a positive number, got {lr}")
@@ -493,8 +524,8 @@ class Retrainer:
         ``logit_loss_weight`` on the mean squared error). Without replay the buffer plays no part."""
         xb, tb = self._normalised(x_new), targets
         if replay:
-            pick = self._rng.choice(len(self.buffer_x), size=replay, replace=replay > len(self.buffer_x))
-            xb = np.concatenate([xb, self.buffer_x[pick]])
+            pick = self._rng.choice(len(self.buffer_images), size=replay, replace=replay > len(self.buffer_images))
+            xb = np.concatenate([xb, self.buffer_images.take(pick)])
             tb = np.concatenate([tb, self.buffer_targets[pick]])
             if self.mix > 0:
                 shown = self._rng.random(len(xb)) < self.mix
@@ -505,8 +536,8 @@ class Retrainer:
         ce_weight = np.full(rows, 1.0 / rows, dtype=np.float32)
         logit_weight = np.zeros(rows, dtype=np.float32)
         if replay and self._replays_logits():
-            held = self._rng.choice(len(self.buffer_x), size=replay, replace=replay > len(self.buffer_x))
-            xb = np.concatenate([xb, self.buffer_x[held]])
+            held = self._rng.choice(len(self.buffer_images), size=replay, replace=replay > len(self.buffer_images))
+            xb = np.concatenate([xb, self.buffer_images.take(held)])
             tb = np.concatenate([tb, self.buffer_logits[held]])
             ce_weight = np.concatenate([ce_weight, np.zeros(replay, dtype=np.float32)])
             logit_weight = np.concatenate([logit_weight, np.full(replay, self.logit_loss_weight / (replay * self.num_classes),
@@ -514,30 +545,38 @@ class Retrainer:
         return np.ascontiguousarray(xb, dtype=np.float32), np.ascontiguousarray(tb, dtype=np.float32), (ce_weight, logit_weight)
 
     # ------------------------------------------------------------ inference
-    def logits(self, x: np.ndarray, batch_size: int | None = None) -> np.ndarray:
-        self._require_open()
-        x = self._images(x)
+    def _logit_chunks(self, x: np.ndarray, batch_size: int | None):
+        """``(start, logits)`` of ``x`` chunk by chunk, the chunk size planned once under the cap; the last call
+        hands onnxruntime's arena back."""
         batch_size = self.plan_inference_batch(batch_size)
         feed = {PARAM_PREFIX + n: p for n, p in self.params.items()}
-        chunks = []
         for start in range(0, x.shape[0], batch_size):
             feed["x"] = self._normalised(x[start: start + batch_size])
             final = start + batch_size >= x.shape[0]
-            chunks.append(self._infer.run(["logits"], feed, self._release if final else None)[0].copy())
+            out = self._infer.run(["logits"], feed, self._release if final else None)[0].copy()
             if self.memory_limit_mb is not None:
                 self._check_memory("during inference")
-        return np.concatenate(chunks)
+            yield start, out
+
+    def logits(self, x: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+        self._require_open()
+        x = self._images(x)
+        return np.concatenate([chunk for _, chunk in self._logit_chunks(x, batch_size)])
 
     def predict(self, x: np.ndarray, batch_size: int | None = None) -> np.ndarray:
         """Predicted class index per image (int64)."""
         return self.logits(x, batch_size).argmax(axis=1).astype(np.int64)
 
     def evaluate(self, x: np.ndarray, y: Any, batch_size: int | None = None) -> float:
-        """Top-1 accuracy in [0, 1] on integer labels (or the argmax of soft labels)."""
+        """Top-1 accuracy in [0, 1] on integer labels (or the argmax of soft labels), counted chunk by chunk: nothing
+        the size of the test set is allocated beyond the caller's arrays."""
         self._require_open()
         x = self._images(x)
-        targets = self._targets(y, x.shape[0])
-        return float((self.predict(x, batch_size) == targets.argmax(axis=1)).mean())
+        classes = self._classes(y, x.shape[0])
+        correct = 0
+        for start, chunk in self._logit_chunks(x, batch_size):
+            correct += int((chunk.argmax(axis=1) == classes[start: start + len(chunk)]).sum())
+        return correct / x.shape[0]
 
     def save(self) -> Path:
         """Write the trained parameters (float32: training is float32 whatever the bundle's weight storage)
@@ -567,7 +606,7 @@ class Retrainer:
         self.closed = True
         self._infer = self._step = self._release = None
         self.params, self.state = {}, {}
-        self.buffer_x = self.buffer_targets = None
+        self.buffer_images = self.buffer_targets = self.buffer_logits = None
         gc.collect()  # sessions sit in reference cycles with their bindings: free them now, not at some later pass
         release_free_heap()
 

@@ -651,3 +651,62 @@ def test_manifest_field_edited_without_its_checksum_is_refused(head_copy):
     bundle_module.write_manifest(head_copy / "manifest.json", manifest)
     with pytest.raises(BundleError, match="'files' must map"):
         Retrainer(head_copy)
+
+
+@pytest.fixture(scope="module")
+def big_jpeg_bundle(tmp_path_factory) -> Path:
+    """An MNIST-sized full-mode bundle whose JPEG buffer holds 2,000 images and their logits: decoded to float32 the
+    buffer alone would be 6.3 MB, as uint8 pixels 1.6 MB."""
+    import torch
+
+    from replaykit.buffer import SyntheticBuffer
+    from replaykit.networks import ConvNet
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = ConvNet((1, 28, 28), 10, width=8, depth=2).eval()
+        images = (torch.rand(2000, 1, 28, 28) - 0.13) / 0.31
+        logits = torch.randn(2000, 10)
+    meta = {"mean": [0.13], "std": [0.31], "jpeg_quality": 10}
+    buffer = SyntheticBuffer(images, torch.arange(2000) % 8, 10, meta=meta).quantized("jpeg").with_logits(logits)
+    return edge.export(model, buffer, tmp_path_factory.mktemp("bundles") / "big_jpeg", mode="full", weights="int8",
+                       mix=0.5, verify=False)
+
+
+def test_replay_buffer_is_held_as_levels_and_decoded_per_step(big_jpeg_bundle):
+    """Regression (issue 24): the Retrainer decoded its whole buffer to float32 at open (4x the uint8 pixels, 40x
+    the JPEG codes), memory the open-time plan did not count, so a 1,452-image JPEG buffer + test data ran a
+    100 MB device process out of room. Now it holds uint8 levels, decodes the rows of each step, counts what it
+    holds in its plan, and scores test data chunk by chunk; traced by tracemalloc (numpy reports its arrays)."""
+    import tracemalloc
+
+    count, float32_buffer = 2000, 2000 * 28 * 28 * 4
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (256, 1, 28, 28), dtype=np.uint8)
+    y = rng.integers(0, 10, 256)
+    tracemalloc.start()
+    try:
+        r = Retrainer(big_jpeg_bundle, seed=0)
+        opened, open_peak = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        history = r.fit(x[:64], y[:64], batch_size=16)
+        accuracy = r.evaluate(x, y)
+        _, use_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert opened < float32_buffer / 2, opened
+    assert r.buffer_images.nbytes == count * 28 * 28 and len(r.buffer_images) == count
+    held = r.buffer_images.nbytes + r.buffer_targets.nbytes + r.buffer_logits.nbytes
+    codes = (big_jpeg_bundle / "replay.safetensors").stat().st_size
+    assert open_peak <= 3 * (held + codes), (open_peak, held, codes)  # reading: the codes' copies and one chunk's decode
+    assert use_peak - opened < float32_buffer / 8, (use_peak, opened)
+    assert history["steps"] == 4 and np.isfinite(history["losses"]).all()
+    # The open-time plan counts exactly what is held for the buffer.
+    assert r._replay_held_mb() == pytest.approx(held / 2**20)
+    # Chunked scoring gives the accuracy of the whole prediction, for class labels and soft rows alike.
+    assert accuracy == float((r.predict(x) == y).mean())
+    soft = np.eye(10, dtype=np.float32)[y]
+    assert r.evaluate(x, soft, batch_size=7) == accuracy
+    # Rows decoded per step are the rows of the whole buffer, bit for bit.
+    rows = np.array([5, 1999, 5, 0])
+    assert np.array_equal(r.buffer_images.take(rows), r.buffer_x[rows])

@@ -220,6 +220,15 @@ class Retrainer:
         if infer_inputs != {PARAM_PREFIX + n for n in self.params} | {"x"}:
             raise BundleError(f"{self.bundle_dir}: {MODEL} inputs do not match the bundle's parameters")
 
+    def _run(self, session: Any, names: list[str], feed: dict[str, np.ndarray], options: Any) -> list[np.ndarray]:
+        """``session.run``; a graph that fails on inputs this class has checked is a broken bundle: BundleError (a
+        graph whose checksums were re-made after it was changed loaded, then failed in a Reshape, found by fuzzing)."""
+        try:
+            return session.run(names, feed, options)
+        except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidArgument,
+                ort.capi.onnxruntime_pybind11_state.RuntimeException, ort.capi.onnxruntime_pybind11_state.NotImplemented) as exc:
+            raise BundleError(f"{self.bundle_dir}: a graph of the bundle failed to run: {str(exc)[:500]}") from exc
+
     # ------------------------------------------------------------ input checks
     def _images(self, x: Any, what: str = "x") -> np.ndarray:
         if not isinstance(x, np.ndarray):
@@ -379,7 +388,7 @@ class Retrainer:
         trainable = self.manifest["trainable"]
         names_out = self.manifest["train_step_outputs"]
         if micro_batch >= len(x):
-            outputs = self._step.run(names_out, self._step_feed(x, targets, weights, self.state, self._hyper()),
+            outputs = self._run(self._step, names_out, self._step_feed(x, targets, weights, self.state, self._hyper()),
                                      self._release if last else None)
             loss = _finite_loss(outputs[0])
             # Copies: onnxruntime's outputs are views into its own memory, which they would keep alive.
@@ -399,7 +408,7 @@ class Retrainer:
         for start in range(0, len(x), micro_batch):
             part = slice(start, start + micro_batch)
             final = last and start + micro_batch >= len(x)
-            outputs = self._step.run(names_out, self._step_feed(x[part], targets[part], (weights[0][part], weights[1][part]),
+            outputs = self._run(self._step, names_out, self._step_feed(x[part], targets[part], (weights[0][part], weights[1][part]),
                                                                 zero_state, zeros), self._release if final else None)
             loss += _finite_loss(outputs[0])
             for name, grad in zip(trainable, outputs[1 + len(trainable):]):
@@ -523,7 +532,7 @@ class Retrainer:
         for start in range(0, x.shape[0], batch_size):
             feed["x"] = self._normalised(x[start: start + batch_size])
             final = start + batch_size >= x.shape[0]
-            chunks.append(self._infer.run(["logits"], feed, self._release if final else None)[0].copy())
+            chunks.append(self._run(self._infer, ["logits"], feed, self._release if final else None)[0].copy())
             if self.memory_limit_mb is not None:
                 self._check_memory("during inference")
         return np.concatenate(chunks)

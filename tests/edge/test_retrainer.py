@@ -651,3 +651,53 @@ def test_manifest_field_edited_without_its_checksum_is_refused(head_copy):
     bundle_module.write_manifest(head_copy / "manifest.json", manifest)
     with pytest.raises(BundleError, match="'files' must map"):
         Retrainer(head_copy)
+
+
+@pytest.mark.parametrize("field,value,complaint", [
+    ("input_shape", 7, "input_shape"),  # was TypeError: 'int' object is not iterable
+    ("train_step_outputs", None, "lacks the field"),  # was KeyError: 'train_step_outputs'
+    ("trainable", ["features.0.tures.0.1.weight"], "trainable"),  # was KeyError on a renamed parameter
+    ("mean", [0.1, 0.2, 0.3], "mean"),  # three channels' normalisation for one channel
+    ("optimizer", {"lr": "0.1", "momentum": 0.9, "weight_decay": 0.0}, "optimizer"),
+    ("num_classes", True, "num_classes"),
+])
+def test_forged_manifest_fields_are_bundle_errors(head_copy, field, value, complaint):
+    """Regression (fuzzing re-checksummed manifests, issue 25): a manifest whose checksum was re-made after a field
+    was edited (a forger, or a buggy writer: sha256 is no signature) raised TypeError / KeyError while opening."""
+    _rewrite_manifest(head_copy, lambda m: m.pop(field) if value is None else m.__setitem__(field, value))
+    with pytest.raises(BundleError, match=complaint):
+        Retrainer(head_copy)
+
+
+def test_non_finite_parameters_behind_valid_checksums_are_refused(head_copy):
+    """Regression (fuzzing re-checksummed buffer.safetensors, issue 25): a flipped exponent bit made a parameter
+    inf; the bundle opened and only fit found out (FloatingPointError)."""
+    tensors = bundle_module.load_tensors(head_copy)
+    name = next(k for k, v in tensors.items() if k.startswith("param.") and v.dtype == np.float32)
+    tensors[name] = tensors[name].copy()
+    tensors[name].flat[0] = np.inf
+    bundle_module.write_tensors(head_copy / "buffer.safetensors", tensors)
+    entry = bundle_module.file_entry(head_copy / "buffer.safetensors")
+    _rewrite_manifest(head_copy, lambda m: m["files"].__setitem__("buffer.safetensors", entry))
+    with pytest.raises(BundleError, match="NaN or infinite"):
+        Retrainer(head_copy)
+
+
+def test_a_graph_that_fails_to_run_is_a_bundle_error(head_copy, digits_split):
+    """Regression (fuzzing re-checksummed model.onnx, issue 25): a graph changed behind re-made checksums loaded, then
+    failed in a Reshape at inference with onnxruntime's own Fail; the Retrainer now names the bundle."""
+    import onnxruntime as ort
+
+    x, y = _split(digits_split, [0, 1])
+    with Retrainer(head_copy) as r:
+        class Broken:
+            def run(self, *args, **kwargs):
+                raise ort.capi.onnxruntime_pybind11_state.Fail("Non-zero status code returned while running Reshape node")
+
+        r._infer = r._step = Broken()
+        before = {k: v.copy() for k, v in r.params.items()}
+        with pytest.raises(BundleError, match="failed to run"):
+            r.predict(x[:4])
+        with pytest.raises(BundleError, match="failed to run"):
+            r.fit(x[:8], y[:8], batch_size=8)
+        assert all(np.array_equal(before[k], r.params[k]) for k in before)

@@ -467,6 +467,102 @@ def run_device(job: dict[str, Any]) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+# ------------------------------------------------------------------ distributed
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(v) for v in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def distributed_trial(work: Path, mode: str, fault: str, delay: float, timeout: float, iterations: int,
+                      trial: int) -> dict[str, Any]:
+    """One ``replaykit distill --out`` run split over two ranks (a torchrun-style gloo pair, or ``--workers 2``);
+    ``delay`` s after the start the parent SIGKILLs (``fault="kill"``) or SIGSTOPs (``"hang"``) rank 1 / a local
+    worker. Returns what rank 0 / the command did: exit code, whether its error names the rank, seconds from the
+    fault to its exit, and whether anything was written."""
+    import socket
+
+    folder = work / f"dist_{mode}_{fault}_{trial}"
+    folder.mkdir()
+    out = folder / "buffer.safetensors"
+    argv = [sys.executable, "-m", "replaykit", "distill", "--dataset", "digits", "--method", "dm", "--ipc", "2",
+            "--iterations", str(iterations), "--classes", "0,1,2,3", "--quiet", "--out", str(out),
+            "--worker-timeout", f"{timeout:g}"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    peer = None
+    if mode == "torchrun":
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2")
+        peer = subprocess.Popen(argv, env={**env, "RANK": "1", "LOCAL_RANK": "1"}, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        lead = subprocess.Popen(argv, env={**env, "RANK": "0", "LOCAL_RANK": "0"}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    else:
+        lead = subprocess.Popen(argv + ["--workers", "2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    started = time.monotonic()
+    victim = None
+    while time.monotonic() - started < delay and lead.poll() is None:
+        time.sleep(0.01)
+    if lead.poll() is None:
+        if peer is not None:
+            victim = peer.pid
+        else:
+            workers = _children(lead.pid)
+            victim = workers[-1] if workers else None  # the last started: a worker rank, not a helper
+        if victim is not None:
+            os.kill(victim, signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
+    faulted = time.monotonic()
+    try:
+        _, stderr = lead.communicate(timeout=timeout * 4 + 300)
+    except subprocess.TimeoutExpired:
+        lead.kill()
+        _, stderr = lead.communicate()
+    ended = time.monotonic()
+    for pid in [victim] + _children(lead.pid) if victim else _children(lead.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, TypeError):
+            pass
+    if peer is not None:
+        peer.kill()
+        peer.wait()
+    written = sorted(p.name for p in folder.iterdir())
+    return {"fault_at_s": round(faulted - started, 3), "faulted": victim is not None, "exit_code": lead.returncode,
+            "names_rank": "rank 1" in stderr or "worker rank" in stderr, "seconds_after_fault": round(ended - faulted, 3),
+            "written": written, "error": stderr.strip().splitlines()[-1][:300] if stderr.strip() else ""}
+
+
+def run_distributed(work: Path, trials: int, seed: int, timeout: float = 5.0, iterations: int = 300) -> list[dict[str, Any]]:
+    """Per launch mode and fault, ``trials`` runs with the fault at a moment drawn over an unfaulted run's length."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for mode in ("torchrun", "workers"):
+        clean = distributed_trial(work, mode, "none", 1e9, timeout, iterations, -1)
+        if clean["exit_code"] != 0 or clean["written"] != ["buffer.safetensors"]:
+            raise RuntimeError(f"the unfaulted {mode} run failed: {clean}")
+        length = clean["fault_at_s"]  # the unfaulted run's length (its "fault" never came)
+        for fault in ("kill", "hang"):
+            runs = [distributed_trial(work, mode, fault, float(rng.uniform(0.1, 0.9) * length), timeout, iterations, k)
+                    for k in range(trials)]
+            faulted = [r for r in runs if r["faulted"]]
+            named = [r for r in faulted if r["exit_code"] != 0 and r["names_rank"]]
+            rows.append({"target": f"{mode}: rank 1 {'SIGKILLed' if fault == 'kill' else 'SIGSTOPped (hung)'} mid-run",
+                         "trials": len(runs), "faulted": len(faulted), "named_rank": len(named),
+                         "written": sum(bool(r["written"]) for r in faulted),
+                         "worker_timeout_s": timeout, "unfaulted_run_s": length,
+                         "worst_seconds_after_fault": max((r["seconds_after_fault"] for r in faulted), default=None),
+                         "runs": runs})
+            r = rows[-1]
+            print(f"distributed {r['target']}: {r['faulted']}/{r['trials']} faulted, {r['named_rank']} named the rank, "
+                  f"{r['written']} wrote a file, worst {r['worst_seconds_after_fault']} s after the fault "
+                  f"(timeout {timeout:g} s, unfaulted run {length:.1f} s)", flush=True)
+    return rows
+
+
 # ------------------------------------------------------------------ main
 def _bundles(work: Path, seed: int, width: int) -> tuple[Path, Path]:
     """A tiny digits-sized bundle (the fuzz and kill targets) and a full-mode MNIST-sized one (rounds, hostile)."""
@@ -490,21 +586,32 @@ def _commit() -> str | None:
     return done.stdout.strip() if done.returncode == 0 else os.environ.get("REPLAYKIT_COMMIT")
 
 
+PARTS = ("fuzz", "kill", "device", "distributed")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parts", default=",".join(PARTS),
+                   help=f"comma-separated parts to run (default all: {','.join(PARTS)}); a subset updates --out in place")
+    p.add_argument("--dist-trials", type=int, default=5, help="distributed runs per launch mode and fault (default 5)")
+    p.add_argument("--worker-timeout", type=float, default=10.0, help="--worker-timeout of the distributed runs")
     p.add_argument("--quick", action="store_true", help="CI smoke: a few hundred fuzz cases, 20 kill trials, 4 rounds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cases", type=int, default=None, help="fuzz cases per format (default 10000; quick 200)")
     p.add_argument("--resigned-cases", type=int, default=None,
-                   help="fuzz cases per bundle file with the checksums re-made to match (default 2000; quick 100)")
+                   help="fuzz cases per bundle file with the checksums re-made to match (default 10000; quick 100)")
     p.add_argument("--trials", type=int, default=None, help="kill trials per target (default 200; quick 10)")
     p.add_argument("--rounds", type=int, default=None, help="device retrain rounds (default 20; quick 4)")
     p.add_argument("--width", type=int, default=None, help="ConvNet width of the device bundle (default 32; quick 16)")
     p.add_argument("--memory-limit-mb", type=float, default=100.0)
     p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/faults.json; quick: runs/)")
     args = p.parse_args(argv)
+    if args.quick and args.parts == ",".join(PARTS):
+        args.parts = "fuzz,kill,device"  # tests/test_distributed.py covers dead and hung ranks in the suite
+    if not set(args.parts.split(",")) <= set(PARTS):
+        p.error(f"--parts takes names from {PARTS}")
     args.cases = args.cases or (200 if args.quick else 10_000)
-    args.resigned_cases = args.resigned_cases if args.resigned_cases is not None else (100 if args.quick else 2000)
+    args.resigned_cases = args.resigned_cases if args.resigned_cases is not None else (100 if args.quick else 10_000)
     args.trials = args.trials or (10 if args.quick else 200)
     args.rounds = args.rounds or (4 if args.quick else 20)
     args.width = args.width or (16 if args.quick else 32)
@@ -516,53 +623,73 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)  # the kill trials fork: no OpenMP pool in the parent
     started, load_before = time.time(), os.getloadavg()
-    doc: dict[str, Any] = {"fuzz": [], "kill": [], "bugs_found": BUGS_FOUND, "args": vars(args), "commit": _commit(),
-                           "machine_note": f"{os.cpu_count()}-CPU machine, no GPU", "partial": True}
+    parts = set(args.parts.split(","))
+    doc: dict[str, Any] = {"fuzz": [], "kill": []}
+    if parts != set(PARTS) and Path(args.out).is_file():  # a part run again: the others' figures stay
+        doc = read_checked_json(args.out)
+        earlier = {k: doc.pop(k) for k in ("args", "commit", "seconds", "date", "load_average_before_after") if k in doc}
+        if earlier:  # written before per-part run records: that run did fuzz, kill and device
+            doc.setdefault("runs", {})["fuzz,kill,device"] = earlier
+    doc.update(bugs_found=BUGS_FOUND, machine_note=f"{os.cpu_count()}-CPU machine, no GPU", partial=True)
+    doc.setdefault("runs", {})
 
     def save() -> None:  # after every part, so that a run cut short keeps what it measured
-        doc.update(seconds=time.time() - started, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                   load_average_before_after=[list(load_before), list(os.getloadavg())])
+        doc["runs"][args.parts] = {"args": vars(args), "commit": _commit(), "seconds": time.time() - started,
+                                   "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                                   "load_average_before_after": [list(load_before), list(os.getloadavg())]}
         atomic_write_checked_json(args.out, doc)
 
     with tempfile.TemporaryDirectory(prefix="replaykit-faults-") as tmp:
         work = Path(tmp)
-        small, mnist = _bundles(work, args.seed, args.width)
-        print(f"bundles ready ({time.time() - started:.0f} s)", flush=True)
-        doc["fuzz"] = run_fuzz(work, small, args.cases, args.resigned_cases, args.seed)
-        save()
-        doc["kill"] = kill = run_kill(work, small, args.trials, args.seed)
-        for row in kill:
-            print(f"kill {row['target']}: {row['trials']} trials ({row['killed']} killed mid-run), old {row['old']}, "
-                  f"new {row['new']}, torn {row['torn']}, temporaries left {row['temporaries_left_by_kills']} -> "
-                  f"{row['temporaries_after_next_write']} after the next write", flush=True)
-        save()
-        rounds_bundle = work / "rounds_bundle"
-        shutil.copytree(mnist, rounds_bundle)
-        rounds = run_device({"what": "rounds", "bundle": str(rounds_bundle), "cap": args.memory_limit_mb,
-                             "rounds": args.rounds, "images": 256, "seed": args.seed})
-        rss = rounds["rss_mb"]
-        rounds.update(rounds=args.rounds, width=args.width, cap_mb=args.memory_limit_mb,
-                      drift_mb_round2_to_last=rss[-1] - rss[1] if len(rss) > 1 else 0.0)
-        doc["retrain_rounds"] = rounds
-        print(f"rounds: {args.rounds}, RSS after each {[round(v, 1) for v in rss]}, peak {rounds['peak_rss_mb']:.1f} MB",
-              flush=True)
-        hostile = run_device({"what": "hostile", "bundle": str(mnist), "cap": args.memory_limit_mb, "images": 256,
-                              "seed": args.seed})
-        doc["hostile_inputs"] = hostile
-        for row in hostile["cases"]:
-            print(f"hostile {row['input']}: {row['error']}, state unchanged {row['state_unchanged']}, bundle unchanged "
-                  f"{row['bundle_unchanged']}, peak {row['peak_rss_mb']:.1f} MB", flush=True)
-    fuzz = doc["fuzz"]
-    doc["summary"] = {
-        "fuzz_cases_min": min(r["cases"] for r in fuzz), "fuzz_cases_total": sum(r["cases"] for r in fuzz),
-        "fuzz_other_total": sum(r["other"] for r in fuzz), "fuzz_cases_over_1s": sum(r["over_1s"] for r in fuzz),
-        "fuzz_worst_seconds": max(r["worst_seconds"] for r in fuzz),
-        "fuzz_worst_cpu_seconds": max(r["worst_cpu_seconds"] for r in fuzz),
-        "fuzz_worst_peak_mb": max(r["worst_peak_mb"] for r in fuzz),
-        "kill_trials_min": min(r["trials"] for r in kill), "kill_torn_total": sum(r["torn"] for r in kill)}
+        if parts & {"fuzz", "kill", "device"}:
+            small, mnist = _bundles(work, args.seed, args.width)
+            print(f"bundles ready ({time.time() - started:.0f} s)", flush=True)
+        if "fuzz" in parts:
+            doc["fuzz"] = run_fuzz(work, small, args.cases, args.resigned_cases, args.seed)
+            save()
+        if "kill" in parts:
+            doc["kill"] = kill = run_kill(work, small, args.trials, args.seed)
+            for row in kill:
+                print(f"kill {row['target']}: {row['trials']} trials ({row['killed']} killed mid-run), old {row['old']}, "
+                      f"new {row['new']}, torn {row['torn']}, temporaries left {row['temporaries_left_by_kills']} -> "
+                      f"{row['temporaries_after_next_write']} after the next write", flush=True)
+            save()
+        if "device" in parts:
+            rounds_bundle = work / "rounds_bundle"
+            shutil.copytree(mnist, rounds_bundle)
+            rounds = run_device({"what": "rounds", "bundle": str(rounds_bundle), "cap": args.memory_limit_mb,
+                                 "rounds": args.rounds, "images": 256, "seed": args.seed})
+            rss = rounds["rss_mb"]
+            rounds.update(rounds=args.rounds, width=args.width, cap_mb=args.memory_limit_mb,
+                          drift_mb_round2_to_last=rss[-1] - rss[1] if len(rss) > 1 else 0.0)
+            doc["retrain_rounds"] = rounds
+            print(f"rounds: {args.rounds}, RSS after each {[round(v, 1) for v in rss]}, peak {rounds['peak_rss_mb']:.1f} MB",
+                  flush=True)
+            hostile = run_device({"what": "hostile", "bundle": str(mnist), "cap": args.memory_limit_mb, "images": 256,
+                                  "seed": args.seed})
+            doc["hostile_inputs"] = hostile
+            for row in hostile["cases"]:
+                print(f"hostile {row['input']}: {row['error']}, state unchanged {row['state_unchanged']}, bundle "
+                      f"unchanged {row['bundle_unchanged']}, peak {row['peak_rss_mb']:.1f} MB", flush=True)
+            save()
+        if "distributed" in parts:
+            doc["distributed"] = run_distributed(work, args.dist_trials, args.seed, timeout=args.worker_timeout)
+            save()
+    fuzz, kill = doc.get("fuzz") or [], doc.get("kill") or []
+    summary = {}
+    if fuzz:
+        summary.update({
+            "fuzz_cases_min": min(r["cases"] for r in fuzz), "fuzz_cases_total": sum(r["cases"] for r in fuzz),
+            "fuzz_other_total": sum(r["other"] for r in fuzz), "fuzz_cases_over_1s": sum(r["over_1s"] for r in fuzz),
+            "fuzz_worst_seconds": max(r["worst_seconds"] for r in fuzz),
+            "fuzz_worst_cpu_seconds": max(r["worst_cpu_seconds"] for r in fuzz),
+            "fuzz_worst_peak_mb": max(r["worst_peak_mb"] for r in fuzz)})
+    if kill:
+        summary.update({"kill_trials_min": min(r["trials"] for r in kill), "kill_torn_total": sum(r["torn"] for r in kill)})
+    doc["summary"] = summary
     doc["partial"] = False
     save()
-    print(f"wrote {args.out} in {doc['seconds']:.0f} s: {json.dumps(doc['summary'])}")
+    print(f"wrote {args.out} in {time.time() - started:.0f} s: {json.dumps(summary)}")
     return 0
 
 
@@ -601,8 +728,30 @@ BUGS_FOUND = [
     {"what": "a manifest whose checksum was re-made after a field was edited (a forger or a buggy writer: sha256 is no "
              "signature) raised TypeError ('int' object is not iterable: input_shape 7) or KeyError (a missing "
              "train_step_outputs, a renamed parameter in trainable) while opening",
-     "fix": "edge.bundle.check_fields: types and ranges of every field the runtime reads, BundleError naming them",
+     "fix": "edge.bundle.check_fields: types and ranges of every field the runtime reads, BundleError naming them "
+            "(its first version itself raised TypeError on a std that was no list: the long run's re-checksummed "
+            "manifest row counted 36 'other' before the fixes below)",
      "test": "tests/edge/test_retrainer.py::test_forged_manifest_fields_are_bundle_errors"},
+    {"what": "a re-checksummed manifest whose trainable list lost a name (or whose step outputs were reordered) opened; "
+             "the first fit failed with onnxruntime's ValueError (required inputs missing), or would have zipped "
+             "new parameters onto the wrong names",
+     "fix": "check_fields: trainable and frozen split params; the step graph's momentum inputs and its outputs follow "
+            "trainable in order; Retrainer._run turns onnxruntime's ValueError into BundleError too",
+     "test": "tests/edge/test_retrainer.py::test_forged_manifest_fields_are_bundle_errors"},
+    {"what": "a re-checksummed manifest with replay.mix or logit_loss_weight a string or an object raised "
+             "ValueError / TypeError from float()",
+     "fix": "Retrainer._read_buffer checks both are numbers (CodecError -> BundleError)",
+     "test": "tests/edge/test_retrainer.py::test_forged_manifest_fields_are_bundle_errors"},
+    {"what": "a manifest as received, with its checksum key damaged (one flipped bit in 'manifest_sha256', or a deleted "
+             "stretch taking the key and part of 'loss' with it) was read as one written before manifests were "
+             "checksummed: 4 of 10,000 cases loaded changed fields (replay, loss) without an error",
+     "fix": "read_manifest requires manifest_sha256 (edge/bundle.py)",
+     "test": "tests/edge/test_retrainer.py::test_a_manifest_without_its_checksum_is_refused"},
+    {"what": "a torchrun rank killed or stopped before it joined the process group left rank 0 with a raw "
+             "DistStoreError traceback ('1/2 clients joined'), exit status 1, no rank named",
+     "fix": "init_from_env raises DistributedDistillError naming the rank that did not join (with two ranks; else how "
+            "many joined); the CLI prints it as an error (replaykit/distributed.py)",
+     "test": "tests/test_distributed.py::test_a_rank_that_dies_before_joining_is_named_and_nothing_is_written"},
     {"what": "a parameter made inf by a flipped exponent bit behind re-made checksums opened; only fit found out",
      "fix": "open_parameters refuses non-finite parameters and momentum (BundleError)",
      "test": "tests/edge/test_retrainer.py::test_non_finite_parameters_behind_valid_checksums_are_refused"},

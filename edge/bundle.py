@@ -98,8 +98,13 @@ def read_manifest(bundle_dir: str | os.PathLike, verify: bool = True) -> dict[st
     if not isinstance(manifest, dict) or manifest.get("format") != "replaykit-edge-bundle":
         raise BundleError(f"{path} is not a ReplayKit edge bundle manifest")
     # The manifest's own checksum: the file checksums below guard the other files, this one guards the fields
-    # (shapes, normalisation, optimizer) that decide what they mean. Manifests written before it existed have none.
-    if MANIFEST_CHECKSUM in manifest and manifest[MANIFEST_CHECKSUM] != _manifest_digest(manifest):
+    # (shapes, normalisation, optimizer) that decide what they mean. It is required: reading manifests without one
+    # as written before it existed let a damaged checksum key (a flipped bit in its name, a deleted stretch) carry
+    # other damage in unchecked (found by fuzzing, #25).
+    if MANIFEST_CHECKSUM not in manifest:
+        raise BundleError(f"{path} has no {MANIFEST_CHECKSUM!r}: damaged, or exported before manifests were "
+                          "checksummed (export the bundle again)")
+    if manifest[MANIFEST_CHECKSUM] != _manifest_digest(manifest):
         raise BundleError(f"{path} does not match its own checksum: the manifest was modified or corrupted")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise BundleError(f"{path}: format version {manifest.get('format_version')!r}; this runtime reads {FORMAT_VERSION}")
@@ -157,7 +162,7 @@ def check_fields(manifest: dict[str, Any], where: str) -> None:
     for key in ("mean", "std"):
         if not (isinstance(m[key], list) and m[key] and all(_number(v) for v in m[key]) and len(m[key]) == channels):
             problems.append(f"{key} must be one finite number per input channel")
-    if not all(_number(v) and v > 0 for v in m["std"] if isinstance(m["std"], list)):
+    if isinstance(m["std"], list) and not all(_number(v) and v > 0 for v in m["std"]):
         problems.append("std must be positive")
     if not (isinstance(params, dict) and params and all(isinstance(k, str) and _ints(v) for k, v in params.items())):
         problems.append("params must map names to shapes (lists of ints >= 0)")
@@ -178,6 +183,13 @@ def check_fields(manifest: dict[str, Any], where: str) -> None:
     for key in ("train_step_inputs", "train_step_outputs"):
         if not (isinstance(m[key], list) and all(isinstance(n, str) for n in m[key])):
             problems.append(f"{key} must be a list of names")
+    if not problems and (set(trainable) & set(frozen) or set(trainable) | set(frozen) != set(params)):
+        problems.append("trainable and frozen must split params")
+    if not problems:  # the step graph's state inputs and outputs follow trainable, in its order (outputs are zipped)
+        if [n for n in m["train_step_inputs"] if n.startswith(STATE_PREFIX)] != [STATE_PREFIX + n for n in trainable]:
+            problems.append("train_step_inputs must hold the momentum of every trainable parameter, in order")
+        if m["train_step_outputs"] != ["loss"] + [f"new.{p}{n}" for p in (PARAM_PREFIX, STATE_PREFIX) for n in trainable]:
+            problems.append("train_step_outputs must be the loss, then the new parameters and momentum of trainable")
     if not (isinstance(m["activation_floats_per_sample"], int) and m["activation_floats_per_sample"] >= 1):
         problems.append("activation_floats_per_sample must be a positive int")
     if not isinstance(m["replay"], dict):

@@ -186,8 +186,10 @@ class Retrainer:
                 self.buffer_logits = dequantize_logits(levels, scales)
                 if self.buffer_logits.shape != (count, self.num_classes) or not np.isfinite(self.buffer_logits).all():
                     raise CodecError(f"held logits {list(self.buffer_logits.shape)} are not finite [{count}, {self.num_classes}]")
-            self.mix = float(replay.get("mix", 0.0))
-            self.logit_loss_weight = float(replay.get("logit_loss_weight", 0.0))
+            mix, weight = replay.get("mix", 0.0), replay.get("logit_loss_weight", 0.0)
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (mix, weight)):
+                raise CodecError(f"mix {mix!r} and logit_loss_weight {weight!r} must be numbers")
+            self.mix, self.logit_loss_weight = float(mix), float(weight)
             if not (0.0 <= self.mix <= 1.0 and np.isfinite(self.logit_loss_weight) and self.logit_loss_weight >= 0):
                 raise CodecError(f"mix {self.mix} must lie in [0, 1] and logit_loss_weight {self.logit_loss_weight} be >= 0")
             quality = replay.get("jpeg_quality")
@@ -225,7 +227,7 @@ class Retrainer:
         graph whose checksums were re-made after it was changed loaded, then failed in a Reshape, found by fuzzing)."""
         try:
             return session.run(names, feed, options)
-        except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidArgument,
+        except (ValueError, ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidArgument,
                 ort.capi.onnxruntime_pybind11_state.RuntimeException, ort.capi.onnxruntime_pybind11_state.NotImplemented) as exc:
             raise BundleError(f"{self.bundle_dir}: a graph of the bundle failed to run: {str(exc)[:500]}") from exc
 

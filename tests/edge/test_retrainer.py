@@ -660,11 +660,27 @@ def test_manifest_field_edited_without_its_checksum_is_refused(head_copy):
     ("mean", [0.1, 0.2, 0.3], "mean"),  # three channels' normalisation for one channel
     ("optimizer", {"lr": "0.1", "momentum": 0.9, "weight_decay": 0.0}, "optimizer"),
     ("num_classes", True, "num_classes"),
+    ("std", 7, "std"),  # was TypeError: 'int' object is not iterable (the check's own first version)
+    ("trainable", "drop_last", "trainable and frozen must split"),  # was onnxruntime's ValueError at the first fit
+    ("train_step_outputs", "reverse", "train_step_outputs"),  # outputs are zipped with trainable: silently swapped
+    ("replay", {"mix": "mnist"}, "must be numbers"),  # was ValueError: could not convert string to float
 ])
 def test_forged_manifest_fields_are_bundle_errors(head_copy, field, value, complaint):
     """Regression (fuzzing re-checksummed manifests, issue 25): a manifest whose checksum was re-made after a field
     was edited (a forger, or a buggy writer: sha256 is no signature) raised TypeError / KeyError while opening."""
-    _rewrite_manifest(head_copy, lambda m: m.pop(field) if value is None else m.__setitem__(field, value))
+    def change(m):
+        if value is None:
+            m.pop(field)
+        elif value == "drop_last":
+            m[field] = m[field][:-1]
+        elif value == "reverse":
+            m[field] = m[field][::-1]
+        elif isinstance(value, dict):
+            m[field] = {**m[field], **value}
+        else:
+            m[field] = value
+
+    _rewrite_manifest(head_copy, change)
     with pytest.raises(BundleError, match=complaint):
         Retrainer(head_copy)
 
@@ -701,3 +717,15 @@ def test_a_graph_that_fails_to_run_is_a_bundle_error(head_copy, digits_split):
         with pytest.raises(BundleError, match="failed to run"):
             r.fit(x[:8], y[:8], batch_size=8)
         assert all(np.array_equal(before[k], r.params[k]) for k in before)
+
+
+def test_a_manifest_without_its_checksum_is_refused(head_copy):
+    """Regression (fuzzing, issue 25): a manifest without manifest_sha256 was read as one written before the checksum
+    existed, so a flipped bit in the key's name (or a deleted stretch taking the key with it) let other damage in."""
+    manifest = json.loads((head_copy / "manifest.json").read_text())
+    digest = manifest.pop("manifest_sha256")
+    manifest["manifesp_sha256"] = digest
+    manifest["replay"]["mix"] = 0.25
+    (head_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="has no 'manifest_sha256'"):
+        Retrainer(head_copy)

@@ -29,6 +29,7 @@ point leaves a bundle that opens with either the old or the new parameters.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -97,8 +98,13 @@ def read_manifest(bundle_dir: str | os.PathLike, verify: bool = True) -> dict[st
     if not isinstance(manifest, dict) or manifest.get("format") != "replaykit-edge-bundle":
         raise BundleError(f"{path} is not a ReplayKit edge bundle manifest")
     # The manifest's own checksum: the file checksums below guard the other files, this one guards the fields
-    # (shapes, normalisation, optimizer) that decide what they mean. Manifests written before it existed have none.
-    if MANIFEST_CHECKSUM in manifest and manifest[MANIFEST_CHECKSUM] != _manifest_digest(manifest):
+    # (shapes, normalisation, optimizer) that decide what they mean. It is required: reading manifests without one
+    # as written before it existed let a damaged checksum key (a flipped bit in its name, a deleted stretch) carry
+    # other damage in unchecked (found by fuzzing, #25).
+    if MANIFEST_CHECKSUM not in manifest:
+        raise BundleError(f"{path} has no {MANIFEST_CHECKSUM!r}: damaged, or exported before manifests were "
+                          "checksummed (export the bundle again)")
+    if manifest[MANIFEST_CHECKSUM] != _manifest_digest(manifest):
         raise BundleError(f"{path} does not match its own checksum: the manifest was modified or corrupted")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise BundleError(f"{path}: format version {manifest.get('format_version')!r}; this runtime reads {FORMAT_VERSION}")
@@ -110,9 +116,11 @@ def read_manifest(bundle_dir: str | os.PathLike, verify: bool = True) -> dict[st
     if missing:
         raise BundleError(f"{path} does not list {missing}")
     for key in ("input_shape", "num_classes", "mode", "mean", "std", "params", "trainable", "image_storage",
-                "weight_storage", "param_storage", "optimizer_state", "buffer_image_shape", "decoder", "replay"):
+                "weight_storage", "param_storage", "optimizer_state", "buffer_image_shape", "decoder", "replay",
+                "frozen", "optimizer", "train_step_inputs", "train_step_outputs", "activation_floats_per_sample"):
         if key not in manifest:
             raise BundleError(f"{path} lacks the field {key!r}")
+    check_fields(manifest, str(path))
     if verify:
         for name, entry in files.items():
             file = bundle_dir / name
@@ -126,6 +134,70 @@ def read_manifest(bundle_dir: str | os.PathLike, verify: bool = True) -> dict[st
             if sha256_file(file) != entry["sha256"]:
                 raise BundleError(f"{file} does not match its sha256 in the manifest: the file was modified or corrupted")
     return manifest
+
+
+def _ints(value: Any, least: int = 0) -> bool:
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= least for v in value)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_fields(manifest: dict[str, Any], where: str) -> None:
+    """The types and ranges of the fields the runtime reads, so that a manifest whose checksum passes but whose
+    fields do not make sense (a buggy writer, or a forger: sha256 is no signature) is a :class:`BundleError` here,
+    not a TypeError or KeyError deep inside opening it (found by fuzzing re-checksummed manifests, #25). The files'
+    own consistency with these fields is checked where they are read (``edge.codec``, ``Retrainer._check_graphs``)."""
+    m = manifest
+    params, trainable, frozen = m["params"], m["trainable"], m["frozen"]
+    problems = []
+    if not (_ints(m["input_shape"], 1) and len(m["input_shape"]) == 3):
+        problems.append("input_shape must be three positive ints")
+    if not (isinstance(m["num_classes"], int) and not isinstance(m["num_classes"], bool) and m["num_classes"] >= 1):
+        problems.append("num_classes must be a positive int")
+    if m["mode"] not in MODES:
+        problems.append(f"mode must be one of {MODES}")
+    channels = m["input_shape"][0] if not problems else None
+    for key in ("mean", "std"):
+        if not (isinstance(m[key], list) and m[key] and all(_number(v) for v in m[key]) and len(m[key]) == channels):
+            problems.append(f"{key} must be one finite number per input channel")
+    if isinstance(m["std"], list) and not all(_number(v) and v > 0 for v in m["std"]):
+        problems.append("std must be positive")
+    if not (isinstance(params, dict) and params and all(isinstance(k, str) and _ints(v) for k, v in params.items())):
+        problems.append("params must map names to shapes (lists of ints >= 0)")
+    for key, names in (("trainable", trainable), ("frozen", frozen)):
+        if not (isinstance(names, list) and all(isinstance(n, str) and isinstance(params, dict) and n in params
+                                                 for n in names) and len(set(names)) == len(names)):
+            problems.append(f"{key} must list distinct names of params")
+    if not (isinstance(m["param_storage"], dict) and isinstance(params, dict) and set(m["param_storage"]) == set(params)):
+        problems.append("param_storage must name the storage of every parameter")
+    if m["image_storage"] not in STORAGES:
+        problems.append(f"image storage {m['image_storage']!r} is not one of {STORAGES}")
+    if not (_ints(m["buffer_image_shape"], 1) and m["buffer_image_shape"]):
+        problems.append("buffer_image_shape must be positive ints")
+    optimizer = m["optimizer"]
+    if not (isinstance(optimizer, dict) and all(_number(optimizer.get(k)) and optimizer[k] >= 0
+                                                for k in ("lr", "momentum", "weight_decay"))):
+        problems.append("optimizer must give finite lr, momentum and weight_decay >= 0")
+    for key in ("train_step_inputs", "train_step_outputs"):
+        if not (isinstance(m[key], list) and all(isinstance(n, str) for n in m[key])):
+            problems.append(f"{key} must be a list of names")
+    if not problems and (set(trainable) & set(frozen) or set(trainable) | set(frozen) != set(params)):
+        problems.append("trainable and frozen must split params")
+    if not problems:  # the step graph's state inputs and outputs follow trainable, in its order (outputs are zipped)
+        if [n for n in m["train_step_inputs"] if n.startswith(STATE_PREFIX)] != [STATE_PREFIX + n for n in trainable]:
+            problems.append("train_step_inputs must hold the momentum of every trainable parameter, in order")
+        if m["train_step_outputs"] != ["loss"] + [f"new.{p}{n}" for p in (PARAM_PREFIX, STATE_PREFIX) for n in trainable]:
+            problems.append("train_step_outputs must be the loss, then the new parameters and momentum of trainable")
+    if not (isinstance(m["activation_floats_per_sample"], int) and m["activation_floats_per_sample"] >= 1):
+        problems.append("activation_floats_per_sample must be a positive int")
+    if not isinstance(m["replay"], dict):
+        problems.append("replay must be an object")
+    if not isinstance(m.get("class_names", []), list):
+        problems.append("class_names must be a list")
+    if problems:
+        raise BundleError(f"{where}: {'; '.join(problems)}")
 
 
 def _manifest_digest(manifest: dict[str, Any]) -> str:
@@ -160,6 +232,9 @@ def open_parameters(bundle_dir: Path, manifest: dict[str, Any], tensors: dict[st
         params = decode_parameters(tensors, manifest["params"], manifest["param_storage"], PARAM_PREFIX, str(bundle_dir))
     except CodecError as exc:
         raise BundleError(str(exc)) from exc
+    bad = [n for n, v in params.items() if not np.isfinite(v).all()]
+    if bad:
+        raise BundleError(f"{bundle_dir}: parameters {bad[:3]} hold NaN or infinite values")
     if manifest["optimizer_state"] not in OPTIMIZER_STATES:
         raise BundleError(f"{bundle_dir}: optimizer_state {manifest['optimizer_state']!r} is not one of {OPTIMIZER_STATES}")
     stored = [n for n in manifest["trainable"] if STATE_PREFIX + n in tensors]
@@ -170,8 +245,8 @@ def open_parameters(bundle_dir: Path, manifest: dict[str, Any], tensors: dict[st
     state = {}
     for name in manifest["trainable"]:
         array = tensors.get(STATE_PREFIX + name)
-        if array is None or array.shape != params[name].shape or array.dtype != np.float32:
-            raise BundleError(f"{bundle_dir}: optimizer state for {name!r} is missing or mis-shaped")
+        if array is None or array.shape != params[name].shape or array.dtype != np.float32 or not np.isfinite(array).all():
+            raise BundleError(f"{bundle_dir}: optimizer state for {name!r} is missing, mis-shaped or not finite")
         state[name] = array
     return params, state
 

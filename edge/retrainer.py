@@ -188,8 +188,10 @@ class Retrainer:
                 self.buffer_logits = dequantize_logits(levels, scales)
                 if self.buffer_logits.shape != (count, self.num_classes) or not np.isfinite(self.buffer_logits).all():
                     raise CodecError(f"held logits {list(self.buffer_logits.shape)} are not finite [{count}, {self.num_classes}]")
-            self.mix = float(replay.get("mix", 0.0))
-            self.logit_loss_weight = float(replay.get("logit_loss_weight", 0.0))
+            mix, weight = replay.get("mix", 0.0), replay.get("logit_loss_weight", 0.0)
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (mix, weight)):
+                raise CodecError(f"mix {mix!r} and logit_loss_weight {weight!r} must be numbers")
+            self.mix, self.logit_loss_weight = float(mix), float(weight)
             if not (0.0 <= self.mix <= 1.0 and np.isfinite(self.logit_loss_weight) and self.logit_loss_weight >= 0):
                 raise CodecError(f"mix {self.mix} must lie in [0, 1] and logit_loss_weight {self.logit_loss_weight} be >= 0")
             quality = replay.get("jpeg_quality")
@@ -227,6 +229,15 @@ class Retrainer:
         infer_inputs = {i.name for i in self._infer.get_inputs()}
         if infer_inputs != {PARAM_PREFIX + n for n in self.params} | {"x"}:
             raise BundleError(f"{self.bundle_dir}: {MODEL} inputs do not match the bundle's parameters")
+
+    def _run(self, session: Any, names: list[str], feed: dict[str, np.ndarray], options: Any) -> list[np.ndarray]:
+        """``session.run``; a graph that fails on inputs this class has checked is a broken bundle: BundleError (a
+        graph whose checksums were re-made after it was changed loaded, then failed in a Reshape, found by fuzzing)."""
+        try:
+            return session.run(names, feed, options)
+        except (ValueError, ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidArgument,
+                ort.capi.onnxruntime_pybind11_state.RuntimeException, ort.capi.onnxruntime_pybind11_state.NotImplemented) as exc:
+            raise BundleError(f"{self.bundle_dir}: a graph of the bundle failed to run: {str(exc)[:500]}") from exc
 
     # ------------------------------------------------------------ input checks
     def _images(self, x: Any, what: str = "x") -> np.ndarray:
@@ -410,7 +421,7 @@ class Retrainer:
         trainable = self.manifest["trainable"]
         names_out = self.manifest["train_step_outputs"]
         if micro_batch >= len(x):
-            outputs = self._step.run(names_out, self._step_feed(x, targets, weights, self.state, self._hyper()),
+            outputs = self._run(self._step, names_out, self._step_feed(x, targets, weights, self.state, self._hyper()),
                                      self._release if last else None)
             loss = _finite_loss(outputs[0])
             # Copies: onnxruntime's outputs are views into its own memory, which they would keep alive.
@@ -430,7 +441,7 @@ class Retrainer:
         for start in range(0, len(x), micro_batch):
             part = slice(start, start + micro_batch)
             final = last and start + micro_batch >= len(x)
-            outputs = self._step.run(names_out, self._step_feed(x[part], targets[part], (weights[0][part], weights[1][part]),
+            outputs = self._run(self._step, names_out, self._step_feed(x[part], targets[part], (weights[0][part], weights[1][part]),
                                                                 zero_state, zeros), self._release if final else None)
             loss += _finite_loss(outputs[0])
             for name, grad in zip(trainable, outputs[1 + len(trainable):]):
@@ -553,7 +564,7 @@ class Retrainer:
         for start in range(0, x.shape[0], batch_size):
             feed["x"] = self._normalised(x[start: start + batch_size])
             final = start + batch_size >= x.shape[0]
-            out = self._infer.run(["logits"], feed, self._release if final else None)[0].copy()
+            out = self._run(self._infer, ["logits"], feed, self._release if final else None)[0].copy()
             if self.memory_limit_mb is not None:
                 self._check_memory("during inference")
             yield start, out

@@ -56,6 +56,7 @@ from avalanche.training.plugins import ReplayPlugin, SupervisedPlugin
 from avalanche.training.storage_policy import ExemplarsBuffer
 from torch.utils.data import DataLoader, TensorDataset
 
+from . import checkpointing as _checkpointing  # noqa: F401 - dill pickles torch optimizers: whole-strategy checkpoints
 from . import distill as _distill
 from .buffer import _BYTES_PER_PIXEL, STORAGE_DTYPES, SyntheticBuffer, decode_upsample, logit_row_bytes
 from .device import module_device, resolve_device
@@ -146,6 +147,10 @@ def replay_transform(augment: bool, dataset: str | None, seed: int) -> Any:
     from .augment import ReplayAugment
 
     return ReplayAugment(dataset, seed=seed)
+
+
+class DistillationError(RuntimeError):
+    """Distilling one class of an experience failed; the message names the class and the reason."""
 
 
 class DistilledBuffer(ExemplarsBuffer):
@@ -395,6 +400,12 @@ class DistilledBuffer(ExemplarsBuffer):
         if self.logits and learner is None:
             raise ValueError("this buffer holds the learner's logits (logits=True): pass the learner that was trained on the data")
         self._learner = learner
+        try:
+            return self._update(images, labels, learner)
+        finally:
+            self._learner = None  # never held between experiences, nor after a failure (checkpoints stay small)
+
+    def _update(self, images: torch.Tensor, labels: torch.Tensor, learner: torch.nn.Module | None) -> float:
         if self.storage == "jpeg" and self.synthetic is None:
             self._fit_jpeg_budget(images)
         self.check_experience(torch.unique(labels).tolist(), tuple(images.shape[1:]))
@@ -609,6 +620,15 @@ class DistilledBuffer(ExemplarsBuffer):
             raise RuntimeError(f"{self.method} returned images with decoder factor {part.decoder_factor}, the budget assumed {expected}")
 
     def _run_method(self, images: torch.Tensor, labels: torch.Tensor, ipc: int, k: int, cls: int) -> SyntheticBuffer:
+        """The method on one class; its failure names the class and the reason (the held buffer is only replaced once
+        every class of an experience is done, so it stays as it was)."""
+        try:
+            return self._run_method_on(images, labels, ipc, k, cls)
+        except Exception as exc:
+            raise DistillationError(f"distilling class {cls} with {self.method!r} failed: {type(exc).__name__}: {exc}; "
+                                    "the held buffer is unchanged") from exc
+
+    def _run_method_on(self, images: torch.Tensor, labels: torch.Tensor, ipc: int, k: int, cls: int) -> SyntheticBuffer:
         seed = self._class_seed(cls)
         options = dict(self.method_options)
         if self.learner_aware and getattr(self, "_learner", None) is not None:

@@ -326,7 +326,16 @@ def init_from_env(timeout: float = DEFAULT_TIMEOUT, backend: str | None = None) 
     backend = backend or ("nccl" if gpu is not None and not shared else "gloo")
     if gpu is not None:
         torch.cuda.set_device(gpu)
-    dist.init_process_group(backend, init_method="env://", timeout=_dt.timedelta(seconds=timeout))
+    try:
+        dist.init_process_group(backend, init_method="env://", timeout=_dt.timedelta(seconds=timeout))
+    except dist.DistStoreError as exc:
+        # A rank that died or hung before joining: the rendezvous only counts who came ("1/2 clients joined"); with
+        # two ranks the missing one is known. Was a raw DistStoreError traceback (found by the fault runs, #25).
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        missing = 1 - rank if world == 2 else None
+        who = f"rank {missing}" if missing is not None else "a rank"
+        raise DistributedDistillError(f"{who} did not join the process group within {timeout:g} s (it died, hung or "
+                                      f"was not started): {exc}", missing) from exc
     return dist.group.WORLD
 
 

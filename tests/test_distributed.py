@@ -183,6 +183,8 @@ PEER = textwrap.dedent(
         print([hashlib.sha256(p.images.numpy().tobytes()).hexdigest() for p in parts], flush=True)
     elif rank == "0":  # the CLI as torchrun would run it, waiting at most 3 s for rank 1
         sys.exit(main(sys.argv[2:] + ["--worker-timeout", "3"]))
+    elif mode == "absent":  # rank 1 dies before it joins the group
+        os._exit(3)
     else:
         init_from_env()
         if mode == "exit":
@@ -218,6 +220,16 @@ def test_dead_or_hung_rank_is_named_and_nothing_is_written(tmp_path, mode):
     lead, _ = _run_pair(tmp_path, mode, *CLI_ARGS, "--out", str(out))
     assert lead.returncode == 2, lead.stderr[-2000:]
     assert "error: rank 1 did not send data to rank 0 within 3 s" in lead.stderr, lead.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["peer.py"]
+
+
+def test_a_rank_that_dies_before_joining_is_named_and_nothing_is_written(tmp_path):
+    """Regression (fault runs, issue 25): rank 1 killed before it joined the group left rank 0 with a raw
+    DistStoreError traceback ("1/2 clients joined") instead of an error naming the rank."""
+    out = tmp_path / "never.safetensors"
+    lead, _ = _run_pair(tmp_path, "absent", *CLI_ARGS, "--out", str(out))
+    assert lead.returncode == 2, lead.stderr[-2000:]
+    assert "error: rank 1 did not join the process group within 3 s" in lead.stderr, lead.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["peer.py"]
 
 

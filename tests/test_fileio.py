@@ -67,6 +67,23 @@ def test_checked_json_refuses_a_flipped_digit_and_reads_legacy_documents(tmp_pat
             read_checked_json(path)
 
 
+def test_a_damaged_checksum_key_is_not_read_as_a_legacy_document(tmp_path):
+    """Regression (fuzzing, issue 25): one flipped bit in the name of the checksum key left a document with no
+    checksum, which was read as a legacy document, damaged key and all."""
+    from replaykit.fileio import CHECKSUM_KEY, JSONFileError, atomic_write_checked_json, read_checked_json, read_runs
+
+    path = tmp_path / "results.json"
+    atomic_write_checked_json(path, {"runs": [{"dataset": "mnist"}]})
+    data = bytearray(path.read_bytes())
+    at = data.index(CHECKSUM_KEY.encode()) + len(CHECKSUM_KEY) - 1  # "...documenu"
+    data[at] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(JSONFileError, match="damaged"):
+        read_runs(path, ("dataset",))
+    path.write_text(json.dumps({"runs": [], "sha256_of_inputs": "x"}))  # an unrelated key of a legacy document
+    assert read_checked_json(path) == {"runs": [], "sha256_of_inputs": "x"}
+
+
 def test_temporaries_of_dead_writers_are_removed_on_the_next_write(tmp_path):
     target = tmp_path / "out.json"
     dead = tmp_path / ".out.json.999999999.abc.tmp"  # no such pid

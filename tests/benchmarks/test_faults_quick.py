@@ -16,12 +16,14 @@ def test_quick_faults_run_meets_the_bars(tmp_path):
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(out.read_text())
-    assert len(doc["fuzz"]) == 6
+    assert len(doc["fuzz"]) == 12  # buffer file, results.json, 5 bundle files as received and re-checksummed
     for row in doc["fuzz"]:
-        assert row["cases"] == 200 and row["named_error"] + row["identical"] + row["other"] == 200, row
+        n = 100 if row["resigned"] else 200
+        outcomes = row["named_error"] + row["identical"] + row["other"] + row.get("accepted_changed", 0)
+        assert row["cases"] == n and outcomes == n, row
         assert row["other"] == 0, row["other_examples"]
-        # A hang (> 10 s) would be an "other"; the <= 1 s per case bar is a figure of the full run on an idle machine,
-        # not asserted here (opening onnxruntime sessions on a loaded 2-core CI machine takes seconds).
+        # A hang (> 10 s) would be an "other"; the <= 1 s per case bar is a figure of the long run (under the
+        # benchmark lock), not asserted here: opening onnxruntime sessions on a loaded 2-core CI machine takes seconds.
         assert row["named_error"] > 0, row
         assert row["worst_peak_mb"] <= 64, row  # no allocation of what a forged header claims (gigabytes)
     for row in doc["kill"]:

@@ -710,3 +710,81 @@ def test_replay_buffer_is_held_as_levels_and_decoded_per_step(big_jpeg_bundle):
     # Rows decoded per step are the rows of the whole buffer, bit for bit.
     rows = np.array([5, 1999, 5, 0])
     assert np.array_equal(r.buffer_images.take(rows), r.buffer_x[rows])
+
+
+@pytest.mark.parametrize("field,value,complaint", [
+    ("input_shape", 7, "input_shape"),  # was TypeError: 'int' object is not iterable
+    ("train_step_outputs", None, "lacks the field"),  # was KeyError: 'train_step_outputs'
+    ("trainable", ["features.0.tures.0.1.weight"], "trainable"),  # was KeyError on a renamed parameter
+    ("mean", [0.1, 0.2, 0.3], "mean"),  # three channels' normalisation for one channel
+    ("optimizer", {"lr": "0.1", "momentum": 0.9, "weight_decay": 0.0}, "optimizer"),
+    ("num_classes", True, "num_classes"),
+    ("std", 7, "std"),  # was TypeError: 'int' object is not iterable (the check's own first version)
+    ("trainable", "drop_last", "trainable and frozen must split"),  # was onnxruntime's ValueError at the first fit
+    ("train_step_outputs", "reverse", "train_step_outputs"),  # outputs are zipped with trainable: silently swapped
+    ("replay", {"mix": "mnist"}, "must be numbers"),  # was ValueError: could not convert string to float
+])
+def test_forged_manifest_fields_are_bundle_errors(head_copy, field, value, complaint):
+    """Regression (fuzzing re-checksummed manifests, issue 25): a manifest whose checksum was re-made after a field
+    was edited (a forger, or a buggy writer: sha256 is no signature) raised TypeError / KeyError while opening."""
+    def change(m):
+        if value is None:
+            m.pop(field)
+        elif value == "drop_last":
+            m[field] = m[field][:-1]
+        elif value == "reverse":
+            m[field] = m[field][::-1]
+        elif isinstance(value, dict):
+            m[field] = {**m[field], **value}
+        else:
+            m[field] = value
+
+    _rewrite_manifest(head_copy, change)
+    with pytest.raises(BundleError, match=complaint):
+        Retrainer(head_copy)
+
+
+def test_non_finite_parameters_behind_valid_checksums_are_refused(head_copy):
+    """Regression (fuzzing re-checksummed buffer.safetensors, issue 25): a flipped exponent bit made a parameter
+    inf; the bundle opened and only fit found out (FloatingPointError)."""
+    tensors = bundle_module.load_tensors(head_copy)
+    name = next(k for k, v in tensors.items() if k.startswith("param.") and v.dtype == np.float32)
+    tensors[name] = tensors[name].copy()
+    tensors[name].flat[0] = np.inf
+    bundle_module.write_tensors(head_copy / "buffer.safetensors", tensors)
+    entry = bundle_module.file_entry(head_copy / "buffer.safetensors")
+    _rewrite_manifest(head_copy, lambda m: m["files"].__setitem__("buffer.safetensors", entry))
+    with pytest.raises(BundleError, match="NaN or infinite"):
+        Retrainer(head_copy)
+
+
+def test_a_graph_that_fails_to_run_is_a_bundle_error(head_copy, digits_split):
+    """Regression (fuzzing re-checksummed model.onnx, issue 25): a graph changed behind re-made checksums loaded, then
+    failed in a Reshape at inference with onnxruntime's own Fail; the Retrainer now names the bundle."""
+    import onnxruntime as ort
+
+    x, y = _split(digits_split, [0, 1])
+    with Retrainer(head_copy) as r:
+        class Broken:
+            def run(self, *args, **kwargs):
+                raise ort.capi.onnxruntime_pybind11_state.Fail("Non-zero status code returned while running Reshape node")
+
+        r._infer = r._step = Broken()
+        before = {k: v.copy() for k, v in r.params.items()}
+        with pytest.raises(BundleError, match="failed to run"):
+            r.predict(x[:4])
+        with pytest.raises(BundleError, match="failed to run"):
+            r.fit(x[:8], y[:8], batch_size=8)
+        assert all(np.array_equal(before[k], r.params[k]) for k in before)
+
+
+def test_a_manifest_without_its_checksum_is_refused(head_copy):
+    """Regression (fuzzing, issue 25): a manifest without manifest_sha256 was read as one written before the checksum
+    existed, so a flipped bit in the key's name (or a deleted stretch taking the key with it) let other damage in."""
+    manifest = json.loads((head_copy / "manifest.json").read_text())
+    digest = manifest.pop("manifest_sha256")
+    manifest["manifesp_sha256"] = digest
+    manifest["replay"]["mix"] = 0.25
+    (head_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="has no 'manifest_sha256'"):
+        Retrainer(head_copy)

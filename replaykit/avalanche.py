@@ -57,7 +57,7 @@ from avalanche.training.storage_policy import ExemplarsBuffer
 from torch.utils.data import DataLoader, TensorDataset
 
 from . import distill as _distill
-from .buffer import _BYTES_PER_PIXEL, STORAGE_DTYPES, SyntheticBuffer, decode_upsample, logit_row_bytes
+from .buffer import STORAGE_DTYPES, SyntheticBuffer, decode_upsample, logit_row_bytes
 from .device import module_device, resolve_device
 from .distill.dm import MatchingDistiller
 from .progress import progress_bar
@@ -79,14 +79,10 @@ def image_cost_bytes(in_shape: Sequence[int], *, factor: int = 1, storage: str =
     ``soft_classes``: a float16 soft-label row over that many classes is held too.
     ``logit_classes``: the learner's logits over that many classes are held too (int8 each + a float16 scale).
     """
-    c, h, w = (int(v) for v in in_shape)
-    if h % factor or w % factor:
-        raise ValueError(f"decoder factor {factor} does not divide the image size {h}x{w}")
-    pixels = c * (h // factor) * (w // factor)
-    labels = 1 + 2 * soft_classes + (logit_row_bytes(logit_classes) if logit_classes else 0)
-    if storage == "uint8":
-        return math.ceil(pixels * bits / 8) + labels
-    return pixels * _BYTES_PER_PIXEL[storage] + labels
+    from . import codecs
+
+    return codecs.image_cost_bytes(in_shape, factor=factor, storage=storage, bits=bits, soft_classes=soft_classes,
+                                   logit_classes=logit_classes)
 
 
 def images_for_bytes(mem_bytes: int, in_shape: Sequence[int], *, factor: int = 1, storage: str = "uint8", bits: int = 8,

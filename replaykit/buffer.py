@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +24,8 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from . import codecs
-from .codecs import (PIXEL_BITS, BufferFormatError, Codec, Codes, check_decoder, check_pixel_bits, label_row_bytes,
-                     logit_row_bytes, pack_levels, unpack_levels)
+from .codecs import BufferFormatError, Codec, Codes, check_decoder, check_pixel_bits, label_row_bytes, logit_row_bytes
+from .codecs import PIXEL_BITS, pack_levels, unpack_levels  # noqa: F401  (their home was here)
 from .codecs import upsample as decode_upsample
 from .fileio import atomic_write, sha256_bytes
 

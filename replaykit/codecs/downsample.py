@@ -90,6 +90,7 @@ class Downsample(Codec):
         return upsample(held, self.factor)
 
     def encode(self, images: torch.Tensor, header: torch.Tensor | None = None) -> Codes:
+        self.held_shape(images.shape[1:])
         if self.space == "pixels":
             return self.inner.encode_pixels(self.shrink(self.inner.to_pixels(images)), header)  # type: ignore[attr-defined]
         return self.inner.encode(self.shrink(images), header)
@@ -126,10 +127,7 @@ class Downsample(Codec):
         return self.expand(small if inner is None else inner)
 
     def meta(self) -> dict[str, Any]:
-        meta = dict(self.inner.meta())
-        if self.factor > 1:
-            meta["decoder"] = decoder_meta(self.factor)
-        return meta
+        return {**({"decoder": decoder_meta(self.factor)} if self.factor > 1 else {}), **self.inner.meta()}
 
     def __repr__(self) -> str:
         return f"Downsample({self.factor}, {self.inner!r}, space={self.space!r})"

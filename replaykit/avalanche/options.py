@@ -65,6 +65,10 @@ def resolve_options(max_size: int | None, method: str, method_options: dict[str,
     bits = int((method_options or {}).get("bits", 8))
     if bits != 8 and storage != "uint8":
         raise ValueError(f"bits={bits} needs storage='uint8'")
+    learned_for = int((method_options or {}).get("jpeg_quality", 0))
+    if learned_for and (storage != "jpeg" or learned_for != jpeg_quality):
+        raise ValueError(f"method_options jpeg_quality={learned_for} learns images for JPEG codes at that quality: it needs "
+                         f"storage='jpeg' with jpeg_quality={learned_for} (got storage={storage!r}, jpeg_quality={jpeg_quality})")
     if not fixed_size:
         if max_size is not None:
             raise ValueError(f"give mem_bytes, not max_size, with storage={storage!r}")

@@ -334,7 +334,7 @@ class DistilledBuffer(ClassDistiller, ExemplarsBuffer):
         codec = self.codec.element
         codes = codec.encode(sample)
         header = int(codes.header.numel())
-        # pixels, then the one-byte label, then held logits: summed in this order, as every budget so far was
+        # mean pixel bytes + the one-byte label + held logits, added in this order (a float sum: the order fixes its last bit)
         per_image = (codec.nbytes(codes) - header) / len(codes) + 1 + (logit_row_bytes(self.num_classes) if self.logits else 0)
         self.max_size = max(1, int((self.mem_bytes - header) // per_image))
 

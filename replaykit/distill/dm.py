@@ -23,6 +23,7 @@ import torch
 from ..augment import DSA, DSAParams, dsa_strategy
 from ..buffer import decode_upsample
 from ..codecs import decoder_meta
+from ..jpeg_sim import simulate_jpeg
 from ..progress import progress_bar
 from .base import DistillResult, Distiller, check_loop_options
 from .features import RandomConvNets, class_index, derive_seed, embed, real_init
@@ -60,6 +61,10 @@ class MatchingDistiller(Distiller):
         bits: grey levels the images are kept at (uint8 storage packs ``8 // bits`` pixels to a byte);
             below 8 the matching sees the quantised pixels (straight-through rounding), so the images
             are learned for the precision they will be stored at. Needs the dataset's mean / std in ``meta``.
+        jpeg_quality: the quality a JPEG buffer will hold the images at (``0``: not JPEG). The matching
+            then sees them through a differentiable JPEG (:mod:`replaykit.jpeg_sim`): at low qualities
+            little more than each 8x8 block's mean survives the codec, and this puts what is learned there.
+            Needs the dataset's mean / std in ``meta``.
         device: where the matching runs (see :class:`~replaykit.distill.base.Distiller`).
         batch_classes: one forward over all classes per iteration (one backward, no host sync per
             class) instead of one per class. ``None`` (default): on for CUDA, off for the CPU, where
@@ -83,6 +88,7 @@ class MatchingDistiller(Distiller):
         learner: torch.nn.Module | None = None,
         learner_weight: float = 1.0,
         bits: int = 8,
+        jpeg_quality: int = 0,
         seed: int = 0,
         progress: bool = True,
         device: str | torch.device | None = "cpu",
@@ -98,6 +104,10 @@ class MatchingDistiller(Distiller):
             raise ValueError("learner must be a network with an .embed(images) method (a replaykit.networks network)")
         if bits not in (1, 2, 4, 8) or isinstance(bits, bool):
             raise ValueError(f"bits must be one of 1, 2, 4, 8, got {bits!r}")
+        if not (isinstance(jpeg_quality, int) and not isinstance(jpeg_quality, bool) and 0 <= jpeg_quality <= 100):
+            raise ValueError(f"jpeg_quality must be an int in [1, 100], or 0 for no JPEG, got {jpeg_quality!r}")
+        if jpeg_quality and bits < 8:
+            raise ValueError(f"bits={bits} and jpeg_quality={jpeg_quality} are two stored forms: a buffer holds one")
         if not (learner_weight >= 0 and math.isfinite(learner_weight)):
             raise ValueError(f"learner_weight must be >= 0, got {learner_weight!r}")
         if not (lr > 0 and math.isfinite(lr)):
@@ -114,6 +124,7 @@ class MatchingDistiller(Distiller):
         self.init = init
         self.factor = factor
         self.bits = bits
+        self.jpeg_quality = jpeg_quality
         self.learner_weight = float(learner_weight)
         self.batch_classes = batch_classes
         self._learner = learner
@@ -131,8 +142,9 @@ class MatchingDistiller(Distiller):
 
     def distill(self, images, labels, *, num_classes=None, meta=None):  # noqa: D102 (documented in Distiller)
         self._dataset = (meta or {}).get("dataset")
-        if self.bits < 8 and not {"mean", "std"} <= set(meta or {}):
-            raise ValueError(f"bits={self.bits} needs the dataset's mean and std in meta (dataset_info(name).meta())")
+        if (self.bits < 8 or self.jpeg_quality) and not {"mean", "std"} <= set(meta or {}):
+            setting = f"bits={self.bits}" if self.bits < 8 else f"jpeg_quality={self.jpeg_quality}"
+            raise ValueError(f"{setting} needs the dataset's mean and std in meta (dataset_info(name).meta())")
         self._norm = [torch.tensor((meta or {}).get(k, [0.0]), dtype=torch.float32).view(1, -1, 1, 1) for k in ("mean", "std")]
         return super().distill(images, labels, num_classes=num_classes, meta=meta)
 
@@ -155,7 +167,11 @@ class MatchingDistiller(Distiller):
         return torch.nn.functional.avg_pool2d(start, self.factor) if self.factor > 1 else start
 
     def _decoded(self, syn: torch.Tensor) -> torch.Tensor:
-        """What the buffer will replay: stored pixels rounded to ``bits`` (straight-through), then decoded."""
+        """What the buffer will replay: stored pixels rounded to ``bits`` or JPEG-coded (straight-through), then decoded."""
+        if self.jpeg_quality:
+            mean, std = (t.to(syn.device) for t in self._norm)
+            coded = simulate_jpeg(((syn * std + mean) * 255).clamp(0, 255), self.jpeg_quality) / 255
+            syn = (coded - mean) / std
         if self.bits < 8:
             mean, std = (t.to(syn.device) for t in self._norm)
             levels = 2 ** self.bits - 1
@@ -232,6 +248,8 @@ class MatchingDistiller(Distiller):
             extra["decoder"] = decoder_meta(self.factor)
         if self.bits < 8:
             extra["pixel_bits"] = self.bits
+        if self.jpeg_quality:
+            extra["learned_for_jpeg_quality"] = self.jpeg_quality
         return DistillResult(out, ids.clone(), ids, extra)
 
 

@@ -116,8 +116,8 @@ class CompressedReplayBuffer(ExemplarsBuffer):
     def update_from_tensors(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         """Add the classes of ``(images, labels)`` and re-balance every class to its byte share."""
         classes = sorted(set(self._held) | {int(c) for c in torch.unique(labels)})
-        if self.codec == "jpeg" and self._header is None:
-            self._encode(images[:1])  # learn the shared header, so its bytes come off the budget first
+        if self._header is None:
+            self._encode(images[:1])  # a codec's shared header (JPEG's) is learned first, so its bytes come off the budget first
         share = (self.mem_bytes - self._header_bytes()) // len(classes)
         for cls in sorted(int(c) for c in torch.unique(labels)):
             idx = torch.nonzero(labels == cls).flatten()

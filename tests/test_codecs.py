@@ -119,3 +119,18 @@ def test_image_cost_counts_pixels_and_labels_in_one_place():
         codecs.image_cost_bytes((1, 28, 28), storage="jpeg")
     with pytest.raises(ValueError, match="storage must be one of"):
         codecs.image_cost_bytes((1, 28, 28), storage="int4")
+
+
+@pytest.mark.parametrize("storage, meta, factor", [("uint8", {"pixel_bits": 2}, 2), ("jpeg", {"jpeg_quality": 10}, 1), ("float16", {}, 2)])
+def test_the_manifest_entries_say_what_the_edge_exporter_writes(storage, meta, factor):
+    from edge.exporter import _replay_tensors
+
+    images = torch.nn.functional.avg_pool2d(_images(n=5), factor) if factor > 1 else _images(n=5)
+    decoder = {"decoder": codecs.decoder_meta(factor)} if factor > 1 else {}
+    buffer = SyntheticBuffer(images, torch.arange(5) % 3, 3, None, dict(META, **meta, **decoder))
+    codec = codecs.compose(buffer.decoder_factor, buffer.codec(storage))
+    entry = codec.manifest(buffer._stored_images(storage))
+    _, replay = _replay_tensors(buffer, storage, 3)
+    assert {k: replay[k] for k in ("pixel_bits", "jpeg_header_bytes", "jpeg_quality")} == \
+        {k: entry[k] for k in ("pixel_bits", "jpeg_header_bytes", "jpeg_quality")}
+    assert entry["decoder"] == buffer.meta.get("decoder") and entry["image_storage"] == storage

@@ -130,6 +130,12 @@ class Codec(abc.ABC):
         """The keys a buffer's metadata (and a bundle manifest) carries for this codec."""
         return {}
 
+    def manifest(self, stored: torch.Tensor) -> dict[str, Any]:
+        """The image entries of an edge bundle's manifest for ``stored`` (what :meth:`pack` gave): how the device decodes them."""
+        meta = self.meta()
+        return {"image_storage": self.storage, "decoder": meta.get("decoder"), "pixel_bits": meta.get("pixel_bits", 8),
+                "jpeg_header_bytes": self.header_nbytes(stored), "jpeg_quality": meta.get("jpeg_quality")}
+
     def __repr__(self) -> str:
         options = ", ".join(f"{k}={v!r}" for k, v in self.meta().items())
         return f"{type(self).__name__}({options})"

@@ -47,7 +47,7 @@ CIFAR_IMAGES_PER_CLASS = (1, 2.5, 10)
 #: held classes shrink by keeping their first images.
 PIPELINE = "uint8:factor=2:bits=2:logits=1:mix=0.5"
 #: Other pipelines random real images run through too: JPEG q2 with held logits is the strongest real row at 1-10
-#: raw images per class (benchmarks/RESULTS.md), so the distilled row must beat it, not only its own twins.
+#: raw images per class (benchmarks/log/JOURNAL.md), so the distilled row must beat it, not only its own twins.
 REAL_PIPELINES = ("jpeg:quality=2:logits=1:mix=0.5",)
 RECOMPRESS = "prefix"
 #: Distilled rows: method and its options after ``core=`` (the distilled share of the final quota).
@@ -247,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
                         spec = parse_spec(row["spec"])
                         about[(dataset, seed, epochs, spec.identity)] = dict(row, budget_bytes=budget)
                         cells.append((cfg, spec))
-    config = {"width": args.width, "pipeline": pipeline_text(args.pipeline, args.recompress), "distilled": list(distilled),
+    config = {"command": " ".join(["python benchmarks/bytes_sweep.py", *(argv if argv is not None else sys.argv[1:])]),
+              "width": args.width, "pipeline": pipeline_text(args.pipeline, args.recompress), "distilled": list(distilled),
               "real_pipelines": list(args.real_pipelines), "device": args.device,
               "evaluated_on": "validation split of train" if args.validation else "test set", "quick": args.quick,
               "train_per_class": args.train_per_class, "test_per_class": args.test_per_class, "jobs": args.jobs, "threads_per_job": threads}
@@ -285,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
 def _document(config: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"benchmark": "bytes_sweep (PROTOCOL A over byte budgets)",
             "machine": f"{platform.machine()} CPU, {platform.processor() or 'unknown'}, {_device_words(config.get('device', 'cpu'))}",
-            "config": config, "rows": rows}
+            "date": time.strftime("%Y-%m-%d", time.gmtime()), "command": config.get("command"), "config": config, "rows": rows}
 
 
 if __name__ == "__main__":

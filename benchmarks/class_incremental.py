@@ -51,7 +51,7 @@ BASELINES = [
 #: logits (int8 + scale, DER-style, counted), 100 iterations per class, held classes shrink by keeping part of
 #: their images (~1,440 images in 78,500 B), half of every training mini-batch shown through JPEG q2 (so the
 #: JPEG look is no old-class cue: 97.73 vs 93.13 % on the 5-epoch validation split); then the earlier row, dm with
-#: 2-bit grey levels learned through straight-through rounding (398 images). Chosen on the validation split (RESULTS.md).
+#: 2-bit grey levels learned through straight-through rounding (398 images). Chosen on the validation split (benchmarks/log/JOURNAL.md).
 DISTILLED = [
     f"distilled:{HEADLINE_BYTES}B:dm:jpeg:quality=2:iterations=100:recompress=select:logits=1:mix=0.5",
     f"distilled:{HEADLINE_BYTES}B:dm:uint8:bits=2:iterations=100:recompress=select",

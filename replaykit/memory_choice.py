@@ -3,9 +3,9 @@
 Distilled images earn their bytes only where the budget is tight: the more images a class keeps, the
 closer a random real subset comes (Hybrid Memory Replay, arXiv 2410.15372; "A Label is Worth a Thousand
 Images", arXiv 2406.10485), and held logits carry most of what is left. ``DistilledReplayPlugin(method="auto")``
-looks the class budget up in :data:`CHOICES`, a table written from what ``benchmarks/bytes_sweep.py``
-measured on the validation split (never on test), holds what it says, logs the choice and records it in
-the buffer's metadata (``memory_choice``).
+looks the class budget up in :data:`CHOICES` by raw images per class and image kind (grey or colour), a
+table written from what ``benchmarks/bytes_sweep.py`` measured on the validation split (never on test),
+holds what it says, logs the choice and records it in the buffer's metadata (``memory_choice``).
 """
 
 from __future__ import annotations
@@ -37,32 +37,56 @@ class MemoryChoice:
         return asdict(self)
 
 
-#: (most bytes per class, choice), smallest budgets first; the first row whose bound holds the budget wins.
-#: Every row names the validation runs it rests on (benchmarks/RESULTS.md, "Where distillation earns its bytes").
-CHOICES: tuple[tuple[float, MemoryChoice], ...] = (
-    (785.0, MemoryChoice(
+#: (channels, most raw images per class, choice), smallest budgets first per image kind; the first row of
+#: the images' kind whose bound holds the budget wins. A raw image is the uint8 pixels of one image plus a
+#: one-byte label (MNIST 785 B, CIFAR-10 3,073 B). Every row names the validation runs it rests on
+#: (validation split of the training set, seed 0, 1 epoch per experience, never the test set; benchmarks/log/JOURNAL.md).
+CHOICES: tuple[tuple[int, float, MemoryChoice], ...] = (
+    (1, 1.0, MemoryChoice(
         "distill", "dm", {"factor": 2, "bits": 2, "iterations": 1500}, core=1.0,
-        evidence="785 B/class (7,850 B), validation split, seed 0, 1 epoch: dm learned through half resolution and 2-bit grey "
-                 "levels for the final quota, with held logits, 1,500 iterations: 93.67 / 78.43 (MNIST / Fashion-MNIST; 500 "
-                 "iterations 93.98 / 77.30, herding start 93.87 / 77.02, 4-bit 93.05 / 73.70) vs its random twin 92.73 / 70.35, "
-                 "herding twin 93.68 / 73.40, and the best real row (random real images as JPEG q2 + logits) 93.72 / 74.55",
+        evidence="1 raw image per class (MNIST / Fashion-MNIST 7,850 B): dm learned through half resolution and 2-bit grey "
+                 "levels for the final quota, with held logits, 1,500 iterations: 93.67 / 78.43 (500 iterations 93.98 / 77.30, "
+                 "herding start 93.87 / 77.02, 4-bit 93.05 / 73.70) vs its random twin 92.73 / 70.35, herding twin 93.68 / "
+                 "73.40, and the best real row (random real images as JPEG q2 + logits) 93.72 / 74.55",
     )),
-    (float("inf"), MemoryChoice(
+    (1, float("inf"), MemoryChoice(
         "select", "random", storage="jpeg", jpeg_quality=2,
-        evidence="7,850 B/class (78,500 B), validation proxy (MNIST, 5 epochs): dm as JPEG q2 + logits 95.40 vs random real "
-                 "images held the same way 95.13, a tie that does not pay for the distillation time; random real images as "
-                 "JPEG q2 + logits are the strongest real row there; the test sweep agrees (78,500 B, 3 seeds: dm for the final "
-                 "quota 95.57 / 78.42 vs random twin 95.69 / 78.99, MNIST / Fashion-MNIST)",
+        evidence="10 raw images per class (78,500 B): random real images as JPEG q2 + logits 95.30 / 79.23 (MNIST / "
+                 "Fashion-MNIST) vs dm for the final quota learned for those JPEG codes 95.42 / 78.28, the same dm "
+                 "JPEG-coded afterwards (5 epochs, MNIST) 95.40 vs 95.13, dm at half resolution and 2 bits 95.25 / 77.40, "
+                 "a hybrid (a tenth of the quota distilled, the rest random) 95.35 / 79.07: no distilled row pays for its "
+                 "distillation time there",
+    )),
+    (3, 1.0, MemoryChoice(
+        "distill", "dm", {"jpeg_quality": 2, "iterations": 500}, core=1.0, storage="jpeg", jpeg_quality=2,
+        evidence="1 raw image per class (CIFAR-10 30,730 B): dm for the final quota learned through a differentiable JPEG "
+                 "q2 (replaykit.jpeg_sim), held as JPEG q2 codes + logits: 39.56 vs the same dm JPEG-coded afterwards 38.72, "
+                 "its herding twin 37.26, random twin 36.80; dm at half resolution and 2 bits 34.12 (random twin 29.56), "
+                 "quarter resolution 4 bits 34.96 (31.34), 2 bits 32.16 (27.82)",
+    )),
+    (3, float("inf"), MemoryChoice(
+        "select", "random", storage="jpeg", jpeg_quality=2,
+        evidence="above 1 raw image per class on colour images nothing is validated yet: the grey-image finding (a real "
+                 "subset as JPEG q2 + logits is as good as distilled images from 10 raw images per class) is taken over",
     )),
 )
 
 
-def choose_memory(bytes_per_class: float) -> MemoryChoice:
-    """The :data:`CHOICES` row for a budget of ``bytes_per_class`` (total bytes / classes of the stream)."""
+def choose_memory(bytes_per_class: float, in_shape: tuple[int, ...] | list[int]) -> MemoryChoice:
+    """The :data:`CHOICES` row for ``bytes_per_class`` (total bytes / classes of the stream) of images shaped ``in_shape``.
+
+    Grey images (1 channel) read the grey rows, anything else the colour rows.
+    """
     if not bytes_per_class > 0:
         raise ValueError(f"bytes_per_class must be > 0, got {bytes_per_class!r}")
-    for bound, choice in CHOICES:
-        if bytes_per_class <= bound:
-            log.info("replaykit: %.0f bytes per class -> %s (%s): %s", bytes_per_class, choice.mode, choice.method, choice.evidence)
+    shape = tuple(int(v) for v in in_shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"in_shape must be (channels, height, width), got {in_shape!r}")
+    raw_images = bytes_per_class / (shape[0] * shape[1] * shape[2] + 1)
+    kind = 1 if shape[0] == 1 else 3
+    for channels, bound, choice in CHOICES:
+        if channels == kind and raw_images <= bound:
+            log.info("replaykit: %.0f bytes per class (%.2f raw images of %s) -> %s (%s): %s", bytes_per_class, raw_images,
+                     "x".join(map(str, shape)), choice.mode, choice.method, choice.evidence)
             return choice
-    raise AssertionError("CHOICES ends with an unbounded row")
+    raise AssertionError("CHOICES ends each image kind with an unbounded row")

@@ -14,22 +14,30 @@ from replaykit.memory_choice import CHOICES, choose_memory
 
 
 def test_table_is_ordered_unbounded_at_the_end_and_names_its_evidence():
-    bounds = [bound for bound, _ in CHOICES]
-    assert bounds == sorted(bounds) and bounds[-1] == float("inf")
-    for _, choice in CHOICES:
+    for kind in (1, 3):
+        bounds = [bound for channels, bound, _ in CHOICES if channels == kind]
+        assert bounds == sorted(bounds) and bounds[-1] == float("inf")
+    for _, _, choice in CHOICES:
         assert choice.mode in ("distill", "hybrid", "select") and choice.method in distill.available()
         assert (choice.core is not None) == (choice.mode != "select") and choice.evidence
         assert choice.mode != "hybrid" or 0 < choice.core < 1
 
 
 def test_each_budget_gets_the_first_row_that_holds_it(caplog):
+    shapes = {1: (1, 28, 28), 3: (3, 32, 32)}
     with caplog.at_level(logging.INFO, logger="replaykit"):
-        for bound, choice in CHOICES:
-            probe = bound if bound != float("inf") else 1e9
-            assert choose_memory(probe) == choice
-    assert "bytes per class" in caplog.text
+        for channels, bound, choice in CHOICES:
+            shape = shapes[channels]
+            raw = shape[0] * shape[1] * shape[2] + 1
+            probe = bound * raw if bound != float("inf") else 1e9
+            assert choose_memory(probe, shape) == choice
+    assert "bytes per class" in caplog.text and "raw images" in caplog.text
+    # one budget, two image kinds: 3,073 B per class is 1 raw CIFAR-10 image but ~3.9 raw MNIST images
+    assert choose_memory(3073, (3, 32, 32)).mode == "distill" and choose_memory(3073, (1, 28, 28)).mode == "select"
     with pytest.raises(ValueError, match="bytes_per_class"):
-        choose_memory(0)
+        choose_memory(0, (1, 28, 28))
+    with pytest.raises(ValueError, match="in_shape"):
+        choose_memory(100, (28, 28))
 
 
 @pytest.mark.parametrize("mem_bytes", [650, 80_000])
@@ -37,7 +45,7 @@ def test_auto_buffer_holds_what_the_table_says_and_records_it(mem_bytes):
     x, y = load_tensors("digits")
     meta = dataset_info("digits").meta()
     buffer = DistilledBuffer(method="auto", mem_bytes=mem_bytes, num_classes=10, dataset_meta=meta, progress=False)
-    choice = choose_memory(mem_bytes / 10)
+    choice = choose_memory(mem_bytes / 10, meta["in_shape"])
     assert (buffer.method, buffer.recompress, buffer.core, buffer.storage, buffer.logits) == (
         choice.method, choice.recompress, choice.core, choice.storage, choice.logits)
     if choice.method != "random":

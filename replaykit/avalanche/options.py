@@ -32,7 +32,9 @@ def resolve_options(max_size: int | None, method: str, method_options: dict[str,
             raise ValueError("method='auto' sets the method's options and core itself: leave method_options and core unset")
         from ..memory_choice import choose_memory
 
-        choice = choose_memory(mem_bytes / num_classes)
+        if not (dataset_meta or {}).get("in_shape"):
+            raise ValueError("method='auto' chooses by raw images per class: it needs dataset_meta with in_shape (dataset_info(name).meta())")
+        choice = choose_memory(mem_bytes / num_classes, dataset_meta["in_shape"])
         method, method_options, core, recompress = choice.method, dict(choice.method_options), choice.core, choice.recompress
         storage, jpeg_quality, logits = choice.storage, choice.jpeg_quality, choice.logits
     if core is not None:

@@ -31,7 +31,7 @@ class DistilledBuffer(ClassDistiller, ExemplarsBuffer):
     Args:
         max_size: M, the most images held in total.
         method: a name from :func:`replaykit.distill.available` (``dm`` is the default), or ``"auto"``: distill,
-            hybrid or select by the bytes each class gets, from the measured table in :mod:`replaykit.memory_choice`
+            hybrid or select by the raw images each class's bytes buy, from the measured table in :mod:`replaykit.memory_choice`
             (needs ``mem_bytes`` and ``num_classes``; the table sets the storage, JPEG quality and held logits too; the
             choice is logged and kept in the buffer's ``memory_choice``).
         method_options: keyword options for the method's constructor (not ``ipc`` / ``seed``).

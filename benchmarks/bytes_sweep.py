@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from class_incremental import _device_words, run_cells  # noqa: E402  (a sibling script, not a package)
 
+from replaykit.codecs import image_cost_bytes  # noqa: E402
 from replaykit.continual import RunConfig, parse_spec  # noqa: E402
 from replaykit.data import DatasetNotFoundError, dataset_info, load_tensors  # noqa: E402
 from replaykit.device import add_device_argument  # noqa: E402
@@ -58,7 +59,7 @@ REAL_FAMILIES = ("random", "herding", "replay", "der", "jpeg")
 def budget_bytes(dataset: str, images_per_class: float) -> int:
     """The bytes of ``images_per_class`` raw uint8 images with a one-byte label, for every class."""
     info = dataset_info(dataset)
-    return int(math.floor(images_per_class * info.num_classes * (int(np.prod(info.in_shape)) + 1) + 0.5))
+    return int(math.floor(images_per_class * info.num_classes * image_cost_bytes(info.in_shape) + 0.5))
 
 
 def pipeline_text(pipeline: str, recompress: str) -> str:
@@ -75,7 +76,7 @@ def sweep_rows(dataset: str, budget: int, distilled: tuple[str, ...], pipeline: 
     rows may use another codec than the distilled one).
     """
     info = dataset_info(dataset)
-    pixels = int(np.prod(info.in_shape))
+    raw = image_cost_bytes(info.in_shape)  # a uint8 image and its one-byte label
     shared = pipeline_text(pipeline, recompress)
     rows = []
     for entry in distilled:
@@ -90,8 +91,8 @@ def sweep_rows(dataset: str, budget: int, distilled: tuple[str, ...], pipeline: 
         rows.append({"images": "random", "pipeline": pipeline_text(other, recompress), "row": f"random ({other})",
                      "spec": f"distilled:{budget}B:random:{other}:recompress={recompress}"})
     if baselines:
-        replay_m = budget // (pixels + 1)
-        der_m = budget // (pixels + 1 + 4 * info.num_classes)  # DER holds float32 logits too
+        replay_m = budget // raw
+        der_m = budget // (raw + 4 * info.num_classes)  # DER holds float32 logits too
         if replay_m >= 1:
             rows.append({"images": "replay", "pipeline": "uint8 reservoir (Avalanche ReplayPlugin)", "spec": f"replay:{replay_m}"})
         if der_m >= 1:
@@ -127,7 +128,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         lines += [f"### {dataset}, {epochs} epoch(s) per experience: final accuracy % (mean ± std over seeds; images held)", "",
                   "| budget B (raw img/class) | " + " | ".join(families) + " | distilled - best real |",
                   "|---|" + "---:|" * (len(families) + 1)]
-        per_image = dataset_info(dataset).num_classes * (int(np.prod(dataset_info(dataset).in_shape)) + 1)
+        per_image = dataset_info(dataset).num_classes * image_cost_bytes(dataset_info(dataset).in_shape)
         for b in budgets:
             cells = []
             for f in families:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,14 +23,17 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from . import codecs
+from .codecs import BufferFormatError, Codec, Codes, check_decoder, check_pixel_bits, label_row_bytes, logit_row_bytes
+from .codecs import PIXEL_BITS, pack_levels, unpack_levels  # noqa: F401  (their home was here)
+from .codecs import upsample as decode_upsample
 from .fileio import atomic_write, sha256_bytes
 
 __all__ = ["SyntheticBuffer", "BufferFormatError", "FORMAT_VERSION", "STORAGE_DTYPES", "decode_upsample", "check_decoder",
            "quantize_logits", "logit_row_bytes"]
 
 FORMAT_VERSION = 1
-STORAGE_DTYPES = ("float32", "float16", "uint8", "jpeg")
-_BYTES_PER_PIXEL = {"float32": 4, "float16": 2, "uint8": 1, "jpeg": 1}
+STORAGE_DTYPES = codecs.storages()
 _HEADER_KEY = "replaykit"
 
 
@@ -44,73 +46,6 @@ def quantize_logits(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def dequantize_logits(levels: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`quantize_logits`: the float32 values a held row stands for."""
     return levels.float() * scales.float()[:, None]
-
-
-def logit_row_bytes(num_classes: int) -> int:
-    """Bytes one image's held logits take: an int8 per class and a float16 scale."""
-    return int(num_classes) + 2
-
-
-class BufferFormatError(ValueError):
-    """A buffer (in memory or on disk) is malformed, corrupt or tampered with."""
-
-
-def check_decoder(decoder: Any) -> int:
-    """Validate ``meta["decoder"]`` and return its upsampling factor (1: stored at full resolution).
-
-    The only decoder is ``{"kind": "upsample", "factor": f, "mode": "bilinear"}``: images are
-    stored at ``1/f`` of the network's resolution (IDC's multi-formation, Kim et al. 2022), so the
-    same bytes hold ``f**2`` times as many images, and decoded by bilinear upsampling
-    (``align_corners=False``; the edge device applies the same map in numpy).
-    """
-    if decoder is None:
-        return 1
-    if not isinstance(decoder, dict) or decoder.get("kind") != "upsample" or decoder.get("mode", "bilinear") != "bilinear":
-        raise BufferFormatError(f"unknown decoder {decoder!r}; expected {{'kind': 'upsample', 'factor': f, 'mode': 'bilinear'}}")
-    factor = decoder.get("factor")
-    if not isinstance(factor, int) or isinstance(factor, bool) or factor < 1:
-        raise BufferFormatError(f"decoder factor must be a positive int, got {factor!r}")
-    return factor
-
-
-PIXEL_BITS = (1, 2, 4, 8)
-
-
-def check_pixel_bits(bits: Any) -> int:
-    """Validate ``meta["pixel_bits"]``: uint8 storage keeps ``2**bits`` grey levels per pixel, packed ``8 // bits`` to a byte."""
-    bits = 8 if bits is None else bits
-    if bits not in PIXEL_BITS or isinstance(bits, bool):
-        raise BufferFormatError(f"pixel_bits must be one of {PIXEL_BITS}, got {bits!r}")
-    return int(bits)
-
-
-def pack_levels(levels: torch.Tensor, bits: int) -> torch.Tensor:
-    """``[N, ...]`` uint8 grey levels below ``2**bits`` -> ``[N, ceil(D * bits / 8)]`` bytes (D values per row)."""
-    flat = levels.reshape(levels.shape[0], -1).to(torch.int64)
-    if bits == 8:
-        return flat.to(torch.uint8)
-    per_byte = 8 // bits
-    pad = (-flat.shape[1]) % per_byte
-    flat = torch.nn.functional.pad(flat, (0, pad)).view(flat.shape[0], -1, per_byte)
-    shifts = torch.arange(per_byte, dtype=torch.int64) * bits
-    return (flat << shifts).sum(-1).to(torch.uint8)
-
-
-def unpack_levels(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """Inverse of :func:`pack_levels`: ``[N, B]`` bytes -> ``[N, count]`` uint8 grey levels."""
-    if bits == 8:
-        return packed[:, :count].to(torch.uint8)
-    per_byte = 8 // bits
-    shifts = torch.arange(per_byte, dtype=torch.int64) * bits
-    values = (packed.to(torch.int64)[..., None] >> shifts) & ((1 << bits) - 1)
-    return values.reshape(packed.shape[0], -1)[:, :count].to(torch.uint8)
-
-
-def decode_upsample(images: torch.Tensor, factor: int) -> torch.Tensor:
-    """Differentiable decoder of low-resolution synthetic images: bilinear upsampling by ``factor``."""
-    if factor == 1:
-        return images
-    return torch.nn.functional.interpolate(images, scale_factor=factor, mode="bilinear", align_corners=False)
 
 
 def _versions() -> dict[str, str]:
@@ -249,31 +184,39 @@ class SyntheticBuffer:
     def indices_of(self, cls: int) -> torch.Tensor:
         return torch.nonzero(self.class_ids == cls, as_tuple=False).flatten()
 
+    def codec(self, storage: str = "float32") -> Codec:
+        """The codec of these images held as ``storage``, at their held resolution (grey levels of
+        ``meta['pixel_bits']``, JPEG at ``meta['jpeg_quality']``, the normalisation of ``meta``)."""
+        known = STORAGE_DTYPES
+        if storage not in known:
+            raise ValueError(f"storage must be one of {known}, got {storage!r}")
+        mean, std = _mean_std(self.meta, self.images.shape[1])
+        return codecs.for_storage(storage, bits=self.pixel_bits, quality=self.meta.get("jpeg_quality", 50), mean=mean, std=std)
+
+    def codes(self, storage: str = "float32") -> Codes:
+        """What ``storage`` keeps of the images: the codes they were decoded from when the buffer holds them
+        (see :meth:`_hold_codes`), else a fresh encoding."""
+        codec = self.codec(storage)
+        held = self._held_jpeg_codes() if codec.holds_codes else None
+        return Codes(list(held[1]), held[0]) if held is not None else codec.encode(self.images)
+
     def nbytes(self, storage: str = "float32") -> int:
-        """Bytes the buffer holds with images stored as ``storage``: pixels at their stored resolution,
-        one byte per hard label, soft labels at ``meta['soft_label_storage']`` precision (float32 by default)
-        plus a one-byte class id."""
-        if storage not in _BYTES_PER_PIXEL:
-            raise ValueError(f"storage must be one of {STORAGE_DTYPES}, got {storage!r}")
+        """Bytes the buffer holds with images stored as ``storage``: pixels at their stored resolution as the codec
+        counts them (JPEG: the shared headers once + every body), plus :meth:`label_nbytes`."""
+        codec = self.codec(storage)
         label_bytes = self.label_nbytes()
-        if storage == "jpeg":  # shared headers once + every image's entropy-coded body
-            if not len(self):
-                return label_bytes
-            header, bodies = self._jpeg_codes()
-            return header.numel() + sum(b.numel() for b in bodies) + label_bytes
-        if storage == "uint8":  # grey levels packed 8 // pixel_bits to a byte, each image padded to whole bytes
-            per_image = math.ceil(int(math.prod(self.image_shape)) * self.pixel_bits / 8) if len(self) else 0
-            return len(self) * per_image + label_bytes
-        return self.images.numel() * _BYTES_PER_PIXEL[storage] + label_bytes
+        if not len(self):
+            return label_bytes
+        per_image = codec.image_nbytes(self.image_shape)
+        pixels = len(self) * per_image if per_image is not None else codec.nbytes(self.codes(storage))
+        return pixels + label_bytes
 
     def label_nbytes(self) -> int:
         """Bytes of the labels: one per hard label; soft rows at ``meta['soft_label_storage']`` plus a one-byte class id;
-        held logits at :func:`logit_row_bytes` per image."""
-        logit_bytes = 0 if self.logits is None else len(self) * logit_row_bytes(self.num_classes)
-        if not self.is_soft:
-            return int(self.labels.numel()) + logit_bytes
-        soft_bytes = {"float32": 4, "float16": 2}[self.meta.get("soft_label_storage", "float32")]
-        return int(self.labels.numel()) * soft_bytes + len(self) + logit_bytes
+        held logits at :func:`logit_row_bytes` per image (:func:`replaykit.codecs.label_row_bytes` per image)."""
+        soft = self.num_classes if self.is_soft else 0
+        soft_bytes = {"float32": 4, "float16": 2}[self.meta.get("soft_label_storage", "float32")] if soft else 2
+        return len(self) * label_row_bytes(soft, self.num_classes if self.logits is not None else 0, soft_bytes)
 
     @property
     def pixel_bits(self) -> int:
@@ -289,14 +232,9 @@ class SyntheticBuffer:
         return quality
 
     def _jpeg_codes(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """(shared header, one body per image): the codes these images were decoded from when the
-        buffer holds them (see :meth:`_hold_codes`), else a fresh encoding."""
-        from . import jpeg
-
-        held = self._held_jpeg_codes()
-        if held is not None:
-            return held[0], list(held[1])
-        return jpeg.encode((self.pixels() * 255.0).round_().to(torch.uint8), self.jpeg_quality)
+        """(shared header, one body per image) of jpeg storage (see :meth:`codes`)."""
+        codes = self.codes("jpeg")
+        return codes.header, list(codes.bodies)
 
     def _codes_key(self) -> tuple:
         """What held JPEG codes are valid for: these very image values (no in-place edit since), quality, normalisation."""
@@ -317,24 +255,16 @@ class SyntheticBuffer:
 
     def quantized(self, storage: str = "uint8") -> "SyntheticBuffer":
         """The buffer as ``storage`` keeps it: uint8 rounds pixels to ``2**pixel_bits`` grey levels,
-        jpeg goes through the codec at ``jpeg_quality``, float16 rounds the values."""
-        mean, std = _mean_std(self.meta, self.images.shape[1])
-        if storage == "float32" or not len(self):
+        jpeg goes through the codec at ``jpeg_quality`` (and holds its codes), float16 rounds the values."""
+        codec = self.codec(storage)
+        if codec.lossless or not len(self):
             return self
-        if storage == "float16":
-            images = self.images.half().float()
-        elif storage == "jpeg":
-            from . import jpeg
-
-            header, bodies = self._jpeg_codes()
-            images = (jpeg.decode(header, bodies, self.images.shape[1]).float() / 255.0 - mean) / std
+        if codec.holds_codes:
+            codes = self.codes(storage)
+            images = codec.decode(codes, self.image_shape)
             return SyntheticBuffer(images.contiguous(), self.labels, self.num_classes, self.class_ids, self.meta,
-                                   self.logits)._hold_codes(header, bodies)
-        elif storage == "uint8":
-            levels = 2 ** self.pixel_bits - 1
-            images = ((self.pixels() * levels).round_() / levels - mean) / std
-        else:
-            raise ValueError(f"storage must be one of {STORAGE_DTYPES}, got {storage!r}")
+                                   self.logits)._hold_codes(codes.header, list(codes.bodies))
+        images = codec.roundtrip(self.images)
         return SyntheticBuffer(images.contiguous(), self.labels, self.num_classes, self.class_ids, self.meta, self.logits)
 
     # ------------------------------------------------------------ operations
@@ -431,17 +361,9 @@ class SyntheticBuffer:
 
     # -------------------------------------------------------------- file I/O
     def _stored_images(self, storage: str) -> torch.Tensor:
-        if storage == "float32":
-            return self.images.contiguous()
-        if storage == "float16":
-            return self.images.to(torch.float16).contiguous()
-        if storage == "uint8":
-            levels = (self.pixels() * (2 ** self.pixel_bits - 1)).round_().to(torch.uint8)
-            return levels.contiguous() if self.pixel_bits == 8 else pack_levels(levels, self.pixel_bits).contiguous()
-        if storage == "jpeg":  # the shared header, then every body; bodies end with EOI, so no lengths are needed
-            header, bodies = self._jpeg_codes() if len(self) else (torch.zeros(0, dtype=torch.uint8), [])
-            return torch.cat([header] + bodies).contiguous() if bodies else header
-        raise ValueError(f"storage must be one of {STORAGE_DTYPES}, got {storage!r}")
+        """The one tensor a file holds for the images (JPEG: the shared header, then every body)."""
+        codec = self.codec(storage)
+        return codec.pack(self.codes(storage))
 
     def save(self, path: str | os.PathLike, storage: str = "float32") -> Path:
         """Write the buffer atomically as safetensors; images stored as ``storage``.
@@ -459,7 +381,7 @@ class SyntheticBuffer:
         if self.logits is not None:
             tensors["logits"], tensors["logit_scales"] = quantize_logits(self.logits)
         header = {
-            "jpeg_header_bytes": _jpeg_header_bytes(tensors["images"]) if storage == "jpeg" and len(self) else 0,
+            "jpeg_header_bytes": self.codec(storage).header_nbytes(tensors["images"]) if len(self) else 0,
             "format_version": FORMAT_VERSION,
             "num_classes": self.num_classes,
             "storage": storage,
@@ -519,30 +441,25 @@ class SyntheticBuffer:
             raise BufferFormatError(f"{path} lacks tensors {sorted(missing)}")
         if _tensor_digest(tensors) != header.get("sha256"):
             raise BufferFormatError(f"{path}: checksum mismatch; the file was modified or corrupted after it was written")
-        storage = header.get("storage")
-        expected = {"float32": torch.float32, "float16": torch.float16, "uint8": torch.uint8, "jpeg": torch.uint8}.get(storage)
-        if expected is None or tensors["images"].dtype != expected:
-            raise BufferFormatError(f"{path}: images stored as {tensors['images'].dtype}, header says {storage!r}")
+        storage, images = header.get("storage"), tensors["images"]
+        if storage not in STORAGE_DTYPES or images.dtype != codecs.REGISTRY[storage].dtype:
+            raise BufferFormatError(f"{path}: images stored as {images.dtype}, header says {storage!r}")
         meta = header.get("meta", {})
-        images = tensors["images"]
         bits = check_pixel_bits(meta.get("pixel_bits"))
-        codes = None
-        if storage == "jpeg":
-            images, codes = _load_jpeg(path, images, header, meta, tensors["labels"].shape[0])
-            storage, bits = "uint8", 8
-        elif storage == "uint8" and bits < 8:
-            shape = header.get("image_shape")
-            if not (isinstance(shape, list) and len(shape) == 3 and images.ndim == 2):
-                raise BufferFormatError(f"{path}: packed {bits}-bit images need a [N, bytes] tensor and an image_shape in the header")
-            count = int(math.prod(shape))
-            if images.shape[1] != math.ceil(count * bits / 8):
-                raise BufferFormatError(f"{path}: packed rows of {images.shape[1]} bytes do not hold {shape} pixels at {bits} bits")
-            images = unpack_levels(images, bits, count).reshape(-1, *shape)
+        shape = header.get("image_shape")
+        shape = tuple(shape) if isinstance(shape, list) and len(shape) == 3 else tuple(images.shape[1:]) if images.ndim == 4 else ()
+        count = int(tensors["labels"].shape[0])
+        try:
+            codec = codecs.for_storage(storage, bits=bits, quality=meta.get("jpeg_quality", 50))
+            codes = codec.unpack(images, count, shape, header.get("jpeg_header_bytes"))
+            if codec.stores_pixels:  # the normalisation to undo comes from meta
+                mean, std = _mean_std(meta, shape[0])
+                codec = codecs.for_storage(storage, bits=bits, quality=meta.get("jpeg_quality", 50), mean=mean, std=std)
+            images = codec.decode(codes, shape)
+        except BufferFormatError as exc:
+            raise BufferFormatError(f"{path}: {exc}") from exc
         if images.ndim != 4:
             raise BufferFormatError(f"{path}: images must be [N, C, H, W], got shape {tuple(images.shape)}")
-        if storage == "uint8":
-            mean, std = _mean_std(meta, images.shape[1])
-            images = (images.float() / (2 ** bits - 1) - mean) / std
         logits = None
         if "logits" in tensors or "logit_scales" in tensors:
             levels, scales = tensors.get("logits"), tensors.get("logit_scales")
@@ -551,7 +468,7 @@ class SyntheticBuffer:
                 raise BufferFormatError(f"{path}: held logits must be int8 [N, K] with float16 [N] scales")
             logits = dequantize_logits(levels, scales)
         loaded = cls(images.float(), tensors["labels"], int(header["num_classes"]), tensors["class_ids"], meta, logits)
-        return loaded if codes is None else loaded._hold_codes(*codes)
+        return loaded._hold_codes(codes.header, list(codes.bodies)) if codec.holds_codes and count else loaded
 
     def __repr__(self) -> str:
         kind = "soft" if self.is_soft else "hard"
@@ -567,8 +484,7 @@ def _join_held_codes(joined: SyntheticBuffer, parts: Sequence[SyntheticBuffer]) 
     held = [p._held_jpeg_codes() for p in parts]
     if not any(h is not None for h in held) or "jpeg_quality" not in joined.meta:
         return joined
-    from . import jpeg
-
+    codec = joined.codec("jpeg")
     header = next(h[0] for h in held if h is not None)
     bodies: list[torch.Tensor] = []
     for part, codes in zip(parts, held):
@@ -577,41 +493,8 @@ def _join_held_codes(joined: SyntheticBuffer, parts: Sequence[SyntheticBuffer]) 
         if codes is not None and torch.equal(codes[0], header) and part.meta.get("jpeg_quality") == joined.jpeg_quality:
             bodies += codes[1]
         else:
-            pixels = (part.with_meta(**{k: joined.meta.get(k) for k in ("mean", "std") if k in joined.meta}).pixels() * 255.0)
-            bodies += jpeg.encode(pixels.round_().to(torch.uint8), joined.jpeg_quality, header)[1]
+            bodies += list(codec.encode(part.images, header).bodies)
     return joined._hold_codes(header, bodies)
-
-
-def _jpeg_header_bytes(stored: torch.Tensor) -> int:
-    """Length of the shared header at the front of jpeg-stored images (read from the bytes, not encoded again)."""
-    from . import jpeg
-
-    return jpeg.header_length(stored)
-
-
-def _load_jpeg(path: Path, data: torch.Tensor, header: dict[str, Any], meta: dict[str, Any],
-               count: int) -> tuple[torch.Tensor, tuple[torch.Tensor, list[torch.Tensor]] | None]:
-    """Decode a jpeg-stored images tensor (shared header + bodies) into ``[N, C, H, W]`` uint8 pixels, with the codes."""
-    from . import jpeg
-
-    shape, head = header.get("image_shape"), header.get("jpeg_header_bytes")
-    if not (isinstance(shape, list) and len(shape) == 3 and isinstance(head, int) and data.ndim == 1):
-        raise BufferFormatError(f"{path}: jpeg storage needs a flat byte tensor, image_shape and jpeg_header_bytes in the header")
-    if count == 0:
-        return torch.zeros(0, *shape, dtype=torch.uint8), None
-    try:
-        bodies = jpeg.split_bodies(data[head:])
-    except jpeg.JpegError as exc:
-        raise BufferFormatError(f"{path}: {exc}") from exc
-    if len(bodies) != count:
-        raise BufferFormatError(f"{path}: {len(bodies)} JPEG images for {count} labels")
-    try:
-        pixels = jpeg.decode(data[:head], bodies, int(shape[0]))
-    except (RuntimeError, jpeg.JpegError) as exc:
-        raise BufferFormatError(f"{path}: a stored JPEG image does not decode: {exc}") from exc
-    if tuple(pixels.shape[1:]) != tuple(shape):
-        raise BufferFormatError(f"{path}: JPEG images decode to {tuple(pixels.shape[1:])}, the header says {tuple(shape)}")
-    return pixels, (data[:head].clone(), [b.clone() for b in bodies])
 
 
 def _mean_std(meta: dict[str, Any], channels: int) -> tuple[torch.Tensor, torch.Tensor]:

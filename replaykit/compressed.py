@@ -23,9 +23,8 @@ import torch
 from avalanche.benchmarks.utils import AvalancheDataset
 from avalanche.benchmarks.utils.classification_dataset import _make_taskaware_classification_dataset
 from avalanche.training.storage_policy import ExemplarsBuffer
-from . import jpeg
-from .avalanche import _LabelledImages, _resolution_view, dataset_tensors, replay_transform
-from .buffer import decode_upsample, pack_levels, unpack_levels
+from . import codecs
+from .avalanche import _LabelledImages, dataset_tensors, replay_transform
 
 __all__ = ["CompressedReplayBuffer", "CODECS"]
 
@@ -66,6 +65,9 @@ class CompressedReplayBuffer(ExemplarsBuffer):
         self.mem_bytes, self.codec, self.factor, self.quality, self.bits, self.seed = mem_bytes, codec, factor, int(quality), bits, seed
         self.mean = torch.tensor(dataset_meta["mean"], dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(dataset_meta["std"], dtype=torch.float32).view(1, -1, 1, 1)
+        # downsample: the clipped pixels are pooled, held as grey levels and upsampled before normalising again
+        self.image_codec = codecs.compose(factor, codecs.for_storage("uint8", bits=bits, mean=self.mean, std=self.std), space="pixels") \
+            if codec == "downsample" else codecs.for_storage("jpeg", quality=int(quality), mean=self.mean, std=self.std)
         self._held: dict[int, list[torch.Tensor]] = {}  # class -> encoded exemplars in draw order
         self._header: torch.Tensor | None = None  # JPEG headers + tables shared by every held image
         self._cache: AvalancheDataset | None = None
@@ -73,35 +75,22 @@ class CompressedReplayBuffer(ExemplarsBuffer):
 
     # ------------------------------------------------------------- codec
     def _encode(self, images: torch.Tensor) -> list[torch.Tensor]:
-        pixels = (images * self.std + self.mean).clamp(0, 1)
-        self._small_size = (images.shape[-2] // self.factor, images.shape[-1] // self.factor)
-        if self.codec == "downsample":
-            small = torch.nn.functional.avg_pool2d(pixels, self.factor) if self.factor > 1 else pixels
-            levels = (small * (2 ** self.bits - 1)).round().to(torch.uint8)
-            return list(levels if self.bits == 8 else pack_levels(levels, self.bits))
-        self._header, bodies = jpeg.encode((pixels * 255).round().to(torch.uint8), self.quality, self._header)
-        return bodies
+        self._image_shape = tuple(images.shape[1:])
+        codes = self.image_codec.encode(images, self._header)
+        if codes.header.numel():  # JPEG's headers and tables, shared by every held image
+            self._header = codes.header
+        return list(codes.bodies)
 
     def _decode(self, codes: Sequence[torch.Tensor]) -> torch.Tensor:
-        if self.codec == "downsample":
-            stacked = torch.stack(list(codes))
-            if self.bits < 8:
-                c, h, w = self.mean.shape[1], *self._small_size
-                stacked = unpack_levels(stacked, self.bits, c * h * w).reshape(-1, c, h, w)
-            pixels = decode_upsample(stacked.float() / (2 ** self.bits - 1), self.factor)
-        else:
-            pixels = jpeg.decode(self._header, list(codes), self.mean.shape[1]).float() / 255.0
-        return (pixels - self.mean) / self.std
+        header = torch.zeros(0, dtype=torch.uint8) if self._header is None else self._header
+        return self.image_codec.decode(codecs.Codes(list(codes), header), self._image_shape)
 
     def view(self, images: torch.Tensor) -> torch.Tensor | None:
         """Normalised ``images`` as this buffer's codec gives them back (for :class:`replaykit.avalanche.MixedViewPlugin`)."""
-        if self.codec == "jpeg":  # the codec runs on the host; the view goes back to the batch's device
-            return jpeg.roundtrip(images.cpu(), self.quality, self.mean, self.std).to(images.device)
-        return _resolution_view(images, self.factor)
+        return self.image_codec.view(images)
 
-    @staticmethod
-    def _cost(code: torch.Tensor) -> int:
-        return int(code.numel()) + 1  # encoded bytes + a one-byte label
+    def _cost(self, code: torch.Tensor) -> int:
+        return self.image_codec.body_nbytes(code) + codecs.label_row_bytes()  # encoded bytes + a one-byte label
 
     # -------------------------------------------------------- Avalanche API
     @property
@@ -127,8 +116,8 @@ class CompressedReplayBuffer(ExemplarsBuffer):
     def update_from_tensors(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         """Add the classes of ``(images, labels)`` and re-balance every class to its byte share."""
         classes = sorted(set(self._held) | {int(c) for c in torch.unique(labels)})
-        if self.codec == "jpeg" and self._header is None:
-            self._encode(images[:1])  # learn the shared header, so its bytes come off the budget first
+        if self._header is None:
+            self._encode(images[:1])  # a codec's shared header (JPEG's) is learned first, so its bytes come off the budget first
         share = (self.mem_bytes - self._header_bytes()) // len(classes)
         for cls in sorted(int(c) for c in torch.unique(labels)):
             idx = torch.nonzero(labels == cls).flatten()
@@ -156,7 +145,9 @@ class CompressedReplayBuffer(ExemplarsBuffer):
 
     def nbytes(self) -> int:
         """Bytes held: encoded exemplars plus one byte per label (and the shared JPEG header once)."""
-        return self._header_bytes() + sum(self._cost(c) for codes in self._held.values() for c in codes)
+        held = [c for codes in self._held.values() for c in codes]
+        header = torch.zeros(0, dtype=torch.uint8) if self._header is None else self._header
+        return self.image_codec.nbytes(codecs.Codes(held, header)) + len(held) * codecs.label_row_bytes()
 
     def _header_bytes(self) -> int:
         return 0 if self._header is None else int(self._header.numel())

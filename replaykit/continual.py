@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from .codecs import image_cost_bytes
 from .data import dataset_info, load_tensors
 from .device import resolve_device
 from .networks import ConvNet
@@ -492,8 +493,7 @@ def run(spec: StrategySpec, config: RunConfig, benchmark=None, *, progress: bool
         memory_bytes = synthetic.nbytes(spec.storage)
     else:
         seconds = []
-        pixels = int(np.prod(info.in_shape))
-        memory_bytes = images * (pixels + 1)  # real images as uint8 pixels + a one-byte label
+        memory_bytes = images * image_cost_bytes(info.in_shape)  # real images as uint8 pixels + a one-byte label
     if spec.kind == "der":
         memory_bytes += images * info.num_classes * 4  # DER also stores float32 logits
     return RunResult(

@@ -22,6 +22,7 @@ import torch
 
 from ..augment import DSA, DSAParams, dsa_strategy
 from ..buffer import decode_upsample
+from ..codecs import decoder_meta
 from ..jpeg_sim import simulate_jpeg
 from ..progress import progress_bar
 from .base import DistillResult, Distiller, check_loop_options
@@ -244,7 +245,7 @@ class MatchingDistiller(Distiller):
         if batched:
             extra["batched_classes"] = True
         if self.factor > 1:
-            extra["decoder"] = {"kind": "upsample", "factor": self.factor, "mode": "bilinear"}
+            extra["decoder"] = decoder_meta(self.factor)
         if self.bits < 8:
             extra["pixel_bits"] = self.bits
         if self.jpeg_quality:

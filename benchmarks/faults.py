@@ -785,7 +785,7 @@ BUGS_FOUND = [
     {"what": "a distillation failing mid-experience raised the method's own exception without naming the class, and "
              "left the learner referenced by the buffer",
      "fix": "DistillationError names the class, the method and the reason; the held buffer is replaced only when "
-            "every class is done; the learner reference is dropped on failure too (replaykit/avalanche.py)",
+            "every class is done; the learner reference is dropped on failure too (replaykit/avalanche/storage.py)",
      "test": "tests/test_resume.py::test_a_distillation_failing_mid_experience_names_the_class_and_keeps_the_held_buffer"},
     {"what": "export's own check and verify_bundle compared multi-step trajectories with PyTorch: a ReLU tie on some "
              "CPU could fail an export and the suite",

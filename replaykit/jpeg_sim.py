@@ -14,6 +14,7 @@ buffer still stores Pillow's codes, and the tests bound the gap.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -29,9 +30,16 @@ _CHROMA = (17, 18, 24, 47, 99, 99, 99, 99, 18, 21, 26, 66, 99, 99, 99, 99, 24, 2
 
 
 def quant_tables(quality: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """libjpeg's luma and chroma quantisation tables ``[8, 8]`` at ``quality`` (baseline: entries in [1, 255])."""
+    """libjpeg's luma and chroma quantisation tables ``[8, 8]`` at ``quality`` (baseline: entries in [1, 255]).
+
+    Built once per quality (a distiller codes every iteration): the tensors are shared, callers must not modify them."""
     if not (isinstance(quality, int) and 1 <= quality <= 100):
         raise ValueError(f"JPEG quality must be an int in [1, 100], got {quality!r}")
+    return _tables(int(quality))
+
+
+@lru_cache(maxsize=None)
+def _tables(quality: int) -> tuple[torch.Tensor, torch.Tensor]:
     scale = 5000 // quality if quality < 50 else 200 - 2 * quality
     tables = []
     for base in (_LUMA, _CHROMA):
@@ -40,6 +48,7 @@ def quant_tables(quality: int) -> tuple[torch.Tensor, torch.Tensor]:
     return tables[0], tables[1]
 
 
+@lru_cache(maxsize=None)
 def _dct_matrix(device: torch.device) -> torch.Tensor:
     """The orthonormal 8-point DCT-II (JPEG's forward transform is this, applied to rows and columns)."""
     k = torch.arange(8, dtype=torch.float32, device=device)

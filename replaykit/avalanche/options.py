@@ -9,6 +9,7 @@ import torch
 
 from .. import codecs
 from .. import distill as _distill
+from .. import registry as _registry
 from ..buffer import STORAGE_DTYPES
 from ..distill.dm import MatchingDistiller
 from .budget import images_for_bytes
@@ -90,8 +91,7 @@ def resolve_options(max_size: int | None, method: str, method_options: dict[str,
         raise ValueError(f"max_size must be a positive int (or give mem_bytes), got {max_size!r}")
     if learner_aware and not issubclass(_distill.REGISTRY.get(method, object), MatchingDistiller):
         raise ValueError(f"learner_aware needs a matching method (dm, dm-multi), not {method!r}")
-    if method not in _distill.REGISTRY:
-        raise ValueError(f"unknown distillation method {method!r}; available: {', '.join(_distill.available())}")
+    _registry.lookup(_distill.REGISTRY, method, "distillation method")  # an unknown method is named here, before any work
     options = dict(method_options or {})
     clash = {"ipc", "seed", "progress", "learner", "device"} & options.keys()
     if clash:

@@ -20,6 +20,7 @@ import inspect
 import pkgutil
 from typing import Any, Sequence
 
+from .. import registry as _registry
 from .base import BufferFormatError, Codec, Codes, label_row_bytes, logit_row_bytes, normalisation
 from .downsample import Downsample, check_decoder, decoder_meta, upsample
 from .levels import PIXEL_BITS, check_pixel_bits, pack_levels, unpack_levels
@@ -36,12 +37,7 @@ REGISTRY: dict[str, type[Codec]] = {}
 
 def register(cls: type[Codec]) -> type[Codec]:
     """Add a codec class to the registry under ``cls.name`` (the package does this for its own modules)."""
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} has no registry name")
-    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
-        raise ValueError(f"a codec named {cls.name!r} is already registered ({REGISTRY[cls.name].__name__})")
-    REGISTRY[cls.name] = cls
-    return cls
+    return _registry.add(REGISTRY, cls, "codec")
 
 
 def available() -> list[str]:
@@ -56,10 +52,7 @@ def storages() -> tuple[str, ...]:
 
 def make(name: str, **options: Any) -> Codec:
     """Build the codec registered as ``name`` with ``options`` for its ``__init__``."""
-    try:
-        cls = REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown codec {name!r}; available: {', '.join(available())}") from None
+    cls = _registry.lookup(REGISTRY, name, "codec")
     return cls(**options)
 
 

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from .. import registry as _registry
 from .base import DistillResult, Distiller, check_training_data
 from .dm import DistributionMatching
 from .dm_multi import MultiLayerDistributionMatching
@@ -26,12 +27,7 @@ REGISTRY: dict[str, type[Distiller]] = {}
 
 def register(cls: type[Distiller]) -> type[Distiller]:
     """Class decorator: add a distiller to the registry under ``cls.name``."""
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} has no registry name")
-    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
-        raise ValueError(f"a distiller named {cls.name!r} is already registered ({REGISTRY[cls.name].__name__})")
-    REGISTRY[cls.name] = cls
-    return cls
+    return _registry.add(REGISTRY, cls, "distiller")
 
 
 def available() -> list[str]:
@@ -45,10 +41,7 @@ def make(name: str, **options) -> Distiller:
     A registered class written before ``device=`` existed still builds with ``device="cpu"`` (dropped:
     it runs on the CPU anyway); asking it for another device raises ``ValueError`` naming it.
     """
-    try:
-        cls = REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown distillation method {name!r}; available: {', '.join(available())}") from None
+    cls = _registry.lookup(REGISTRY, name, "distillation method")
     if "device" in options and not _takes(cls, "device"):
         from ..device import resolve_device
 

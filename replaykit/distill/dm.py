@@ -168,16 +168,16 @@ class MatchingDistiller(Distiller):
 
     def _decoded(self, syn: torch.Tensor) -> torch.Tensor:
         """What the buffer will replay: stored pixels rounded to ``bits`` or JPEG-coded (straight-through), then decoded."""
-        if self.jpeg_quality:
+        if self.jpeg_quality or self.bits < 8:  # one stored form at most (checked in __init__)
             mean, std = (t.to(syn.device) for t in self._norm)
-            coded = simulate_jpeg(((syn * std + mean) * 255).clamp(0, 255), self.jpeg_quality) / 255
-            syn = (coded - mean) / std
-        if self.bits < 8:
-            mean, std = (t.to(syn.device) for t in self._norm)
-            levels = 2 ** self.bits - 1
             pixels = syn * std + mean
-            rounded = (pixels.clamp(0, 1) * levels).round() / levels
-            syn = (pixels + (rounded - pixels).detach() - mean) / std
+            if self.jpeg_quality:
+                stored = simulate_jpeg((pixels * 255).clamp(0, 255), self.jpeg_quality) / 255
+            else:
+                levels = 2 ** self.bits - 1
+                rounded = (pixels.clamp(0, 1) * levels).round() / levels
+                stored = pixels + (rounded - pixels).detach()
+            syn = (stored - mean) / std
         return decode_upsample(syn, self.factor)
 
     def _distill(self, images: torch.Tensor, labels: torch.Tensor, classes: list[int], num_classes: int) -> DistillResult:

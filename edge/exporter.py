@@ -60,6 +60,28 @@ def _threshold_backward(grad, inp, threshold):
     return grad * (inp > threshold).to(grad.dtype)
 
 
+def _conv_weight_grad(grad, inp, kh: int, kw: int, ph: int, pw: int) -> torch.Tensor:
+    """dL/dW of a stride-1 convolution as matrix products over the shifted input (im2col by taps).
+
+    The textbook form, a convolution of the input with the output gradient as kernel, hands onnxruntime a
+    28x28 kernel over the batch as channels: its slowest node, about a third of a full-mode MNIST step.
+    Here tap (i, j) of every filter is (out channels x batch*pixels) times (batch*pixels x in channels): the
+    output gradient against the channel-major input shifted by (i, j). With few input channels the taps are
+    stacked into one product (a matrix-vector product per tap is slow); with many, stacking them costs more
+    than the products, so each tap gets its own."""
+    c_out, h_out, w_out = grad.shape[1:]
+    c_in = inp.shape[1]
+    padded = F.pad(inp.transpose(0, 1), (pw, pw, ph, ph))                            # [Ci, N, H+2p, W+2p]
+    rows = grad.transpose(0, 1).reshape(c_out, -1)                                     # [Co, N*P]
+    shifted = [padded[:, :, i: i + h_out, j: j + w_out].reshape(c_in, -1) for i in range(kh) for j in range(kw)]
+    if c_in <= _STACKED_TAPS_MAX_CHANNELS:
+        return (rows @ torch.cat(shifted).t()).reshape(c_out, kh, kw, c_in).permute(0, 3, 1, 2)
+    return torch.stack([rows @ tap.t() for tap in shifted], dim=-1).reshape(c_out, c_in, kh, kw)
+
+
+_STACKED_TAPS_MAX_CHANNELS = 4
+
+
 def _convolution_backward(grad, inp, weight, bias_sizes, stride, padding, dilation, transposed, output_padding, groups, mask):
     """Conv2d backward as two forward convolutions (stride 1, no dilation, one group)."""
     if transposed or groups != 1 or any(s != 1 for s in stride) or any(d != 1 for d in dilation) or weight.ndim != 4:
@@ -71,7 +93,7 @@ def _convolution_backward(grad, inp, weight, bias_sizes, stride, padding, dilati
         flipped = weight.flip(2, 3).transpose(0, 1)
         grad_input = F.conv2d(grad, flipped, padding=(kh - 1 - ph, kw - 1 - pw))
     if mask[1]:
-        grad_weight = F.conv2d(inp.transpose(0, 1), grad.transpose(0, 1), padding=(ph, pw)).transpose(0, 1)
+        grad_weight = _conv_weight_grad(grad, inp, kh, kw, ph, pw)
     if mask[2]:
         grad_bias = grad.sum((0, 2, 3))
     return grad_input, grad_weight, grad_bias
@@ -226,7 +248,12 @@ def trace_to_onnx(fn: Callable, args: Sequence[torch.Tensor], input_names: Seque
     import onnx.inliner
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    graph = make_fx(fn, decomposition_table=_decompositions(), tracing_mode="symbolic")(*args)
+    from torch.fx.experimental import _config as fx_config
+
+    # No duck sizing: a batch that happens to equal a kernel size (3) must not share its symbol, or the
+    # im2col weight gradient's loop over kernel taps would fix the batch along with the kernel.
+    with fx_config.patch(use_duck_shape=False):
+        graph = make_fx(fn, decomposition_table=_decompositions(), tracing_mode="symbolic")(*args)
     batch = torch.export.Dim("batch", min=1)
     dynamic = tuple({0: batch} if i in batch_inputs else None for i in range(len(args)))
     program = torch.onnx.export(_Traced(graph).eval(), tuple(args), dynamo=True, dynamic_shapes=(dynamic,), verbose=False,

@@ -298,3 +298,20 @@ def test_export_from_cuda_copies_and_leaves_the_callers_model_there(tmp_path, tr
     on_gpu = copy.deepcopy(trained_model).cuda()
     bundle = edge.export(on_gpu, replay_buffer, tmp_path / "gpu", mode="head")
     assert (bundle / "manifest.json").is_file() and next(on_gpu.parameters()).device.type == "cuda"
+
+
+@pytest.mark.parametrize("channels_in", [1, 3, 8])
+@pytest.mark.parametrize("kernel,padding", [(3, 1), (5, 2), (3, 0)])
+def test_weight_gradient_by_taps_equals_autograd(channels_in, kernel, padding):
+    """The exported conv weight gradient (one product per tap, or stacked taps for few channels) is autograd's."""
+    from edge.exporter import _conv_weight_grad
+
+    gen = torch.Generator().manual_seed(channels_in * 10 + kernel)
+    x = torch.randn(4, channels_in, 9, 9, generator=gen)
+    weight = torch.randn(6, channels_in, kernel, kernel, generator=gen, requires_grad=True)
+    out = torch.nn.functional.conv2d(x, weight, padding=padding)
+    upstream = torch.randn(out.shape, generator=gen)
+    (expected,) = torch.autograd.grad(out, weight, upstream)
+    got = _conv_weight_grad(upstream, x, kernel, kernel, padding, padding)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -1,4 +1,4 @@
-"""Issue 11: wall time of ``replaykit distill --workers N`` against one worker, same buffer bytes.
+"""Wall time of ``replaykit distill --workers N`` against one worker, same buffer bytes.
 
 Runs the real command line end to end (process start, data loading, launch, the exchange, save)
 for each configuration, alternating them ``--repeats`` times so that a change in the machine's

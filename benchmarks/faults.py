@@ -1,4 +1,4 @@
-"""Reliability in figures (issue 25): fuzzed files, kill -9 during writes, a long-lived device process, hostile inputs.
+"""Reliability in figures: fuzzed files, kill -9 during writes, a long-lived device process, hostile inputs.
 
   * fuzz: every file a user may receive (a buffer file; a bundle's manifest, buffer.safetensors, replay.safetensors,
     model.onnx, train_step.onnx; a benchmark's results.json read by --resume), started from a valid file and mutated
@@ -703,7 +703,7 @@ def main(argv=None) -> int:
     return 0
 
 
-#: What the fuzzing and fault runs of issue 25 found, and what fixed each (each has a regression test).
+#: What the fuzzing and fault runs found, and what fixed each (each has a regression test).
 BUGS_FOUND = [
     {"what": "a buffer file's header (meta: mean / std, num_classes, storage) was covered by no checksum: an edited "
              "normalisation loaded as other pixels without an error",

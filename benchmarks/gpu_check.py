@@ -1,4 +1,5 @@
-"""The CUDA check of issue 23, as one script for a machine with a GPU (under 8 minutes on one H200).
+"""The CUDA check (do the GPU paths give the CPU's results, and how fast), as one script for a machine with a GPU
+(under 8 minutes on one H200).
 
     python benchmarks/gpu_check.py --out runs/gpu_check.json            # on the CUDA machine
     python benchmarks/gpu_check.py --device cpu --quick --out x.json    # dry run of the same code (CI, < 1 min)
@@ -44,7 +45,7 @@ import torch  # noqa: E402
 
 from replaykit.device import resolve_device  # noqa: E402
 
-DM_DEFAULT_BAR_S = 15.0  # issue 23: `replaykit distill ... --iterations 2000 --device cuda` on one H200
+DM_DEFAULT_BAR_S = 15.0  # the bar set for the GPU path: `replaykit distill ... --iterations 2000 --device cuda` on one H200
 DM_REFERENCE_BAR_S = 28.1  # the reference-style DM loop (width 128, 256 real per class, no DSA) on the same H200
 ACCURACY_POINTS = 2.0  # a spec's final accuracy on the GPU may differ from its CPU row by at most this
 CPU_ROWS = ROOT / "benchmarks" / "results" / "class_incremental.json"
@@ -310,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     rows.sort(key=lambda r: r["part"])
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     doc = {
-        "check": "issue 23 GPU check (benchmarks/gpu_check.py)", "device": str(device), "gpu": gpu, "quick": args.quick,
+        "check": "GPU check (benchmarks/gpu_check.py)", "device": str(device), "gpu": gpu, "quick": args.quick,
         "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs" + (f", {gpu}" if gpu else ", no GPU used"),
         "bars": {"dm_default_seconds": DM_DEFAULT_BAR_S, "dm_reference_seconds": DM_REFERENCE_BAR_S, "accuracy_points": ACCURACY_POINTS},

@@ -100,7 +100,7 @@ def read_manifest(bundle_dir: str | os.PathLike, verify: bool = True) -> dict[st
     # The manifest's own checksum: the file checksums below guard the other files, this one guards the fields
     # (shapes, normalisation, optimizer) that decide what they mean. It is required: reading manifests without one
     # as written before it existed let a damaged checksum key (a flipped bit in its name, a deleted stretch) carry
-    # other damage in unchecked (found by fuzzing, #25).
+    # other damage in unchecked (found by fuzzing).
     if MANIFEST_CHECKSUM not in manifest:
         raise BundleError(f"{path} has no {MANIFEST_CHECKSUM!r}: damaged, or exported before manifests were "
                           "checksummed (export the bundle again)")
@@ -147,7 +147,7 @@ def _number(value: Any) -> bool:
 def check_fields(manifest: dict[str, Any], where: str) -> None:
     """The types and ranges of the fields the runtime reads, so that a manifest whose checksum passes but whose
     fields do not make sense (a buggy writer, or a forger: sha256 is no signature) is a :class:`BundleError` here,
-    not a TypeError or KeyError deep inside opening it (found by fuzzing re-checksummed manifests, #25). The files'
+    not a TypeError or KeyError deep inside opening it (found by fuzzing re-checksummed manifests). The files'
     own consistency with these fields is checked where they are read (``edge.codec``, ``Retrainer._check_graphs``)."""
     m = manifest
     params, trainable, frozen = m["params"], m["trainable"], m["frozen"]

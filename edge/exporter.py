@@ -1,6 +1,6 @@
 """PyTorch -> edge bundle. The only torch-importing module of ``edge``.
 
-Route (see issue 5): write the SGD step as a pure function with ``torch.func``,
+Route: write the SGD step as a pure function with ``torch.func``,
 trace it into plain aten ops with ``make_fx`` (with decompositions for the
 backward ops the ONNX exporter lacks), export that graph with the dynamo ONNX
 exporter, then check the ONNX graphs against PyTorch before the bundle is
@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from replaykit import codecs
 from replaykit.fileio import atomic_write_bytes
 
 from .bundle import (
@@ -357,15 +358,10 @@ def _host_buffer(buffer: Any, storage: str | None, mix: float | None,
 def _replay_tensors(buffer, storage: str, num_classes: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """The replay file's tensors, the host buffer's own codes (``SyntheticBuffer._stored_images``: what
     ``nbytes(storage)`` counts), and the manifest entry that says how to decode them."""
-    images = buffer._stored_images(storage).detach().cpu().numpy()
-    entry: dict[str, Any] = {"count": len(buffer), "pixel_bits": buffer.pixel_bits if storage == "uint8" else 8,
-                             "jpeg_header_bytes": 0, "jpeg_quality": None}
-    if storage == "jpeg":
-        from replaykit import jpeg
-
-        entry["jpeg_header_bytes"] = jpeg.header_length(images)
-        entry["jpeg_quality"] = buffer.jpeg_quality
-    tensors = {"images": images}
+    stored = buffer._stored_images(storage).detach().cpu()
+    described = buffer.codec(storage).manifest(stored)  # grey-level bits, JPEG header length and quality, as the codec says
+    entry: dict[str, Any] = {"count": len(buffer), **{k: described[k] for k in ("pixel_bits", "jpeg_header_bytes", "jpeg_quality")}}
+    tensors = {"images": stored.numpy()}
     if num_classes > 256 and not buffer.is_soft:
         raise ValueError(f"hard labels are stored as one byte: at most 256 classes, the model has {num_classes}")
     if buffer.is_soft:
@@ -458,7 +454,7 @@ def export(
         raise ValueError(f"buffer images decode to {in_shape} but the model expects {model_shape}")
     decoder = buffer.meta.get("decoder")
     if decoder is not None:
-        decoder = {"kind": "upsample", "factor": buffer.decoder_factor, "mode": "bilinear"}
+        decoder = codecs.decoder_meta(buffer.decoder_factor)  # the codec layer's own entry, rebuilt from the checked factor
         decoder_factor(decoder)  # the device's own check of what it will be given
     if len(buffer) == 0:
         raise ValueError("the buffer is empty; a bundle needs replay images")
@@ -504,8 +500,9 @@ def export(
     step_bytes = trace_to_onnx(step_fn, step_args, step_inputs, step_outputs, [nb, nb + 1, nb + 2, nb + 3])
     if frozen:
         # Head mode: the device never changes the feature extractor, so its parameters become constants
-        # of the step graph (onnxruntime pre-packs them: faster steps, see RESULTS.md); their values stay
-        # in buffer.safetensors only and the runtime supplies them.
+        # of the step graph (onnxruntime pre-packs them: faster steps, measured in benchmarks/log/JOURNAL.md under
+        # "head-mode step graph with the frozen feature extractor as constants"); their values stay in
+        # buffer.safetensors only and the runtime supplies them.
         constants = [PARAM_PREFIX + n for n in frozen]
         step_bytes = external_constants(step_bytes, constants)
         step_inputs = [name for name in step_inputs if name not in constants]

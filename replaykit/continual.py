@@ -10,8 +10,6 @@ plus :class:`replaykit.avalanche.DistilledReplayPlugin`.
 
 from __future__ import annotations
 
-import inspect
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
@@ -24,6 +22,8 @@ from .data import dataset_info, load_tensors
 from .device import resolve_device
 from .networks import ConvNet
 from .progress import progress_bar
+from .typed import canonical_json, check_method_options, checked_fields, method_parameters
+from .typed import check_type as _check_type
 
 __all__ = [
     "KINDS",
@@ -48,8 +48,6 @@ OPTION_TYPES: dict[str, dict[str, type]] = {
     "downsample": {"factor": int, "mix": float, "bits": int, "augment": bool},
     "jpeg": {"quality": int, "augment": bool, "mix": float},
 }
-#: Constructor arguments of a distillation method the buffer sets itself (never from a spec).
-_BUFFER_CHOSEN = frozenset({"self", "ipc", "seed", "progress", "learner"})
 #: GDumb retrains from scratch on its memory at every experience; it gets this many epochs on it
 #: (M=100 at batch 128 is one step per epoch), not the stream's epochs.
 GDUMB_EPOCHS = 250
@@ -96,12 +94,7 @@ class StrategySpec:
         for key, value in self.options.items():
             _check_type(key, value, types[key])
         if self.kind == "distilled":
-            params = method_parameters(self.method)
-            for key, value in self.method_options.items():
-                if key not in params:
-                    raise ValueError(f"method {self.method!r} has no option {key!r}; it takes {sorted(params)}")
-                if params[key] is not None:
-                    _check_type(key, value, params[key])
+            check_method_options(self.method, self.method_options)
         elif self.method_options:
             raise ValueError(f"method_options {sorted(self.method_options)} mean nothing for strategy {self.kind!r}")
 
@@ -112,15 +105,12 @@ class StrategySpec:
         The :attr:`label` is for people and leaves options out (e.g. ``iterations``); two specs
         that differ in any field have different identities.
         """
-        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        return canonical_json(self)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "StrategySpec":
         """The spec :func:`dataclasses.asdict` (or :attr:`identity`) wrote; unknown keys are an error."""
-        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"unknown StrategySpec fields {unknown}")
-        return cls(**data)
+        return cls(**checked_fields(cls, data))
 
     @property
     def label(self) -> str:
@@ -210,34 +200,6 @@ def parse_spec(text: str) -> StrategySpec:
     return StrategySpec(kind, mem_size, method, method_options, storage=storage, recompress=recompress, mem_bytes=mem_bytes, options=options)
 
 
-def method_parameters(method: str) -> dict[str, type | None]:
-    """Options a spec may pass to ``method``'s constructor, with the type of each default (None: any).
-
-    Follows ``**options`` to the base class it forwards to (``dm-multi`` takes ``dm``'s options).
-    """
-    from . import distill
-
-    if method == "auto":  # the buffer takes the method and its options from replaykit.memory_choice
-        return {}
-    if method not in distill.REGISTRY:
-        raise ValueError(f"unknown distillation method {method!r}; available: {', '.join(distill.available())}")
-    # a selecting method's picks go through the buffer's stored form like distilled images (its twins)
-    params: dict[str, type | None] = {"factor": int, "bits": int} if distill.REGISTRY[method].selects else {}
-    for cls in distill.REGISTRY[method].__mro__:
-        if "__init__" not in vars(cls):
-            continue
-        forwards = False
-        for p in inspect.signature(cls.__init__).parameters.values():
-            if p.kind is p.VAR_KEYWORD:
-                forwards = True
-            elif p.kind is not p.VAR_POSITIONAL and p.name not in _BUFFER_CHOSEN and p.name not in params:
-                default = p.default
-                params[p.name] = None if default is p.empty or default is None else type(default)
-        if not forwards:
-            break
-    return params
-
-
 def _parse_typed(key: str, text: str, kind: type | None) -> Any:
     """``text`` as a ``kind`` (bool strictly from true/false/1/0), or a ValueError naming key and value."""
     if kind is bool:
@@ -255,20 +217,6 @@ def _parse_typed(key: str, text: str, kind: type | None) -> Any:
     if kind is str:
         return text
     return _parse_value(text)
-
-
-def _check_type(key: str, value: Any, kind: type) -> None:
-    """Reject a value of the wrong type (a string for a bool, a bool or float for an int)."""
-    if kind is bool:
-        ok = isinstance(value, bool) or (type(value) is int and value in (0, 1))
-    elif kind is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif kind is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    else:
-        ok = isinstance(value, kind)
-    if not ok:
-        raise ValueError(f"option {key}={value!r} must be {kind.__name__}, got {type(value).__name__}")
 
 
 def _parse_value(text: str) -> Any:

@@ -330,7 +330,7 @@ def init_from_env(timeout: float = DEFAULT_TIMEOUT, backend: str | None = None) 
         dist.init_process_group(backend, init_method="env://", timeout=_dt.timedelta(seconds=timeout))
     except dist.DistStoreError as exc:
         # A rank that died or hung before joining: the rendezvous only counts who came ("1/2 clients joined"); with
-        # two ranks the missing one is known. Was a raw DistStoreError traceback (found by the fault runs, #25).
+        # two ranks the missing one is known. Was a raw DistStoreError traceback (found by the fault runs).
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         missing = 1 - rank if world == 2 else None
         who = f"rank {missing}" if missing is not None else "a rank"

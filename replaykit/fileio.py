@@ -161,7 +161,7 @@ def read_checked_json(path: PathLike, max_bytes: int = 1 << 30) -> dict[str, Any
     near = [k for k in obj if isinstance(k, str) and difflib.SequenceMatcher(None, k, CHECKSUM_KEY).ratio() >= 0.8]
     if near:
         # Documents written before the checksum existed are read as they are, but one whose checksum key itself was
-        # damaged (a flipped bit in its name) is not such a document (found by fuzzing, #25).
+        # damaged (a flipped bit in its name) is not such a document (found by fuzzing).
         raise JSONFileError(f"{path} has no {CHECKSUM_KEY!r} but a key {near[0]!r} like it: the document was damaged")
     return obj
 

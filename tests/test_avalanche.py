@@ -7,7 +7,7 @@ import types
 import pytest
 import torch
 
-from replaykit.avalanche import DistilledBuffer, DistilledReplayPlugin, class_quotas
+from replaykit.avalanche import BufferConfig, DistilledBuffer, DistilledReplayPlugin, class_quotas
 from replaykit.buffer import SyntheticBuffer
 from replaykit.continual import RunConfig, StrategySpec, make_strategy, make_stream, run
 from replaykit.data import dataset_info, load_tensors
@@ -504,6 +504,65 @@ def test_core_options_are_checked():
         DistilledBuffer(40, method="dm", core=1.0, recompress="prefix")
     with pytest.raises(ValueError, match="share"):
         DistilledBuffer(40, method="dm", core=1.5, num_classes=10, recompress="prefix")
+
+
+# ----------------------------------------------------------------- typed configuration
+def test_config_types_are_strict_and_a_false_switch_stays_off():
+    assert BufferConfig(max_size=10, augment=False).augment is False
+    assert DistilledBuffer(10, method="random", augment=False).augment is False
+    for key, bad in (("augment", "False"), ("augment", 1), ("logits", "true"), ("max_size", True), ("jpeg_quality", 10.0), ("seed", "0")):
+        with pytest.raises(ValueError, match=f"option {key}={bad!r} must be"):
+            BufferConfig(**{"max_size": 10, key: bad})
+    with pytest.raises(ValueError, match="augment='False' must be bool"):
+        DistilledBuffer(10, method="random", augment="False")  # the keyword form is the same check
+    with pytest.raises(ValueError, match="iterations=True must be int"):
+        BufferConfig(max_size=10, method_options={"iterations": True})
+
+
+def test_config_unknown_keys_are_named():
+    with pytest.raises(ValueError, match=r"unknown BufferConfig fields \['augmnt'\]"):
+        BufferConfig.from_json({"max_size": 10, "augmnt": True})
+    with pytest.raises(ValueError, match="method 'dm' has no option 'iteratons'"):
+        BufferConfig(max_size=10, method_options={"iteratons": 100})
+    with pytest.raises(ValueError, match=r"keyword options \['seed'\], not both"):
+        DistilledBuffer(config=BufferConfig(max_size=10, method="random"), seed=3)
+
+
+def test_config_identity_tells_every_field_apart():
+    few, many = (BufferConfig(mem_bytes=78_500, method_options={"iterations": n}) for n in (100, 300))
+    assert few.identity != many.identity
+    assert BufferConfig(max_size=10, soft_temperature=2).identity == BufferConfig(max_size=10, soft_temperature=2.0).identity
+    assert BufferConfig(max_size=10, seed=1).identity != BufferConfig(max_size=10).identity
+
+
+def test_config_round_trips_through_json():
+    import json
+
+    config = BufferConfig(mem_bytes=78_500, method="dm", method_options={"iterations": 300, "lr": 1, "factor": 2}, storage="jpeg",
+                          jpeg_quality=2, recompress="select", logits=True, num_classes=10, seed=4, augment=True)
+    again = BufferConfig.from_json(json.loads(json.dumps(config.to_json())))
+    assert again == config and again.identity == config.identity
+    assert again.method_options["lr"] == 1.0 and isinstance(again.method_options["lr"], float)  # a float option is a float
+
+
+def test_keyword_and_config_forms_give_the_same_buffer(digits, tmp_path):
+    x, y = digits
+    options = dict(method="random", storage="uint8", seed=3, recompress="select", augment=False)
+    config = BufferConfig(max_size=20, **options)
+    by_keywords = DistilledBuffer(20, dataset_meta=DIGITS, progress=False, **options)
+    by_config = DistilledBuffer(config=config, dataset_meta=DIGITS, progress=False)
+    assert by_keywords.config == config
+    for policy in (by_keywords, by_config):
+        policy.update_from_tensors(x[y < 4], y[y < 4])
+        policy.update_from_tensors(x[(y >= 4) & (y < 6)], y[(y >= 4) & (y < 6)])
+    a, b = by_keywords.synthetic, by_config.synthetic
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels) and a.nbytes("uint8") == b.nbytes("uint8")
+    loaded = SyntheticBuffer.load(by_config.save(tmp_path / "b.safetensors"))
+    assert BufferConfig.from_json(loaded.meta["config"]) == config  # a saved buffer says how it was made
+    plugin = DistilledReplayPlugin(config=config, dataset_meta=DIGITS, progress=False)
+    assert (plugin.storage_policy.config, plugin.mem_size, plugin.seed) == (config, 20, 3)
+    with pytest.raises(ValueError, match=r"keyword options \['max_size'\]"):
+        DistilledReplayPlugin(mem_size=20, config=config, dataset_meta=DIGITS)
 
 
 # ----------------------------------------------------------------- devices

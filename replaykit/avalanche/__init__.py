@@ -6,6 +6,11 @@ Add one plugin to the strategy you already have::
     plugin = DistilledReplayPlugin(mem_size=100, method="dm", dataset_meta=dataset_info("mnist").meta())
     strategy = Naive(model, optimizer, plugins=[plugin, LwFPlugin()], train_mb_size=128)
 
+The buffer's options may be one typed, JSON-serialisable object instead (same checks, same buffer)::
+
+    config = BufferConfig(max_size=100, method="dm", method_options={"iterations": 300})
+    plugin = DistilledReplayPlugin(config=config, dataset_meta=dataset_info("mnist").meta())
+
 :class:`DistilledBuffer` is an Avalanche ``ExemplarsBuffer``: after each experience
 it distills that experience's data class by class with a method from
 :mod:`replaykit.distill` and keeps at most ``max_size`` images in total. When new
@@ -40,6 +45,7 @@ every Avalanche logger sees them. Checkpointing with Avalanche's
 buffer is written with :meth:`DistilledBuffer.save` in ReplayKit's safetensors format.
 
 Modules: :mod:`~replaykit.avalanche.budget` (bytes per image, images per budget, class quotas),
+:mod:`~replaykit.avalanche.options` (:class:`BufferConfig`, the storage policy's configuration),
 :mod:`~replaykit.avalanche.storage` (:class:`DistilledBuffer`), :mod:`~replaykit.avalanche.plugin`
 (:class:`DistilledReplayPlugin`), :mod:`~replaykit.avalanche.views` (mixed-view training) and
 :mod:`~replaykit.avalanche.datasets` (Avalanche datasets <-> tensors). How images are stored is
@@ -54,9 +60,10 @@ from ..device import resolve_device  # noqa: F401  (looked up here by the storag
 from .budget import class_quotas, image_cost_bytes, images_for_bytes
 from .distilling import DistillationError
 from .datasets import _LabelledImages, dataset_tensors, replay_transform  # noqa: F401
+from .options import BufferConfig
 from .plugin import DistilledReplayPlugin
 from .storage import RECOMPRESS_MODES, DistilledBuffer  # noqa: F401
 from .views import MixedResolutionPlugin, MixedViewPlugin, low_resolution_view, mix_view  # noqa: F401
 
-__all__ = ["DistilledBuffer", "DistilledReplayPlugin", "DistillationError", "MixedResolutionPlugin", "MixedViewPlugin", "low_resolution_view",
+__all__ = ["BufferConfig", "DistilledBuffer", "DistilledReplayPlugin", "DistillationError", "MixedResolutionPlugin", "MixedViewPlugin", "low_resolution_view",
            "dataset_tensors", "class_quotas", "image_cost_bytes", "images_for_bytes"]

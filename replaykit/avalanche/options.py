@@ -1,110 +1,233 @@
-"""The storage policy's options, checked together: the ``method="auto"`` choice, how options constrain each
-other, and the image budget (``max_size``) a byte budget gives."""
+"""The storage policy's configuration: :class:`BufferConfig`, one frozen object with strict types that says what a
+:class:`~replaykit.avalanche.storage.DistilledBuffer` holds and how it makes it, checked in one place whether it is
+built directly, from JSON, or from the buffer's (or the plugin's) keyword arguments. What needs the stream's dataset
+(the ``method="auto"`` choice, the image budget a byte budget gives) is :func:`resolve`."""
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
-
-import torch
 
 from .. import codecs
 from .. import distill as _distill
 from .. import registry as _registry
 from ..buffer import STORAGE_DTYPES
 from ..distill.dm import MatchingDistiller
+from ..typed import canonical_json, check_method_options, check_type, checked_fields
 from .budget import images_for_bytes
 
-__all__ = ["RECOMPRESS_MODES", "resolve_options"]
+__all__ = ["RECOMPRESS_MODES", "BufferConfig", "config_from", "resolve", "check_execution", "sized_by_content"]
 
 RECOMPRESS_MODES = ("distill", "select", "prefix")
+#: Method options the buffer sets itself, per class and experience (the device: ``distill_device=``).
+_BUFFER_SETS = frozenset({"ipc", "seed", "progress", "learner", "device"})
 
 
-def resolve_options(max_size: int | None, method: str, method_options: dict[str, Any] | None, *, recompress: str, storage: str,
-                    dataset_meta: dict[str, Any] | None, num_classes: int | None, mem_bytes: int | None, learner_aware: bool,
-                    soft_labels: bool, soft_temperature: float, jpeg_quality: int, workers: int | None, group: Any,
-                    logits: bool, core: float | None, distill_device: str | torch.device | None) -> dict[str, Any]:
-    """The options :class:`~replaykit.avalanche.storage.DistilledBuffer` keeps, after ``method="auto"`` chose its
-    own; the first problem found raises ``ValueError`` naming it (see the buffer's docstring for each option)."""
-    choice = None
-    if method == "auto":  # distill, hybrid or select, from the measured table in replaykit.memory_choice
-        if mem_bytes is None or not num_classes:
+@dataclass(frozen=True)
+class BufferConfig:
+    """What a distilled storage policy holds and how it makes it (see :class:`DistilledBuffer` for each field).
+
+    Types are strict: a bool field takes only ``True``/``False`` (not ``"False"``, not ``1``), an int field no bool;
+    ``method_options`` are checked against the method's constructor (an unknown option is named). Where the
+    distillation runs (``workers``, ``group``, ``distill_device``), progress bars and the dataset's metadata are not
+    part of it: they are the buffer's other arguments. :attr:`identity` tells two configurations apart by every field.
+
+    >>> BufferConfig(mem_bytes=78_500, method="dm", method_options={"iterations": 300}, storage="jpeg",
+    ...              jpeg_quality=2, recompress="select", logits=True, num_classes=10).to_json()["jpeg_quality"]
+    2
+    """
+
+    max_size: int | None = None
+    mem_bytes: int | None = None
+    method: str = "dm"
+    method_options: dict[str, Any] = field(default_factory=dict)
+    recompress: str = "distill"
+    storage: str = "float32"
+    jpeg_quality: int = 50
+    num_classes: int | None = None
+    seed: int = 0
+    learner_aware: bool = False
+    soft_labels: bool = False
+    soft_temperature: float = 2.0
+    augment: bool = False
+    logits: bool = False
+    core: float | None = None
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None or _TYPES[f.name][1]:
+                check_type(f.name, value, _TYPES[f.name][0])
+        for name in ("soft_temperature", "core"):  # 2 and 2.0 are one configuration (and one identity)
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, float(getattr(self, name)))
+        object.__setattr__(self, "method_options", dict(self.method_options))  # a copy: the caller's dict stays theirs
+        if self.method == "auto":
+            self._check_auto()
+        else:
+            self._check_method_options()
+            self._check_combinations()
+        self._check_budget()
+
+    # --------------------------------------------------------------- checks
+    def _check_auto(self) -> None:
+        """``method="auto"`` chooses the method, its options, storage and logits from the bytes each class gets."""
+        if self.mem_bytes is None or not self.num_classes:
             raise ValueError("method='auto' chooses by the bytes each class gets: it needs mem_bytes and num_classes")
-        if method_options or core is not None:
+        if self.method_options or self.core is not None:
             raise ValueError("method='auto' sets the method's options and core itself: leave method_options and core unset")
+
+    def _check_method_options(self) -> None:
+        method = _registry.lookup(_distill.REGISTRY, self.method, "distillation method")  # named before any work
+        clash = _BUFFER_SETS & self.method_options.keys()
+        if clash:
+            raise ValueError(f"method_options must not set {sorted(clash)}: the buffer chooses them (device: distill_device=)")
+        object.__setattr__(self, "method_options", check_method_options(self.method, self.method_options))
+        if self.learner_aware and not issubclass(method, MatchingDistiller):
+            raise ValueError(f"learner_aware needs a matching method (dm, dm-multi), not {self.method!r}")
+
+    def _check_combinations(self) -> None:
+        if self.core is not None:
+            if not 0 < self.core <= 1:
+                raise ValueError(f"core must be a share in (0, 1], got {self.core!r}")
+            if not self.num_classes:
+                raise ValueError("core needs num_classes: the final quota is max_size // num_classes")
+            if self.recompress != "prefix":
+                raise ValueError(f"core needs recompress='prefix' (the real fill is dropped before the distilled core), got {self.recompress!r}")
+        if self.logits and not self.num_classes:
+            raise ValueError("logits needs num_classes (the size of the learner's output)")
+        if self.logits and self.recompress == "distill" and not getattr(_distill.REGISTRY[self.method], "selects", False):
+            raise ValueError("logits needs recompress='select' or 'prefix' (or a selecting method): an image distilled again has no logits of its learner")
+        if self.recompress not in RECOMPRESS_MODES:
+            raise ValueError(f"recompress must be one of {RECOMPRESS_MODES}, got {self.recompress!r}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must be an int in [1, 100], got {self.jpeg_quality!r}")
+        if self.soft_labels and not self.num_classes:
+            raise ValueError("soft_labels needs num_classes (the size of the learner's output)")
+        if not self.soft_temperature > 0:
+            raise ValueError(f"soft_temperature must be > 0, got {self.soft_temperature!r}")
+        if self.storage not in STORAGE_DTYPES:
+            raise ValueError(f"storage must be one of {STORAGE_DTYPES}, got {self.storage!r}")
+        if self.bits != 8 and self.storage != "uint8":
+            raise ValueError(f"bits={self.bits} needs storage='uint8'")
+        learned_for = int(self.method_options.get("jpeg_quality", 0))
+        if learned_for and (self.storage != "jpeg" or learned_for != self.jpeg_quality):
+            raise ValueError(f"method_options jpeg_quality={learned_for} learns images for JPEG codes at that quality: it needs "
+                             f"storage='jpeg' with jpeg_quality={learned_for} (got storage={self.storage!r}, jpeg_quality={self.jpeg_quality})")
+
+    def _check_budget(self) -> None:
+        if self.mem_bytes is not None and self.mem_bytes < 1:
+            raise ValueError(f"mem_bytes must be a positive int, got {self.mem_bytes!r}")
+        if self.num_classes is not None and self.num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {self.num_classes!r}")
+        if self.method != "auto" and self.sized_by_content:
+            if self.mem_bytes is None:
+                raise ValueError(f"storage={self.storage!r} needs a budget in bytes (mem_bytes): its images have no fixed size")
+            if self.max_size is not None:
+                raise ValueError(f"give mem_bytes, not max_size, with storage={self.storage!r}")
+        elif self.mem_bytes is None and (self.max_size is None or self.max_size < 1):
+            raise ValueError(f"max_size must be a positive int (or give mem_bytes), got {self.max_size!r}")
+
+    # ----------------------------------------------------------- derived
+    @property
+    def factor(self) -> int:
+        """The held images' resolution divisor (``method_options['factor']``, 1 by default)."""
+        return int(self.method_options.get("factor", 1))
+
+    @property
+    def bits(self) -> int:
+        """Bits per grey level of uint8 storage (``method_options['bits']``, 8 by default)."""
+        return int(self.method_options.get("bits", 8))
+
+    @property
+    def sized_by_content(self) -> bool:
+        """The storage's images have no fixed size (JPEG): the image budget follows from the first experience."""
+        return sized_by_content(self.storage)
+
+    @property
+    def identity(self) -> str:
+        """Every field as canonical JSON: two configurations that differ in anything (e.g. ``iterations``) differ here."""
+        return canonical_json(self)
+
+    def to_json(self) -> dict[str, Any]:
+        """The fields as a JSON object (what :meth:`from_json` reads back into an equal configuration)."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "BufferConfig":
+        """The configuration :meth:`to_json` wrote; an unknown key is a ``ValueError`` naming it."""
+        return cls(**checked_fields(cls, data))
+
+
+#: Each field's type and whether ``None`` is refused.
+_TYPES: dict[str, tuple[type, bool]] = {
+    "max_size": (int, False), "mem_bytes": (int, False), "method": (str, True), "method_options": (dict, True),
+    "recompress": (str, True), "storage": (str, True), "jpeg_quality": (int, True), "num_classes": (int, False),
+    "seed": (int, True), "learner_aware": (bool, True), "soft_labels": (bool, True), "soft_temperature": (float, True),
+    "augment": (bool, True), "logits": (bool, True), "core": (float, False),
+}
+
+
+def sized_by_content(storage: str) -> bool:
+    """Images held as ``storage`` have no fixed size (JPEG): the image budget follows from the first experience."""
+    return codecs.for_storage(storage).image_nbytes((1, 1, 1)) is None
+
+
+def config_from(config: BufferConfig | None, keywords: dict[str, Any]) -> BufferConfig:
+    """``config``, or one built from the keyword arguments a buffer or plugin was given (the same checks either way);
+    a keyword set beside ``config`` is a ``ValueError`` naming it, since one of the two would be ignored."""
+    keywords = {k: ({} if k == "method_options" and v is None else v) for k, v in keywords.items()}
+    if config is None:
+        return BufferConfig(**keywords)
+    if not isinstance(config, BufferConfig):
+        raise TypeError(f"config must be a BufferConfig, got {type(config).__name__}")
+    defaults = {f.name: f.default_factory() if callable(f.default_factory) else f.default for f in fields(BufferConfig)}
+    given = sorted(k for k, v in keywords.items() if v != defaults[k] or type(v) is not type(defaults[k]))
+    if given:
+        raise ValueError(f"give config or the keyword options {given}, not both")
+    return config
+
+
+def resolve(config: BufferConfig, dataset_meta: dict[str, Any] | None) -> tuple[BufferConfig, int, dict[str, Any] | None]:
+    """``config`` for the stream's dataset: ``method="auto"`` replaced by its choice (in :mod:`replaykit.memory_choice`,
+    itself checked as a configuration), the image budget (``max_size``, or what ``mem_bytes`` holds) and the choice."""
+    meta = dataset_meta or {}
+    choice = None
+    if config.method == "auto":
         from ..memory_choice import choose_memory
 
-        if not (dataset_meta or {}).get("in_shape"):
+        if not meta.get("in_shape"):
             raise ValueError("method='auto' chooses by raw images per class: it needs dataset_meta with in_shape (dataset_info(name).meta())")
-        choice = choose_memory(mem_bytes / num_classes, dataset_meta["in_shape"])
-        method, method_options, core, recompress = choice.method, dict(choice.method_options), choice.core, choice.recompress
-        storage, jpeg_quality, logits = choice.storage, choice.jpeg_quality, choice.logits
-    if core is not None:
-        if not (isinstance(core, (int, float)) and not isinstance(core, bool) and 0 < core <= 1):
-            raise ValueError(f"core must be a share in (0, 1], got {core!r}")
-        if not num_classes:
-            raise ValueError("core needs num_classes: the final quota is max_size // num_classes")
-        if recompress != "prefix":
-            raise ValueError(f"core needs recompress='prefix' (the real fill is dropped before the distilled core), got {recompress!r}")
-    if logits and not num_classes:
-        raise ValueError("logits needs num_classes (the size of the learner's output)")
-    if logits and recompress == "distill" and not getattr(_distill.REGISTRY.get(method), "selects", False):
-        raise ValueError("logits needs recompress='select' or 'prefix' (or a selecting method): an image distilled again has no logits of its learner")
-    if (workers not in (None, 1) or group is not None) and learner_aware:
+        choice = choose_memory(config.mem_bytes / config.num_classes, meta["in_shape"])
+        config = replace(config, method=choice.method, method_options=dict(choice.method_options), core=choice.core,
+                         recompress=choice.recompress, storage=choice.storage, jpeg_quality=choice.jpeg_quality, logits=choice.logits)
+    max_size = config.max_size
+    if config.sized_by_content:
+        max_size = 1  # set from the first experience's encoded sizes (see DistilledBuffer._fit_content_budget)
+    elif config.mem_bytes is not None:
+        in_shape = meta.get("in_shape")
+        if not in_shape:
+            raise ValueError("mem_bytes needs dataset_meta with the images' in_shape (dataset_info(name).meta())")
+        fitting = images_for_bytes(config.mem_bytes, in_shape, factor=config.factor, storage=config.storage, bits=config.bits,
+                                   soft_classes=config.num_classes if config.soft_labels else 0,
+                                   logit_classes=config.num_classes if config.logits else 0)
+        if max_size is not None and max_size != fitting:
+            raise ValueError(f"give max_size or mem_bytes, not both: {config.mem_bytes} bytes hold {fitting} images, not {max_size}")
+        if fitting < 1:
+            raise ValueError(f"mem_bytes={config.mem_bytes} holds no image of shape {tuple(in_shape)} at {config.storage}")
+        max_size = fitting
+    if codecs.REGISTRY[config.storage].stores_pixels and not {"mean", "std"} <= set(meta):
+        raise ValueError(f"storage={config.storage!r} needs dataset_meta with the dataset's mean and std (dataset_info(name).meta())")
+    return config, max_size, None if choice is None else choice.to_json()
+
+
+def check_execution(config: BufferConfig, workers: int | None, group: Any, distill_device: Any) -> str | None:
+    """Check where the distillation runs against ``config``; return ``distill_device`` resolved (``None``: the strategy's)."""
+    if (workers not in (None, 1) or group is not None) and config.learner_aware:
         raise ValueError("learner_aware distillation runs in this process: it cannot be combined with workers or group")
     if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 1):
         raise ValueError(f"workers must be a positive int, got {workers!r}")
-    fixed_size = storage not in STORAGE_DTYPES or codecs.for_storage(storage).image_nbytes((1, 1, 1)) is not None
-    if not fixed_size and mem_bytes is None:
-        raise ValueError(f"storage={storage!r} needs a budget in bytes (mem_bytes): its images have no fixed size")
-    if not (isinstance(jpeg_quality, int) and 1 <= jpeg_quality <= 100):
-        raise ValueError(f"jpeg_quality must be an int in [1, 100], got {jpeg_quality!r}")
-    if soft_labels and not num_classes:
-        raise ValueError("soft_labels needs num_classes (the size of the learner's output)")
-    if not soft_temperature > 0:
-        raise ValueError(f"soft_temperature must be > 0, got {soft_temperature!r}")
-    if storage not in STORAGE_DTYPES:
-        raise ValueError(f"storage must be one of {STORAGE_DTYPES}, got {storage!r}")
-    factor = int((method_options or {}).get("factor", 1))
-    bits = int((method_options or {}).get("bits", 8))
-    if bits != 8 and storage != "uint8":
-        raise ValueError(f"bits={bits} needs storage='uint8'")
-    learned_for = int((method_options or {}).get("jpeg_quality", 0))
-    if learned_for and (storage != "jpeg" or learned_for != jpeg_quality):
-        raise ValueError(f"method_options jpeg_quality={learned_for} learns images for JPEG codes at that quality: it needs "
-                         f"storage='jpeg' with jpeg_quality={learned_for} (got storage={storage!r}, jpeg_quality={jpeg_quality})")
-    if not fixed_size:
-        if max_size is not None:
-            raise ValueError(f"give mem_bytes, not max_size, with storage={storage!r}")
-        max_size = 1  # set from the first experience's encoded sizes (see _fit_content_budget)
-    elif mem_bytes is not None:
-        in_shape = (dataset_meta or {}).get("in_shape")
-        if not in_shape:
-            raise ValueError("mem_bytes needs dataset_meta with the images' in_shape (dataset_info(name).meta())")
-        fitting = images_for_bytes(mem_bytes, in_shape, factor=factor, storage=storage, bits=bits,
-                                   soft_classes=num_classes if soft_labels else 0, logit_classes=num_classes if logits else 0)
-        if max_size is not None and max_size != fitting:
-            raise ValueError(f"give max_size or mem_bytes, not both: {mem_bytes} bytes hold {fitting} images, not {max_size}")
-        if fitting < 1:
-            raise ValueError(f"mem_bytes={mem_bytes} holds no image of shape {tuple(in_shape)} at {storage}")
-        max_size = fitting
-    if not isinstance(max_size, int) or isinstance(max_size, bool) or max_size < 1:
-        raise ValueError(f"max_size must be a positive int (or give mem_bytes), got {max_size!r}")
-    if learner_aware and not issubclass(_distill.REGISTRY.get(method, object), MatchingDistiller):
-        raise ValueError(f"learner_aware needs a matching method (dm, dm-multi), not {method!r}")
-    _registry.lookup(_distill.REGISTRY, method, "distillation method")  # an unknown method is named here, before any work
-    options = dict(method_options or {})
-    clash = {"ipc", "seed", "progress", "learner", "device"} & options.keys()
-    if clash:
-        raise ValueError(f"method_options must not set {sorted(clash)}: the buffer chooses them (device: distill_device=)")
-    if distill_device is not None:
-        distill_device = str(_resolve_device(distill_device))
-    if recompress not in RECOMPRESS_MODES:
-        raise ValueError(f"recompress must be one of {RECOMPRESS_MODES}, got {recompress!r}")
-    if codecs.REGISTRY[storage].stores_pixels and not {"mean", "std"} <= set(dataset_meta or {}):
-        raise ValueError(f"storage={storage!r} needs dataset_meta with the dataset's mean and std (dataset_info(name).meta())")
-    return dict(max_size=max_size, method=method, method_options=options, recompress=recompress, storage=storage,
-                jpeg_quality=jpeg_quality, logits=logits, core=core, distill_device=distill_device,
-                memory_choice=None if choice is None else choice.to_json())
+    return None if distill_device is None else str(_resolve_device(distill_device))
 
 
 def _resolve_device(device: Any) -> Any:

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ..buffer import SyntheticBuffer
 from ..training import soft_cross_entropy
+from .options import BufferConfig
 from .storage import DistilledBuffer
 from .views import mix_view
 
@@ -46,6 +47,8 @@ class DistilledReplayPlugin(ReplayPlugin):
             :class:`MixedViewPlugin`); 0 turns it off.
         distill_device: where distillation runs (default: the strategy's device; see :class:`DistilledBuffer`).
         storage_policy: a ready :class:`DistilledBuffer` (overrides the options above).
+        config: the buffer's options as a :class:`~replaykit.avalanche.options.BufferConfig` instead of keyword
+            arguments (``mem_size`` is its ``max_size``; the plugin's own options above stay keywords; not both).
         Other keyword arguments go to :class:`DistilledBuffer`.
     """
 
@@ -77,21 +80,24 @@ class DistilledReplayPlugin(ReplayPlugin):
         logit_loss_weight: float = 0.1,
         core: float | None = None,
         distill_device: str | torch.device | None = None,
+        config: BufferConfig | None = None,
     ) -> None:
         if not (logit_loss_weight >= 0 and math.isfinite(logit_loss_weight)):
             raise ValueError(f"logit_loss_weight must be >= 0, got {logit_loss_weight!r}")
         if not 0.0 <= mix <= 1.0:
             raise ValueError(f"mix must lie in [0, 1], got {mix!r}")
         if storage_policy is None:
-            if mem_size is None and mem_bytes is None:
+            if config is None and mem_size is None and mem_bytes is None:
                 mem_size = 100
             storage_policy = DistilledBuffer(
-                mem_size, method, method_options, recompress=recompress, storage=storage, dataset_meta=dataset_meta,
+                mem_size, method, method_options, config=config, recompress=recompress, storage=storage, dataset_meta=dataset_meta,
                 num_classes=num_classes, seed=seed, progress=progress, mem_bytes=mem_bytes, learner_aware=learner_aware,
                 soft_labels=soft_labels, jpeg_quality=jpeg_quality, workers=workers, group=group, augment=augment,
                 logits=logits, core=core, distill_device=distill_device,
             )
-            mem_size = storage_policy.max_size
+            mem_size, seed = storage_policy.max_size, storage_policy.seed
+        elif config is not None:
+            raise ValueError("give storage_policy or config, not both: a ready buffer has its own configuration")
         elif not isinstance(storage_policy, DistilledBuffer):
             raise TypeError(f"storage_policy must be a DistilledBuffer, got {type(storage_policy).__name__}")
         elif mem_size is None:

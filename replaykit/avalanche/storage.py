@@ -17,7 +17,7 @@ from .. import distill as _distill
 from ..buffer import SyntheticBuffer, logit_row_bytes
 from ..progress import progress_bar
 from .budget import class_quotas
-from .options import RECOMPRESS_MODES, _resolve_device, resolve_options
+from .options import RECOMPRESS_MODES, BufferConfig, _resolve_device, check_execution, config_from, resolve, sized_by_content
 from .parts import _pad
 from .datasets import _LabelledImages, dataset_tensors, replay_transform
 from .distilling import ClassDistiller
@@ -27,6 +27,11 @@ __all__ = ["DistilledBuffer", "RECOMPRESS_MODES"]
 
 class DistilledBuffer(ClassDistiller, ExemplarsBuffer):
     """Avalanche storage policy holding a fixed-size buffer of distilled images.
+
+    Its options are a :class:`~replaykit.avalanche.options.BufferConfig`: pass one as ``config`` or give them as
+    keyword arguments (they build the same configuration; not both). ``dataset_meta``, ``progress``, ``workers``,
+    ``group`` and ``distill_device`` (what the stream is, where distillation runs) are arguments either way. The held
+    buffer's metadata carries the configuration (``meta["config"]``), so a saved buffer says how it was made.
 
     Args:
         max_size: M, the most images held in total.
@@ -83,12 +88,15 @@ class DistilledBuffer(ClassDistiller, ExemplarsBuffer):
             memory that is counted); the learner may live on any device.
     """
 
+    config: BufferConfig | None = None  # the class's value, for a buffer checkpointed before it had one
+
     def __init__(
         self,
         max_size: int | None = None,
         method: str = "dm",
         method_options: dict[str, Any] | None = None,
         *,
+        config: BufferConfig | None = None,
         recompress: str = "distill",
         storage: str = "float32",
         dataset_meta: dict[str, Any] | None = None,
@@ -107,34 +115,31 @@ class DistilledBuffer(ClassDistiller, ExemplarsBuffer):
         core: float | None = None,
         distill_device: str | torch.device | None = None,
     ) -> None:
-        resolved = resolve_options(
-            max_size, method, method_options, recompress=recompress, storage=storage, dataset_meta=dataset_meta,
-            num_classes=num_classes, mem_bytes=mem_bytes, learner_aware=learner_aware, soft_labels=soft_labels,
-            soft_temperature=soft_temperature, jpeg_quality=jpeg_quality, workers=workers, group=group, logits=logits, core=core,
-            distill_device=distill_device)
-        max_size, method, options, recompress, storage = (resolved[k] for k in ("max_size", "method", "method_options", "recompress", "storage"))
-        jpeg_quality, logits, core, distill_device = (resolved[k] for k in ("jpeg_quality", "logits", "core", "distill_device"))
+        self.config = config_from(config, dict(
+            max_size=max_size, method=method, method_options=method_options, recompress=recompress, storage=storage,
+            num_classes=num_classes, seed=seed, mem_bytes=mem_bytes, learner_aware=learner_aware, soft_labels=soft_labels,
+            soft_temperature=soft_temperature, jpeg_quality=jpeg_quality, augment=augment, logits=logits, core=core))
+        resolved, max_size, self.memory_choice = resolve(self.config, dataset_meta)
+        self.distill_device = check_execution(resolved, workers, group, distill_device)
         super().__init__(max_size)
-        self.method = method
-        self.storage = storage
-        self.method_options = options
-        self.recompress = recompress
+        self.method = resolved.method
+        self.storage = resolved.storage
+        self.method_options = dict(resolved.method_options)
+        self.recompress = resolved.recompress
         self.dataset_meta = dict(dataset_meta or {})
-        self.num_classes = num_classes
-        self.seed = seed
+        self.num_classes = resolved.num_classes
+        self.seed = resolved.seed
         self.progress = progress
-        self.mem_bytes = mem_bytes
-        self.learner_aware = learner_aware
-        self.soft_labels = soft_labels
-        self.soft_temperature = float(soft_temperature)
-        self.jpeg_quality = jpeg_quality
+        self.mem_bytes = resolved.mem_bytes
+        self.learner_aware = resolved.learner_aware
+        self.soft_labels = resolved.soft_labels
+        self.soft_temperature = resolved.soft_temperature
+        self.jpeg_quality = resolved.jpeg_quality
         self.workers = workers
         self.group = group
-        self.augment = bool(augment)
-        self.logits = bool(logits)
-        self.core = None if core is None else float(core)
-        self.memory_choice = resolved["memory_choice"]
-        self.distill_device = distill_device
+        self.augment = resolved.augment
+        self.logits = resolved.logits
+        self.core = resolved.core
         self._work_device: str | None = None  # the strategy's device, set by post_adapt
         self._learner: torch.nn.Module | None = None
         self.synthetic: SyntheticBuffer | None = None
@@ -303,7 +308,7 @@ class DistilledBuffer(ClassDistiller, ExemplarsBuffer):
     @property
     def _sized_by_content(self) -> bool:
         """The storage's images have no fixed size (JPEG): the image budget follows from the first experience."""
-        return codecs.for_storage(self.storage).image_nbytes((1, 1, 1)) is None
+        return sized_by_content(self.storage)
 
     def _set(self, buffer: SyntheticBuffer) -> None:
         self.synthetic = buffer
@@ -326,6 +331,8 @@ class DistilledBuffer(ClassDistiller, ExemplarsBuffer):
         meta.update(self.codec.meta())  # decoder, pixel_bits, jpeg_quality
         if self.soft_labels:
             meta.update(soft_label_storage="float16", soft_temperature=self.soft_temperature)
+        if self.config is not None:  # None: a buffer checkpointed before it had one
+            meta["config"] = self.config.to_json()  # how the buffer was made, as given (BufferConfig.from_json reads it)
         return meta
 
     def _storage_meta(self) -> dict[str, Any]:

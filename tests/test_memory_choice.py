@@ -57,3 +57,13 @@ def test_auto_buffer_holds_what_the_table_says_and_records_it(mem_bytes):
         DistilledBuffer(10, method="auto", dataset_meta=meta)
     with pytest.raises(ValueError, match="leave method_options"):
         DistilledBuffer(method="auto", mem_bytes=650, storage="uint8", num_classes=10, dataset_meta=meta, method_options={"iterations": 5})
+
+
+def test_auto_on_colour_images_at_one_raw_image_distills_for_the_learner_in_process():
+    meta = dataset_info("cifar10").meta()
+    buffer = DistilledBuffer(method="auto", mem_bytes=30_730, num_classes=10, dataset_meta=meta, progress=False)
+    choice = choose_memory(3_073, meta["in_shape"])
+    assert choice.learner_aware and buffer.learner_aware and buffer.storage == "jpeg"
+    assert buffer.method_options["real_batch"] == 256
+    with pytest.raises(ValueError, match="method='auto'"):
+        DistilledBuffer(method="auto", mem_bytes=30_730, num_classes=10, dataset_meta=meta, progress=False, workers=2)

@@ -200,7 +200,8 @@ def resolve(config: BufferConfig, dataset_meta: dict[str, Any] | None) -> tuple[
             raise ValueError("method='auto' chooses by raw images per class: it needs dataset_meta with in_shape (dataset_info(name).meta())")
         choice = choose_memory(config.mem_bytes / config.num_classes, meta["in_shape"])
         config = replace(config, method=choice.method, method_options=dict(choice.method_options), core=choice.core,
-                         recompress=choice.recompress, storage=choice.storage, jpeg_quality=choice.jpeg_quality, logits=choice.logits)
+                         recompress=choice.recompress, storage=choice.storage, jpeg_quality=choice.jpeg_quality, logits=choice.logits,
+                         learner_aware=config.learner_aware or choice.learner_aware)
     max_size = config.max_size
     if config.sized_by_content:
         max_size = 1  # set from the first experience's encoded sizes (see DistilledBuffer._fit_content_budget)
@@ -224,7 +225,8 @@ def resolve(config: BufferConfig, dataset_meta: dict[str, Any] | None) -> tuple[
 def check_execution(config: BufferConfig, workers: int | None, group: Any, distill_device: Any) -> str | None:
     """Check where the distillation runs against ``config``; return ``distill_device`` resolved (``None``: the strategy's)."""
     if (workers not in (None, 1) or group is not None) and config.learner_aware:
-        raise ValueError("learner_aware distillation runs in this process: it cannot be combined with workers or group")
+        raise ValueError("learner_aware distillation (asked for, or chosen by method='auto' for this budget) runs in this "
+                         "process: it cannot be combined with workers or group")
     if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 1):
         raise ValueError(f"workers must be a positive int, got {workers!r}")
     return None if distill_device is None else str(_resolve_device(distill_device))

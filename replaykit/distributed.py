@@ -340,6 +340,13 @@ def init_from_env(timeout: float = DEFAULT_TIMEOUT, backend: str | None = None) 
     backend = backend or ("nccl" if gpu is not None and not shared else "gloo")
     if gpu is not None:
         torch.cuda.set_device(gpu)
+    _join(backend, timeout)
+    return dist.group.WORLD
+
+
+def _join(backend: str, timeout: float) -> None:
+    """Join the default group from the ``env://`` variables, waiting half of ``timeout`` for the other ranks; the
+    group's operations and its store then wait ``timeout``."""
     join = 0.5 * timeout  # torch's rendezvous waits a second longer than it is told
     try:
         dist.init_process_group(backend, init_method="env://", timeout=_dt.timedelta(seconds=join))
@@ -353,7 +360,6 @@ def init_from_env(timeout: float = DEFAULT_TIMEOUT, backend: str | None = None) 
                                       f"was not started): {exc}", missing) from exc
     dist.set_timeout(_dt.timedelta(seconds=timeout))
     dist.distributed_c10d._get_default_store().set_timeout(_dt.timedelta(seconds=timeout))
-    return dist.group.WORLD
 
 
 def rank_gpu(local_rank: int | None = None) -> int | None:
@@ -521,8 +527,9 @@ class _Heartbeat:
     daemon thread writes ``pid host pid-namespace seq phase`` every ``period`` s -- it runs while torch computes,
     which releases the GIL -- and reads the others' beats; a rank whose beat has not changed for
     :func:`_silence_limit` s (or that never beat, counted from this rank's start), or whose process is seen to
-    have ended (same host and pid namespace), is reported once to ``on_silent``. A rank that ends writes "done"
-    (or "failed") first, so that its silence is no alarm.
+    have ended, is reported once to ``on_silent``; on this host, a silent rank with a runnable thread is starved,
+    not hung, and is not reported. A rank that ends writes "done" (or "failed") first, so that its silence is no
+    alarm.
     """
 
     def __init__(self, group: dist.ProcessGroup, timeout: float, on_silent: Any = None) -> None:
@@ -578,12 +585,13 @@ class _Heartbeat:
                     return
                 for peer in list(watching):
                     beat = self._read(peer)
+                    states = self._thread_states(beat) if beat else None
                     if beat and beat[4] in ("done", "failed"):
                         watching.remove(peer)
-                    elif beat and self._ended(beat):
-                        seen[peer] = (beat, -float("inf"))
-                    elif beat != seen.get(peer, (None,))[0]:
-                        seen[peer] = (beat, time.monotonic())
+                    elif states is not None and states <= {"Z", "X"}:
+                        seen[peer] = (beat, -float("inf"))  # its process has ended: named at once
+                    elif beat != seen.get(peer, (None,))[0] or (states and "R" in states):
+                        seen[peer] = (beat, time.monotonic())  # it beat, or it is runnable (starved, not hung)
             except Exception as exc:  # the store is out of reach: every beat ages, and the message says why
                 if final:
                     return
@@ -606,17 +614,19 @@ class _Heartbeat:
                     return
             self._closed.wait(self.period)
 
-    def _ended(self, beat: list[str]) -> bool:
-        """Whether a beat's process is seen to have ended: it ran here (host and pid namespace) and is gone or a
-        zombie. A dead rank is then named at once, as gloo named it when its connection closed."""
+    def _thread_states(self, beat: list[str]) -> set[str] | None:
+        """The states of the threads of a beat's process when it runs here (same host and pid namespace), else
+        ``None``. No thread left, or zombies only: it died, and is named at once (as gloo did when its connection
+        closed). A runnable thread: it is starved by a loaded machine, not hung, and its silence does not count."""
         if " ".join(beat[1:3]) != self._where or beat[2] == "?":
-            return False
-        try:
-            return Path(f"/proc/{beat[0]}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-        except FileNotFoundError:
-            return True
-        except (OSError, IndexError):  # unreadable: only its silence counts
-            return False
+            return None
+        states = set()
+        for stat in Path(f"/proc/{beat[0]}/task").glob("*/stat"):
+            try:
+                states.add(stat.read_text().rsplit(")", 1)[1].split()[0])
+            except (OSError, IndexError):
+                pass  # a thread that just ended
+        return states if states or not Path(f"/proc/{beat[0]}").exists() else None
 
     def _interrupt(self, peer: int, message: str, pid: int | None) -> None:
         """The default report: record the failure and wake the main thread wherever it is computing."""
@@ -726,6 +736,7 @@ def _text_tensor(text: str) -> torch.Tensor:
 
 # ------------------------------------------------------- local elastic launch
 _JOBS_FILE, _RESULT_FILE, _FAILURE_FILE = "jobs.safetensors", "result.safetensors", "failure.{rank}.json"
+_PID_FILE = "pid.{rank}"  # each local worker's process id, for a peer that finds it hung
 
 
 def _launch_local(jobs: list[ClassJob], workers: int, timeout: float, start_method: str = "spawn") -> list[SyntheticBuffer]:
@@ -865,20 +876,24 @@ def _worker_main(workdir: str, timeout: str, imported_at: float | None = None) -
     torch.set_num_threads(1)
     keep_freed_memory()
     seconds = float(timeout)
-    dist.init_process_group("gloo", init_method="env://", timeout=_dt.timedelta(seconds=seconds))
-    rank = dist.get_rank()
-    trace("group_joined")
+    rank = int(os.environ["RANK"])
+    (Path(workdir) / _PID_FILE.format(rank=rank)).write_text(str(os.getpid()))
 
-    def give_up(peer: int, message: str, pid: int | None) -> None:
-        """A silent peer: leave the verdict for the parent, kill the hung worker (a stopped process never acts on
-        the agent's SIGTERM) and end this one, so that the agent tears the run down now."""
+    def give_up(peer: int | None, message: str, pid: int | None = None) -> None:
+        """A silent or absent peer: leave the verdict for the parent, kill the hung worker (a stopped process never
+        acts on SIGTERM, and the launcher waits 30 s before its SIGKILL) and end this one, so that the run ends now."""
         atomic_write_json(Path(workdir) / _FAILURE_FILE.format(rank=rank), {"message": message, "rank": peer})
-        if pid is not None:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass  # gone already
+        try:
+            os.kill(int((Path(workdir) / _PID_FILE.format(rank=peer)).read_text()), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass  # no rank named, no pid written yet, or gone already
         os._exit(1)
+
+    try:
+        _join("gloo", seconds)
+    except DistributedDistillError as exc:
+        give_up(exc.rank, str(exc))
+    trace("group_joined")
 
     try:
         world = dist.get_world_size()

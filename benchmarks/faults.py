@@ -535,9 +535,10 @@ def distributed_trial(work: Path, mode: str, fault: str, delay: float, timeout: 
         peer.kill()
         peer.wait()
     written = sorted(p.name for p in folder.iterdir())
+    error = stderr.strip().splitlines()[-1] if stderr.strip() else ""
     return {"fault_at_s": round(faulted - started, 3), "faulted": victim is not None, "exit_code": lead.returncode,
-            "names_rank": "rank 1" in stderr or "worker rank" in stderr, "seconds_after_fault": round(ended - faulted, 3),
-            "written": written, "error": stderr.strip().splitlines()[-1][:300] if stderr.strip() else ""}
+            "names_rank": error.partition("error: ")[2].startswith(("rank 1 ", "worker rank 1 ")),  # the victim, first
+            "seconds_after_fault": round(ended - faulted, 3), "written": written, "error": error[:300]}
 
 
 def run_distributed(work: Path, trials: int, seed: int, timeout: float = 5.0, iterations: int = 300) -> list[dict[str, Any]]:
@@ -762,6 +763,21 @@ BUGS_FOUND = [
      "fix": "init_from_env raises DistributedDistillError naming the rank that did not join (with two ranks; else how "
             "many joined); the CLI prints it as an error (replaykit/distributed.py)",
      "test": "tests/test_distributed.py::test_a_rank_that_dies_before_joining_is_named_and_nothing_is_written"},
+    {"what": "--workers 2, a worker SIGKILLed mid-run: the error named the survivor ('rank 0 failed on job 2: "
+             "SignalException: Process N got signal: 15'): forked workers inherited the elastic agent's SIGTERM "
+             "handler, so the agent's teardown of rank 0 failed rank 0's job, and its verdict file named rank 0",
+     "fix": "local workers restore the default signal handlers; the launcher's error names a worker ended by the agent's "
+            "SIGTERM only if no other worker failed; the agent's failure log is kept without its traceback, whose "
+            "formatting imported torch._dynamo (2-12 s between the failure and the error) (replaykit/distributed.py)",
+     "test": "tests/test_distributed.py::test_a_killed_local_worker_is_named_not_the_survivor_the_agent_stopped"},
+    {"what": "a hung (SIGSTOPped) rank was named only once the waiting rank had finished its own jobs and then waited "
+             "--worker-timeout; a hung local worker then held the run 30 s more (the agent's SIGTERM stays pending on a "
+             "stopped process): --workers 2 named it 50.8 s after the fault with --worker-timeout 10",
+     "fix": "every rank beats a heartbeat through the group's store and watches the others': a rank silent for half the "
+            "timeout (at most 60 s), or seen dead on this host, is named at once -- rank 0's job is interrupted, a local "
+            "worker that notices kills the hung one and exits; gloo transfers start only once the peer has reached them "
+            "(gloo waits cannot be interrupted); torchrun ranks must join within half the timeout (replaykit/distributed.py)",
+     "test": "tests/test_distributed.py::test_a_hung_local_worker_is_named_within_the_timeout"},
     {"what": "a parameter made inf by a flipped exponent bit behind re-made checksums opened; only fit found out",
      "fix": "open_parameters refuses non-finite parameters and momentum (BundleError)",
      "test": "tests/edge/test_retrainer.py::test_non_finite_parameters_behind_valid_checksums_are_refused"},

@@ -30,10 +30,14 @@ and the result then depends on how fast each worker ran. That promise is the CPU
 to float rounding, not to the byte (cuDNN's algorithms and atomic adds are not bit-reproducible).
 
 Failures: a rank whose job raises reports the error to rank 0, and every rank
-raises :class:`DistributedDistillError` naming it; a rank that dies or hangs is
-named when rank 0 has waited ``timeout`` seconds for it (a local worker that
-dies is noticed at once by the elastic agent). Nothing is returned or written
-unless every part arrived.
+raises :class:`DistributedDistillError` naming it. Every rank beats a heartbeat
+through the group's store and watches the others' (:class:`_Heartbeat`): a rank
+that hangs or dies is named once its beat has been silent for half of ``timeout``
+(at most a minute), so the run ends within ``timeout`` of the fault; a local worker
+that dies is noticed at once by the elastic agent, and a hung one is killed by the
+worker that noticed it. A rank that is alive but still working is waited for
+``timeout`` seconds at the exchange. Nothing is returned or written unless every
+part arrived.
 
 Timing: with ``$REPLAYKIT_TRACE`` naming a folder, the command line and each local
 worker note when their phases end (:func:`trace`) and write them there as JSON;
@@ -42,11 +46,17 @@ worker note when their phases end (:func:`trace`) and write them there as JSON;
 
 from __future__ import annotations
 
+import _thread
 import datetime as _dt
+import itertools
 import json
+import logging
 import os
+import signal
+import socket
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -68,7 +78,8 @@ __all__ = [
 ]
 
 #: Seconds a rank waits for another at an exchange point. Ranks exchange only after all their
-#: jobs are done, so this must exceed the spread of per-rank work, not the work itself.
+#: jobs are done, so this must exceed the spread of per-rank work, not the work itself. A rank
+#: that stopped (hung or died) is named sooner, by its silent heartbeat (:func:`_silence_limit`).
 DEFAULT_TIMEOUT = 1800.0
 _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 _HEADER_LEN = 8  # status, n, C, H, W, soft-label columns (0: hard), num_classes, meta bytes
@@ -311,6 +322,9 @@ def init_from_env(timeout: float = DEFAULT_TIMEOUT, backend: str | None = None) 
     exchange through gloo (nccl cannot put two ranks on one GPU), and an explicit ``backend="nccl"``
     raises ``ValueError`` saying so. Without CUDA: gloo. An already initialised default group is
     returned as it is.
+
+    The ranks must join within half of ``timeout`` of each other (a rank that hangs before joining is then named
+    within ``timeout``, as one that hangs later is by its heartbeat); the group's operations then wait ``timeout``.
     """
     if dist.is_initialized():
         return dist.group.WORLD
@@ -326,17 +340,26 @@ def init_from_env(timeout: float = DEFAULT_TIMEOUT, backend: str | None = None) 
     backend = backend or ("nccl" if gpu is not None and not shared else "gloo")
     if gpu is not None:
         torch.cuda.set_device(gpu)
+    _join(backend, timeout)
+    return dist.group.WORLD
+
+
+def _join(backend: str, timeout: float) -> None:
+    """Join the default group from the ``env://`` variables, waiting half of ``timeout`` for the other ranks; the
+    group's operations and its store then wait ``timeout``."""
+    join = 0.5 * timeout  # torch's rendezvous waits a second longer than it is told
     try:
-        dist.init_process_group(backend, init_method="env://", timeout=_dt.timedelta(seconds=timeout))
+        dist.init_process_group(backend, init_method="env://", timeout=_dt.timedelta(seconds=join))
     except dist.DistStoreError as exc:
         # A rank that died or hung before joining: the rendezvous only counts who came ("1/2 clients joined"); with
         # two ranks the missing one is known. Was a raw DistStoreError traceback (found by the fault runs).
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         missing = 1 - rank if world == 2 else None
         who = f"rank {missing}" if missing is not None else "a rank"
-        raise DistributedDistillError(f"{who} did not join the process group within {timeout:g} s (it died, hung or "
+        raise DistributedDistillError(f"{who} did not join the process group within {join:g} s (it died, hung or "
                                       f"was not started): {exc}", missing) from exc
-    return dist.group.WORLD
+    dist.set_timeout(_dt.timedelta(seconds=timeout))
+    dist.distributed_c10d._get_default_store().set_timeout(_dt.timedelta(seconds=timeout))
 
 
 def rank_gpu(local_rank: int | None = None) -> int | None:
@@ -389,20 +412,54 @@ def _run_own(jobs: list[ClassJob], rank: int, world: int) -> tuple[dict[int, Syn
     return parts, ""
 
 
-def _run_in_group(jobs: list[ClassJob], group: dist.ProcessGroup, timeout: float, all_ranks: bool = False) -> list[SyntheticBuffer]:
+def _run_in_group(jobs: list[ClassJob], group: dist.ProcessGroup, timeout: float, all_ranks: bool = False,
+                  on_silent: Any = None) -> list[SyntheticBuffer]:
+    """This rank's share of the jobs and the exchange, under a heartbeat when the group has 2+ ranks.
+
+    ``on_silent(rank, message, pid)`` is called (from the heartbeat's thread) when another rank's beat falls silent;
+    by default the failure is recorded and the main thread interrupted, so that a rank still computing its own
+    jobs stops at once and raises :class:`DistributedDistillError` naming the silent rank.
+    """
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    owners = assign_ranks(len(jobs), world)
-    parts, error = _run_own(jobs, rank, world)
     if world == 1:
+        parts, error = _run_own(jobs, rank, world)
         if error:
             raise DistributedDistillError(error, rank)
         return [parts[i] for i in range(len(jobs))]
+    beat = _Heartbeat(group, timeout, on_silent)
+    ok = False
+    try:
+        try:
+            result = _exchange(jobs, group, timeout, all_ranks, beat)
+            ok = True
+        finally:
+            beat.stop(ok)
+    except KeyboardInterrupt:  # the heartbeat's interrupt, or a real Ctrl-C (no failure recorded)
+        if beat.failure is None:
+            raise
+        raise DistributedDistillError(*beat.failure) from None
+    return result
+
+
+def _exchange(jobs: list[ClassJob], group: dist.ProcessGroup, timeout: float, all_ranks: bool,
+              beat: "_Heartbeat") -> list[SyntheticBuffer]:
+    """Run this rank's jobs, then rank 0 gathers every part (and sends the result on if ``all_ranks``).
+
+    Each blocking gloo transfer is entered only once the peer has reached the matching phase (see
+    :meth:`_Heartbeat.await_phase`), so that a silent peer is named while this rank waits.
+    """
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    owners = assign_ranks(len(jobs), world)
+    parts, error = _run_own(jobs, rank, world)
+    beat.set_phase("exchange")
     wire = _Wire(group, timeout)
     if rank != 0:
+        beat.await_phase(0, "exchange", timeout, "take data from")
         wire.send_status(error, 0)
         if not error:
             for i in sorted(parts):
                 wire.send_part(parts[i], 0)
+        beat.await_phase(0, "verdict", 2 * timeout + 60, "send its verdict to")
         verdict = wire.recv_status(0, wait=2 * timeout + 60)
         if verdict:
             raise DistributedDistillError(*_decode_verdict(verdict))
@@ -411,6 +468,7 @@ def _run_in_group(jobs: list[ClassJob], group: dist.ProcessGroup, timeout: float
     unreachable: set[int] = set()
     for src in range(1, world):  # hear every rank out, so that none is left blocked in a send
         try:
+            beat.await_phase(src, "exchange", timeout, "send data to")
             status = wire.recv_status(src)
             if status:
                 failure = failure or (status, src)
@@ -420,6 +478,7 @@ def _run_in_group(jobs: list[ClassJob], group: dist.ProcessGroup, timeout: float
         except DistributedDistillError as exc:
             failure = failure or (str(exc), exc.rank)
             unreachable.add(src)
+    beat.set_phase("verdict")
     if failure is not None:
         wire.tell_all(json.dumps({"message": failure[0], "rank": failure[1]}), best_effort=True, skip=unreachable)
         raise DistributedDistillError(*failure)
@@ -434,6 +493,174 @@ def _run_in_group(jobs: list[ClassJob], group: dist.ProcessGroup, timeout: float
 def _decode_verdict(text: str) -> tuple[str, int | None]:
     verdict = json.loads(text)
     return verdict["message"], verdict["rank"]
+
+
+def _no_word_from(peer: int, me: int, what: str, seconds: float, cause: str = "") -> DistributedDistillError:
+    return DistributedDistillError(
+        f"rank {peer} did not {what} rank {me} within {seconds:g} s (it died, hung or is still working; raise the "
+        f"timeout if ranks are unevenly loaded){': ' + cause if cause else ''}", peer)
+
+
+#: The phases a rank's heartbeat announces, in order ("failed" ends a rank that raised: no phase to wait for).
+_PHASES = ("work", "exchange", "verdict", "done")
+_beat_calls = itertools.count()  # every rank of a group calls _run_in_group in the same order: the same keys
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid").replace(" ", "")
+    except OSError:  # no /proc: a peer's process cannot be looked up, only its silence counts
+        return "?"
+
+
+def _silence_limit(timeout: float) -> float:
+    """Seconds without a heartbeat after which a rank counts as hung or dead: well inside ``timeout``, so that the
+    run ends within it, and at most a minute (the beat has a thread of its own: silence is not a busy rank)."""
+    return min(0.5 * timeout, 60.0)
+
+
+class _Heartbeat:
+    """Every rank's pulse in the default store, and every rank's watch on the others' (groups of 2+ ranks).
+
+    Waiting for a rank's data names a hung rank only ``timeout`` s after the waiting rank's own jobs are done
+    (and gloo's waits can be neither interrupted nor cut short: a timed-out wait closes the connection). Here a
+    daemon thread writes ``pid host pid-namespace seq phase`` every ``period`` s -- it runs while torch computes,
+    which releases the GIL -- and reads the others' beats; a rank whose beat has not changed for
+    :func:`_silence_limit` s (or that never beat, counted from this rank's start), or whose process is seen to
+    have ended, is reported once to ``on_silent``; on this host, a silent rank with a runnable thread is starved,
+    not hung, and is not reported. A rank that ends writes "done" (or "failed") first, so that its silence is no
+    alarm.
+    """
+
+    def __init__(self, group: dist.ProcessGroup, timeout: float, on_silent: Any = None) -> None:
+        self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
+        call = next(_beat_calls)
+        self.keys = [f"replaykit/beat/{call}/{r}" for r in dist.get_process_group_ranks(group)]
+        self.limit = _silence_limit(timeout)
+        self.period = min(1.0, self.limit / 12)
+        self.phase, self.failure = "work", None
+        self.on_silent = on_silent or self._interrupt
+        self._where = f"{socket.gethostname()} {_pid_namespace()}"
+        self._me = f"{os.getpid()} {self._where}"
+        self._seq = 0
+        self._main = threading.current_thread() is threading.main_thread()
+        self._lock, self._write_lock, self._closed = threading.Lock(), threading.Lock(), threading.Event()
+        try:
+            self.store = dist.distributed_c10d._get_default_store()
+        except (RuntimeError, ValueError):  # no default group: the exchange's own waits are all there is
+            self.store = None
+        self._thread = threading.Thread(target=self._run, name="replaykit-heartbeat", daemon=True)
+        if self.store is not None:
+            self._publish(quiet=True)
+            self._thread.start()
+
+    def _publish(self, quiet: bool = False) -> None:
+        """Write this rank's beat; ``quiet``: a store out of reach is left to the watcher to report."""
+        with self._write_lock:  # the phase and its sequence number go out in order, whichever thread writes
+            self._seq += 1
+            try:
+                self.store.set(self.keys[self.rank], f"{self._me} {self._seq} {self.phase}")
+            except Exception:
+                if not quiet:
+                    raise
+
+    def _read(self, peer: int) -> list[str] | None:
+        key = self.keys[peer]
+        return self.store.get(key).decode().split() if self.store.check([key]) else None
+
+    def set_phase(self, phase: str) -> None:
+        self.phase = phase
+        if self.store is not None:
+            self._publish(quiet=True)
+
+    def _run(self) -> None:
+        started, error = time.monotonic(), ""
+        seen: dict[int, tuple[list[str] | None, float]] = {}
+        watching = [r for r in range(self.world) if r != self.rank]
+        while True:
+            final = self._closed.is_set()
+            try:
+                self._publish()
+                if final:
+                    return
+                for peer in list(watching):
+                    beat = self._read(peer)
+                    states = self._thread_states(beat) if beat else None
+                    if beat and beat[4] in ("done", "failed"):
+                        watching.remove(peer)
+                    elif states is not None and states <= {"Z", "X"}:
+                        seen[peer] = (beat, -float("inf"))  # its process has ended: named at once
+                    elif beat != seen.get(peer, (None,))[0] or (states and "R" in states):
+                        seen[peer] = (beat, time.monotonic())  # it beat, or it is runnable (starved, not hung)
+            except Exception as exc:  # the store is out of reach: every beat ages, and the message says why
+                if final:
+                    return
+                error = f"; the heartbeats could not be read: {type(exc).__name__}: {exc}"
+            now = time.monotonic()
+            for peer in watching:
+                beat, since = seen.get(peer, (None, started))
+                if now - since > self.limit:
+                    if beat and since < 0:
+                        message = f"rank {peer} (pid {beat[0]} on {beat[1]}) died: its process ended before it was done"
+                    elif beat:
+                        message = (f"rank {peer} (pid {beat[0]} on {beat[1]}) stopped: no heartbeat for "
+                                   f"{self.limit:g} s (it hung or died){error}")
+                    else:
+                        message = (f"rank {peer} sent no heartbeat within {self.limit:g} s of rank {self.rank} "
+                                   f"starting (it hung, died or never started its part){error}")
+                    with self._lock:
+                        if not self._closed.is_set():
+                            self.on_silent(peer, message, int(beat[0]) if beat else None)
+                    return
+            self._closed.wait(self.period)
+
+    def _thread_states(self, beat: list[str]) -> set[str] | None:
+        """The states of the threads of a beat's process when it runs here (same host and pid namespace), else
+        ``None``. No thread left, or zombies only: it died, and is named at once (as gloo did when its connection
+        closed). A runnable thread: it is starved by a loaded machine, not hung, and its silence does not count."""
+        if " ".join(beat[1:3]) != self._where or beat[2] == "?":
+            return None
+        states = set()
+        for stat in Path(f"/proc/{beat[0]}/task").glob("*/stat"):
+            try:
+                states.add(stat.read_text().rsplit(")", 1)[1].split()[0])
+            except (OSError, IndexError):
+                pass  # a thread that just ended
+        return states if states or not Path(f"/proc/{beat[0]}").exists() else None
+
+    def _interrupt(self, peer: int, message: str, pid: int | None) -> None:
+        """The default report: record the failure and wake the main thread wherever it is computing."""
+        self.failure = (message, peer)
+        if self._main:
+            _thread.interrupt_main()
+
+    def await_phase(self, peer: int, phase: str, seconds: float, what: str) -> None:
+        """Return once ``peer`` has reached ``phase``, so that the gloo transfer that follows finds it there: the
+        waiting is done here, where a silent peer ends it at once, and gloo waits only for data on its way."""
+        if self.store is None:
+            return
+        deadline, pause = time.monotonic() + seconds, 0.001
+        while True:
+            if self.failure is not None:
+                raise DistributedDistillError(*self.failure)
+            try:
+                beat = self._read(peer)
+            except Exception:  # the watcher reports a store that stays out of reach
+                beat = None
+            if beat and beat[4] in _PHASES and _PHASES.index(beat[4]) >= _PHASES.index(phase):
+                return
+            if time.monotonic() > deadline:
+                raise _no_word_from(peer, self.rank, what, seconds, f"its heartbeat says {beat[4] if beat else 'nothing'}")
+            time.sleep(pause)
+            pause = min(2 * pause, 0.05)
+
+    def stop(self, ok: bool) -> None:
+        """Say "done" (or "failed") and stop watching; no report can come once this has returned."""
+        with self._lock:
+            self.phase = "done" if ok else "failed"
+            self._closed.set()
+        if self._thread.is_alive():
+            self._thread.join(2 * self.period + 1)  # the last beat goes out before this process moves on
 
 
 class _Wire:
@@ -453,12 +680,7 @@ class _Wire:
             if work is not None and not work.wait(_dt.timedelta(seconds=seconds)):
                 raise TimeoutError("wait returned False")
         except Exception as exc:  # gloo raises RuntimeError / DistBackendError for timeouts and dead peers
-            me = dist.get_rank(self.group)
-            raise DistributedDistillError(
-                f"rank {peer} did not {what} rank {me} within {seconds:g} s (it died, hung or is still working; "
-                f"raise the timeout if ranks are unevenly loaded): {type(exc).__name__}: {exc}",
-                peer,
-            ) from exc
+            raise _no_word_from(peer, dist.get_rank(self.group), what, seconds, f"{type(exc).__name__}: {exc}") from exc
 
     def _send(self, tensor: torch.Tensor, dst: int) -> None:
         tensor = tensor.to(self.device).contiguous()
@@ -514,6 +736,7 @@ def _text_tensor(text: str) -> torch.Tensor:
 
 # ------------------------------------------------------- local elastic launch
 _JOBS_FILE, _RESULT_FILE, _FAILURE_FILE = "jobs.safetensors", "result.safetensors", "failure.{rank}.json"
+_PID_FILE = "pid.{rank}"  # each local worker's process id, for a peer that finds it hung
 
 
 def _launch_local(jobs: list[ClassJob], workers: int, timeout: float, start_method: str = "spawn") -> list[SyntheticBuffer]:
@@ -526,9 +749,11 @@ def _launch_local(jobs: list[ClassJob], workers: int, timeout: float, start_meth
         config = LaunchConfig(
             min_nodes=1, max_nodes=1, nproc_per_node=workers, run_id=f"replaykit-{uuid.uuid4().hex[:12]}",
             rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1,
-            start_method=start_method,
+            start_method=start_method, shutdown_timeout=2,  # a failed run has nothing to save: SIGKILL after 2 s, not 30
         )
         trace("launch")
+        agent_log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
+        agent_log.addFilter(_without_traceback)
         try:
             if start_method == "fork":  # the caller's interpreter, torch and replaykit already imported
                 elastic_launch(config, entrypoint=_worker_main)(tmp, repr(timeout))
@@ -538,15 +763,28 @@ def _launch_local(jobs: list[ClassJob], workers: int, timeout: float, start_meth
             # rank 0's verdict names the culprit; else another rank's (rank 0 was lost); else the launcher's record
             verdicts = sorted(Path(tmp).glob(_FAILURE_FILE.format(rank="*")), key=lambda f: int(f.name.split(".")[1]))
             raise DistributedDistillError(*_decode_verdict(verdicts[0].read_text())) if verdicts else _launch_error(exc) from None
+        finally:
+            agent_log.removeFilter(_without_traceback)
         trace("workers_done")
         parts = _read_parts(Path(tmp) / _RESULT_FILE)
         trace("parts_read")
         return parts
 
 
+def _without_traceback(record: logging.LogRecord) -> bool:
+    """Log the agent's "worker failed" line without its traceback (of the agent's own poll, not the worker's):
+    torch's log formatter imports torch._dynamo to format one, which held a failed run 2-12 s (fault runs, #25)."""
+    record.exc_info = record.exc_text = None
+    return True
+
+
 def _launch_error(exc: Any) -> DistributedDistillError:
-    """The first worker to fail, with its recorded error or else its exit code or signal."""
-    rank, failure = min(exc.failures.items(), key=lambda item: item[1].timestamp)
+    """The first worker to fail, with its recorded error or else its exit code or signal.
+
+    Once one worker failed the agent SIGTERMs the others and records them as failed too, a second or so later
+    (timestamps are whole seconds): a worker ended by SIGTERM is named only if no other worker failed.
+    """
+    rank, failure = min(exc.failures.items(), key=lambda item: (item[1].exitcode == -signal.SIGTERM, item[1].timestamp))
     if failure.exitcode < 0:
         return DistributedDistillError(f"worker rank {rank} died (signal {failure.signal_name()}) before delivering its parts", rank)
     recorded = (failure.error_file_data or {}).get("message", {})
@@ -627,22 +865,43 @@ def _worker_main(workdir: str, timeout: str, imported_at: float | None = None) -
     from .runtime import keep_freed_memory
 
     _trace_events.clear()  # a forked worker starts with its parent's events
+    # A forked worker inherits the agent's handlers, which raise SignalException: the agent's SIGTERM to a survivor
+    # of a failed run then failed that survivor's job, and its verdict named it instead of the worker that died.
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if imported_at is not None:
         trace("worker_import", imported_at)
     trace("worker_start")
     torch.set_num_threads(1)
     keep_freed_memory()
     seconds = float(timeout)
-    dist.init_process_group("gloo", init_method="env://", timeout=_dt.timedelta(seconds=seconds))
-    rank = dist.get_rank()
+    rank = int(os.environ["RANK"])
+    (Path(workdir) / _PID_FILE.format(rank=rank)).write_text(str(os.getpid()))
+
+    def give_up(peer: int | None, message: str, pid: int | None = None) -> None:
+        """A silent or absent peer: leave the verdict for the parent, kill the hung worker (a stopped process never
+        acts on SIGTERM, and the launcher waits 30 s before its SIGKILL) and end this one, so that the run ends now."""
+        atomic_write_json(Path(workdir) / _FAILURE_FILE.format(rank=rank), {"message": message, "rank": peer})
+        try:
+            os.kill(int((Path(workdir) / _PID_FILE.format(rank=peer)).read_text()), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass  # no rank named, no pid written yet, or gone already
+        os._exit(1)
+
+    try:
+        _join("gloo", seconds)
+    except DistributedDistillError as exc:
+        give_up(exc.rank, str(exc))
     trace("group_joined")
+
     try:
         world = dist.get_world_size()
         jobs = _read_jobs(Path(workdir) / _JOBS_FILE, rank, world)
         if _wants_cuda(jobs) and rank_gpu() is not None:  # "cuda" in a job means this worker's GPU (round-robin)
             torch.cuda.set_device(rank_gpu())
         try:
-            parts = _run_in_group(jobs, dist.group.WORLD, seconds)
+            parts = _run_in_group(jobs, dist.group.WORLD, seconds, on_silent=give_up)
         except DistributedDistillError as exc:  # every rank that can be reached knows it: tell the parent, quietly
             atomic_write_json(Path(workdir) / _FAILURE_FILE.format(rank=rank), {"message": str(exc), "rank": exc.rank})
             # Rank 0 (or whoever lost rank 0) exits non-zero, so that the agent stops a rank that still hangs;

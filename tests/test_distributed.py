@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -168,6 +169,97 @@ def test_worker_that_raises_is_named(digits):
     assert caught.value.rank == 1
 
 
+def _fault_on_rank_1(monkeypatch, tmp_path, sig) -> None:
+    """Forked local workers whose rank 1 sends itself ``sig`` as its first job starts (the time goes to a file)."""
+
+    def run(job):
+        if os.environ.get("RANK") == "1":
+            (tmp_path / "fault_at").write_text(repr(time.time()))
+            os.kill(os.getpid(), sig)
+            time.sleep(60)  # SIGKILL / SIGSTOP act at once; never reached
+        return real_run(job)
+
+    real_run = ClassJob.run
+    monkeypatch.setattr(ClassJob, "run", run)
+
+
+def _cli_error(err: str) -> str:
+    lines = [line for line in err.splitlines() if "replaykit distill: error:" in line]
+    assert lines, err[-2000:]
+    return lines[-1]
+
+
+def test_a_killed_local_worker_is_named_not_the_survivor_the_agent_stopped(tmp_path, monkeypatch, capsys):
+    """Regression (fault runs, issue 25): a worker SIGKILLed mid-run was reported as "rank 0 failed on job 2:
+    SignalException: got signal 15": forked workers inherited the agent's SIGTERM handler, so the agent's teardown
+    of the survivor failed the survivor's job, and its verdict named it."""
+    import signal
+
+    _fault_on_rank_1(monkeypatch, tmp_path, signal.SIGKILL)
+    out = tmp_path / "never.safetensors"
+    args = ["distill", "--dataset", "digits", "--method", "dm", "--ipc", "2", "--iterations", "100000", "--classes",
+            "0,1", "--quiet", "--workers", "2", "--worker-timeout", "10", "--out", str(out)]
+    assert main(args) == 2  # rank 0 is deep in its job (minutes) when rank 1 dies
+    ended = time.time()
+    err = _cli_error(capsys.readouterr().err)
+    assert "rank 1 " in err and "died" in err and "rank 0" not in err and "SignalException" not in err, err
+    assert ended - float((tmp_path / "fault_at").read_text()) < 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fault_at"]
+
+
+def test_a_hung_local_worker_is_named_within_the_timeout(tmp_path, monkeypatch, capsys):
+    """Regression (fault runs, issue 25): a SIGSTOPped worker was named 50.8 s after the fault with a 10 s timeout
+    (rank 0 noticed only at the exchange, then the agent waited 30 s on the stopped worker's pending SIGTERM)."""
+    import signal
+
+    _fault_on_rank_1(monkeypatch, tmp_path, signal.SIGSTOP)
+    out = tmp_path / "never.safetensors"
+    args = ["distill", "--dataset", "digits", "--method", "dm", "--ipc", "2", "--iterations", "100000", "--classes",
+            "0,1", "--quiet", "--workers", "2", "--worker-timeout", "5", "--out", str(out)]
+    assert main(args) == 2
+    ended = time.time()
+    err = _cli_error(capsys.readouterr().err)
+    assert "error: rank 1 (pid " in err and "stopped: no heartbeat for 2.5 s" in err, err
+    assert ended - float((tmp_path / "fault_at").read_text()) < 5 + 3  # the timeout, and slack for a loaded machine
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fault_at"]
+
+
+def test_a_local_worker_that_hangs_before_joining_is_named_within_the_timeout(tmp_path, monkeypatch, capsys):
+    """Found while fixing the above: a worker stopped before it joined the group was reported as "worker rank 0
+    failed (exit code 1): DistStoreError", 36 s after the fault with a 6 s timeout."""
+    import signal
+
+    import torch.distributed as dist
+
+    def init(*args, **kwargs):
+        if os.environ.get("RANK") == "1":
+            (tmp_path / "fault_at").write_text(repr(time.time()))
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return real_init(*args, **kwargs)
+
+    real_init = dist.init_process_group
+    monkeypatch.setattr(dist, "init_process_group", init)
+    args = ["distill", "--dataset", "digits", "--method", "dm", "--ipc", "2", "--iterations", "3", "--classes",
+            "0,1", "--quiet", "--workers", "2", "--worker-timeout", "5", "--out", str(tmp_path / "never.safetensors")]
+    assert main(args) == 2
+    ended = time.time()
+    err = _cli_error(capsys.readouterr().err)
+    assert "error: rank 1 did not join the process group within 2.5 s" in err, err
+    assert ended - float((tmp_path / "fault_at").read_text()) < 5 + 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fault_at"]
+
+
+def test_no_false_alarm_when_the_silence_limit_is_far_shorter_than_the_run(tmp_path):
+    """Both workers compute for longer than the silence limit (2 s here): their beats keep going meanwhile."""
+    out = tmp_path / "ok.safetensors"
+    args = ["distill", "--dataset", "digits", "--method", "dm", "--ipc", "2", "--iterations", "1000", "--classes",
+            "0,1", "--quiet", "--workers", "2", "--worker-timeout", "4", "--out", str(out)]
+    started = time.time()
+    assert main(args) == 0
+    assert time.time() - started > 2 * 2.0  # long enough to mean something
+    assert load_file(str(out))["class_ids"].tolist() == [0, 0, 1, 1]
+
+
 PEER = textwrap.dedent(
     """
     import hashlib, os, sys, time
@@ -181,10 +273,21 @@ PEER = textwrap.dedent(
         jobs = [ClassJob("dm", {"iterations": 3}, 2, 0, x[y == c], y[y == c], 10) for c in (0, 1, 2)]
         parts = distill_per_class(jobs, group=init_from_env(), all_ranks=True)
         print([hashlib.sha256(p.images.numpy().tobytes()).hexdigest() for p in parts], flush=True)
-    elif rank == "0":  # the CLI as torchrun would run it, waiting at most 3 s for rank 1
-        sys.exit(main(sys.argv[2:] + ["--worker-timeout", "3"]))
+    elif rank == "0":  # the CLI as torchrun would run it, naming a silent rank 1 after 3 s (half the timeout)
+        sys.exit(main(sys.argv[2:] + ["--worker-timeout", "6"]))
     elif mode == "absent":  # rank 1 dies before it joins the group
         os._exit(3)
+    elif mode == "stall":  # rank 1 runs the CLI too, and stops (as SIGSTOP does) when its first job starts
+        import signal
+        from pathlib import Path
+        from replaykit import distributed
+
+        def stop(job):
+            Path(sys.argv[0]).with_name("stopped_at").write_text(repr(time.time()))
+            os.kill(os.getpid(), signal.SIGSTOP)
+
+        distributed.ClassJob.run = stop
+        sys.exit(main(sys.argv[2:] + ["--worker-timeout", "6"]))
     else:
         init_from_env()
         if mode == "exit":
@@ -219,8 +322,22 @@ def test_dead_or_hung_rank_is_named_and_nothing_is_written(tmp_path, mode):
     out = tmp_path / "never.safetensors"
     lead, _ = _run_pair(tmp_path, mode, *CLI_ARGS, "--out", str(out))
     assert lead.returncode == 2, lead.stderr[-2000:]
-    assert "error: rank 1 did not send data to rank 0 within 3 s" in lead.stderr, lead.stderr[-2000:]
+    assert "error: rank 1 sent no heartbeat within 3 s of rank 0 starting" in lead.stderr, lead.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["peer.py"]
+
+
+def test_a_rank_that_hangs_mid_run_is_named_while_rank_0_still_computes(tmp_path):
+    """Regression (fault runs, issue 25): a hung rank was named only after rank 0's own jobs plus the timeout.
+    Rank 0's heartbeat watcher now interrupts its job once rank 1's beat has been silent for half the timeout."""
+    out = tmp_path / "never.safetensors"
+    args = ["distill", "--dataset", "digits", "--method", "dm", "--ipc", "2", "--iterations", "100000", "--classes",
+            "0,1", "--quiet", "--out", str(out)]  # rank 0's job alone would take minutes
+    lead, _ = _run_pair(tmp_path, "stall", *args)
+    ended = time.time()
+    assert lead.returncode == 2, lead.stderr[-2000:]
+    assert "error: rank 1 (pid " in lead.stderr and "stopped: no heartbeat for 3 s" in lead.stderr, lead.stderr[-2000:]
+    assert ended - float((tmp_path / "stopped_at").read_text()) < 6 + 3  # the timeout, and slack for a loaded machine
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["peer.py", "stopped_at"]
 
 
 def test_a_rank_that_dies_before_joining_is_named_and_nothing_is_written(tmp_path):
@@ -229,7 +346,7 @@ def test_a_rank_that_dies_before_joining_is_named_and_nothing_is_written(tmp_pat
     out = tmp_path / "never.safetensors"
     lead, _ = _run_pair(tmp_path, "absent", *CLI_ARGS, "--out", str(out))
     assert lead.returncode == 2, lead.stderr[-2000:]
-    assert "error: rank 1 did not join the process group within 3 s" in lead.stderr, lead.stderr[-2000:]
+    assert "error: rank 1 did not join the process group within 3 s" in lead.stderr, lead.stderr[-2000:]  # half of 6
     assert sorted(p.name for p in tmp_path.iterdir()) == ["peer.py"]
 
 

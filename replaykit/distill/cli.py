@@ -121,5 +121,6 @@ def add_cli(sub) -> None:
                    help="distill each class as one job over N local processes of one thread each (1: here, one "
                         "thread); same buffer for any N. Under torchrun the ranks are the workers")
     p.add_argument("--worker-timeout", type=float, default=1800.0,
-                   help="seconds a worker waits for another before the run fails naming it (default 1800)")
+                   help="seconds a worker waits for another to finish its jobs before the run fails naming it; a "
+                        "worker that hangs or dies is named after half of this, at most 60 s (default 1800)")
     p.set_defaults(func=_distill_command)

@@ -190,7 +190,7 @@ def _cli_error(err: str) -> str:
 
 
 def test_a_killed_local_worker_is_named_not_the_survivor_the_agent_stopped(tmp_path, monkeypatch, capsys):
-    """Regression (fault runs, issue 25): a worker SIGKILLed mid-run was reported as "rank 0 failed on job 2:
+    """Regression (fault runs, benchmarks/faults.py): a worker SIGKILLed mid-run was reported as "rank 0 failed on job 2:
     SignalException: got signal 15": forked workers inherited the agent's SIGTERM handler, so the agent's teardown
     of the survivor failed the survivor's job, and its verdict named it."""
     import signal
@@ -203,12 +203,12 @@ def test_a_killed_local_worker_is_named_not_the_survivor_the_agent_stopped(tmp_p
     ended = time.time()
     err = _cli_error(capsys.readouterr().err)
     assert "rank 1 " in err and "died" in err and "rank 0" not in err and "SignalException" not in err, err
-    assert ended - float((tmp_path / "fault_at").read_text()) < 10
+    assert ended - float((tmp_path / "fault_at").read_text()) < 10 + 15  # generous: a loaded machine tears down slowly
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fault_at"]
 
 
 def test_a_hung_local_worker_is_named_within_the_timeout(tmp_path, monkeypatch, capsys):
-    """Regression (fault runs, issue 25): a SIGSTOPped worker was named 50.8 s after the fault with a 10 s timeout
+    """Regression (fault runs, benchmarks/faults.py): a SIGSTOPped worker was named 50.8 s after the fault with a 10 s timeout
     (rank 0 noticed only at the exchange, then the agent waited 30 s on the stopped worker's pending SIGTERM)."""
     import signal
 
@@ -220,7 +220,7 @@ def test_a_hung_local_worker_is_named_within_the_timeout(tmp_path, monkeypatch, 
     ended = time.time()
     err = _cli_error(capsys.readouterr().err)
     assert "error: rank 1 (pid " in err and "stopped: no heartbeat for 2.5 s" in err, err
-    assert ended - float((tmp_path / "fault_at").read_text()) < 5 + 3  # the timeout, and slack for a loaded machine
+    assert ended - float((tmp_path / "fault_at").read_text()) < 5 + 15  # the timeout + teardown on a loaded machine (was 50.8 s)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fault_at"]
 
 
@@ -245,7 +245,7 @@ def test_a_local_worker_that_hangs_before_joining_is_named_within_the_timeout(tm
     ended = time.time()
     err = _cli_error(capsys.readouterr().err)
     assert "error: rank 1 did not join the process group within 2.5 s" in err, err
-    assert ended - float((tmp_path / "fault_at").read_text()) < 5 + 3
+    assert ended - float((tmp_path / "fault_at").read_text()) < 5 + 15  # the timeout + teardown on a loaded machine (was 36 s)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fault_at"]
 
 
@@ -327,7 +327,7 @@ def test_dead_or_hung_rank_is_named_and_nothing_is_written(tmp_path, mode):
 
 
 def test_a_rank_that_hangs_mid_run_is_named_while_rank_0_still_computes(tmp_path):
-    """Regression (fault runs, issue 25): a hung rank was named only after rank 0's own jobs plus the timeout.
+    """Regression (fault runs, benchmarks/faults.py): a hung rank was named only after rank 0's own jobs plus the timeout.
     Rank 0's heartbeat watcher now interrupts its job once rank 1's beat has been silent for half the timeout."""
     out = tmp_path / "never.safetensors"
     args = ["distill", "--dataset", "digits", "--method", "dm", "--ipc", "2", "--iterations", "100000", "--classes",
@@ -336,12 +336,12 @@ def test_a_rank_that_hangs_mid_run_is_named_while_rank_0_still_computes(tmp_path
     ended = time.time()
     assert lead.returncode == 2, lead.stderr[-2000:]
     assert "error: rank 1 (pid " in lead.stderr and "stopped: no heartbeat for 3 s" in lead.stderr, lead.stderr[-2000:]
-    assert ended - float((tmp_path / "stopped_at").read_text()) < 6 + 3  # the timeout, and slack for a loaded machine
+    assert ended - float((tmp_path / "stopped_at").read_text()) < 6 + 15  # the timeout + teardown on a loaded machine (was minutes)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["peer.py", "stopped_at"]
 
 
 def test_a_rank_that_dies_before_joining_is_named_and_nothing_is_written(tmp_path):
-    """Regression (fault runs, issue 25): rank 1 killed before it joined the group left rank 0 with a raw
+    """Regression (fault runs, benchmarks/faults.py): rank 1 killed before it joined the group left rank 0 with a raw
     DistStoreError traceback ("1/2 clients joined") instead of an error naming the rank."""
     out = tmp_path / "never.safetensors"
     lead, _ = _run_pair(tmp_path, "absent", *CLI_ARGS, "--out", str(out))

@@ -239,13 +239,31 @@ def _family_key(family: str) -> tuple[int, str]:
     return (FAMILY_ORDER.index(head) if head in FAMILY_ORDER else len(FAMILY_ORDER), family)
 
 
+def _method_options(row: dict[str, Any]) -> set[str]:
+    """The ``key=value`` parts of a distilled row's spec that its pipeline (shared with the twins) does not hold."""
+    shared = set(str(row.get("pipeline", "")).split(":"))
+    return {part for part in row["spec"].split(":") if "=" in part and part not in shared}
+
+
 def sweep_summary(rows: list[dict[str, Any]]) -> dict[tuple[str, int, int], dict[str, list[dict]]]:
-    """(dataset, epochs, budget) -> family -> its rows (one per seed); rows scored on the test set only."""
+    """(dataset, epochs, budget) -> family -> its rows (one per seed); rows scored on the test set only.
+
+    Distilled rows of one family with different method options at one budget are told apart by the options
+    that differ (``distilled:dm, learner_aware=1, real_batch=256``), not pooled into one mean."""
     out: dict[tuple[str, int, int], dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         if r.get("evaluated_on", "test set") != "test set":
             continue
         out[(r["dataset"], r["epochs"], r["budget_bytes"])][_family(r)].append(r)
+    for families in out.values():
+        for family in [f for f in families if f.startswith(("distilled:", "hybrid:"))]:
+            options = {r["spec"]: _method_options(r) for r in families[family]}
+            if len(options) < 2:
+                continue
+            common = set.intersection(*options.values())
+            for r in families.pop(family):
+                extra = sorted(options[r["spec"]] - common, key=lambda o: o.split("=")[0])
+                families[", ".join([family, *extra])].append(r)
     return out
 
 

@@ -150,3 +150,18 @@ def test_gpu_and_distributed_documents_are_tabled(tmp_path):
 ])
 def test_recorded_commands_lose_the_machine_paths(cmd, shown):
     assert make_results.command_text(cmd) == shown
+
+
+def test_distilled_rows_with_different_options_at_one_budget_are_separate_rows_not_one_mean(tmp_path):
+    rows = []
+    for seed in (0, 1):
+        base = "distilled:30730B:dm:uint8:recompress=prefix:core=1:iterations=500"
+        rows += [_sweep_row("cifar10", 30_730, "distilled:dm", 0.40, seed, spec=base),
+                 _sweep_row("cifar10", 30_730, "distilled:dm", 0.46, seed, spec=base + ":learner_aware=1"),
+                 _sweep_row("cifar10", 30_730, "herding", 0.42, seed)]
+    (tmp_path / "bytes_sweep.json").write_text(json.dumps({"rows": rows}))
+    table = make_results.render_results(tmp_path)
+    assert "| **distilled (dm)** | 40.00 ± 0.00" in table
+    assert "| **distilled (dm, learner_aware=1)** | 46.00 ± 0.00" in table  # not pooled into 43.00
+    lead = next(line for line in table.splitlines() if line.startswith("| **lead**"))
+    assert "**+4.00**" in lead  # the best distilled row (46) minus the herding twin (42)

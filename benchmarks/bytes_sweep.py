@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from class_incremental import _device_words, run_cells  # noqa: E402  (a sibling script, not a package)
+from make_results import row_families  # noqa: E402  (how the results page groups rows into table rows)
 
 from replaykit.codecs import image_cost_bytes  # noqa: E402
 from replaykit.continual import RunConfig, parse_spec  # noqa: E402
@@ -104,8 +105,8 @@ def sweep_rows(dataset: str, budget: int, distilled: tuple[str, ...], pipeline: 
 def summary(rows: list[dict[str, Any]]) -> dict[tuple[str, int, int], dict[str, tuple[float, float, int]]]:
     """(dataset, epochs, budget) -> images family -> (mean %, std %, seeds)."""
     groups: dict[tuple[str, int, int], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for r in rows:
-        groups[(r["dataset"], r["epochs"], r["budget_bytes"])][r.get("row", r["images"])].append(100 * r["final_accuracy"])
+    for r, family in zip(rows, row_families(rows)):
+        groups[(r["dataset"], r["epochs"], r["budget_bytes"])][family].append(100 * r["final_accuracy"])
     return {key: {family: (float(np.mean(v)), float(np.std(v)), len(v)) for family, v in fams.items()} for key, fams in groups.items()}
 
 
@@ -120,8 +121,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines = []
     summ = summary(rows)
     bytes_of = defaultdict(list)
-    for r in rows:
-        bytes_of[(r["dataset"], r["epochs"], r["budget_bytes"], r.get("row", r["images"]))].append((r["memory_bytes"], r["memory_images"]))
+    for r, family in zip(rows, row_families(rows)):
+        bytes_of[(r["dataset"], r["epochs"], r["budget_bytes"], family)].append((r["memory_bytes"], r["memory_images"]))
     for dataset, epochs in sorted({(d, e) for d, e, _ in summ}):
         budgets = sorted(b for d, e, b in summ if (d, e) == (dataset, epochs))
         families = sorted({f for b in budgets for f in summ[(dataset, epochs, b)]})

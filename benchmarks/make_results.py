@@ -245,25 +245,32 @@ def _method_options(row: dict[str, Any]) -> set[str]:
     return {part for part in row["spec"].split(":") if "=" in part and part not in shared}
 
 
-def sweep_summary(rows: list[dict[str, Any]]) -> dict[tuple[str, int, int], dict[str, list[dict]]]:
-    """(dataset, epochs, budget) -> family -> its rows (one per seed); rows scored on the test set only.
+def row_families(rows: list[dict[str, Any]]) -> list[str]:
+    """Each row's family (the table row it belongs to), in the order of ``rows``.
 
-    Distilled rows of one family with different method options at one budget are told apart by the options
-    that differ (``distilled:dm, learner_aware=1, real_batch=256``), not pooled into one mean."""
-    out: dict[tuple[str, int, int], dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
-    for r in rows:
-        if r.get("evaluated_on", "test set") != "test set":
+    Distilled rows of one family with different method options at one (dataset, epochs, budget) are told apart by
+    the options that differ (``distilled:dm, learner_aware=1, real_batch=256``), not pooled into one mean."""
+    families = [_family(r) for r in rows]
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, (r, f) in enumerate(zip(rows, families)):
+        if f.startswith(("distilled:", "hybrid:")):
+            groups[(r["dataset"], r["epochs"], r["budget_bytes"], r.get("evaluated_on", "test set"), f)].append(i)
+    for members in groups.values():
+        options = {rows[i]["spec"]: _method_options(rows[i]) for i in members}
+        if len(options) < 2:
             continue
-        out[(r["dataset"], r["epochs"], r["budget_bytes"])][_family(r)].append(r)
-    for families in out.values():
-        for family in [f for f in families if f.startswith(("distilled:", "hybrid:"))]:
-            options = {r["spec"]: _method_options(r) for r in families[family]}
-            if len(options) < 2:
-                continue
-            common = set.intersection(*options.values())
-            for r in families.pop(family):
-                extra = sorted(options[r["spec"]] - common, key=lambda o: o.split("=")[0])
-                families[", ".join([family, *extra])].append(r)
+        common = set.intersection(*options.values())
+        for i in members:
+            families[i] = ", ".join([families[i], *sorted(options[rows[i]["spec"]] - common, key=lambda o: o.split("=")[0])])
+    return families
+
+
+def sweep_summary(rows: list[dict[str, Any]]) -> dict[tuple[str, int, int], dict[str, list[dict]]]:
+    """(dataset, epochs, budget) -> family (:func:`row_families`) -> its rows (one per seed); rows scored on the test set only."""
+    out: dict[tuple[str, int, int], dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    tested = [r for r in rows if r.get("evaluated_on", "test set") == "test set"]
+    for r, family in zip(tested, row_families(tested)):
+        out[(r["dataset"], r["epochs"], r["budget_bytes"])][family].append(r)
     return out
 
 

@@ -70,7 +70,7 @@ import torch.distributed as dist  # noqa: E402
 
 from . import distill as _distill  # noqa: E402
 from .buffer import SyntheticBuffer  # noqa: E402
-from .fileio import atomic_write, atomic_write_json  # noqa: E402
+from .fileio import atomic_write, atomic_write_bytes, atomic_write_json  # noqa: E402
 
 __all__ = [
     "ClassJob", "DatasetClass", "DistributedDistillError", "distill_per_class", "assign_ranks", "init_from_env",
@@ -773,7 +773,7 @@ def _launch_local(jobs: list[ClassJob], workers: int, timeout: float, start_meth
 
 def _without_traceback(record: logging.LogRecord) -> bool:
     """Log the agent's "worker failed" line without its traceback (of the agent's own poll, not the worker's):
-    torch's log formatter imports torch._dynamo to format one, which held a failed run 2-12 s (fault runs, #25)."""
+    torch's log formatter imports torch._dynamo to format one, which held a failed run 2-12 s (found by the fault runs)."""
     record.exc_info = record.exc_text = None
     return True
 
@@ -877,12 +877,16 @@ def _worker_main(workdir: str, timeout: str, imported_at: float | None = None) -
     keep_freed_memory()
     seconds = float(timeout)
     rank = int(os.environ["RANK"])
-    (Path(workdir) / _PID_FILE.format(rank=rank)).write_text(str(os.getpid()))
+    # Whole or absent, never a prefix: a peer reading a half-written pid would SIGKILL some other process.
+    atomic_write_bytes(Path(workdir) / _PID_FILE.format(rank=rank), str(os.getpid()).encode())
+
+    def verdict(message: str, peer: int | None) -> None:
+        atomic_write_json(Path(workdir) / _FAILURE_FILE.format(rank=rank), {"message": message, "rank": peer})
 
     def give_up(peer: int | None, message: str, pid: int | None = None) -> None:
         """A silent or absent peer: leave the verdict for the parent, kill the hung worker (a stopped process never
         acts on SIGTERM, and the launcher waits 30 s before its SIGKILL) and end this one, so that the run ends now."""
-        atomic_write_json(Path(workdir) / _FAILURE_FILE.format(rank=rank), {"message": message, "rank": peer})
+        verdict(message, peer)
         try:
             os.kill(int((Path(workdir) / _PID_FILE.format(rank=peer)).read_text()), signal.SIGKILL)
         except (OSError, ValueError):
@@ -903,7 +907,7 @@ def _worker_main(workdir: str, timeout: str, imported_at: float | None = None) -
         try:
             parts = _run_in_group(jobs, dist.group.WORLD, seconds, on_silent=give_up)
         except DistributedDistillError as exc:  # every rank that can be reached knows it: tell the parent, quietly
-            atomic_write_json(Path(workdir) / _FAILURE_FILE.format(rank=rank), {"message": str(exc), "rank": exc.rank})
+            verdict(str(exc), exc.rank)
             # Rank 0 (or whoever lost rank 0) exits non-zero, so that the agent stops a rank that still hangs;
             # the others exit cleanly, leaving rank 0 time to write its verdict.
             sys.exit(1 if rank == 0 or exc.rank == 0 else 0)

@@ -13,14 +13,14 @@ from .. import distill as _distill
 from .. import registry as _registry
 from ..buffer import STORAGE_DTYPES
 from ..distill.dm import MatchingDistiller
-from ..typed import canonical_json, check_method_options, check_type, checked_fields
+from ..typed import BUFFER_CHOSEN, canonical_json, check_method_options, check_type, checked_fields
 from .budget import images_for_bytes
 
 __all__ = ["RECOMPRESS_MODES", "BufferConfig", "config_from", "resolve", "check_execution", "sized_by_content"]
 
 RECOMPRESS_MODES = ("distill", "select", "prefix")
 #: Method options the buffer sets itself, per class and experience (the device: ``distill_device=``).
-_BUFFER_SETS = frozenset({"ipc", "seed", "progress", "learner", "device"})
+_BUFFER_SETS = (BUFFER_CHOSEN - {"self"}) | {"device"}
 
 
 @dataclass(frozen=True)

@@ -32,15 +32,14 @@ def method_parameters(method: str) -> dict[str, type | None]:
 
     Follows ``**options`` to the base class it forwards to (``dm-multi`` takes ``dm``'s options).
     """
-    from . import distill
+    from . import distill, registry
 
     if method == "auto":  # the buffer takes the method and its options from replaykit.memory_choice
         return {}
-    if method not in distill.REGISTRY:
-        raise ValueError(f"unknown distillation method {method!r}; available: {', '.join(distill.available())}")
+    method_cls = registry.lookup(distill.REGISTRY, method, "distillation method")
     # a selecting method's picks go through the buffer's stored form like distilled images (its twins)
-    params: dict[str, type | None] = {"factor": int, "bits": int} if distill.REGISTRY[method].selects else {}
-    for cls in distill.REGISTRY[method].__mro__:
+    params: dict[str, type | None] = {"factor": int, "bits": int} if method_cls.selects else {}
+    for cls in method_cls.__mro__:
         if "__init__" not in vars(cls):
             continue
         forwards = False

@@ -66,18 +66,27 @@ def _conv_weight_grad(grad, inp, kh: int, kw: int, ph: int, pw: int) -> torch.Te
 
     The textbook form, a convolution of the input with the output gradient as kernel, hands onnxruntime a
     28x28 kernel over the batch as channels: its slowest node, about a third of a full-mode MNIST step.
-    Here tap (i, j) of every filter is (out channels x batch*pixels) times (batch*pixels x in channels): the
-    output gradient against the channel-major input shifted by (i, j). With few input channels the taps are
-    stacked into one product (a matrix-vector product per tap is slow); with many, stacking them costs more
-    than the products, so each tap gets its own."""
-    c_out, h_out, w_out = grad.shape[1:]
+    Here tap (i, j) of every filter is (out channels x pixels) times (pixels x in channels), summed over the
+    batch. With few input channels the taps are stacked into one product over the whole batch (a
+    matrix-vector product per tap is slow). With many, each tap is one batched product with one contiguous
+    window of the flattened, padded input: rows keep their padded width and the output gradient gets
+    matching zero columns, so the columns that wrap into the next row count zero (cutting each tap as a
+    2-D window copied runs of 14 floats: at two threads those copies were the step's costliest op)."""
+    n, c_out, h_out, w_out = grad.shape
     c_in = inp.shape[1]
-    padded = F.pad(inp.transpose(0, 1), (pw, pw, ph, ph))                            # [Ci, N, H+2p, W+2p]
-    rows = grad.transpose(0, 1).reshape(c_out, -1)                                     # [Co, N*P]
-    shifted = [padded[:, :, i: i + h_out, j: j + w_out].reshape(c_in, -1) for i in range(kh) for j in range(kw)]
     if c_in <= _STACKED_TAPS_MAX_CHANNELS:
+        padded = F.pad(inp.transpose(0, 1), (pw, pw, ph, ph))                         # [Ci, N, Hp, Wp]
+        rows = grad.transpose(0, 1).reshape(c_out, -1)                                 # [Co, N*P]
+        shifted = [padded[:, :, i: i + h_out, j: j + w_out].reshape(c_in, -1) for i in range(kh) for j in range(kw)]
         return (rows @ torch.cat(shifted).t()).reshape(c_out, kh, kw, c_in).permute(0, 3, 1, 2)
-    return torch.stack([rows @ tap.t() for tap in shifted], dim=-1).reshape(c_out, c_in, kh, kw)
+    width = w_out + kw - 1                                                              # padded row width
+    # One spare padded row at the bottom keeps the last tap's window inside the flattened input.
+    flat = F.pad(inp, (pw, pw, ph, ph + 1)).reshape(n, c_in, -1)                       # [N, Ci, (Hp+1)*Wp]
+    rows = F.pad(grad, (0, kw - 1)).reshape(n, c_out, -1)                              # [N, Co, H*Wp]
+    length = h_out * width
+    taps = [flat[:, :, i * width + j: i * width + j + length] for i in range(kh) for j in range(kw)]
+    per_tap = torch.stack([rows @ tap.transpose(1, 2) for tap in taps]).sum(1)        # [taps, Co, Ci]
+    return per_tap.permute(1, 2, 0).reshape(c_out, c_in, kh, kw)
 
 
 _STACKED_TAPS_MAX_CHANNELS = 4
@@ -155,6 +164,67 @@ def _decompositions() -> dict:
     table[aten.convolution_backward.default] = _convolution_backward
     table[aten.threshold_backward.default] = _threshold_backward
     return table
+
+
+def _drop_unit_sums(graph: torch.fx.GraphModule) -> int:
+    """Remove sums over axes of length 1 (copies) from a traced graph; returns how many were removed.
+
+    Group norm's decomposed backward sums over the channels of a group, which is one channel when every
+    channel is its own group (instance norm, the ConvNet's default). onnxruntime's ReduceSum over such an
+    axis took ~0.3 ms each in its profiler: about a tenth of a full-mode MNIST step for no arithmetic."""
+    removed = 0
+    for node in list(graph.graph.nodes):
+        if node.op != "call_function" or node.target is not aten.sum.dim_IntList or node.kwargs.get("dtype") is not None:
+            continue
+        source, dims = node.args[0], node.args[1]
+        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        before, after = source.meta.get("val"), node.meta.get("val")
+        if before is None or after is None or before.dtype != after.dtype or not dims:
+            continue
+        if not all(isinstance(before.shape[d], int) and before.shape[d] == 1 for d in dims):
+            continue
+        if keepdim:
+            node.replace_all_uses_with(source)
+        else:
+            with graph.graph.inserting_before(node):
+                squeezed = graph.graph.call_function(aten.squeeze.dims, (source, list(dims)))
+            squeezed.meta["val"] = after
+            node.replace_all_uses_with(squeezed)
+        graph.graph.erase_node(node)
+        removed += 1
+    graph.graph.lint()
+    graph.recompile()
+    return removed
+
+
+def _relu_masks_as_sign(graph: torch.fx.GraphModule) -> int:
+    """Write ReLU backward's mask ``(relu(x) > 0)`` as ``sign(relu(x))``: one float op instead of a compare
+    and a bool-to-float cast over the feature map (the same values: a ReLU output is 0 or positive; the
+    cast was among the costliest element-wise nodes of a full-mode step). Returns how many were rewritten."""
+    rewritten = 0
+    for node in list(graph.graph.nodes):
+        if node.op != "call_function" or node.target is not aten.gt.Scalar or node.args[1] != 0:
+            continue
+        source = node.args[0]
+        if source.op != "call_function" or source.target not in (aten.relu.default, aten.relu_.default):
+            continue
+        casts = list(node.users)
+        value = source.meta.get("val")
+        if value is None or len(casts) != 1 or casts[0].target is not aten._to_copy.default:
+            continue
+        cast = casts[0]
+        if set(cast.kwargs) - {"dtype"} or cast.kwargs.get("dtype") != value.dtype or len(cast.args) != 1:
+            continue
+        with graph.graph.inserting_before(cast):
+            sign = graph.graph.call_function(aten.sign.default, (source,))
+        sign.meta["val"] = cast.meta.get("val")
+        cast.replace_all_uses_with(sign)
+        graph.graph.erase_node(cast)
+        graph.graph.erase_node(node)
+        rewritten += 1
+    graph.graph.lint()
+    graph.recompile()
+    return rewritten
 
 
 # ----------------------------------------------------------------- pure functions
@@ -255,6 +325,8 @@ def trace_to_onnx(fn: Callable, args: Sequence[torch.Tensor], input_names: Seque
     # im2col weight gradient's loop over kernel taps would fix the batch along with the kernel.
     with fx_config.patch(use_duck_shape=False):
         graph = make_fx(fn, decomposition_table=_decompositions(), tracing_mode="symbolic")(*args)
+    _drop_unit_sums(graph)
+    _relu_masks_as_sign(graph)
     batch = torch.export.Dim("batch", min=1)
     dynamic = tuple({0: batch} if i in batch_inputs else None for i in range(len(args)))
     program = torch.onnx.export(_Traced(graph).eval(), tuple(args), dynamo=True, dynamic_shapes=(dynamic,), verbose=False,

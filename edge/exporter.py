@@ -197,36 +197,6 @@ def _drop_unit_sums(graph: torch.fx.GraphModule) -> int:
     return removed
 
 
-def _relu_masks_as_sign(graph: torch.fx.GraphModule) -> int:
-    """Write ReLU backward's mask ``(relu(x) > 0)`` as ``sign(relu(x))``: one float op instead of a compare
-    and a bool-to-float cast over the feature map (the same values: a ReLU output is 0 or positive; the
-    cast was among the costliest element-wise nodes of a full-mode step). Returns how many were rewritten."""
-    rewritten = 0
-    for node in list(graph.graph.nodes):
-        if node.op != "call_function" or node.target is not aten.gt.Scalar or node.args[1] != 0:
-            continue
-        source = node.args[0]
-        if source.op != "call_function" or source.target not in (aten.relu.default, aten.relu_.default):
-            continue
-        casts = list(node.users)
-        value = source.meta.get("val")
-        if value is None or len(casts) != 1 or casts[0].target is not aten._to_copy.default:
-            continue
-        cast = casts[0]
-        if set(cast.kwargs) - {"dtype"} or cast.kwargs.get("dtype") != value.dtype or len(cast.args) != 1:
-            continue
-        with graph.graph.inserting_before(cast):
-            sign = graph.graph.call_function(aten.sign.default, (source,))
-        sign.meta["val"] = cast.meta.get("val")
-        cast.replace_all_uses_with(sign)
-        graph.graph.erase_node(cast)
-        graph.graph.erase_node(node)
-        rewritten += 1
-    graph.graph.lint()
-    graph.recompile()
-    return rewritten
-
-
 # ----------------------------------------------------------------- pure functions
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean over the batch of -sum(p * log softmax); one-hot rows give the usual cross-entropy.
@@ -326,7 +296,6 @@ def trace_to_onnx(fn: Callable, args: Sequence[torch.Tensor], input_names: Seque
     with fx_config.patch(use_duck_shape=False):
         graph = make_fx(fn, decomposition_table=_decompositions(), tracing_mode="symbolic")(*args)
     _drop_unit_sums(graph)
-    _relu_masks_as_sign(graph)
     batch = torch.export.Dim("batch", min=1)
     dynamic = tuple({0: batch} if i in batch_inputs else None for i in range(len(args)))
     program = torch.onnx.export(_Traced(graph).eval(), tuple(args), dynamo=True, dynamic_shapes=(dynamic,), verbose=False,

@@ -320,25 +320,21 @@ def test_weight_gradient_by_taps_equals_autograd(channels_in, kernel, padding):
     assert (got.double() - exact).abs().max().item() <= allowed
 
 
-def test_graph_passes_drop_unit_sums_and_write_relu_masks_as_sign():
-    """The exporter's clean-up passes remove only sums over length-1 axes and rewrite only masks of ReLU
-    outputs, and the traced function's values are unchanged."""
+def test_drop_unit_sums_removes_only_sums_over_length_one_axes():
+    """The exporter's clean-up pass removes sums over length-1 axes (copies) and keeps real sums; the traced
+    function's values are unchanged."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from edge.exporter import _drop_unit_sums, _relu_masks_as_sign
+    from edge.exporter import _drop_unit_sums
 
     def fn(x):
-        y = torch.relu(x)
         grouped = x.reshape(2, 3, 1, 4)
-        return (grouped.sum(2, keepdim=True), grouped.sum(2), grouped.sum(3),   # two unit sums, one real
-                (y > 0).float() * x, (x > 0).float())                           # a ReLU mask, a plain compare
+        return grouped.sum(2, keepdim=True), grouped.sum(2), grouped.sum(3), grouped.sum((1, 2))
 
     x = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0))
-    x[0, 0, 0] = 0.0
     graph = make_fx(fn)(x)
     assert _drop_unit_sums(graph) == 2
-    assert _relu_masks_as_sign(graph) == 1
     targets = [n.target for n in graph.graph.nodes if n.op == "call_function"]
-    assert targets.count(torch.ops.aten.sum.dim_IntList) == 1 and targets.count(torch.ops.aten.gt.Scalar) == 1
+    assert targets.count(torch.ops.aten.sum.dim_IntList) == 2
     for got, expected in zip(graph(x), fn(x)):
         assert got.shape == expected.shape and torch.equal(got, expected)

@@ -338,3 +338,20 @@ def test_drop_unit_sums_removes_only_sums_over_length_one_axes():
     assert targets.count(torch.ops.aten.sum.dim_IntList) == 2
     for got, expected in zip(graph(x), fn(x)):
         assert got.shape == expected.shape and torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("kernel,size", [(2, 14), (2, 7), (3, 9), (3, 10)])
+def test_average_pooling_backward_equals_autograd(kernel, size):
+    """The exported average-pooling backward (one spreading product) is autograd's, bit for bit for 2x2 windows,
+    including the rows and columns that floor-mode pooling drops."""
+    from edge.exporter import _avg_pool2d_backward
+
+    x = torch.randn(3, 4, size, size, generator=torch.Generator().manual_seed(size), requires_grad=True)
+    out = torch.nn.functional.avg_pool2d(x, kernel)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    (expected,) = torch.autograd.grad(out, x, upstream)
+    got = _avg_pool2d_backward(upstream, x, (kernel, kernel), (kernel, kernel), (0, 0), False, True, None)
+    assert got.shape == expected.shape
+    if kernel == 2:
+        assert torch.equal(got, expected)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)

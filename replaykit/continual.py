@@ -44,7 +44,7 @@ _NEEDS_MEMORY = {"replay", "class-balanced", "herding", "gdumb", "der", "distill
 _BYTES_ONLY = {"downsample", "jpeg"}
 #: Spec options each kind reads, with their type (``bool`` parses strictly from true/false/1/0).
 OPTION_TYPES: dict[str, dict[str, type]] = {
-    "distilled": {"learner_aware": bool, "mix": float, "soft": bool, "quality": int, "augment": bool, "logits": bool, "core": float},
+    "distilled": {"learner_aware": bool, "mix": float, "soft": bool, "quality": int, "augment": bool, "logits": bool, "core": float, "fill": str},
     "downsample": {"factor": int, "mix": float, "bits": int, "augment": bool},
     "jpeg": {"quality": int, "augment": bool, "mix": float},
 }
@@ -124,6 +124,7 @@ class StrategySpec:
             extras += ["logits"] if self.options.get("logits") else []
             extras += [f"mix={self.options['mix']}"] if "mix" in self.options else []
             extras += [f"core={self.options['core']}"] if "core" in self.options else []
+            extras += [f"fill={self.options['fill']}"] if "fill" in self.options else []
             extras += [f"recompress={self.recompress}"] if self.recompress != "distill" else []
             extras += ["aug"] if self.options.get("augment") else []
             return " ".join([f"distilled-{self.method} {budget}"] + extras)
@@ -377,6 +378,7 @@ def make_strategy(spec: StrategySpec, config: RunConfig, *, progress: bool = Fal
             mix=float(spec.options.get("mix", 0.5)), soft_labels=bool(spec.options.get("soft", False)),
             jpeg_quality=int(spec.options.get("quality", 50)), augment=bool(spec.options.get("augment", False)),
             logits=bool(spec.options.get("logits", False)), core=spec.options.get("core"),
+            fill=str(spec.options.get("fill", "random")),
         )
     return Naive(plugins=[plugin], **common)
 

@@ -7,6 +7,7 @@ import types
 import pytest
 import torch
 
+from replaykit import distill
 from replaykit.avalanche import BufferConfig, DistilledBuffer, DistilledReplayPlugin, class_quotas
 from replaykit.buffer import SyntheticBuffer
 from replaykit.continual import RunConfig, StrategySpec, make_strategy, make_stream, run
@@ -497,7 +498,29 @@ def test_herding_with_prefix_keeps_herding_order_as_classes_arrive(digits):
     assert torch.equal(narrow, wide[: len(narrow)])  # the greedy prefix, not a random part
 
 
+def test_a_herding_fill_is_herding_s_own_pick_after_the_core(digits):
+    x, y = digits
+    common = dict(recompress="prefix", num_classes=10, dataset_meta=DIGITS, progress=False)
+    hybrid = DistilledBuffer(40, method="dm", method_options={"iterations": 2, "real_batch": 8, "width": 8}, core=0.5,
+                             fill="herding", **common)
+    seed = hybrid._class_seed(0) + 17  # the fill's seed in this update (herding's feature net)
+    a = y < 2
+    hybrid.update_from_tensors(x[a], y[a])
+    assert hybrid.synthetic.counts() == {0: 20, 1: 20} and hybrid.synthetic.meta["fill"] == "herding"
+    filled = hybrid.synthetic.images[hybrid.synthetic.indices_of(0)][2:]
+    picked = distill.make("herding", ipc=18, seed=seed, progress=False).distill(x[y == 0], y[y == 0], num_classes=10, meta=DIGITS)
+    random_fill = distill.make("random", ipc=18, seed=seed, progress=False).distill(x[y == 0], y[y == 0], num_classes=10, meta=DIGITS)
+    assert torch.equal(filled, picked.images)  # herding's greedy order, after the distilled core
+    assert not torch.equal(filled, random_fill.images)
+
+
 def test_core_options_are_checked():
+    with pytest.raises(ValueError, match="fill must be a selecting method"):
+        DistilledBuffer(40, method="dm", core=0.5, num_classes=10, recompress="prefix", fill="dm")
+    with pytest.raises(ValueError, match="needs core"):
+        DistilledBuffer(40, method="dm", num_classes=10, recompress="prefix", fill="herding")
+    with pytest.raises(ValueError, match="fill selection method"):
+        DistilledBuffer(40, method="dm", core=0.5, num_classes=10, recompress="prefix", fill="herd")
     with pytest.raises(ValueError, match="recompress='prefix'"):
         DistilledBuffer(40, method="dm", core=1.0, num_classes=10, recompress="select")
     with pytest.raises(ValueError, match="num_classes"):

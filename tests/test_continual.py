@@ -164,6 +164,9 @@ def test_unknown_and_mistyped_keys_are_errors_naming_them():
     # a selecting method's picks are held in the buffer's stored form, as its distilled twin's are
     assert parse_spec("distilled:7850B:random:uint8:factor=2:bits=2:core=1:recompress=prefix").method_options == {"factor": 2, "bits": 2}
     assert parse_spec("distilled:7850B:auto").method == "auto"
+    hybrid = parse_spec("distilled:78500B:dm:jpeg:core=0.1:fill=herding:recompress=prefix")
+    assert hybrid.options["fill"] == "herding" and "fill=herding" in hybrid.label
+    assert hybrid.identity != parse_spec("distilled:78500B:dm:jpeg:core=0.1:recompress=prefix").identity
     with pytest.raises(ValueError, match="unknown distillation method 'dn'"):
         parse_spec("distilled:100:dn")
     with pytest.raises(ValueError, match="budget 'lots'"):

@@ -30,6 +30,7 @@ class ClassDistiller:
     seed: int
     progress: bool
     core: float | None
+    fill: str
     num_classes: int | None
     max_size: int
     dataset_meta: dict[str, Any]
@@ -67,10 +68,11 @@ class ClassDistiller:
 
     def _with_real_fill(self, core: SyntheticBuffer, images: torch.Tensor, labels: torch.Tensor, count: int, k: int,
                         cls: int) -> SyntheticBuffer:
-        """``core`` followed by ``count`` seeded random real images of the class (stored at the core's resolution)."""
+        """``core`` followed by ``count`` real images of the class picked by ``fill`` in its order (stored at the core's
+        resolution)."""
         if count <= 0:
             return core
-        fill = _distill.make("random", ipc=count, seed=self._class_seed(cls) + 17, progress=False).distill(
+        fill = _distill.make(self.fill, ipc=count, seed=self._class_seed(cls) + 17, progress=False, device=self._device()).distill(
             images, labels, num_classes=k, meta=self.dataset_meta)
         factor = core.decoder_factor
         return SyntheticBuffer.concat([core, _downsampled(fill, factor)], meta=core.meta)

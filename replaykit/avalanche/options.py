@@ -52,6 +52,7 @@ class BufferConfig:
     augment: bool = False
     logits: bool = False
     core: float | None = None
+    fill: str = "random"
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -94,6 +95,11 @@ class BufferConfig:
                 raise ValueError("core needs num_classes: the final quota is max_size // num_classes")
             if self.recompress != "prefix":
                 raise ValueError(f"core needs recompress='prefix' (the real fill is dropped before the distilled core), got {self.recompress!r}")
+        fill = _registry.lookup(_distill.REGISTRY, self.fill, "fill selection method")
+        if not getattr(fill, "selects", False):
+            raise ValueError(f"fill must be a selecting method (random, herding, kcenter), got {self.fill!r}")
+        if self.fill != "random" and self.core is None:
+            raise ValueError(f"fill={self.fill!r} picks the real images of a hybrid memory: it needs core")
         if self.logits and not self.num_classes:
             raise ValueError("logits needs num_classes (the size of the learner's output)")
         if self.logits and self.recompress == "distill" and not getattr(_distill.REGISTRY[self.method], "selects", False):
@@ -164,7 +170,7 @@ _TYPES: dict[str, tuple[type, bool]] = {
     "max_size": (int, False), "mem_bytes": (int, False), "method": (str, True), "method_options": (dict, True),
     "recompress": (str, True), "storage": (str, True), "jpeg_quality": (int, True), "num_classes": (int, False),
     "seed": (int, True), "learner_aware": (bool, True), "soft_labels": (bool, True), "soft_temperature": (float, True),
-    "augment": (bool, True), "logits": (bool, True), "core": (float, False),
+    "augment": (bool, True), "logits": (bool, True), "core": (float, False), "fill": (str, True),
 }
 
 

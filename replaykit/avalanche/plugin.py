@@ -79,6 +79,7 @@ class DistilledReplayPlugin(ReplayPlugin):
         logits: bool = False,
         logit_loss_weight: float = 0.1,
         core: float | None = None,
+        fill: str = "random",
         distill_device: str | torch.device | None = None,
         config: BufferConfig | None = None,
     ) -> None:
@@ -93,7 +94,7 @@ class DistilledReplayPlugin(ReplayPlugin):
                 mem_size, method, method_options, config=config, recompress=recompress, storage=storage, dataset_meta=dataset_meta,
                 num_classes=num_classes, seed=seed, progress=progress, mem_bytes=mem_bytes, learner_aware=learner_aware,
                 soft_labels=soft_labels, jpeg_quality=jpeg_quality, workers=workers, group=group, augment=augment,
-                logits=logits, core=core, distill_device=distill_device,
+                logits=logits, core=core, fill=fill, distill_device=distill_device,
             )
             mem_size, seed = storage_policy.max_size, storage_policy.seed
         elif config is not None:

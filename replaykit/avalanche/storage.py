@@ -82,6 +82,9 @@ class DistilledBuffer(ClassDistiller, ExemplarsBuffer):
             were distilled for a much larger set. ``core=1`` ends with only distilled images, below 1 is a
             hybrid memory of distilled and real images in the same bytes. Needs ``num_classes`` and
             ``recompress="prefix"``.
+        fill: how a hybrid memory picks its real images (a selecting method: ``"random"``, the default,
+            ``"herding"`` or ``"kcenter"``), in that method's order so that the prefix kept as classes
+            arrive is still its pick. Needs ``core``.
         distill_device: where distillation runs. ``None`` (default): the strategy's device
             (``strategy.device``) when Avalanche calls :meth:`post_adapt`, the CPU for direct
             :meth:`update_from_tensors` calls. The held images always stay on the host (they are the
@@ -113,12 +116,13 @@ class DistilledBuffer(ClassDistiller, ExemplarsBuffer):
         augment: bool = False,
         logits: bool = False,
         core: float | None = None,
+        fill: str = "random",
         distill_device: str | torch.device | None = None,
     ) -> None:
         self.config = config_from(config, dict(
             max_size=max_size, method=method, method_options=method_options, recompress=recompress, storage=storage,
             num_classes=num_classes, seed=seed, mem_bytes=mem_bytes, learner_aware=learner_aware, soft_labels=soft_labels,
-            soft_temperature=soft_temperature, jpeg_quality=jpeg_quality, augment=augment, logits=logits, core=core))
+            soft_temperature=soft_temperature, jpeg_quality=jpeg_quality, augment=augment, logits=logits, core=core, fill=fill))
         resolved, max_size, self.memory_choice = resolve(self.config, dataset_meta)
         self.distill_device = check_execution(resolved, workers, group, distill_device)
         super().__init__(max_size)
@@ -140,6 +144,7 @@ class DistilledBuffer(ClassDistiller, ExemplarsBuffer):
         self.augment = resolved.augment
         self.logits = resolved.logits
         self.core = resolved.core
+        self.fill = resolved.fill
         self._work_device: str | None = None  # the strategy's device, set by post_adapt
         self._learner: torch.nn.Module | None = None
         self.synthetic: SyntheticBuffer | None = None
@@ -322,7 +327,7 @@ class DistilledBuffer(ClassDistiller, ExemplarsBuffer):
             mem_size=self.max_size,
             recompress=self.recompress,
             storage=self.storage,
-            **({"core": self.core, "core_ipc": self.core_ipc()} if self.core is not None else {}),
+            **({"core": self.core, "core_ipc": self.core_ipc(), "fill": self.fill} if self.core is not None else {}),
             **({"memory_choice": self.memory_choice} if self.memory_choice is not None else {}),
             seed=self.seed,
             experiences=self._updates,

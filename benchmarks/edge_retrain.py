@@ -540,7 +540,6 @@ def run_seed(seed: int, args, out: Path) -> dict[str, Any]:
         result["buffer_rows"] = buffer_rows(model, buffer, norm(host_x), host_y, files, args, seed, data_dir, s["device_epochs"])
     if args.only_buffers:
         return result
-    torch_ms = {mode: torch_latency(model, mode, x_new_t, new_y, buf_x, buf_t, args, seed) for mode in ("head", "full")}
     for weights in args.weights:
         for mode in ("head", "full"):
             bundle = data_dir / f"bundle_{weights}_{mode}"
@@ -553,10 +552,12 @@ def run_seed(seed: int, args, out: Path) -> dict[str, Any]:
             row: dict[str, Any] = {"parity": [parity(model, bundle, x_new_t, new_y, buf_x, buf_t, args, seed, lr)
                                               for lr in lrs]}
             row["parity_max_abs_diff"] = row["parity"][0]["ort_vs_torch"]
-            row["torch_step_ms_median"] = torch_ms[mode]
             row["device"] = run_device(bundle, files, args, seed, s["device_epochs"], [32, 0], args.memory_limit_mb)
             # Latency as a device would run it with no cap (PyTorch has none either); own process, own peak;
-            # as many timed steps as PyTorch's (the device's epochs x 32 steps, less 3 warm-up).
+            # as many timed steps as PyTorch's (the device's epochs x 32 steps, less 3 warm-up). PyTorch's step is
+            # timed just before it: a shared 2-core machine drifts between a fast and a ~2x slower state for
+            # minutes at a time, so the two sides of a ratio are measured side by side.
+            row["torch_step_ms_median"] = torch_latency(model, mode, x_new_t, new_y, buf_x, buf_t, args, seed)
             row["device_uncapped"] = run_device(bundle, files, args, seed, s["device_epochs"], [32], None, score=False)
             row["ort_step_ms_median"] = row["device_uncapped"]["with_buffer"]["step_ms_median"]
             row["ort_step_ms_median_capped"] = row["device"]["with_buffer"]["step_ms_median"]

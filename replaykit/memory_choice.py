@@ -27,6 +27,7 @@ class MemoryChoice:
     method: str
     method_options: dict[str, Any] = field(default_factory=dict)
     core: float | None = None  # distilled share of the final per-class quota (distill: 1.0, hybrid: < 1)
+    fill: str = "random"  # how a hybrid picks its real images (a selecting method)
     recompress: str = "prefix"
     storage: str = "uint8"
     jpeg_quality: int = 50

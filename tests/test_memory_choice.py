@@ -55,8 +55,9 @@ def test_auto_buffer_holds_what_the_table_says_and_records_it(mem_bytes):
     assert buffer.synthetic.meta["memory_choice"] == choice.to_json() and buffer.nbytes() <= mem_bytes
     with pytest.raises(ValueError, match="mem_bytes and num_classes"):
         DistilledBuffer(10, method="auto", dataset_meta=meta)
-    with pytest.raises(ValueError, match="leave method_options"):
-        DistilledBuffer(method="auto", mem_bytes=650, storage="uint8", num_classes=10, dataset_meta=meta, method_options={"iterations": 5})
+    for chosen_by_auto in ({"method_options": {"iterations": 5}}, {"core": 0.5}, {"fill": "herding"}):
+        with pytest.raises(ValueError, match="leave them unset"):
+            DistilledBuffer(method="auto", mem_bytes=650, storage="uint8", num_classes=10, dataset_meta=meta, **chosen_by_auto)
 
 
 def test_auto_on_colour_images_at_one_raw_image_distills_for_the_learner_in_process():

@@ -75,8 +75,8 @@ class BufferConfig:
         """``method="auto"`` chooses the method, its options, storage and logits from the bytes each class gets."""
         if self.mem_bytes is None or not self.num_classes:
             raise ValueError("method='auto' chooses by the bytes each class gets: it needs mem_bytes and num_classes")
-        if self.method_options or self.core is not None:
-            raise ValueError("method='auto' sets the method's options and core itself: leave method_options and core unset")
+        if self.method_options or self.core is not None or self.fill != "random":
+            raise ValueError("method='auto' sets the method's options, core and fill itself: leave them unset")
 
     def _check_method_options(self) -> None:
         method = _registry.lookup(_distill.REGISTRY, self.method, "distillation method")  # named before any work
@@ -205,7 +205,7 @@ def resolve(config: BufferConfig, dataset_meta: dict[str, Any] | None) -> tuple[
         if not meta.get("in_shape"):
             raise ValueError("method='auto' chooses by raw images per class: it needs dataset_meta with in_shape (dataset_info(name).meta())")
         choice = choose_memory(config.mem_bytes / config.num_classes, meta["in_shape"])
-        config = replace(config, method=choice.method, method_options=dict(choice.method_options), core=choice.core,
+        config = replace(config, method=choice.method, method_options=dict(choice.method_options), core=choice.core, fill=choice.fill,
                          recompress=choice.recompress, storage=choice.storage, jpeg_quality=choice.jpeg_quality, logits=choice.logits,
                          learner_aware=config.learner_aware or choice.learner_aware)
     max_size = config.max_size

@@ -555,8 +555,8 @@ def run_seed(seed: int, args, out: Path) -> dict[str, Any]:
             row["device"] = run_device(bundle, files, args, seed, s["device_epochs"], [32, 0], args.memory_limit_mb)
             # Latency as a device would run it with no cap (PyTorch has none either); own process, own peak;
             # as many timed steps as PyTorch's (the device's epochs x 32 steps, less 3 warm-up). PyTorch's step is
-            # timed just before it: a shared 2-core machine drifts between a fast and a ~2x slower state for
-            # minutes at a time, so the two sides of a ratio are measured side by side.
+            # timed just before it, so the two sides of a ratio are measured side by side on a shared 2-core machine
+            # whose speed varies over a run (a process may also run in a ~2x slower state of its own: JOURNAL.md).
             row["torch_step_ms_median"] = torch_latency(model, mode, x_new_t, new_y, buf_x, buf_t, args, seed)
             row["device_uncapped"] = run_device(bundle, files, args, seed, s["device_epochs"], [32], None, score=False)
             row["ort_step_ms_median"] = row["device_uncapped"]["with_buffer"]["step_ms_median"]

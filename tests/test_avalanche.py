@@ -588,6 +588,33 @@ def test_keyword_and_config_forms_give_the_same_buffer(digits, tmp_path):
         DistilledReplayPlugin(mem_size=20, config=config, dataset_meta=DIGITS)
 
 
+def test_buffer_options_are_its_resolved_config_read_only_and_old_checkpoints_migrate(digits):
+    import pickle
+
+    from replaykit.avalanche.storage import RESOLVED_FIELDS
+
+    config = BufferConfig(max_size=20, method="random", storage="uint8", seed=3, recompress="select", num_classes=10)
+    policy = DistilledBuffer(config=config, dataset_meta=DIGITS, progress=False)
+    assert policy.resolved == config and all(getattr(policy, n) == getattr(config, n) for n in RESOLVED_FIELDS)
+    with pytest.raises(AttributeError, match="storage is part of the buffer's configuration"):
+        policy.storage = "float16"
+    policy.method_options["iterations"] = 5  # a copy: the configuration in force is unchanged
+    assert policy.resolved.method_options == {}
+    x, y = digits
+    policy.update_from_tensors(x[y < 4], y[y < 4])
+    restored = pickle.loads(pickle.dumps(policy))
+    assert restored.resolved == config and torch.equal(restored.synthetic.images, policy.synthetic.images)
+    # A checkpoint written before the buffer kept its resolved config whole held each option as an attribute.
+    old = policy.__getstate__()
+    resolved = old.pop("resolved")
+    old.update({n: getattr(resolved, n) for n in RESOLVED_FIELDS})
+    migrated = DistilledBuffer.__new__(DistilledBuffer)
+    migrated.__setstate__(old)
+    assert migrated.resolved == config and (migrated.storage, migrated.seed, migrated.max_size) == ("uint8", 3, 20)
+    migrated.update_from_tensors(x[(y >= 4) & (y < 6)], y[(y >= 4) & (y < 6)])
+    assert migrated.synthetic.classes == [0, 1, 2, 3, 4, 5]
+
+
 # ----------------------------------------------------------------- devices
 class _Strategy(types.SimpleNamespace):
     """What ``post_adapt`` reads from a strategy: its model and its device."""

@@ -25,6 +25,28 @@ from .distilling import ClassDistiller
 __all__ = ["DistilledBuffer", "RECOMPRESS_MODES"]
 
 
+class _Resolved:
+    """One field of the buffer's resolved :class:`BufferConfig`, read-only on the buffer (the config is the state)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, buffer: Any, owner: type | None = None) -> Any:
+        if buffer is None:
+            return self
+        value = getattr(buffer.resolved, self.name)
+        return dict(value) if isinstance(value, dict) else value  # a copy: the configuration stays as resolved
+
+    def __set__(self, buffer: Any, value: Any) -> None:
+        raise AttributeError(f"{self.name} is part of the buffer's configuration (DistilledBuffer.resolved): "
+                             "make a new buffer to change it")
+
+
+#: The resolved configuration's fields a buffer exposes as attributes (``max_size`` is its own: it changes).
+RESOLVED_FIELDS = ("method", "method_options", "recompress", "storage", "jpeg_quality", "num_classes", "seed", "mem_bytes",
+                   "learner_aware", "soft_labels", "soft_temperature", "augment", "logits", "core", "fill")
+
+
 class DistilledBuffer(ClassDistiller, ExemplarsBuffer):
     """Avalanche storage policy holding a fixed-size buffer of distilled images.
 
@@ -92,6 +114,21 @@ class DistilledBuffer(ClassDistiller, ExemplarsBuffer):
     """
 
     config: BufferConfig | None = None  # the class's value, for a buffer checkpointed before it had one
+    method = _Resolved()
+    method_options = _Resolved()
+    recompress = _Resolved()
+    storage = _Resolved()
+    jpeg_quality = _Resolved()
+    num_classes = _Resolved()
+    seed = _Resolved()
+    mem_bytes = _Resolved()
+    learner_aware = _Resolved()
+    soft_labels = _Resolved()
+    soft_temperature = _Resolved()
+    augment = _Resolved()
+    logits = _Resolved()
+    core = _Resolved()
+    fill = _Resolved()
 
     def __init__(
         self,
@@ -126,25 +163,11 @@ class DistilledBuffer(ClassDistiller, ExemplarsBuffer):
         resolved, max_size, self.memory_choice = resolve(self.config, dataset_meta)
         self.distill_device = check_execution(resolved, workers, group, distill_device)
         super().__init__(max_size)
-        self.method = resolved.method
-        self.storage = resolved.storage
-        self.method_options = dict(resolved.method_options)
-        self.recompress = resolved.recompress
+        self.resolved = resolved  # the configuration in force (``method="auto"`` replaced by its choice)
         self.dataset_meta = dict(dataset_meta or {})
-        self.num_classes = resolved.num_classes
-        self.seed = resolved.seed
         self.progress = progress
-        self.mem_bytes = resolved.mem_bytes
-        self.learner_aware = resolved.learner_aware
-        self.soft_labels = resolved.soft_labels
-        self.soft_temperature = resolved.soft_temperature
-        self.jpeg_quality = resolved.jpeg_quality
         self.workers = workers
         self.group = group
-        self.augment = resolved.augment
-        self.logits = resolved.logits
-        self.core = resolved.core
-        self.fill = resolved.fill
         self._work_device: str | None = None  # the strategy's device, set by post_adapt
         self._learner: torch.nn.Module | None = None
         self.synthetic: SyntheticBuffer | None = None
@@ -376,4 +399,11 @@ class DistilledBuffer(ClassDistiller, ExemplarsBuffer):
         state["_learner"] = None
         state["group"] = None  # a process group belongs to the running processes, not to a checkpoint
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if "resolved" not in state:  # a checkpoint from before the resolved configuration was kept whole
+            known = {name: state.pop(name) for name in RESOLVED_FIELDS if name in state}
+            given = None if known.get("mem_bytes") is not None else state.get("max_size")  # a budget in bytes sets max_size itself
+            state["resolved"] = BufferConfig(max_size=given, **known)
+        self.__dict__.update(state)
 

@@ -453,6 +453,90 @@ def test_held_logits_come_from_the_learner_are_counted_and_replayed_with_an_mse_
     assert len(plugin.buffer) == 20 and plugin.buffer.logits.shape == (20, 10)
 
 
+def _held_strategy(model, n_seen: int = 1):
+    """What the held-target plugins read from a strategy: model, loss, device, experience clock, batch size."""
+    return types.SimpleNamespace(model=model, loss=torch.zeros(()), device="cpu", train_mb_size=7,
+                                 clock=types.SimpleNamespace(train_exp_counter=n_seen))
+
+
+@pytest.mark.parametrize("kind", ["logits", "soft_labels"])
+def test_held_target_plugins_add_their_weighted_term_over_what_the_buffer_holds(digits, kind):
+    from replaykit.avalanche import LogitReplayPlugin, SoftLabelReplayPlugin
+    from replaykit.training import soft_cross_entropy
+
+    x, y = digits
+    learner = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    policy = DistilledBuffer(20, method="random", storage="float32", recompress="select", dataset_meta=DIGITS, num_classes=10,
+                             progress=False, **{kind: True})
+    plugin_class = LogitReplayPlugin if kind == "logits" else SoftLabelReplayPlugin
+    strategy = _held_strategy(learner)
+    plugin = plugin_class(policy, weight=0.3, batch_size=20)
+    plugin.before_training_exp(strategy)
+    assert not plugin.active  # nothing held yet: no term
+    policy.update_from_tensors(x[y < 4], y[y < 4], learner=learner)
+    held = policy.synthetic
+    plugin.before_training_exp(strategy)
+    plugin.before_backward(strategy)  # one batch of all 20 held images: the term over the whole buffer
+    with torch.no_grad():
+        outputs = learner(held.decoded_images())
+        expected = (torch.nn.functional.mse_loss(outputs, held.logits) if kind == "logits"
+                    else soft_cross_entropy(outputs, held.labels))
+    assert float(expected) > 0 and torch.allclose(strategy.loss.detach(), 0.3 * expected)
+    other = (SoftLabelReplayPlugin if kind == "logits" else LogitReplayPlugin)(policy, batch_size=20)
+    other.before_training_exp(strategy)
+    assert not other.active  # the buffer holds the one kind of target only
+    plugin.after_training_exp(strategy)
+    assert not plugin.active
+    for bad in (dict(weight=-1.0), dict(weight=float("nan")), dict(batch_size=0), dict(batch_size=True)):
+        with pytest.raises(ValueError, match="weight|batch_size"):
+            plugin_class(policy, **{"weight": 0.1, **bad})
+
+
+def test_replay_parts_compose_in_a_strategy_and_old_plugin_checkpoints_migrate(stream):
+    """Avalanche's ReplayPlugin over the buffer, plus logit replay and mixed views, each on its own; and a
+    DistilledReplayPlugin pickled before it was made of parts opens with the same weights and draws."""
+    import pickle
+
+    from avalanche.training.plugins import ReplayPlugin
+
+    from replaykit.avalanche import LogitReplayPlugin, MixedViewPlugin
+
+    policy = DistilledBuffer(mem_bytes=4_000, method="random", storage="jpeg", jpeg_quality=10, recompress="select",
+                             dataset_meta=DIGITS, num_classes=10, progress=False, logits=True)
+    logit_replay = LogitReplayPlugin(policy, weight=0.1)
+    strategy = make_strategy(StrategySpec("naive"), CONFIG)
+    strategy.plugins.extend([ReplayPlugin(mem_size=policy.max_size, storage_policy=policy), logit_replay,
+                             MixedViewPlugin(policy.view, p=0.5)])
+    terms = []
+    original = logit_replay.before_backward
+
+    def spy(strategy, **kwargs):
+        before = float(strategy.loss)
+        original(strategy, **kwargs)
+        terms.append(float(strategy.loss) - before)
+
+    logit_replay.before_backward = spy
+    for exp in list(stream.train_stream)[:2]:
+        strategy.train(exp)
+    assert policy.synthetic.classes == [0, 1, 2, 3] and policy.synthetic.logits is not None
+    assert terms and max(terms) > 0 and policy.nbytes() <= 4_000
+
+    plugin = DistilledReplayPlugin(mem_size=20, method="random", dataset_meta=DIGITS, num_classes=10, progress=False,
+                                   logits=True, recompress="select", logit_loss_weight=0.2, soft_loss_weight=0.7, mix=0.25, seed=4)
+    state = plugin.__dict__.copy()
+    old_gen = torch.Generator().manual_seed(4 * 7_777 + 11)
+    torch.rand(5, generator=old_gen)  # draws the old plugin had made
+    for part in ("logit_replay", "soft_replay", "mixed_view"):
+        state.pop(part)
+    state.update(logit_loss_weight=0.2, soft_loss_weight=0.7, mix=0.25, _mix_gen=old_gen, _soft_batches=None, _logit_batches=None)
+    old = DistilledReplayPlugin.__new__(DistilledReplayPlugin)
+    old.__setstate__(state)
+    assert (old.logit_loss_weight, old.soft_loss_weight, old.mix) == (0.2, 0.7, 0.25)
+    assert old.logit_replay.storage_policy is old.storage_policy and old.mixed_view._gen is old_gen
+    restored = pickle.loads(pickle.dumps(old))
+    assert (restored.logit_loss_weight, restored.mix, restored.seed) == (0.2, 0.25, 4)
+
+
 def test_logit_buffers_refuse_what_would_lose_their_logits(digits):
     x, y = digits
     with pytest.raises(ValueError, match="num_classes"):

@@ -47,7 +47,8 @@ buffer is written with :meth:`DistilledBuffer.save` in ReplayKit's safetensors f
 Modules: :mod:`~replaykit.avalanche.budget` (bytes per image, images per budget, class quotas),
 :mod:`~replaykit.avalanche.options` (:class:`BufferConfig`, the storage policy's configuration),
 :mod:`~replaykit.avalanche.storage` (:class:`DistilledBuffer`), :mod:`~replaykit.avalanche.plugin`
-(:class:`DistilledReplayPlugin`), :mod:`~replaykit.avalanche.views` (mixed-view training) and
+(:class:`DistilledReplayPlugin`), :mod:`~replaykit.avalanche.held` (replay of held logits and soft labels),
+:mod:`~replaykit.avalanche.views` (mixed-view training) and
 :mod:`~replaykit.avalanche.datasets` (Avalanche datasets <-> tensors). How images are stored is
 :mod:`replaykit.codecs`.
 """
@@ -59,11 +60,13 @@ from .. import checkpointing as _checkpointing  # noqa: F401 - dill pickles torc
 from ..device import resolve_device  # noqa: F401  (looked up here by the storage policy: one place to swap it)
 from .budget import class_quotas, image_cost_bytes, images_for_bytes
 from .distilling import DistillationError
+from .held import HeldTargetsPlugin, LogitReplayPlugin, SoftLabelReplayPlugin
 from .datasets import _LabelledImages, dataset_tensors, replay_transform  # noqa: F401
 from .options import BufferConfig
 from .plugin import DistilledReplayPlugin
 from .storage import RECOMPRESS_MODES, DistilledBuffer  # noqa: F401
 from .views import MixedResolutionPlugin, MixedViewPlugin, low_resolution_view, mix_view  # noqa: F401
 
-__all__ = ["BufferConfig", "DistilledBuffer", "DistilledReplayPlugin", "DistillationError", "MixedResolutionPlugin", "MixedViewPlugin", "low_resolution_view",
+__all__ = ["BufferConfig", "DistilledBuffer", "DistilledReplayPlugin", "DistillationError", "HeldTargetsPlugin", "LogitReplayPlugin",
+           "SoftLabelReplayPlugin", "MixedResolutionPlugin", "MixedViewPlugin", "low_resolution_view",
            "dataset_tensors", "class_quotas", "image_cost_bytes", "images_for_bytes"]

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import math
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 from avalanche.evaluation.metric_results import MetricValue
 from avalanche.training.plugins import ReplayPlugin
-from torch.utils.data import DataLoader, TensorDataset
 
 from ..buffer import SyntheticBuffer
-from ..training import soft_cross_entropy
+from .held import LogitReplayPlugin, SoftLabelReplayPlugin
 from .options import BufferConfig
 from .storage import DistilledBuffer
-from .views import mix_view
+from .views import MixedViewPlugin
 
 if TYPE_CHECKING:
     from avalanche.training.templates import SupervisedTemplate
@@ -22,13 +20,14 @@ if TYPE_CHECKING:
 __all__ = ["DistilledReplayPlugin"]
 
 
-def _cycle(loader: DataLoader) -> Iterator:
-    while True:
-        yield from loader
-
-
 class DistilledReplayPlugin(ReplayPlugin):
     """Replay of a fixed-size distilled buffer beside each experience's data.
+
+    It is Avalanche's ``ReplayPlugin`` over a :class:`DistilledBuffer` with its parts wired in: held logits replayed
+    by a :class:`~replaykit.avalanche.held.LogitReplayPlugin`, soft labels by a
+    :class:`~replaykit.avalanche.held.SoftLabelReplayPlugin`, and mixed views by a
+    :class:`~replaykit.avalanche.views.MixedViewPlugin` (:attr:`logit_replay`, :attr:`soft_replay`,
+    :attr:`mixed_view`); each of them also plugs into a strategy on its own.
 
     Args:
         mem_size: M, the most images held in total after any experience (default 100 unless ``mem_bytes``).
@@ -83,8 +82,6 @@ class DistilledReplayPlugin(ReplayPlugin):
         distill_device: str | torch.device | None = None,
         config: BufferConfig | None = None,
     ) -> None:
-        if not (logit_loss_weight >= 0 and math.isfinite(logit_loss_weight)):
-            raise ValueError(f"logit_loss_weight must be >= 0, got {logit_loss_weight!r}")
         if not 0.0 <= mix <= 1.0:
             raise ValueError(f"mix must lie in [0, 1], got {mix!r}")
         if storage_policy is None:
@@ -106,13 +103,38 @@ class DistilledReplayPlugin(ReplayPlugin):
         elif storage_policy.max_size != mem_size:
             raise ValueError(f"storage_policy.max_size={storage_policy.max_size} differs from mem_size={mem_size}")
         super().__init__(mem_size=mem_size, batch_size=batch_size, batch_size_mem=batch_size_mem, storage_policy=storage_policy)
-        self.soft_loss_weight = soft_loss_weight
         self.seed = seed
-        self.mix = float(mix)
-        self._mix_gen = torch.Generator().manual_seed(seed * 7_777 + 11)
-        self._soft_batches: Iterator | None = None
-        self.logit_loss_weight = float(logit_loss_weight)
-        self._logit_batches: Iterator | None = None
+        try:
+            self.logit_replay = LogitReplayPlugin(storage_policy, logit_loss_weight, batch_size_mem, seed)
+        except ValueError as exc:
+            raise ValueError(f"logit_loss_weight: {exc}") from None
+        self.soft_replay = SoftLabelReplayPlugin(storage_policy, soft_loss_weight, batch_size_mem, seed)
+        self.mixed_view = MixedViewPlugin(storage_policy.view, mix, seed)
+
+    @property
+    def logit_loss_weight(self) -> float:
+        """DER's alpha for the held logits (:attr:`logit_replay`'s weight)."""
+        return self.logit_replay.weight
+
+    @property
+    def soft_loss_weight(self) -> float:
+        return self.soft_replay.weight
+
+    @property
+    def mix(self) -> float:
+        """The share of each training mini-batch shown through the buffer's codec (:attr:`mixed_view`'s ``p``)."""
+        return self.mixed_view.p
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if "logit_replay" not in state:  # a checkpoint from before the plugin was made of parts
+            policy, seed, size = state["storage_policy"], state["seed"], state.get("batch_size_mem")
+            state["logit_replay"] = LogitReplayPlugin(policy, state.pop("logit_loss_weight", 0.1), size, seed)
+            state["soft_replay"] = SoftLabelReplayPlugin(policy, state.pop("soft_loss_weight", 1.0), size, seed)
+            state["mixed_view"] = MixedViewPlugin(policy.view, state.pop("mix", 0.5), seed)
+            if "_mix_gen" in state:
+                state["mixed_view"]._gen = state.pop("_mix_gen")  # the draws go on where they stopped
+            state.pop("_soft_batches", None), state.pop("_logit_batches", None)
+        self.__dict__.update(state)
 
     @property
     def buffer(self) -> SyntheticBuffer | None:
@@ -127,37 +149,24 @@ class DistilledReplayPlugin(ReplayPlugin):
             classes = exp.dataset.targets.uniques
         sample = exp.dataset[0][0] if len(exp.dataset) else None
         self.storage_policy.check_experience(list(classes), tuple(sample.shape) if sample is not None else None)
-        synthetic = self.storage_policy.synthetic
-        size = self.batch_size_mem or strategy.train_mb_size
-        if synthetic is not None and synthetic.logits is not None and len(synthetic):
-            gen = torch.Generator().manual_seed(self.seed * 104723 + strategy.clock.train_exp_counter)
-            held = TensorDataset(synthetic.decoded_images(), synthetic.logits)
-            self._logit_batches = _cycle(DataLoader(held, batch_size=size, shuffle=True, generator=gen))
-        if synthetic is not None and synthetic.is_soft and len(synthetic):
-            gen = torch.Generator().manual_seed(self.seed * 104729 + strategy.clock.train_exp_counter)
-            loader = DataLoader(TensorDataset(synthetic.decoded_images(), synthetic.labels), batch_size=size, shuffle=True, generator=gen)
-            self._soft_batches = _cycle(loader)
-            return
+        self.logit_replay.before_training_exp(strategy)
+        self.soft_replay.before_training_exp(strategy)
+        if self.soft_replay.active:
+            return  # soft labels replace the plain replay of the held images
         super().before_training_exp(strategy, num_workers=num_workers, shuffle=shuffle, drop_last=drop_last, **kwargs)
 
     def before_forward(self, strategy: "SupervisedTemplate", **kwargs: Any) -> None:
         synthetic = self.storage_policy.synthetic
-        if synthetic is not None and len(synthetic):
-            mix_view(strategy, self.storage_policy.view, self.mix, self._mix_gen)
+        if synthetic is not None and len(synthetic):  # no draw while nothing is held: the same draws as before
+            self.mixed_view.before_forward(strategy)
 
     def before_backward(self, strategy: "SupervisedTemplate", **kwargs: Any) -> None:
-        if self._logit_batches is not None and self.logit_loss_weight > 0:
-            images, held = next(self._logit_batches)
-            outputs = strategy.model(images.to(strategy.device))
-            strategy.loss += self.logit_loss_weight * torch.nn.functional.mse_loss(outputs, held.to(strategy.device))
-        if self._soft_batches is None:
-            return
-        images, targets = next(self._soft_batches)
-        logits = strategy.model(images.to(strategy.device))
-        strategy.loss += self.soft_loss_weight * soft_cross_entropy(logits, targets.to(strategy.device))
+        self.logit_replay.before_backward(strategy)
+        self.soft_replay.before_backward(strategy)
 
     def after_training_exp(self, strategy: "SupervisedTemplate", **kwargs: Any) -> None:
-        self._soft_batches = self._logit_batches = None  # generators cannot be checkpointed
+        self.logit_replay.after_training_exp(strategy)
+        self.soft_replay.after_training_exp(strategy)
         self.storage_policy.post_adapt(strategy, strategy.experience)
         seconds = self.storage_policy.distill_seconds[-1]
         exp_id = int(getattr(strategy.experience, "current_experience", len(self.storage_policy.distill_seconds) - 1))

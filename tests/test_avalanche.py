@@ -40,6 +40,20 @@ def _fake_exp(images: torch.Tensor, labels: torch.Tensor):
 
 
 # ----------------------------------------------------------------- in a strategy
+def _record_loss_terms(plugin) -> list[float]:
+    """Wrap ``plugin.before_backward``: the list it returns gets what each call added to the strategy's loss."""
+    added: list[float] = []
+    original = plugin.before_backward
+
+    def spy(strategy, **kwargs):
+        before = float(strategy.loss)
+        original(strategy, **kwargs)
+        added.append(float(strategy.loss) - before)
+
+    plugin.before_backward = spy
+    return added
+
+
 def test_buffer_stays_within_budget_and_holds_every_seen_class(stream):
     from avalanche.logging import BaseLogger
 
@@ -430,15 +444,7 @@ def test_held_logits_come_from_the_learner_are_counted_and_replayed_with_an_mse_
                                    num_classes=10, progress=False, batch_size_mem=32, logits=True)
     strategy = make_strategy(StrategySpec("naive"), CONFIG)
     strategy.plugins.append(plugin)
-    extra = []
-    original = plugin.before_backward
-
-    def spy(strategy, **kwargs):
-        before = float(strategy.loss)
-        original(strategy, **kwargs)
-        extra.append(float(strategy.loss) - before)
-
-    plugin.before_backward = spy
+    extra = _record_loss_terms(plugin)
     experiences = list(stream.train_stream)[:2]
     strategy.train(experiences[0])
     first = plugin.buffer
@@ -507,15 +513,7 @@ def test_replay_parts_compose_in_a_strategy_and_old_plugin_checkpoints_migrate(s
     strategy = make_strategy(StrategySpec("naive"), CONFIG)
     strategy.plugins.extend([ReplayPlugin(mem_size=policy.max_size, storage_policy=policy), logit_replay,
                              MixedViewPlugin(policy.view, p=0.5)])
-    terms = []
-    original = logit_replay.before_backward
-
-    def spy(strategy, **kwargs):
-        before = float(strategy.loss)
-        original(strategy, **kwargs)
-        terms.append(float(strategy.loss) - before)
-
-    logit_replay.before_backward = spy
+    terms = _record_loss_terms(logit_replay)
     for exp in list(stream.train_stream)[:2]:
         strategy.train(exp)
     assert policy.synthetic.classes == [0, 1, 2, 3] and policy.synthetic.logits is not None

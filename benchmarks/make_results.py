@@ -230,6 +230,11 @@ def _headline_lead(runs: list[dict], columns: list[tuple[str, int]], headline: i
 
 
 # ----------------------------------------------------------------------------------------- A: the bytes sweep
+#: Method options that make a distilled row a variant wherever they appear, even alone at its budget (so one
+#: table row holds one kind of distillation across budgets).
+VARIANT_OPTIONS = ("fill", "learner_aware", "real_batch")
+
+
 def _family(row: dict[str, Any]) -> str:
     return row.get("row", row["images"])
 
@@ -249,7 +254,8 @@ def row_families(rows: list[dict[str, Any]]) -> list[str]:
     """Each row's family (the table row it belongs to), in the order of ``rows``.
 
     Distilled rows of one family with different method options at one (dataset, epochs, budget) are told apart by
-    the options that differ (``distilled:dm, learner_aware=1, real_batch=256``), not pooled into one mean."""
+    the options that differ (``distilled:dm, learner_aware=1, real_batch=256``), not pooled into one mean; the
+    :data:`VARIANT_OPTIONS` are named wherever they appear."""
     families = [_family(r) for r in rows]
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, (r, f) in enumerate(zip(rows, families)):
@@ -257,11 +263,12 @@ def row_families(rows: list[dict[str, Any]]) -> list[str]:
             groups[(r["dataset"], r["epochs"], r["budget_bytes"], r.get("evaluated_on", "test set"), f)].append(i)
     for members in groups.values():
         options = {rows[i]["spec"]: _method_options(rows[i]) for i in members}
-        if len(options) < 2:
-            continue
-        common = set.intersection(*options.values())
+        common = set.intersection(*options.values())  # all of a spec's own options when it is alone
         for i in members:
-            families[i] = ", ".join([families[i], *sorted(options[rows[i]["spec"]] - common, key=lambda o: o.split("=")[0])])
+            own = options[rows[i]["spec"]]
+            shown = (own - common) | {o for o in own if o.split("=")[0] in VARIANT_OPTIONS}
+            if shown:
+                families[i] = ", ".join([families[i], *sorted(shown, key=lambda o: o.split("=")[0])])
     return families
 
 

@@ -165,3 +165,9 @@ def test_distilled_rows_with_different_options_at_one_budget_are_separate_rows_n
     assert "| **distilled (dm, learner_aware=1)** | 46.00 ± 0.00" in table  # not pooled into 43.00
     lead = next(line for line in table.splitlines() if line.startswith("| **lead**"))
     assert "**+4.00**" in lead  # the best distilled row (46) minus the herding twin (42)
+    # Alone at its budget, a variant keeps its name, so one table row holds one kind of distillation across budgets.
+    alone = "distilled:76825B:dm:uint8:recompress=prefix:core=1:iterations=900:learner_aware=1"
+    rows += [_sweep_row("cifar10", 76_825, "distilled:dm", 0.5, seed, spec=alone) for seed in (0, 1)]
+    (tmp_path / "bytes_sweep.json").write_text(json.dumps({"rows": rows}))
+    table = make_results.render_results(tmp_path)
+    assert "| **distilled (dm, learner_aware=1)** | 46.00 ± 0.00 (7 img, ≤30,720 B) | 50.00 ± 0.00" in table

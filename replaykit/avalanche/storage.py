@@ -42,11 +42,6 @@ class _Resolved:
                              "make a new buffer to change it")
 
 
-#: The resolved configuration's fields a buffer exposes as attributes (``max_size`` is its own: it changes).
-RESOLVED_FIELDS = ("method", "method_options", "recompress", "storage", "jpeg_quality", "num_classes", "seed", "mem_bytes",
-                   "learner_aware", "soft_labels", "soft_temperature", "augment", "logits", "core", "fill")
-
-
 class DistilledBuffer(ClassDistiller, ExemplarsBuffer):
     """Avalanche storage policy holding a fixed-size buffer of distilled images.
 
@@ -407,3 +402,6 @@ class DistilledBuffer(ClassDistiller, ExemplarsBuffer):
             state["resolved"] = BufferConfig(max_size=given, **known)
         self.__dict__.update(state)
 
+
+#: The resolved configuration's fields a buffer exposes as attributes (``max_size`` is its own: it changes).
+RESOLVED_FIELDS = tuple(name for name, value in vars(DistilledBuffer).items() if isinstance(value, _Resolved))

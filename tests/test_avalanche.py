@@ -386,6 +386,20 @@ def test_jpeg_held_buffer_saves_exactly_what_it_replays(digits, tmp_path):
     assert torch.equal(reloaded.images, held.images)  # JPEG codes are held, not re-encoded on save
 
 
+def test_jpeg_buffer_at_half_resolution_sizes_its_budget_at_the_held_resolution(digits):
+    """The image budget of a JPEG buffer comes from encoded sizes; with ``factor`` 2 they must be the sizes of the
+    half-resolution codes it holds (sized at full resolution, it filled about half its bytes)."""
+    x, y = digits
+    sizes = {}
+    for factor in (1, 2):
+        policy = DistilledBuffer(method="random", storage="jpeg", jpeg_quality=30, mem_bytes=4_000, dataset_meta=DIGITS,
+                                 method_options={"factor": factor} if factor > 1 else {}, progress=False)
+        policy.update_from_tensors(x[y < 2], y[y < 2])
+        assert 0.85 * 4_000 <= policy.nbytes() <= 4_000, (factor, policy.nbytes())
+        sizes[factor] = len(policy.synthetic)
+    assert sizes[2] > 1.3 * sizes[1], sizes
+
+
 class _BatchSpy:
     """Records every training mini-batch's images as a plugin placed before or after another one sees them."""
 

@@ -365,9 +365,9 @@ class DistilledBuffer(ClassDistiller, ExemplarsBuffer):
 
     def _fit_content_budget(self, images: torch.Tensor) -> None:
         """With a storage whose sizes depend on the images (JPEG), size the image budget from the encoded size of
-        256 of this experience's real images."""
+        256 of this experience's real images, at the held resolution (JPEG of half-resolution images is ~3x smaller)."""
         sample = images[torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(self.seed))[:256]]
-        codec = self.codec.element
+        codec = self.codec
         codes = codec.encode(sample)
         header = int(codes.header.numel())
         # mean pixel bytes + the one-byte label + held logits, added in this order (a float sum: the order fixes its last bit)

@@ -2,7 +2,7 @@
 
 >>> from replaykit import distill
 >>> distill.available()                      # doctest: +SKIP
-['dm', 'dm-multi', 'gm', 'herding', 'kcenter', 'krr', 'random', 'tm']
+['dm', 'dm-multi', 'gm', 'herding', 'kcenter', 'krr', 'random', 'recode', 'tm']
 >>> buffer = distill.make("dm", ipc=10).distill(images, labels)   # doctest: +SKIP
 """
 
@@ -17,6 +17,7 @@ from .kcenter import KCenter
 from .gm import GradientMatching
 from .krr import KernelRidgeDistiller
 from .random_subset import RandomSubset
+from .recode import Recode
 from .tm import TrajectoryMatching
 
 __all__ = ["Distiller", "DistillResult", "check_training_data", "available", "make", "register", "REGISTRY"]
@@ -59,5 +60,5 @@ def _takes(cls: type, option: str) -> bool:
     return any(p.name == option or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
-for _cls in (RandomSubset, DistributionMatching, MultiLayerDistributionMatching, Herding, KCenter, GradientMatching, KernelRidgeDistiller, TrajectoryMatching):
+for _cls in (RandomSubset, DistributionMatching, MultiLayerDistributionMatching, Herding, KCenter, GradientMatching, KernelRidgeDistiller, TrajectoryMatching, Recode):
     register(_cls)

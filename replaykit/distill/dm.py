@@ -26,7 +26,7 @@ from ..codecs import decoder_meta
 from ..jpeg_sim import simulate_jpeg
 from ..progress import progress_bar
 from .base import DistillResult, Distiller, check_loop_options
-from .features import RandomConvNets, class_index, derive_seed, embed, real_init
+from .features import RandomConvNets, class_index, derive_seed, embed
 
 __all__ = ["MatchingDistiller", "DistributionMatching", "dsa_for"]
 
@@ -155,16 +155,19 @@ class MatchingDistiller(Distiller):
             raise ValueError(f"factor {self.factor} does not divide the image size {h}x{w}")
         if self.init == "noise":
             return torch.randn((self.ipc, c, h // self.factor, w // self.factor), generator=gen).to(images.device)
+        start = images[self._start_index(images, index, cls)].clone()
+        return torch.nn.functional.avg_pool2d(start, self.factor) if self.factor > 1 else start
+
+    def _start_index(self, images: torch.Tensor, index: torch.Tensor, cls: int) -> torch.Tensor:
+        """Indices (into ``images``) of the real images one class starts from: herding's picks or a seeded draw."""
         if self.init == "herding":
             from .herding import herding_order
 
             learner = getattr(self, "_learner_copy", None)
             probe = learner if learner is not None else RandomConvNets(images.shape[1:], width=self.width, device=images.device).sample(derive_seed(self.seed, cls, 4))
             feats = torch.nn.functional.normalize(embed(probe, images[index]), dim=1).cpu()
-            start = images[index[herding_order(feats, self.ipc)]].clone()
-        else:
-            start = real_init(images, index, self.ipc, derive_seed(self.seed, cls, 0))
-        return torch.nn.functional.avg_pool2d(start, self.factor) if self.factor > 1 else start
+            return index[herding_order(feats, self.ipc)]
+        return index[torch.randperm(index.numel(), generator=torch.Generator().manual_seed(derive_seed(self.seed, cls, 0)))[:self.ipc]]
 
     def _decoded(self, syn: torch.Tensor) -> torch.Tensor:
         """What the buffer will replay: stored pixels rounded to ``bits`` or JPEG-coded (straight-through), then decoded."""
@@ -179,6 +182,13 @@ class MatchingDistiller(Distiller):
                 stored = pixels + (rounded - pixels).detach()
             syn = (stored - mean) / std
         return decode_upsample(syn, self.factor)
+
+    def _class_pair(self, images: torch.Tensor, index: torch.Tensor, syn: torch.Tensor, gen: torch.Generator,
+                    cls: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One iteration's (real batch, decoded synthetic batch) of one class: ``real_batch`` random real images
+        against the whole synthetic set."""
+        pick = index[torch.randint(index.numel(), (self.real_batch,), generator=gen)]
+        return images[pick], self._decoded(syn)
 
     def _distill(self, images: torch.Tensor, labels: torch.Tensor, classes: list[int], num_classes: int) -> DistillResult:
         start = time.perf_counter()
@@ -209,8 +219,7 @@ class MatchingDistiller(Distiller):
             if batched:
                 total = self._batched_step(net, learner, dsa, images, index, gens, syn, classes, it)
             for c in classes if not batched else ():  # per class: smaller batches run faster on CPU than one big one
-                pick = index[c][torch.randint(index[c].numel(), (self.real_batch,), generator=gens[c])]
-                real, fake = images[pick], self._decoded(syn[c])
+                real, fake = self._class_pair(images, index[c], syn[c], gens[c], c)
                 if dsa is not None:  # siamese: one parameter draw applied to both batches
                     params = dsa.reseed(derive_seed(self.seed, c, it, 3)).sample(1)
                     real, fake = dsa.apply(real, params), dsa.apply(fake, params)

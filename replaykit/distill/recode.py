@@ -1,0 +1,57 @@
+"""``recode``: selected real images re-learned for the codec the buffer keeps.
+
+Where a class keeps many images (about 100 or more), distilled sets lose their edge over selected real
+images (Hybrid Memory Replay, arXiv 2410.15372), so the count and the diversity of a real subset are worth
+keeping. What the real subset loses is in the codec: at JPEG q2 little more than each 8x8 block's mean
+survives. This method starts from selected real images (herding's picks by default) and learns, for each,
+pixels whose *decoded* codes look like that original to a new random ConvNet every iteration (and to the
+learner, when given), under the same augmentation: one-to-one feature matching through the codec, where
+``dm`` matches class means. The buffer holds as many images as its twin, each carrying more of what a
+network sees in its original than the quantiser keeps.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .dm import MatchingDistiller
+
+__all__ = ["Recode"]
+
+
+class Recode(MatchingDistiller):
+    """``recode``: per-image feature matching of selected real images through the buffer's codec.
+
+    Extra args (besides :class:`~replaykit.distill.dm.MatchingDistiller`'s; set ``jpeg_quality`` or ``bits`` /
+    ``factor`` to the buffer's storage, else there is nothing to learn):
+        pairs: images per class matched per iteration (a random subset of the class's set).
+    ``init`` is ``"herding"`` (default) or ``"real"`` (a seeded random draw); ``real_batch`` is not used.
+    """
+
+    name = "recode"
+
+    def __init__(self, ipc: int = 10, *, pairs: int = 64, init: str = "herding", iterations: int = 200, **options) -> None:
+        if init not in ("herding", "real"):
+            raise ValueError(f"recode starts from real images: init must be 'herding' or 'real', got {init!r}")
+        if options.get("batch_classes"):
+            raise ValueError("recode matches each class's own pairs: batch_classes=True is not supported")
+        if not isinstance(pairs, int) or isinstance(pairs, bool) or pairs < 1:
+            raise ValueError(f"pairs must be a positive int, got {pairs!r}")
+        super().__init__(ipc, init=init, iterations=iterations, batch_classes=False, **options)
+        self.pairs = pairs
+        self._origin: dict[int, torch.Tensor] = {}
+
+    def _initial_images(self, images: torch.Tensor, index: torch.Tensor, cls: int, gen: torch.Generator) -> torch.Tensor:
+        self._origin[cls] = self._start_index(images, index, cls)
+        start = images[self._origin[cls]].clone()
+        return torch.nn.functional.avg_pool2d(start, self.factor) if self.factor > 1 else start
+
+    def _class_pair(self, images, index, syn, gen, cls):
+        pick = torch.randperm(syn.shape[0], generator=gen)[: self.pairs]
+        return images[self._origin[cls][pick]], self._decoded(syn[pick.to(syn.device)])
+
+    def match_loss(self, net, real: torch.Tensor, syn: torch.Tensor) -> torch.Tensor:
+        """Mean over pairs of the squared distance between an original's embedding and its decoded code's."""
+        with torch.no_grad():
+            target = net.embed(real)
+        return ((target - net.embed(syn)) ** 2).sum(1).mean()

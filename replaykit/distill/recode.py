@@ -33,7 +33,7 @@ class Recode(MatchingDistiller):
     def __init__(self, ipc: int = 10, *, pairs: int = 64, init: str = "herding", iterations: int = 200, **options) -> None:
         if init not in ("herding", "real"):
             raise ValueError(f"recode starts from real images: init must be 'herding' or 'real', got {init!r}")
-        if options.get("batch_classes"):
+        if options.pop("batch_classes", None):
             raise ValueError("recode matches each class's own pairs: batch_classes=True is not supported")
         if not isinstance(pairs, int) or isinstance(pairs, bool) or pairs < 1:
             raise ValueError(f"pairs must be a positive int, got {pairs!r}")

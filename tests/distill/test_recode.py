@@ -38,5 +38,6 @@ def test_recode_rejects_options_it_cannot_honour():
         distill.make("recode", init="noise")
     with pytest.raises(ValueError, match="batch_classes"):
         distill.make("recode", batch_classes=True)
+    assert distill.make("recode", batch_classes=None).batch_classes is False  # auto: the per-class loop
     with pytest.raises(ValueError, match="pairs"):
         distill.make("recode", pairs=0)

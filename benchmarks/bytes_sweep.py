@@ -140,7 +140,7 @@ def table(rows: list[dict[str, Any]]) -> str:
                 held = bytes_of[(dataset, epochs, b, f)]
                 cells.append(f"{mean:.2f} ± {std:.2f} (n={n}; {min(i for _, i in held)}-{max(i for _, i in held)} img, ≤{max(m for m, _ in held):,} B)")
             gap = lead(summ[(dataset, epochs, b)])
-            lines.append(f"| {b:,} ({b / per_image:g}) | " + " | ".join(cells) + f" | {'-' if gap is None else f'{gap:+.2f}'} |")
+            lines.append(f"| {b:,} ({b / per_image:.3g}) | " + " | ".join(cells) + f" | {'-' if gap is None else f'{gap:+.2f}'} |")
         lines.append("")
     return "\n".join(lines)
 

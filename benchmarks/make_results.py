@@ -291,7 +291,7 @@ def sweep_lead(families: dict[str, list[dict]]) -> float | None:
 
 def budget_text(dataset: str, budget: int) -> str:
     pixels = PIXELS.get(dataset)
-    return f"{budget:,} B" + (f" ({budget / (10 * (pixels + 1)):g} img/class)" if pixels else "")
+    return f"{budget:,} B" + (f" ({budget / (10 * (pixels + 1)):.3g} img/class)" if pixels else "")
 
 
 def family_text(family: str, rows: list[dict[str, Any]]) -> str:

@@ -360,7 +360,8 @@ def bytes_sweep(docs: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def readme_table(docs: dict[str, dict[str, Any]]) -> list[str]:
-    """README's headline: the distilled row beside its twins and raw replay at one and ten raw images' bytes per class."""
+    """README's headline: the best distilled or hybrid row beside the twins and raw replay at one and ten raw images'
+    bytes per class (every distilled configuration is in RESULTS.md)."""
     doc = docs.get("bytes_sweep.json")
     if doc is None:
         return ["The bytes sweep has not been run yet (`benchmarks/results/bytes_sweep.json` is absent)."]
@@ -381,14 +382,22 @@ def readme_table(docs: dict[str, dict[str, Any]]) -> list[str]:
         lines.append(f"| *{' / '.join(f'{b:,}' for b in budgets)} bytes ({ipc:g} raw image(s) per class); distilled row and twins "
                      f"hold {' / '.join(f'`{p}`' for p in pipes)}* |" + " |" * len(columns))
         families = sorted({f for fams in at.values() for f in fams}, key=_family_key)
+        best = {c: max((f for f in at[c] if f.startswith(("distilled:", "hybrid:"))), default=None,
+                       key=lambda f, c=c: mean_std(r["final_accuracy"] for r in at[c][f])[0]) for c in columns}
+        if any(best.values()):  # one row: each column's best distilled or hybrid configuration, named in its cell
+            cells = ["-" if f is None else f"{pct(*mean_std(r['final_accuracy'] for r in at[c][f]))} ({family_text(f, at[c][f]).replace(' (', ': ', 1).rstrip(')')})"
+                     for c, f in best.items()]
+            imgs = span(r["memory_images"] for c, f in best.items() if f for r in at[c][f])
+            lines.append(f"| **best distilled or hybrid**, {imgs} images | " + " | ".join(cells) + " |")
         for f in families:
+            if f.startswith(("distilled:", "hybrid:")):
+                continue
             cells = []
             for c in columns:
                 rs = at[c].get(f)
                 cells.append("-" if not rs else pct(*mean_std(r["final_accuracy"] for r in rs)) + (f" (n={len(rs)})" if len(rs) != usual else ""))
             imgs = span(r["memory_images"] for fams in at.values() for r in fams.get(f, []))
             name = family_text(f, [r for fams in at.values() for r in fams.get(f, [])])
-            name = f"**{name}**" if f.startswith(("distilled:", "hybrid:")) else name
             lines.append(f"| {name}, {imgs} images | " + " | ".join(cells) + " |")
         leads = [sweep_lead(at[c]) if at[c] else None for c in columns]
         lines.append("| lead of distilled over the best real-image row (points) | "

@@ -171,3 +171,21 @@ def test_distilled_rows_with_different_options_at_one_budget_are_separate_rows_n
     (tmp_path / "bytes_sweep.json").write_text(json.dumps({"rows": rows}))
     table = make_results.render_results(tmp_path)
     assert "| **distilled (dm, learner_aware=1)** | 46.00 ± 0.00 (7 img, ≤30,720 B) | 50.00 ± 0.00" in table
+
+
+def test_readme_shows_each_columns_best_distilled_configuration_in_one_row(tmp_path):
+    """README keeps one distilled row: per column the configuration with the best mean, named in its cell."""
+    rows = []
+    for seed in (0, 1):
+        base = "distilled:7850B:dm:uint8:recompress=prefix:core=1:iterations=500"
+        rows += [_sweep_row("mnist", 7_850, "distilled:dm", 0.90, seed, spec=base),
+                 _sweep_row("mnist", 7_850, "distilled:recode", 0.80, seed, spec=base.replace("dm", "recode")),
+                 _sweep_row("fashion-mnist", 7_850, "distilled:dm", 0.60, seed, spec=base),
+                 _sweep_row("fashion-mnist", 7_850, "hybrid:dm", 0.70, seed, spec=base.replace("core=1", "core=0.5")),
+                 _sweep_row("mnist", 7_850, "random", 0.85, seed), _sweep_row("fashion-mnist", 7_850, "random", 0.65, seed)]
+    (tmp_path / "bytes_sweep.json").write_text(json.dumps({"rows": rows}))
+    table = "\n".join(make_results.readme_table({"bytes_sweep.json": json.loads((tmp_path / "bytes_sweep.json").read_text())}))
+    best = [line for line in table.splitlines() if line.startswith("| **")]
+    assert len(best) == 1 and "90.00 ± 0.00 (distilled: dm)" in best[0] and "70.00 ± 0.00 (hybrid: dm)" in best[0]
+    assert "80.00" not in table and "60.00" not in table  # the other configurations are RESULTS.md's
+    assert table.splitlines()[-1].split("|")[2:4] == [" +5.00 ", " +5.00 "]

@@ -59,7 +59,8 @@ CHOICES: tuple[tuple[int, float, MemoryChoice], ...] = (
                  "JPEG-coded afterwards (5 epochs, MNIST) 95.40 vs 95.13, dm at half resolution and 2 bits 95.25 / 77.40, "
                  "a hybrid (a tenth of the quota distilled, the rest random) 95.35 / 79.07; distilled for the learner (256 "
                  "real images per class and iteration, the learner as an extra feature extractor): hybrid 95.43 / 78.77, "
-                 "hybrid learned for JPEG q2 95.17 / 78.85, dm for the quota 95.30 / 77.72: no distilled row "
+                 "hybrid learned for JPEG q2 95.17 / 78.85, dm for the quota 95.30 / 77.72; recode (herding's picks "
+                 "re-learned for their JPEG q2 codes) 95.20 / 79.50, with the learner 95.50 / 79.03: no distilled row "
                  "pays for its distillation time there",
     )),
     (3, 1.0, MemoryChoice(

@@ -26,7 +26,7 @@ from ..codecs import decoder_meta
 from ..jpeg_sim import simulate_jpeg
 from ..progress import progress_bar
 from .base import DistillResult, Distiller, check_loop_options
-from .features import RandomConvNets, class_index, derive_seed, embed
+from .features import RandomConvNets, class_index, derive_seed, embed, real_pick
 
 __all__ = ["MatchingDistiller", "DistributionMatching", "dsa_for"]
 
@@ -167,7 +167,7 @@ class MatchingDistiller(Distiller):
             probe = learner if learner is not None else RandomConvNets(images.shape[1:], width=self.width, device=images.device).sample(derive_seed(self.seed, cls, 4))
             feats = torch.nn.functional.normalize(embed(probe, images[index]), dim=1).cpu()
             return index[herding_order(feats, self.ipc)]
-        return index[torch.randperm(index.numel(), generator=torch.Generator().manual_seed(derive_seed(self.seed, cls, 0)))[:self.ipc]]
+        return real_pick(index, self.ipc, derive_seed(self.seed, cls, 0))
 
     def _decoded(self, syn: torch.Tensor) -> torch.Tensor:
         """What the buffer will replay: stored pixels rounded to ``bits`` or JPEG-coded (straight-through), then decoded."""

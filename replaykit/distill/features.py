@@ -163,9 +163,12 @@ def real_init(images: torch.Tensor, index: torch.Tensor, count: int, seed: int) 
     Distillation methods start from real images by default: it converges faster
     and to better sets than noise.
     """
-    gen = torch.Generator().manual_seed(seed)
-    pick = index[torch.randperm(index.numel(), generator=gen)[:count]]
-    return images[pick].clone()
+    return images[real_pick(index, count, seed)].clone()
+
+
+def real_pick(index: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """The indices :func:`real_init` takes: ``count`` distinct entries of ``index`` in a seeded random order."""
+    return index[torch.randperm(index.numel(), generator=torch.Generator().manual_seed(seed))[:count]]
 
 
 def starting_images(images: torch.Tensor, labels: torch.Tensor, classes: list[int], ipc: int, init: str, seed: int) -> torch.Tensor:

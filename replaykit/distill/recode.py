@@ -6,8 +6,8 @@ keeping. What the real subset loses is in the codec: at JPEG q2 little more than
 survives. This method starts from selected real images (herding's picks by default) and learns, for each,
 pixels whose *decoded* codes look like that original to a new random ConvNet every iteration (and to the
 learner, when given), under the same augmentation: one-to-one feature matching through the codec, where
-``dm`` matches class means. The buffer holds as many images as its twin, each carrying more of what a
-network sees in its original than the quantiser keeps.
+``dm`` matches class means. The buffer holds about as many images as its twin (the learned codes are a few
+per cent larger), each carrying more of what a network sees in its original than the quantiser keeps.
 """
 
 from __future__ import annotations
@@ -41,12 +41,13 @@ class Recode(MatchingDistiller):
         self.pairs = pairs
         self._origin: dict[int, torch.Tensor] = {}
 
-    def _initial_images(self, images: torch.Tensor, index: torch.Tensor, cls: int, gen: torch.Generator) -> torch.Tensor:
-        self._origin[cls] = self._start_index(images, index, cls)
-        start = images[self._origin[cls]].clone()
-        return torch.nn.functional.avg_pool2d(start, self.factor) if self.factor > 1 else start
+    def _start_index(self, images: torch.Tensor, index: torch.Tensor, cls: int) -> torch.Tensor:
+        self._origin[cls] = super()._start_index(images, index, cls)  # each learned image keeps its original
+        return self._origin[cls]
 
-    def _class_pair(self, images, index, syn, gen, cls):
+    def _class_pair(self, images: torch.Tensor, index: torch.Tensor, syn: torch.Tensor, gen: torch.Generator,
+                    cls: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``pairs`` originals of the class and their learned images, decoded."""
         pick = torch.randperm(syn.shape[0], generator=gen)[: self.pairs]
         return images[self._origin[cls][pick]], self._decoded(syn[pick.to(syn.device)])
 

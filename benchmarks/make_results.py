@@ -385,7 +385,7 @@ def readme_table(docs: dict[str, dict[str, Any]]) -> list[str]:
         best = {c: max((f for f in at[c] if f.startswith(("distilled:", "hybrid:"))), default=None,
                        key=lambda f, c=c: mean_std(r["final_accuracy"] for r in at[c][f])[0]) for c in columns}
         if any(best.values()):  # one row: each column's best distilled or hybrid configuration, named in its cell
-            cells = ["-" if f is None else f"{pct(*mean_std(r['final_accuracy'] for r in at[c][f]))} ({family_text(f, at[c][f]).replace(' (', ': ', 1).rstrip(')')})"
+            cells = ["-" if f is None else f"{pct(*mean_std(r['final_accuracy'] for r in at[c][f]))} ({f.replace(':', ': ', 1)})"
                      for c, f in best.items()]
             imgs = span(r["memory_images"] for c, f in best.items() if f for r in at[c][f])
             lines.append(f"| **best distilled or hybrid**, {imgs} images | " + " | ".join(cells) + " |")

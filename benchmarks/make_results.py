@@ -269,7 +269,30 @@ def row_families(rows: list[dict[str, Any]]) -> list[str]:
             shown = (own - common) | {o for o in own if o.split("=")[0] in VARIANT_OPTIONS}
             if shown:
                 families[i] = ", ".join([families[i], *sorted(shown, key=lambda o: o.split("=")[0])])
+    _name_other_twins(rows, families)
     return families
+
+
+def _name_other_twins(rows: list[dict[str, Any]], families: list[str]) -> None:
+    """Where one (dataset, epochs, budget) holds twins through several pipelines, only the twins of the best distilled
+    or hybrid family stay ``random`` / ``herding``; the others become ``random (<pipeline>)`` (their own table row),
+    so twins of different pipelines are never pooled into one mean."""
+    cells: dict[tuple, list[int]] = defaultdict(list)
+    for i, r in enumerate(rows):
+        cells[(r["dataset"], r["epochs"], r["budget_bytes"], r.get("evaluated_on", "test set"))].append(i)
+    for members in cells.values():
+        twins = [i for i in members if families[i] in SELECTIONS]
+        if len({rows[i].get("pipeline") for i in twins}) < 2:
+            continue
+        accuracy: dict[str, list[float]] = defaultdict(list)
+        for i in members:
+            if families[i].startswith(("distilled:", "hybrid:")):
+                accuracy[families[i]].append(rows[i]["final_accuracy"])
+        best = max(accuracy, key=lambda f: mean_std(accuracy[f])[0], default=None)
+        kept = next((rows[i].get("pipeline") for i in members if families[i] == best), None)
+        for i in twins:
+            if rows[i].get("pipeline") != kept:
+                families[i] = f"{families[i]} ({rows[i].get('pipeline')})"
 
 
 def sweep_summary(rows: list[dict[str, Any]]) -> dict[tuple[str, int, int], dict[str, list[dict]]]:

@@ -189,3 +189,22 @@ def test_readme_shows_each_columns_best_distilled_configuration_in_one_row(tmp_p
     assert len(best) == 1 and "90.00 ± 0.00 (distilled: dm)" in best[0] and "70.00 ± 0.00 (hybrid: dm)" in best[0]
     assert "80.00" not in table and "60.00" not in table  # the other configurations are RESULTS.md's
     assert table.splitlines()[-1].split("|")[2:4] == [" +5.00 ", " +5.00 "]
+
+
+def test_twins_of_different_pipelines_at_one_budget_are_separate_rows_not_one_mean(tmp_path):
+    """Two distilled configurations with their own pipelines at one budget: the best one's twins stay "twin", the
+    other pipeline's twins get their own row, and the lead compares against each, never their pooled mean."""
+    jpeg, grey = "jpeg:quality=2:recompress=prefix", "uint8:bits=2:recompress=prefix"
+    rows = []
+    for seed in (0, 1):
+        rows += [_sweep_row("mnist", 19_625, "distilled:dm", 0.80, seed, pipeline=grey, spec=f"distilled:19625B:dm:{grey}:core=1"),
+                 _sweep_row("mnist", 19_625, "herding", 0.78, seed, pipeline=grey, spec=f"distilled:19625B:herding:{grey}"),
+                 _sweep_row("mnist", 19_625, "hybrid:dm", 0.95, seed, pipeline=jpeg, spec=f"distilled:19625B:dm:{jpeg}:core=0.1"),
+                 _sweep_row("mnist", 19_625, "herding", 0.94, seed, pipeline=jpeg, spec=f"distilled:19625B:herding:{jpeg}")]
+    (tmp_path / "bytes_sweep.json").write_text(json.dumps({"rows": rows}))
+    table = make_results.render_results(tmp_path)
+    assert "| twin: herding real images | 94.00 ± 0.00" in table  # the twin of the best row (the hybrid's pipeline)
+    assert f"| herding real images through `{grey}` | 78.00 ± 0.00" in table
+    assert "86.00" not in table  # not pooled
+    lead = next(line for line in table.splitlines() if line.startswith("| **lead**"))
+    assert "**+1.00**" in lead

@@ -457,7 +457,8 @@ def distill_quality(docs: dict[str, dict[str, Any]]) -> list[str]:
         cmd = commands.index(command_text(r["command"])) + 1 if r.get("command") else "-"
         out.append(f"| {r['dataset']} | {r['ipc']} | {method} | {r.get('stored_images_per_class', '-')} | {pct(r['mean'], r['std'])} | "
                    f"{drops[0]} | {drops[1]} | {num(r.get('distill_seconds'), ',.0f')} | {num(r.get('iterations_done'), ',')} | {cmd} |")
-    out += ["", "Commands (`cmd` above):", ""] + [f"{i}. `{c}`" for i, c in enumerate(commands, 1)] + [""]
+    # One line: the page's line bar leaves no room for a line per command.
+    out += ["", "Commands (`cmd` above): " + "; ".join(f"({i}) `{c}`" for i, c in enumerate(commands, 1)), ""]
     return out
 
 

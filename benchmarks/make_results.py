@@ -269,29 +269,31 @@ def row_families(rows: list[dict[str, Any]]) -> list[str]:
             shown = (own - common) | {o for o in own if o.split("=")[0] in VARIANT_OPTIONS}
             if shown:
                 families[i] = ", ".join([families[i], *sorted(shown, key=lambda o: o.split("=")[0])])
-    _name_other_twins(rows, families)
+    _split_pipelines(rows, families)
     return families
 
 
-def _name_other_twins(rows: list[dict[str, Any]], families: list[str]) -> None:
-    """Where one (dataset, epochs, budget) holds twins through several pipelines, only the twins of the best distilled
-    or hybrid family stay ``random`` / ``herding``; the others become ``random (<pipeline>)`` (their own table row),
-    so twins of different pipelines are never pooled into one mean."""
+def _split_pipelines(rows: list[dict[str, Any]], families: list[str]) -> None:
+    """Rows of one family at one (dataset, epochs, budget, split) that went through different pipelines are different
+    table rows, never one mean: those through the pipeline of the cell's best distilled or hybrid row keep the family's
+    name (so the twins of the row the lead is about stay "twin"), the others get `` (<pipeline>)`` appended."""
     cells: dict[tuple, list[int]] = defaultdict(list)
     for i, r in enumerate(rows):
         cells[(r["dataset"], r["epochs"], r["budget_bytes"], r.get("evaluated_on", "test set"))].append(i)
     for members in cells.values():
-        twins = [i for i in members if families[i] in SELECTIONS]
-        if len({rows[i].get("pipeline") for i in twins}) < 2:
+        pipelines: dict[str, set] = defaultdict(set)
+        for i in members:
+            pipelines[families[i]].add(rows[i].get("pipeline"))
+        mixed = {f for f, seen in pipelines.items() if len(seen) > 1}
+        if not mixed:
             continue
-        accuracy: dict[str, list[float]] = defaultdict(list)
+        runs: dict[tuple, list[float]] = defaultdict(list)  # (distilled family, pipeline) -> accuracies
         for i in members:
             if families[i].startswith(("distilled:", "hybrid:")):
-                accuracy[families[i]].append(rows[i]["final_accuracy"])
-        best = max(accuracy, key=lambda f: mean_std(accuracy[f])[0], default=None)
-        kept = next((rows[i].get("pipeline") for i in members if families[i] == best), None)
-        for i in twins:
-            if rows[i].get("pipeline") != kept:
+                runs[(families[i], rows[i].get("pipeline"))].append(rows[i]["final_accuracy"])
+        kept = max(runs, key=lambda k: mean_std(runs[k])[0], default=(None, None))[1]
+        for i in members:
+            if families[i] in mixed and rows[i].get("pipeline") != kept:
                 families[i] = f"{families[i]} ({rows[i].get('pipeline')})"
 
 

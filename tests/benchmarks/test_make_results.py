@@ -208,3 +208,16 @@ def test_twins_of_different_pipelines_at_one_budget_are_separate_rows_not_one_me
     assert "86.00" not in table  # not pooled
     lead = next(line for line in table.splitlines() if line.startswith("| **lead**"))
     assert "**+1.00**" in lead
+
+
+def test_distilled_rows_of_one_family_through_different_pipelines_are_not_one_mean(tmp_path):
+    """The same method and options through two pipelines at one budget (a validation sweep over codecs) stay two
+    rows: the better one keeps the family's name, the other is named with its pipeline."""
+    two, one = "uint8:bits=2:factor=2:recompress=prefix", "uint8:bits=1:factor=2:recompress=prefix"
+    rows = [_sweep_row("mnist", 7_850, "distilled:dm", acc, 0, pipeline=pipe, spec=f"distilled:7850B:dm:{pipe}:iterations=500")
+            for acc, pipe in ((0.90, two), (0.70, one))]
+    families = make_results.row_families(rows)
+    assert families[0] != families[1] and families[1].endswith(f"({one})")
+    (tmp_path / "bytes_sweep.json").write_text(json.dumps({"rows": rows}))
+    table = make_results.render_results(tmp_path)
+    assert "90.00 ± 0.00" in table and "70.00 ± 0.00" in table and "80.00" not in table

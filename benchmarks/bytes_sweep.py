@@ -26,12 +26,11 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from class_incremental import _device_words, run_cells  # noqa: E402  (a sibling script, not a package)
-from make_results import row_families  # noqa: E402  (how the results page groups rows into table rows)
+from make_results import best_lead, mean_std, row_families, sweep_summary  # noqa: E402  (how the results page groups rows into table rows)
 
 from replaykit.codecs import image_cost_bytes  # noqa: E402
 from replaykit.continual import RunConfig, parse_spec  # noqa: E402
@@ -54,7 +53,6 @@ RECOMPRESS = "prefix"
 #: Distilled rows: method and its options after ``core=`` (the distilled share of the final quota).
 DISTILLED = ("dm:core=1:iterations=500",)
 REAL_SELECTIONS = ("random", "herding")
-REAL_FAMILIES = ("random", "herding", "replay", "der", "jpeg")
 
 
 def budget_bytes(dataset: str, images_per_class: float) -> int:
@@ -103,18 +101,19 @@ def sweep_rows(dataset: str, budget: int, distilled: tuple[str, ...], pipeline: 
 
 
 def summary(rows: list[dict[str, Any]]) -> dict[tuple[str, int, int], dict[str, tuple[float, float, int]]]:
-    """(dataset, epochs, budget) -> images family -> (mean %, std %, seeds)."""
-    groups: dict[tuple[str, int, int], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for r, family in zip(rows, row_families(rows)):
-        groups[(r["dataset"], r["epochs"], r["budget_bytes"])][family].append(100 * r["final_accuracy"])
-    return {key: {family: (float(np.mean(v)), float(np.std(v)), len(v)) for family, v in fams.items()} for key, fams in groups.items()}
+    """(dataset, epochs, budget) -> images family -> (mean %, std %, seeds), families as the results page names them."""
+    out: dict[tuple[str, int, int], dict[str, tuple[float, float, int]]] = {}
+    for key, families in sweep_summary(rows, split=None).items():
+        out[key] = {}
+        for family, runs in families.items():
+            mean, std = mean_std(r["final_accuracy"] for r in runs)
+            out[key][family] = (100 * mean, 100 * std, len(runs))
+    return out
 
 
 def lead(families: dict[str, tuple[float, float, int]]) -> float | None:
     """Best distilled or hybrid mean minus the best mean of a row holding real images (``None`` if either is missing)."""
-    ours = [m for f, (m, _, _) in families.items() if f.startswith(("distilled:", "hybrid:"))]
-    real = [m for f, (m, _, _) in families.items() if f.split(" ")[0] in REAL_FAMILIES]
-    return max(ours) - max(real) if ours and real else None
+    return best_lead({f: m for f, (m, _, _) in families.items()})
 
 
 def table(rows: list[dict[str, Any]]) -> str:

@@ -259,7 +259,7 @@ def row_families(rows: list[dict[str, Any]]) -> list[str]:
     families = [_family(r) for r in rows]
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, (r, f) in enumerate(zip(rows, families)):
-        if f.startswith(("distilled:", "hybrid:")):
+        if is_distilled(f):
             groups[(r["dataset"], r["epochs"], r["budget_bytes"], r.get("evaluated_on", "test set"), f)].append(i)
     for members in groups.values():
         options = {rows[i]["spec"]: _method_options(rows[i]) for i in members}
@@ -289,7 +289,7 @@ def _split_pipelines(rows: list[dict[str, Any]], families: list[str]) -> None:
             continue
         runs: dict[tuple, list[float]] = defaultdict(list)  # (distilled family, pipeline) -> accuracies
         for i in members:
-            if families[i].startswith(("distilled:", "hybrid:")):
+            if is_distilled(families[i]):
                 runs[(families[i], rows[i].get("pipeline"))].append(rows[i]["final_accuracy"])
         kept = max(runs, key=lambda k: mean_std(runs[k])[0], default=(None, None))[1]
         for i in members:
@@ -297,21 +297,31 @@ def _split_pipelines(rows: list[dict[str, Any]], families: list[str]) -> None:
                 families[i] = f"{families[i]} ({rows[i].get('pipeline')})"
 
 
-def sweep_summary(rows: list[dict[str, Any]]) -> dict[tuple[str, int, int], dict[str, list[dict]]]:
-    """(dataset, epochs, budget) -> family (:func:`row_families`) -> its rows (one per seed); rows scored on the test set only."""
+def is_distilled(family: str) -> bool:
+    """Whether a table row holds distilled images (all of them, or a hybrid's share)."""
+    return family.startswith(("distilled:", "hybrid:"))
+
+
+def sweep_summary(rows: list[dict[str, Any]], split: str | None = "test set") -> dict[tuple[str, int, int], dict[str, list[dict]]]:
+    """(dataset, epochs, budget) -> family (:func:`row_families`) -> its rows (one per seed); only rows scored on
+    ``split`` (all rows when ``None``: a single run of ``bytes_sweep.py`` scores on one split)."""
     out: dict[tuple[str, int, int], dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
-    tested = [r for r in rows if r.get("evaluated_on", "test set") == "test set"]
-    for r, family in zip(tested, row_families(tested)):
+    kept = [r for r in rows if split is None or r.get("evaluated_on", "test set") == split]
+    for r, family in zip(kept, row_families(kept)):
         out[(r["dataset"], r["epochs"], r["budget_bytes"])][family].append(r)
     return out
 
 
-def sweep_lead(families: dict[str, list[dict]]) -> float | None:
-    """Best distilled or hybrid mean minus the best mean of a row holding real images (as ``bytes_sweep.lead``)."""
-    means = {f: mean_std(r["final_accuracy"] for r in rs)[0] for f, rs in families.items()}
-    ours = [m for f, m in means.items() if f.startswith(("distilled:", "hybrid:"))]
+def best_lead(means: dict[str, float]) -> float | None:
+    """Best distilled or hybrid mean minus the best mean of a row holding real images (``None`` if either is missing)."""
+    ours = [m for f, m in means.items() if is_distilled(f)]
     real = [m for f, m in means.items() if f.split(" ")[0] in REAL_FAMILIES]
     return max(ours) - max(real) if ours and real else None
+
+
+def sweep_lead(families: dict[str, list[dict]]) -> float | None:
+    """:func:`best_lead` of the families' mean accuracies."""
+    return best_lead({f: mean_std(r["final_accuracy"] for r in rs)[0] for f, rs in families.items()})
 
 
 def budget_text(dataset: str, budget: int) -> str:
@@ -324,7 +334,7 @@ def family_text(family: str, rows: list[dict[str, Any]]) -> str:
     head = family.split(":")[0]
     if head in ("random", "herding") and family == head:
         return f"twin: {head} real images"
-    if family.startswith(("distilled:", "hybrid:")):
+    if is_distilled(family):
         return family.replace(":", " (", 1) + ")"
     if " (" in family and family.endswith(")"):
         head, pipeline = family[:-1].split(" (", 1)
@@ -353,8 +363,8 @@ def bytes_sweep(docs: dict[str, dict[str, Any]]) -> list[str]:
     out += ["The pipeline each distilled row shares with its twins, and the distilled row's spec, per budget:", ""]
     for b in sorted({k[2] for k in summ}):
         fams = [(f, rs) for k, fs in summ.items() if k[2] == b for f, rs in fs.items()]
-        pipes = sorted({r["pipeline"] for f, rs in fams if f in ("random", "herding") or f.startswith(("distilled:", "hybrid:")) for r in rs})
-        specs = sorted({r["spec"] for f, rs in fams if f.startswith(("distilled:", "hybrid:")) for r in rs})
+        pipes = sorted({r["pipeline"] for f, rs in fams if f in ("random", "herding") or is_distilled(f) for r in rs})
+        specs = sorted({r["spec"] for f, rs in fams if is_distilled(f) for r in rs})
         out.append(f"- {b:,} B: `{'`, `'.join(pipes) or '-'}`; " + (", ".join(f"`{s}`" for s in specs) or "no distilled row"))
     out += ["", "Cells: final accuracy (images held, largest bytes held).", ""]
     for dataset, epochs in sorted({(d, e) for d, e, _ in summ}, key=lambda c: (_dataset_key(c[0]), c[1])):
@@ -378,7 +388,7 @@ def bytes_sweep(docs: dict[str, dict[str, Any]]) -> list[str]:
             out.append(f"| {'**' + name + '**' if f.startswith(('distilled:', 'hybrid:')) else name} | " + " | ".join(cells) + " |")
         leads = [sweep_lead(summ[(dataset, epochs, b)]) for b in budgets]
         out.append("| **lead** (points) | " + " | ".join("-" if x is None else f"**{100 * x:+.2f}**" for x in leads) + " |")
-        distill = [[r["distill_seconds"] for f, rs in summ[(dataset, epochs, b)].items() if f.startswith(("distilled:", "hybrid:"))
+        distill = [[r["distill_seconds"] for f, rs in summ[(dataset, epochs, b)].items() if is_distilled(f)
                     for r in rs] for b in budgets]
         out += ["| distillation s per run (distilled rows) | " + " | ".join(f"{mean_std(v)[0]:,.0f}" if v else "-" for v in distill) + " |", ""]
     return out
@@ -403,11 +413,11 @@ def readme_table(docs: dict[str, dict[str, Any]]) -> list[str]:
         at = {c: next((summ[k] for k in keys if (k[0], k[1]) == c and round(k[2] / (10 * (PIXELS[k[0]] + 1)), 6) == ipc), {}) for c in columns}
         budgets = sorted({k[2] for k in keys if round(k[2] / (10 * (PIXELS[k[0]] + 1)), 6) == ipc})
         pipes = sorted({r["pipeline"] for fams in at.values() for f, rs in fams.items()
-                        if f in ("random", "herding") or f.startswith(("distilled:", "hybrid:")) for r in rs})
+                        if f in ("random", "herding") or is_distilled(f) for r in rs})
         lines.append(f"| *{' / '.join(f'{b:,}' for b in budgets)} bytes ({ipc:g} raw image(s) per class); distilled row and twins "
                      f"hold {' / '.join(f'`{p}`' for p in pipes)}* |" + " |" * len(columns))
         families = sorted({f for fams in at.values() for f in fams}, key=_family_key)
-        best = {c: max((f for f in at[c] if f.startswith(("distilled:", "hybrid:"))), default=None,
+        best = {c: max((f for f in at[c] if is_distilled(f)), default=None,
                        key=lambda f, c=c: mean_std(r["final_accuracy"] for r in at[c][f])[0]) for c in columns}
         if any(best.values()):  # one row: each column's best distilled or hybrid configuration, named in its cell
             cells = ["-" if f is None else f"{pct(*mean_std(r['final_accuracy'] for r in at[c][f]))} ({f.replace(':', ': ', 1)})"
@@ -415,7 +425,7 @@ def readme_table(docs: dict[str, dict[str, Any]]) -> list[str]:
             imgs = span(r["memory_images"] for c, f in best.items() if f for r in at[c][f])
             lines.append(f"| **best distilled or hybrid**, {imgs} images | " + " | ".join(cells) + " |")
         for f in families:
-            if f.startswith(("distilled:", "hybrid:")):
+            if is_distilled(f):
                 continue
             cells = []
             for c in columns:

@@ -39,6 +39,20 @@ def test_lead_is_best_distilled_minus_best_real_row():
     assert bytes_sweep.lead({"random": (90.0, 0, 1)}) is None
 
 
+def test_summary_groups_rows_as_the_results_page_does_on_either_split():
+    """The run's own table and the results page share one grouping: distilled rows with different options stay
+    apart, and a validation run (which the page leaves out) is summarised too."""
+    def row(images, acc, seed, spec, split="validation split of train"):
+        return {"dataset": "mnist", "epochs": 5, "budget_bytes": 7_850, "images": images, "seed": seed, "final_accuracy": acc,
+                "pipeline": "jpeg:quality=2:recompress=prefix", "spec": spec, "evaluated_on": split}
+    rows = [row("distilled:dm", 0.90, 0, "distilled:7850B:dm:jpeg:quality=2:recompress=prefix:iterations=100"),
+            row("distilled:dm", 0.80, 0, "distilled:7850B:dm:jpeg:quality=2:recompress=prefix:iterations=300"),
+            row("herding", 0.85, 0, "distilled:7850B:herding:jpeg:quality=2:recompress=prefix")]
+    cell = bytes_sweep.summary(rows)[("mnist", 5, 7_850)]
+    assert sorted(round(m, 6) for m, _, _ in cell.values()) == [80.0, 85.0, 90.0]  # not one pooled dm mean of 85
+    assert abs(bytes_sweep.lead(cell) - 5.0) < 1e-9
+
+
 def test_quick_run_writes_rows_table_and_plot_and_resumes(tmp_path, real_data_root):
     out = tmp_path / "sweep"
     cmd = [sys.executable, str(SCRIPT), "--quick", "--out", str(out), "--quiet", "--copy-json", str(tmp_path / "copy.json")]

@@ -87,6 +87,8 @@ def sweep_rows(dataset: str, budget: int, distilled: tuple[str, ...], pipeline: 
     for method in REAL_SELECTIONS:
         rows.append({"images": method, "pipeline": shared, "spec": f"distilled:{budget}B:{method}:{pipeline}:recompress={recompress}"})
     for other in real_pipelines:
+        if pipeline_text(other, recompress) == shared:
+            continue  # the random twin already runs through it
         rows.append({"images": "random", "pipeline": pipeline_text(other, recompress), "row": f"random ({other})",
                      "spec": f"distilled:{budget}B:random:{other}:recompress={recompress}"})
     if baselines:

@@ -30,6 +30,10 @@ def test_twins_share_the_distilled_pipeline_and_baselines_fit_the_bytes():
     assert pipelines == {"jpeg:logits=1:mix=0.5:quality=2:recompress=prefix"}
     assert by["replay"]["spec"] == "replay:10" and by["der"]["spec"] == "der:9"  # 9 x (784 + 1 + 40) <= 7,850
     assert by["random"]["spec"] == "distilled:7850B:random:jpeg:quality=2:logits=1:mix=0.5:recompress=prefix"
+    # a real pipeline that is the twins' own adds no second random row (it would run the random twin twice)
+    same = bytes_sweep.sweep_rows("mnist", 7_850, ("dm",), "jpeg:quality=2:logits=1:mix=0.5", "prefix",
+                                  baselines=False, real_pipelines=("jpeg:logits=1:quality=2:mix=0.5",))
+    assert [r["images"] for r in same] == ["distilled:dm", "random", "herding"]
 
 
 def test_lead_is_best_distilled_minus_best_real_row():

@@ -378,7 +378,7 @@ def make_strategy(spec: StrategySpec, config: RunConfig, *, progress: bool = Fal
             mix=float(spec.options.get("mix", 0.5)), soft_labels=bool(spec.options.get("soft", False)),
             jpeg_quality=int(spec.options.get("quality", 50)), augment=bool(spec.options.get("augment", False)),
             logits=bool(spec.options.get("logits", False)), core=spec.options.get("core"),
-            fill=str(spec.options.get("fill", "random")),
+            fill=str(spec.options.get("fill", "random")), epochs=config.epochs,
         )
     return Naive(plugins=[plugin], **common)
 

@@ -16,9 +16,10 @@ from replaykit.memory_choice import CHOICES, choose_memory
 
 def test_table_is_ordered_unbounded_at_the_end_and_names_its_evidence():
     for kind in (1, 3):
-        bounds = [bound for channels, bound, _ in CHOICES if channels == kind]
+        bounds = [bound for channels, bound, _, _ in CHOICES if channels == kind]
         assert bounds == sorted(bounds) and bounds[-1] == float("inf")
-    for _, _, choice in CHOICES:
+        assert [e for channels, _, e, _ in CHOICES if channels == kind][-1] == float("inf")  # any epochs end in a row
+    for _, _, _, choice in CHOICES:
         assert choice.mode in ("distill", "hybrid", "select") and choice.method in distill.available()
         assert (choice.core is not None) == (choice.mode != "select") and choice.evidence
         assert choice.mode != "hybrid" or 0 < choice.core < 1
@@ -27,11 +28,14 @@ def test_table_is_ordered_unbounded_at_the_end_and_names_its_evidence():
 def test_each_budget_gets_the_first_row_that_holds_it(caplog):
     shapes = {1: (1, 28, 28), 3: (3, 32, 32)}
     with caplog.at_level(logging.INFO, logger="replaykit"):
-        for channels, bound, choice in CHOICES:
+        for channels, bound, most_epochs, choice in CHOICES:
             shape = shapes[channels]
             raw = shape[0] * shape[1] * shape[2] + 1
             probe = bound * raw if bound != float("inf") else 1e9
-            assert choose_memory(probe, shape) == choice
+            epochs = int(most_epochs) if most_epochs != float("inf") else 50
+            if most_epochs == float("inf") and bound != float("inf"):
+                epochs = 1  # a bounded budget's row: the one epoch every row was validated at
+            assert choose_memory(probe, shape, epochs) == choice
     assert "bytes per class" in caplog.text and "raw images" in caplog.text
     # one budget, two image kinds: 3,073 B per class is 1 raw CIFAR-10 image but ~3.9 raw MNIST images
     assert choose_memory(3073, (3, 32, 32)).mode == "distill" and choose_memory(3073, (1, 28, 28)).mode == "select"
@@ -39,6 +43,11 @@ def test_each_budget_gets_the_first_row_that_holds_it(caplog):
         choose_memory(0, (1, 28, 28))
     with pytest.raises(ValueError, match="in_shape"):
         choose_memory(100, (28, 28))
+    # more epochs per experience change the grey choice at one raw image per class (validated at 5 epochs)
+    assert choose_memory(785, (1, 28, 28)).mode == "distill" and choose_memory(785, (1, 28, 28), epochs=5).mode == "select"
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="epochs"):
+            choose_memory(785, (1, 28, 28), epochs=bad)
 
 
 @pytest.mark.parametrize("mem_bytes", [650, 80_000])
@@ -70,3 +79,20 @@ def test_auto_on_colour_images_at_one_raw_image_distills_for_the_learner_in_proc
     assert buffer.method_options["real_batch"] == 256
     with pytest.raises(ValueError, match="method='auto'"):
         DistilledBuffer(method="auto", mem_bytes=30_730, num_classes=10, dataset_meta=meta, progress=False, workers=2)
+
+
+def test_auto_chooses_for_the_strategys_epochs_and_refuses_a_strategy_that_trains_otherwise():
+    from types import SimpleNamespace
+
+    from replaykit.avalanche import DistilledReplayPlugin
+
+    meta = dataset_info("mnist").meta()
+    one = DistilledReplayPlugin(method="auto", mem_bytes=7_850, num_classes=10, dataset_meta=meta, progress=False)
+    five = DistilledReplayPlugin(method="auto", mem_bytes=7_850, num_classes=10, dataset_meta=meta, progress=False, epochs=5)
+    assert one.storage_policy.memory_choice["mode"] == "distill" and five.storage_policy.memory_choice["mode"] == "select"
+    assert five.storage_policy.storage == "jpeg" and five.storage_policy.method == "herding"
+    experience = SimpleNamespace(classes_in_this_experience=[0, 1], dataset=[(torch.zeros(1, 28, 28), 0, 0)])
+    with pytest.raises(ValueError, match="epochs=1 per experience, but the strategy trains 5"):
+        one.before_training_exp(SimpleNamespace(experience=experience, train_epochs=5))
+    with pytest.raises(ValueError, match="epochs must be a positive int"):
+        DistilledReplayPlugin(method="auto", mem_bytes=7_850, num_classes=10, dataset_meta=meta, progress=False, epochs=0)

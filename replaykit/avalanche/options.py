@@ -53,6 +53,7 @@ class BufferConfig:
     logits: bool = False
     core: float | None = None
     fill: str = "random"
+    epochs: int = 1
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -126,6 +127,8 @@ class BufferConfig:
             raise ValueError(f"mem_bytes must be a positive int, got {self.mem_bytes!r}")
         if self.num_classes is not None and self.num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {self.num_classes!r}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be a positive int, got {self.epochs!r}")
         if self.method != "auto" and self.sized_by_content:
             if self.mem_bytes is None:
                 raise ValueError(f"storage={self.storage!r} needs a budget in bytes (mem_bytes): its images have no fixed size")
@@ -170,7 +173,7 @@ _TYPES: dict[str, tuple[type, bool]] = {
     "max_size": (int, False), "mem_bytes": (int, False), "method": (str, True), "method_options": (dict, True),
     "recompress": (str, True), "storage": (str, True), "jpeg_quality": (int, True), "num_classes": (int, False),
     "seed": (int, True), "learner_aware": (bool, True), "soft_labels": (bool, True), "soft_temperature": (float, True),
-    "augment": (bool, True), "logits": (bool, True), "core": (float, False), "fill": (str, True),
+    "augment": (bool, True), "logits": (bool, True), "core": (float, False), "fill": (str, True), "epochs": (int, True),
 }
 
 
@@ -204,7 +207,7 @@ def resolve(config: BufferConfig, dataset_meta: dict[str, Any] | None) -> tuple[
 
         if not meta.get("in_shape"):
             raise ValueError("method='auto' chooses by raw images per class: it needs dataset_meta with in_shape (dataset_info(name).meta())")
-        choice = choose_memory(config.mem_bytes / config.num_classes, meta["in_shape"])
+        choice = choose_memory(config.mem_bytes / config.num_classes, meta["in_shape"], config.epochs)
         config = replace(config, method=choice.method, method_options=dict(choice.method_options), core=choice.core, fill=choice.fill,
                          recompress=choice.recompress, storage=choice.storage, jpeg_quality=choice.jpeg_quality, logits=choice.logits,
                          learner_aware=config.learner_aware or choice.learner_aware)

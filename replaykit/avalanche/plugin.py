@@ -44,6 +44,7 @@ class DistilledReplayPlugin(ReplayPlugin):
         mix: with a lossy buffer (reduced resolution, JPEG), the share of every training mini-batch
             shown as the buffer would give it back (:meth:`DistilledBuffer.view`, see
             :class:`MixedViewPlugin`); 0 turns it off.
+        epochs: the strategy's epochs per experience, which ``method="auto"`` chooses for (a mismatch is refused).
         distill_device: where distillation runs (default: the strategy's device; see :class:`DistilledBuffer`).
         storage_policy: a ready :class:`DistilledBuffer` (overrides the options above).
         config: the buffer's options as a :class:`~replaykit.avalanche.options.BufferConfig` instead of keyword
@@ -79,6 +80,7 @@ class DistilledReplayPlugin(ReplayPlugin):
         logit_loss_weight: float = 0.1,
         core: float | None = None,
         fill: str = "random",
+        epochs: int = 1,
         distill_device: str | torch.device | None = None,
         config: BufferConfig | None = None,
     ) -> None:
@@ -91,7 +93,7 @@ class DistilledReplayPlugin(ReplayPlugin):
                 mem_size, method, method_options, config=config, recompress=recompress, storage=storage, dataset_meta=dataset_meta,
                 num_classes=num_classes, seed=seed, progress=progress, mem_bytes=mem_bytes, learner_aware=learner_aware,
                 soft_labels=soft_labels, jpeg_quality=jpeg_quality, workers=workers, group=group, augment=augment,
-                logits=logits, core=core, fill=fill, distill_device=distill_device,
+                logits=logits, core=core, fill=fill, epochs=epochs, distill_device=distill_device,
             )
             mem_size, seed = storage_policy.max_size, storage_policy.seed
         elif config is not None:
@@ -149,6 +151,10 @@ class DistilledReplayPlugin(ReplayPlugin):
             classes = exp.dataset.targets.uniques
         sample = exp.dataset[0][0] if len(exp.dataset) else None
         self.storage_policy.check_experience(list(classes), tuple(sample.shape) if sample is not None else None)
+        chosen_for = self.storage_policy.resolved.epochs
+        if self.storage_policy.memory_choice is not None and getattr(strategy, "train_epochs", chosen_for) != chosen_for:
+            raise ValueError(f"method='auto' chose this buffer for epochs={chosen_for} per experience, but the strategy trains "
+                             f"{strategy.train_epochs}: give the plugin epochs={strategy.train_epochs}")
         self.logit_replay.before_training_exp(strategy)
         self.soft_replay.before_training_exp(strategy)
         if self.soft_replay.active:

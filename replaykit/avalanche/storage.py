@@ -102,6 +102,8 @@ class DistilledBuffer(ClassDistiller, ExemplarsBuffer):
         fill: how a hybrid memory picks its real images (a selecting method: ``"random"``, the default,
             ``"herding"`` or ``"kcenter"``), in that method's order so that the prefix kept as classes
             arrive is still its pick. Needs ``core``.
+        epochs: epochs per experience of the strategy this buffer serves; ``method="auto"`` chooses for them
+            (:func:`replaykit.memory_choice.choose_memory`) and the plugin refuses a strategy that trains otherwise.
         distill_device: where distillation runs. ``None`` (default): the strategy's device
             (``strategy.device``) when Avalanche calls :meth:`post_adapt`, the CPU for direct
             :meth:`update_from_tensors` calls. The held images always stay on the host (they are the
@@ -124,6 +126,7 @@ class DistilledBuffer(ClassDistiller, ExemplarsBuffer):
     logits = _Resolved()
     core = _Resolved()
     fill = _Resolved()
+    epochs = _Resolved()
 
     def __init__(
         self,
@@ -149,12 +152,14 @@ class DistilledBuffer(ClassDistiller, ExemplarsBuffer):
         logits: bool = False,
         core: float | None = None,
         fill: str = "random",
+        epochs: int = 1,
         distill_device: str | torch.device | None = None,
     ) -> None:
         self.config = config_from(config, dict(
             max_size=max_size, method=method, method_options=method_options, recompress=recompress, storage=storage,
             num_classes=num_classes, seed=seed, mem_bytes=mem_bytes, learner_aware=learner_aware, soft_labels=soft_labels,
-            soft_temperature=soft_temperature, jpeg_quality=jpeg_quality, augment=augment, logits=logits, core=core, fill=fill))
+            soft_temperature=soft_temperature, jpeg_quality=jpeg_quality, augment=augment, logits=logits, core=core, fill=fill,
+            epochs=epochs))
         resolved, max_size, self.memory_choice = resolve(self.config, dataset_meta)
         self.distill_device = check_execution(resolved, workers, group, distill_device)
         super().__init__(max_size)

@@ -78,8 +78,7 @@ DEVICE_SCRIPT = textwrap.dedent("""
 
     report = {}
     for replay in job["replays"]:
-        r = edge.Retrainer(job["bundle"], memory_limit_mb=job["memory_limit_mb"], seed=job["seed"], threads=job["threads"],
-                           parallel=job["parallel"])
+        r = edge.Retrainer(job["bundle"], memory_limit_mb=job["memory_limit_mb"], seed=job["seed"], threads=job["threads"])
         if job["score"] and "opened_old_acc" not in report:  # the opened model, before any retraining
             report["opened_old_acc"] = accuracy(r, "old_test")
         h = r.fit(x_new, y_new, epochs=job["epochs"], batch_size=32, replay_batch_size=replay)
@@ -87,7 +86,7 @@ DEVICE_SCRIPT = textwrap.dedent("""
         scores = dict(old_acc=accuracy(r, "old_test"), new_acc=accuracy(r, "new_test")) if job["score"] else {}
         report["with_buffer" if replay else "without_buffer"] = dict(
             **scores, steps=h["steps"], step_ms_median=1000 * statistics.median(times), final_loss=h["losses"][-1],
-            batch=[h["batch_size"], h["replay_batch_size"]], micro_batch=h["micro_batch_size"], parallel_calls=h["parallel_calls"])
+            batch=[h["batch_size"], h["replay_batch_size"]], micro_batch=h["micro_batch_size"])
         del r  # one retrainer at a time, as on a device
     report["peak_rss_mb"] = edge.peak_rss_mb()
     report["torch_loaded"] = any(m.split(".")[0] == "torch" for m in sys.modules)
@@ -106,8 +105,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--buffer-method", default="random", help="distillation method for the replay buffer (random, dm, ...)")
     p.add_argument("--buffer-size", type=int, default=100)
     p.add_argument("--threads", type=int, default=2, help="threads for both PyTorch and onnxruntime")
-    p.add_argument("--parallel", default="auto", choices=("auto", "rows", "ops"),
-                   help="how the device step uses its threads (edge.Retrainer's parallel: auto = rows in full mode)")
     p.add_argument("--parity-steps", type=int, default=None, help="steps compared with PyTorch (default 50; quick 10)")
     p.add_argument("--parity-lrs", type=float, nargs="+", default=[0.01, 0.001],
                    help="learning rates of the parity runs (the first is the bundle's and the headline)")
@@ -478,7 +475,7 @@ def torch_latency(model, mode: str, x_new, y_new, buf_x, buf_t, args, seed: int)
 def run_device(bundle: Path, files: dict[str, str], args, seed: int, epochs: int, replays: list[int],
                memory_limit_mb: float | None, score: bool = True) -> dict[str, Any]:
     """Retrain in a fresh process where torch cannot be imported: accuracy (``score``), step latency, peak RSS."""
-    job = dict(bundle=str(bundle), seed=seed, threads=args.threads, parallel=args.parallel, epochs=epochs, replays=replays, warmup=3,
+    job = dict(bundle=str(bundle), seed=seed, threads=args.threads, epochs=epochs, replays=replays, warmup=3,
                memory_limit_mb=memory_limit_mb, score=score, **files)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-c", DEVICE_SCRIPT, json.dumps(job)], capture_output=True, text=True, env=env,

@@ -6,7 +6,6 @@ import gc
 import json
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +53,6 @@ _SESSIONS_OPENED = False
 # Run option that returns onnxruntime's arena memory to the system when a call ends: used on the last call of
 # fit() and of inference, so that memory planned for one is free for the other (and for the caller's data).
 _RELEASE_ARENA = ("memory.enable_memory_arena_shrinkage", "cpu:0")
-#: How a step uses its threads: "ops" is one onnxruntime call with intra-op threads; "rows" splits the step's rows
-#: into one part per thread, run at once as single-threaded calls whose gradients are summed (the same SGD step).
-#: onnxruntime's padding, slicing, cast and concat kernels of the full-mode gradient graph use one thread only.
-PARALLEL_MODES = ("auto", "rows", "ops")
 
 
 def _session_options() -> ort.SessionOptions:
@@ -97,13 +92,10 @@ class Retrainer:
     size and run in micro-batches when needed; a cap that cannot be met raises
     :class:`MemoryLimitError`. The Retrainers of one process share one onnxruntime CPU
     arena, handed back to the system at the end of every ``fit`` and inference call.
-
-    ``threads``: CPU threads (default: the cores this process may run on). ``parallel`` says how a step uses
-    them (:data:`PARALLEL_MODES`; "auto" splits full-mode steps by rows, one part per thread).
     """
 
     def __init__(self, bundle_dir: str | os.PathLike, memory_limit_mb: float | None = None, seed: int = 0,
-                 optimization: str = "all", threads: int | None = None, progress: bool = False, parallel: str = "auto") -> None:
+                 optimization: str = "all", threads: int | None = None, progress: bool = False) -> None:
         self.bundle_dir = Path(bundle_dir)
         self.closed = False
         self.memory_limit_mb = memory_limit_mb
@@ -112,10 +104,6 @@ class Retrainer:
             if not memory_limit_mb > 0:
                 raise ValueError(f"memory_limit_mb must be positive, got {memory_limit_mb}")
             self._check_memory("before opening the bundle")
-        if parallel not in PARALLEL_MODES:
-            raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {parallel!r}")
-        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
-            raise ValueError(f"threads must be a positive int or None, got {threads!r}")
         if optimization not in OPTIMIZATION_LEVELS:
             raise ValueError(f"optimization must be one of {sorted(OPTIMIZATION_LEVELS)}, got {optimization!r}")
         self.manifest = read_manifest(self.bundle_dir)
@@ -144,20 +132,9 @@ class Retrainer:
             options.enable_mem_pattern = False
         self._release = ort.RunOptions()
         self._release.add_run_config_entry(*_RELEASE_ARENA)
-        # Full-mode steps split their rows over the threads ("rows"); head-mode steps are small and stay one call.
-        cores = threads if threads is not None else len(os.sched_getaffinity(0))
-        rows = parallel == "rows" or (parallel == "auto" and self.mode == "full")
-        self.step_parts = cores if rows and cores > 1 else 1
-        step_options = options
-        if self.step_parts > 1:
-            step_options = _session_options()
-            step_options.graph_optimization_level = options.graph_optimization_level
-            step_options.intra_op_num_threads = step_options.inter_op_num_threads = 1
-            step_options.enable_mem_pattern = options.enable_mem_pattern
-        self._pool = ThreadPoolExecutor(self.step_parts, thread_name_prefix="replaykit-step") if self.step_parts > 1 else None
         try:
             self._infer = ort.InferenceSession(str(self.bundle_dir / MODEL), options, providers=["CPUExecutionProvider"])
-            self._step = step_session(self.bundle_dir, m, self.params, step_options)
+            self._step = step_session(self.bundle_dir, m, self.params, options)
         except Exception as exc:  # onnxruntime raises its own error types for bad graphs
             raise BundleError(f"{self.bundle_dir}: onnxruntime cannot load the graphs (graph files that do not belong to "
                               f"this manifest?): {exc}") from exc
@@ -382,28 +359,15 @@ class Retrainer:
                                    "the cap cannot be met: lower batch_size / replay_batch_size")
 
     def plan_micro_batch(self, total: int) -> int:
-        """Samples per onnxruntime call for a ``total``-sample step (see :meth:`plan_step`)."""
-        return self.plan_step(total)[0]
-
-    def plan_step(self, total: int) -> tuple[int, int]:
-        """``(samples per call, calls at once)`` for a ``total``-sample step: one part per step thread
-        (``step_parts``) when the cap allows, each as large as it can be, else one call at a time of the largest
-        micro-batch whose activations fit. The step itself is unchanged (gradients are summed over the parts), so a
-        memory cap costs speed, never a different optimisation."""
-        parts = self.step_parts
-        share = -(-total // parts)
+        """Samples per onnxruntime call for a ``total``-sample step: all of them when the cap allows, else
+        the largest micro-batch whose activations fit. The step itself is unchanged (gradients are
+        accumulated over micro-batches), so a memory cap costs speed, never a different optimisation."""
         if self.memory_limit_mb is None:
-            return share, parts
-        try:
-            return min(share, self._fits(True, "a training step", calls=parts)), parts
-        except MemoryLimitError:
-            if parts == 1:
-                raise
-            return min(total, self._fits(True, "a training step")), 1
+            return total
+        return min(total, self._fits(True, "a training step"))
 
-    def _fits(self, training: bool, what: str, calls: int = 1) -> int:
-        """Samples per call whose working memory fits under the cap, on top of what the process holds now, with
-        ``calls`` such calls running at once.
+    def _fits(self, training: bool, what: str) -> int:
+        """Samples whose working memory fits under the cap, on top of what the process holds now.
 
         Measured: what the process holds is its resident size once free malloc memory is trimmed. Memory that
         onnxruntime keeps after a call (kernel buffers) is part of it and is not credited back: a later call
@@ -416,7 +380,7 @@ class Retrainer:
         self.planned_on_rss_mb = current_rss_mb()  # what the plan saw, so callers can check it exactly
         room = self.memory_limit_mb - self.planned_on_rss_mb - _SAFETY_MB
         per_sample = self._per_sample_mb(training)
-        fits = int((room - calls * self._call_mb(0, training)) // (calls * per_sample))
+        fits = int((room - self._call_mb(0, training)) // per_sample)
         if fits < 1:
             raise MemoryLimitError(
                 f"memory_limit_mb={self.memory_limit_mb:g} leaves {room:.1f} MB but {what} on one sample needs "
@@ -447,11 +411,11 @@ class Retrainer:
         return {k: np.array(self.optimizer[k], dtype=np.float32) for k in ("lr", "momentum", "weight_decay")}
 
     def _run_step(self, x: np.ndarray, targets: np.ndarray, micro_batch: int, last: bool = False,
-                  weights: tuple[np.ndarray, np.ndarray] | None = None, at_once: int = 1) -> float:
-        """One SGD step on the whole batch: one call when it fits, else parts of ``micro_batch`` rows, ``at_once``
-        of them running at the same time. ``weights``: each row's (cross-entropy, logit-replay) weight, normalised
-        over the whole step (default: the batch mean of the cross-entropy). ``last``: the final step of a fit,
-        whose final calls hand the arena's memory back."""
+                  weights: tuple[np.ndarray, np.ndarray] | None = None) -> float:
+        """One SGD step on the whole batch; in micro-batches when the memory plan asks for it.
+        ``weights``: each row's (cross-entropy, logit-replay) weight, normalised over the whole step (default:
+        the batch mean of the cross-entropy). ``last``: the final step of a fit, whose final call hands the
+        arena's memory back."""
         if weights is None:
             weights = (np.full(len(x), 1.0 / len(x), dtype=np.float32), np.zeros(len(x), dtype=np.float32))
         trainable = self.manifest["trainable"]
@@ -467,30 +431,22 @@ class Retrainer:
                 self.state[name] = value.copy()
             return loss
         # With lr = momentum = weight_decay = 0 and zero state, the graph's new state is exactly the gradient
-        # of the part's share of the step's loss (the row weights are normalised over the whole step); the
-        # step's gradient is their sum in row order, whichever part finishes first (exact for these networks: no
-        # batch statistics). The update is then torch.optim.SGD's rule, as in the graph.
+        # of the micro-batch's share of the step's loss (the row weights are normalised over the whole step);
+        # the step's gradient is their sum (exact for these networks: no batch statistics). The update is then
+        # torch.optim.SGD's rule, as in the graph.
         zeros = {k: np.zeros((), dtype=np.float32) for k in ("lr", "momentum", "weight_decay")}
         zero_state = {n: np.zeros_like(v) for n, v in self.state.items()}
-
-        def gradient(part: slice, options: Any) -> tuple[float, list[np.ndarray]]:
-            outputs = self._run(self._step, names_out, self._step_feed(x[part], targets[part], (weights[0][part], weights[1][part]),
-                                                                zero_state, zeros), options)
-            # copies: views into onnxruntime's memory would keep it alive through the next call
-            return _finite_loss(outputs[0]), [g.copy() for g in outputs[1 + len(trainable):]]
-
-        parts = [slice(start, start + micro_batch) for start in range(0, len(x), micro_batch)]
         grads = {n: np.zeros_like(v) for n, v in self.state.items()}
         loss = 0.0
-        for first in range(0, len(parts), at_once):
-            group = parts[first: first + at_once]
-            options = [self._release if last and first + at_once >= len(parts) else None] * len(group)
-            done = list(self._pool.map(gradient, group, options)) if len(group) > 1 else [gradient(group[0], options[0])]
-            for part_loss, part_grads in done:
-                loss += part_loss
-                for name, grad in zip(trainable, part_grads):
-                    grads[name] += grad
-            del done
+        for start in range(0, len(x), micro_batch):
+            part = slice(start, start + micro_batch)
+            final = last and start + micro_batch >= len(x)
+            outputs = self._run(self._step, names_out, self._step_feed(x[part], targets[part], (weights[0][part], weights[1][part]),
+                                                                zero_state, zeros), self._release if final else None)
+            loss += _finite_loss(outputs[0])
+            for name, grad in zip(trainable, outputs[1 + len(trainable):]):
+                grads[name] += grad
+            del outputs  # views into onnxruntime's memory: do not keep them alive through the next call
             if self.memory_limit_mb is not None:
                 self._check_memory("during a training step")
         lr, momentum, weight_decay = (np.float32(self.optimizer[k]) for k in ("lr", "momentum", "weight_decay"))
@@ -524,7 +480,7 @@ class Retrainer:
         if micro_batch_size is not None and micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
         self.planned_on_rss_mb = None
-        micro, at_once = self.plan_step(batch_size + replay + (replay if self._replays_logits() else 0))
+        micro = self.plan_micro_batch(batch_size + replay + (replay if self._replays_logits() else 0))
         planned_on = self.planned_on_rss_mb
         self._check_batch_fits(min(batch_size, x_new.shape[0]) + replay)
         if micro_batch_size is not None:
@@ -536,14 +492,14 @@ class Retrainer:
         try:
             if lr is not None:
                 self.optimizer["lr"] = float(lr)
-            return self._fit_steps(x_new, targets, epochs, batch_size, replay, micro, at_once, planned_on)
+            return self._fit_steps(x_new, targets, epochs, batch_size, replay, micro, planned_on)
         except BaseException:
             self.params, self.state, self.optimizer = before[0], before[1], before[2]
             self._rng.bit_generator.state = before[3]
             raise
 
     def _fit_steps(self, x_new: np.ndarray, targets: np.ndarray, epochs: int, batch_size: int, replay: int, micro: int,
-                   at_once: int, planned_on: float | None) -> dict[str, Any]:
+                   planned_on: float | None) -> dict[str, Any]:
         losses: list[float] = []
         step_seconds: list[float] = []
         steps = epochs * -(-x_new.shape[0] // batch_size)
@@ -554,7 +510,7 @@ class Retrainer:
                 idx = order[start: start + batch_size]
                 xb, tb, wb = self._batch(x_new[idx], targets[idx], replay)
                 started = time.perf_counter()
-                losses.append(self._run_step(xb, tb, micro, last=len(losses) == steps - 1, weights=wb, at_once=at_once))
+                losses.append(self._run_step(xb, tb, micro, last=len(losses) == steps - 1, weights=wb))
                 step_seconds.append(time.perf_counter() - started)
                 if self.memory_limit_mb is not None:
                     self._check_memory("during fit")
@@ -564,7 +520,7 @@ class Retrainer:
             raise FloatingPointError("the parameters became NaN/inf during fit; lower the learning rate")
         self.peak_rss_mb = max(self.peak_rss_mb, current_rss_mb())
         return {"losses": losses, "steps": len(losses), "batch_size": batch_size, "replay_batch_size": replay,
-                "micro_batch_size": micro, "parallel_calls": at_once, "step_seconds": step_seconds,
+                "micro_batch_size": micro, "step_seconds": step_seconds,
                 "planned_on_rss_mb": planned_on}
 
     def _replays_logits(self) -> bool:
@@ -660,9 +616,6 @@ class Retrainer:
             return
         self.closed = True
         self._infer = self._step = self._release = None
-        if getattr(self, "_pool", None) is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
         self.params, self.state = {}, {}
         self.buffer_images = self.buffer_targets = self.buffer_logits = None
         gc.collect()  # sessions sit in reference cycles with their bindings: free them now, not at some later pass

@@ -218,10 +218,6 @@ def test_bad_inputs_are_refused_with_clear_errors(head_bundle, digits_split):
         retrainer.fit(x[:4], np.full((4, 10), 0.5, dtype=np.float32))
     with pytest.raises(TypeError):
         retrainer.predict(x.tolist())
-    with pytest.raises(ValueError, match="parallel must be one of"):
-        Retrainer(head_bundle, parallel="threads")
-    with pytest.raises(ValueError, match="threads must be a positive int"):
-        Retrainer(head_bundle, threads=0)
     before = {k: v.copy() for k, v in retrainer.params.items()}
     for name in before:  # refused input never touched the parameters
         np.testing.assert_array_equal(before[name], retrainer.params[name])
@@ -277,12 +273,10 @@ def test_a_fresh_device_process_stays_under_a_tight_cap(mnist_sized_bundles, mod
         before = r.evaluate(x, y)
         history = r.fit(x, y, epochs=1, batch_size=32)
         held = history["planned_on_rss_mb"]
-        # the micro-batch fit must have chosen on what it held: the largest whose working memory fits, with as many
-        # calls at once as it runs (one per step thread when they fit)
-        calls = history["parallel_calls"]
-        room = cap - held - _SAFETY_MB - calls * r._call_mb(0, training=True)
-        expected = min(-(-64 // calls), int(room // (calls * r._per_sample_mb(training=True))))
-        planned = held + calls * r._call_mb(history["micro_batch_size"], training=True) + _SAFETY_MB
+        # the micro-batch fit must have chosen on what it held: the largest whose working memory fits
+        room = cap - held - _SAFETY_MB - r._call_mb(0, training=True)
+        expected = min(64, int(room // r._per_sample_mb(training=True)))
+        planned = held + r._call_mb(history["micro_batch_size"], training=True) + _SAFETY_MB
         after = r.evaluate(x, y)
         again = r.fit(x, y, epochs=1, batch_size=32)
         print(json.dumps(dict(cap=cap, peak=edge.peak_rss_mb(), micro=history["micro_batch_size"], planned=planned,
@@ -312,28 +306,22 @@ def test_micro_batched_steps_equal_whole_batch_steps(bundle_name, request, digit
 
     bundle = request.getfixturevalue(bundle_name)
     x, y = _split(digits_split, [8, 9])
-    # one call on the whole step; micro-batches of 5 (two at once in full mode on a multi-core machine); the step's
-    # rows split over two threads
-    whole, micro, rows = Retrainer(bundle, seed=3, parallel="ops"), Retrainer(bundle, seed=3), Retrainer(bundle, seed=3, threads=2, parallel="rows")
+    whole, micro = Retrainer(bundle, seed=3), Retrainer(bundle, seed=3)
     start = {n: v.copy() for n, v in whole.params.items()}
     for k in range(3):  # the first step from zero momentum, the others from the momentum it built
         xb, yb = x[32 * k: 32 * (k + 1)], y[32 * k: 32 * (k + 1)]
-        for other in (micro, rows):
-            other.params = {n: v.copy() for n, v in whole.params.items()}
-            other.state = {n: v.copy() for n, v in whole.state.items()}
-            other._rng = copy.deepcopy(whole._rng)
+        micro.params = {n: v.copy() for n, v in whole.params.items()}
+        micro.state = {n: v.copy() for n, v in whole.state.items()}
+        micro._rng = copy.deepcopy(whole._rng)
         h_whole = whole.fit(xb, yb, batch_size=32)
         h_micro = micro.fit(xb, yb, batch_size=32, micro_batch_size=5)
-        h_rows = rows.fit(xb, yb, batch_size=32)
-        assert (h_whole["micro_batch_size"], h_whole["parallel_calls"], h_whole["steps"]) == (64, 1, 1)
-        assert h_micro["micro_batch_size"] == 5 and (h_rows["micro_batch_size"], h_rows["parallel_calls"]) == (32, 2)
+        assert h_whole["micro_batch_size"] == 64 and h_micro["micro_batch_size"] == 5 and h_whole["steps"] == 1
         assert h_whole["planned_on_rss_mb"] is None  # no cap, no memory plan
-        for other, h_other in ((micro, h_micro), (rows, h_rows)):
-            np.testing.assert_allclose(h_other["losses"], h_whole["losses"], rtol=1e-5, atol=1e-6)
-            for name in whole.params:  # every route changed the parameters and the momentum the same way
-                np.testing.assert_allclose(other.params[name], whole.params[name], rtol=0, atol=1e-6)
-                np.testing.assert_allclose(other.state[name] if name in other.state else 0.0,
-                                           whole.state[name] if name in whole.state else 0.0, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(h_micro["losses"], h_whole["losses"], rtol=1e-5, atol=1e-6)
+        for name in whole.params:  # both routes changed the parameters and the momentum the same way
+            np.testing.assert_allclose(micro.params[name], whole.params[name], rtol=0, atol=1e-6)
+            np.testing.assert_allclose(micro.state[name] if name in micro.state else 0.0,
+                                       whole.state[name] if name in whole.state else 0.0, rtol=0, atol=1e-5)
     assert max(float(np.abs(whole.state[n]).max()) for n in whole.state) > 1e-2  # momentum carried real values
     moved = max(float(np.abs(whole.params[n] - start[n]).max()) for n in whole.params)
     assert moved > 1e-3  # the steps did change the parameters

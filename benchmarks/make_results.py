@@ -38,6 +38,8 @@ KIND_ORDER = ("naive", "joint", "replay", "class-balanced", "herding", "gdumb", 
 FAMILY_ORDER = ("distilled", "hybrid", "random", "herding", "replay", "der", "jpeg")
 #: Bytes-sweep families that hold real images: the lead is measured against the best of them.
 REAL_FAMILIES = ("random", "herding", "replay", "der", "jpeg")
+#: Real selections that run through a distilled row's pipeline: its twins there.
+TWIN_FAMILIES = ("random", "herding")
 #: Methods that select real images: a "distilled" buffer filled by them is a twin, not a distilled row.
 SELECTIONS = ("random", "herding", "kcenter")
 #: README shows the sweep at these budgets (raw images per class): the protocol's headline and a tenth of it.
@@ -236,7 +238,9 @@ VARIANT_OPTIONS = ("fill", "learner_aware", "real_batch")
 
 
 def _family(row: dict[str, Any]) -> str:
-    return row.get("row", row["images"])
+    """Real selections are one family whatever pipeline they ran through (:func:`_split_pipelines` names the ones
+    that are not the twins); other rows by the table row their run named."""
+    return row["images"] if row["images"] in TWIN_FAMILIES else row.get("row", row["images"])
 
 
 def _family_key(family: str) -> tuple[int, str]:
@@ -284,14 +288,15 @@ def _split_pipelines(rows: list[dict[str, Any]], families: list[str]) -> None:
         pipelines: dict[str, set] = defaultdict(set)
         for i in members:
             pipelines[families[i]].add(rows[i].get("pipeline"))
-        mixed = {f for f, seen in pipelines.items() if len(seen) > 1}
-        if not mixed:
-            continue
         runs: dict[tuple, list[float]] = defaultdict(list)  # (distilled family, pipeline) -> accuracies
         for i in members:
             if is_distilled(families[i]):
                 runs[(families[i], rows[i].get("pipeline"))].append(rows[i]["final_accuracy"])
         kept = max(runs, key=lambda k: mean_std(runs[k])[0], default=(None, None))[1]
+        # a family through several pipelines, and real selections that are not the best distilled row's twins
+        mixed = {f for f, seen in pipelines.items() if len(seen) > 1 or (f in TWIN_FAMILIES and kept is not None and seen != {kept})}
+        if not mixed:
+            continue
         for i in members:
             if families[i] in mixed and rows[i].get("pipeline") != kept:
                 families[i] = f"{families[i]} ({rows[i].get('pipeline')})"

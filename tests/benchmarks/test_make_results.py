@@ -221,3 +221,21 @@ def test_distilled_rows_of_one_family_through_different_pipelines_are_not_one_me
     (tmp_path / "bytes_sweep.json").write_text(json.dumps({"rows": rows}))
     table = make_results.render_results(tmp_path)
     assert "90.00 ± 0.00" in table and "70.00 ± 0.00" in table and "80.00" not in table
+
+
+def test_the_twin_rows_are_those_through_the_best_distilled_rows_pipeline(tmp_path):
+    """A cell whose best distilled row holds JPEG codes while its random / herding rows of another run went through half
+    resolution: those are named with their pipeline, and the random row of a real pipeline equal to the best distilled
+    row's (the same run, recorded as an extra real pipeline) is its twin."""
+    jpeg, grey = "jpeg:quality=2:recompress=prefix", "uint8:bits=2:factor=2:recompress=prefix"
+    rows = [_sweep_row("mnist", 7_850, "distilled:dm", 0.90, 0, pipeline=grey, spec=f"distilled:7850B:dm:{grey}"),
+            _sweep_row("mnist", 7_850, "random", 0.89, 0, pipeline=grey, spec=f"distilled:7850B:random:{grey}"),
+            _sweep_row("mnist", 7_850, "random", 0.95, 0, pipeline=jpeg, spec=f"distilled:7850B:random:{jpeg}", row="random (jpeg:quality=2)"),
+            _sweep_row("mnist", 7_850, "hybrid:dm", 0.96, 0, pipeline=jpeg, spec=f"distilled:7850B:dm:{jpeg}:core=0.1"),
+            _sweep_row("mnist", 7_850, "herding", 0.97, 0, pipeline=jpeg, spec=f"distilled:7850B:herding:{jpeg}")]
+    families = make_results.row_families(rows)
+    assert families[2] == "random" and families[4] == "herding"  # the hybrid's twins
+    assert families[1] == f"random ({grey})"  # the half-resolution row is not its twin
+    (tmp_path / "bytes_sweep.json").write_text(json.dumps({"rows": rows}))
+    table = make_results.render_results(tmp_path)
+    assert "| twin: random real images | 95.00 ± 0.00" in table and f"random real images through `{grey}`" in table

@@ -372,29 +372,33 @@ def bytes_sweep(docs: dict[str, dict[str, Any]]) -> list[str]:
         specs = sorted({r["spec"] for f, rs in fams if is_distilled(f) for r in rs})
         out.append(f"- {b:,} B: `{'`, `'.join(pipes) or '-'}`; " + (", ".join(f"`{s}`" for s in specs) or "no distilled row"))
     out += ["", "Cells: final accuracy (images held, largest bytes held).", ""]
-    for dataset, epochs in sorted({(d, e) for d, e, _ in summ}, key=lambda c: (_dataset_key(c[0]), c[1])):
-        budgets = sorted(b for d, e, b in summ if (d, e) == (dataset, epochs))
-        families = sorted({f for b in budgets for f in summ[(dataset, epochs, b)]}, key=_family_key)
-        seeds = sorted({r["seed"] for b in budgets for rs in summ[(dataset, epochs, b)].values() for r in rs})
-        out += [f"### {dataset_name(dataset)}, {epochs} epoch(s) per experience, seeds {', '.join(map(str, seeds))}", "",
-                "| images held | " + " | ".join(budget_text(dataset, b) for b in budgets) + " |",
-                "|---|" + "---:|" * len(budgets)]
+    # one table per dataset at 1 epoch per experience; one per epoch count above it, its datasets side by side
+    tables: dict[tuple[int, str | None], list[tuple[str, int, int]]] = defaultdict(list)
+    for d, e, b in summ:
+        tables[(e, d if e == 1 else None)].append((d, e, b))
+    for epochs, dataset in sorted(tables, key=lambda k: (k[0], _dataset_key(k[1]) if k[1] else ())):
+        cells = sorted(tables[(epochs, dataset)], key=lambda c: (_dataset_key(c[0]), c[2]))
+        families = sorted({f for c in cells for f in summ[c]}, key=_family_key)
+        seeds = sorted({r["seed"] for c in cells for rs in summ[c].values() for r in rs})
+        names = dataset_name(dataset) if dataset else " / ".join(dict.fromkeys(dataset_name(c[0]) for c in cells))
+        out += [f"### {names}, {epochs} epoch(s) per experience, seeds {', '.join(map(str, seeds))}", "",
+                "| images held | " + " | ".join(("" if dataset else f"{dataset_name(c[0])} ") + budget_text(c[0], c[2]) for c in cells) + " |",
+                "|---|" + "---:|" * len(cells)]
         for f in families:
-            cells = []
-            for b in budgets:
-                rs = summ[(dataset, epochs, b)].get(f)
+            texts = []
+            for c in cells:
+                rs = summ[c].get(f)
                 if not rs:
-                    cells.append("-")
+                    texts.append("-")
                     continue
                 n = f", n={len(rs)}" if len(rs) != len(seeds) else ""
-                cells.append(f"{pct(*mean_std(r['final_accuracy'] for r in rs))} ({span(r['memory_images'] for r in rs)} img, "
+                texts.append(f"{pct(*mean_std(r['final_accuracy'] for r in rs))} ({span(r['memory_images'] for r in rs)} img, "
                              f"≤{max(r['memory_bytes'] for r in rs):,} B{n})")
-            name = family_text(f, [r for b in budgets for r in summ[(dataset, epochs, b)].get(f, [])])
-            out.append(f"| {'**' + name + '**' if f.startswith(('distilled:', 'hybrid:')) else name} | " + " | ".join(cells) + " |")
-        leads = [sweep_lead(summ[(dataset, epochs, b)]) for b in budgets]
+            name = family_text(f, [r for c in cells for r in summ[c].get(f, [])])
+            out.append(f"| {'**' + name + '**' if is_distilled(f) else name} | " + " | ".join(texts) + " |")
+        leads = [sweep_lead(summ[c]) for c in cells]
         out.append("| **lead** (points) | " + " | ".join("-" if x is None else f"**{100 * x:+.2f}**" for x in leads) + " |")
-        distill = [[r["distill_seconds"] for f, rs in summ[(dataset, epochs, b)].items() if is_distilled(f)
-                    for r in rs] for b in budgets]
+        distill = [[r["distill_seconds"] for f, rs in summ[c].items() if is_distilled(f) for r in rs] for c in cells]
         out += ["| distillation s per run (distilled rows) | " + " | ".join(f"{mean_std(v)[0]:,.0f}" if v else "-" for v in distill) + " |", ""]
     return out
 

@@ -239,3 +239,16 @@ def test_the_twin_rows_are_those_through_the_best_distilled_rows_pipeline(tmp_pa
     (tmp_path / "bytes_sweep.json").write_text(json.dumps({"rows": rows}))
     table = make_results.render_results(tmp_path)
     assert "| twin: random real images | 95.00 ± 0.00" in table and f"random real images through `{grey}`" in table
+
+
+def test_cells_above_one_epoch_share_one_table_with_their_datasets_side_by_side(tmp_path):
+    rows = []
+    for dataset, acc in (("mnist", 0.96), ("fashion-mnist", 0.74)):
+        for epochs in (1, 5):
+            rows += [dict(_sweep_row(dataset, 7_850, "distilled:dm", acc, 0), epochs=epochs),
+                     dict(_sweep_row(dataset, 7_850, "herding", acc - 0.01, 0), epochs=epochs)]
+    (tmp_path / "bytes_sweep.json").write_text(json.dumps({"rows": rows}))
+    table = make_results.render_results(tmp_path)
+    assert table.count("epoch(s) per experience, seeds") == 3  # MNIST 1 ep, Fashion-MNIST 1 ep, both at 5 ep
+    header = next(line for line in table.splitlines() if "Split-MNIST 7,850 B" in line)
+    assert "Split-Fashion-MNIST 7,850 B" in header

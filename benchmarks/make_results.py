@@ -38,9 +38,8 @@ KIND_ORDER = ("naive", "joint", "replay", "class-balanced", "herding", "gdumb", 
 FAMILY_ORDER = ("distilled", "hybrid", "random", "herding", "replay", "der", "jpeg")
 #: Bytes-sweep families that hold real images: the lead is measured against the best of them.
 REAL_FAMILIES = ("random", "herding", "replay", "der", "jpeg")
-#: Real selections that run through a distilled row's pipeline: its twins there.
-TWIN_FAMILIES = ("random", "herding")
-#: Methods that select real images: a "distilled" buffer filled by them is a twin, not a distilled row.
+#: Methods that select real images: a "distilled" buffer filled by them is a twin, not a distilled row (in the bytes
+#: sweep: the twins of the distilled row that shares their pipeline).
 SELECTIONS = ("random", "herding", "kcenter")
 #: README shows the sweep at these budgets (raw images per class): the protocol's headline and a tenth of it.
 README_IMAGES_PER_CLASS = (1, 10)
@@ -240,7 +239,7 @@ VARIANT_OPTIONS = ("fill", "learner_aware", "real_batch")
 def _family(row: dict[str, Any]) -> str:
     """Real selections are one family whatever pipeline they ran through (:func:`_split_pipelines` names the ones
     that are not the twins); other rows by the table row their run named."""
-    return row["images"] if row["images"] in TWIN_FAMILIES else row.get("row", row["images"])
+    return row["images"] if row["images"] in SELECTIONS else row.get("row", row["images"])
 
 
 def _family_key(family: str) -> tuple[int, str]:
@@ -294,7 +293,7 @@ def _split_pipelines(rows: list[dict[str, Any]], families: list[str]) -> None:
                 runs[(families[i], rows[i].get("pipeline"))].append(rows[i]["final_accuracy"])
         kept = max(runs, key=lambda k: mean_std(runs[k])[0], default=(None, None))[1]
         # a family through several pipelines, and real selections that are not the best distilled row's twins
-        mixed = {f for f, seen in pipelines.items() if len(seen) > 1 or (f in TWIN_FAMILIES and kept is not None and seen != {kept})}
+        mixed = {f for f, seen in pipelines.items() if len(seen) > 1 or (f in SELECTIONS and kept is not None and seen != {kept})}
         if not mixed:
             continue
         for i in members:
@@ -337,7 +336,7 @@ def budget_text(dataset: str, budget: int) -> str:
 def family_text(family: str, rows: list[dict[str, Any]]) -> str:
     """A row's name: twins and distilled rows by family, the other rows by the pipeline their runs recorded."""
     head = family.split(":")[0]
-    if head in ("random", "herding") and family == head:
+    if head in SELECTIONS and family == head:
         return f"twin: {head} real images"
     if is_distilled(family):
         return family.replace(":", " (", 1) + ")"
@@ -368,7 +367,7 @@ def bytes_sweep(docs: dict[str, dict[str, Any]]) -> list[str]:
     out += ["The pipeline each distilled row shares with its twins, and the distilled row's spec, per budget:", ""]
     for b in sorted({k[2] for k in summ}):
         fams = [(f, rs) for k, fs in summ.items() if k[2] == b for f, rs in fs.items()]
-        pipes = sorted({r["pipeline"] for f, rs in fams if f in ("random", "herding") or is_distilled(f) for r in rs})
+        pipes = sorted({r["pipeline"] for f, rs in fams if f in SELECTIONS or is_distilled(f) for r in rs})
         specs = sorted({r["spec"] for f, rs in fams if is_distilled(f) for r in rs})
         out.append(f"- {b:,} B: `{'`, `'.join(pipes) or '-'}`; " + (", ".join(f"`{s}`" for s in specs) or "no distilled row"))
     out += ["", "Cells: final accuracy (images held, largest bytes held).", ""]
@@ -422,7 +421,7 @@ def readme_table(docs: dict[str, dict[str, Any]]) -> list[str]:
         at = {c: next((summ[k] for k in keys if (k[0], k[1]) == c and round(k[2] / (10 * (PIXELS[k[0]] + 1)), 6) == ipc), {}) for c in columns}
         budgets = sorted({k[2] for k in keys if round(k[2] / (10 * (PIXELS[k[0]] + 1)), 6) == ipc})
         pipes = sorted({r["pipeline"] for fams in at.values() for f, rs in fams.items()
-                        if f in ("random", "herding") or is_distilled(f) for r in rs})
+                        if f in SELECTIONS or is_distilled(f) for r in rs})
         lines.append(f"| *{' / '.join(f'{b:,}' for b in budgets)} bytes ({ipc:g} raw image(s) per class); distilled row and twins "
                      f"hold {' / '.join(f'`{p}`' for p in pipes)}* |" + " |" * len(columns))
         families = sorted({f for fams in at.values() for f in fams}, key=_family_key)

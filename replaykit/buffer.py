@@ -28,6 +28,7 @@ from .codecs import BufferFormatError, Codec, Codes, check_decoder, check_pixel_
 from .codecs import PIXEL_BITS, pack_levels, unpack_levels  # noqa: F401  (their home was here)
 from .codecs import upsample as decode_upsample
 from .fileio import atomic_write, sha256_bytes
+from .typed import check_positive_int
 
 __all__ = ["SyntheticBuffer", "BufferFormatError", "FORMAT_VERSION", "STORAGE_DTYPES", "decode_upsample", "check_decoder",
            "quantize_logits", "logit_row_bytes"]
@@ -99,8 +100,7 @@ class SyntheticBuffer:
     def validate(self) -> None:
         """Raise :class:`BufferFormatError` naming the first problem found."""
         x, y, ids, k = self.images, self.labels, self.class_ids, self.num_classes
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise BufferFormatError(f"num_classes must be a positive int, got {k!r}")
+        check_positive_int("num_classes", k, BufferFormatError)
         if x.ndim != 4:
             raise BufferFormatError(f"images must be [N, C, H, W], got shape {tuple(x.shape)}")
         if x.dtype != torch.float32:

@@ -25,6 +25,7 @@ from avalanche.benchmarks.utils.classification_dataset import _make_taskaware_cl
 from avalanche.training.storage_policy import ExemplarsBuffer
 from . import codecs
 from .avalanche import _LabelledImages, dataset_tensors, replay_transform
+from .typed import check_positive_int
 
 __all__ = ["CompressedReplayBuffer", "CODECS"]
 
@@ -47,14 +48,12 @@ class CompressedReplayBuffer(ExemplarsBuffer):
 
     def __init__(self, mem_bytes: int, dataset_meta: dict[str, Any], *, codec: str = "downsample", factor: int = 2,
                  quality: int = 50, bits: int = 8, seed: int = 0, augment: bool = False) -> None:
-        if not isinstance(mem_bytes, int) or isinstance(mem_bytes, bool) or mem_bytes < 1:
-            raise ValueError(f"mem_bytes must be a positive int, got {mem_bytes!r}")
+        check_positive_int("mem_bytes", mem_bytes)
         if codec not in CODECS:
             raise ValueError(f"codec must be one of {CODECS}, got {codec!r}")
         if not {"mean", "std"} <= set(dataset_meta):
             raise ValueError("dataset_meta must hold the dataset's mean and std (dataset_info(name).meta())")
-        if not isinstance(factor, int) or factor < 1:
-            raise ValueError(f"factor must be a positive int, got {factor!r}")
+        check_positive_int("factor", factor)
         if bits not in (1, 2, 4, 8):
             raise ValueError(f"bits must be one of 1, 2, 4, 8, got {bits!r}")
         if bits != 8 and codec != "downsample":

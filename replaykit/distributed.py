@@ -71,6 +71,7 @@ import torch.distributed as dist  # noqa: E402
 from . import distill as _distill  # noqa: E402
 from .buffer import SyntheticBuffer  # noqa: E402
 from .fileio import atomic_write, atomic_write_bytes, atomic_write_json  # noqa: E402
+from .typed import check_positive_int  # noqa: E402
 
 __all__ = [
     "ClassJob", "DatasetClass", "DistributedDistillError", "distill_per_class", "assign_ranks", "init_from_env",
@@ -260,8 +261,7 @@ def distill_per_class(
     _check_jobs(jobs)
     if not (isinstance(timeout, (int, float)) and timeout > 0):
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 1):
-        raise ValueError(f"workers must be a positive int, got {workers!r}")
+    check_positive_int("workers", workers, allow_none=True)
     if start_method not in START_METHODS:
         raise ValueError(f"start_method must be one of {START_METHODS}, got {start_method!r}")
     if group is not None:

@@ -14,6 +14,8 @@ import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .typed import check_positive_int
+
 __all__ = ["MemoryChoice", "CHOICES", "choose_memory"]
 
 log = logging.getLogger("replaykit")
@@ -106,8 +108,7 @@ def choose_memory(bytes_per_class: float, in_shape: tuple[int, ...] | list[int],
     shape = tuple(int(v) for v in in_shape)
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"in_shape must be (channels, height, width), got {in_shape!r}")
-    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
-        raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+    check_positive_int("epochs", epochs)
     raw_images = bytes_per_class / (shape[0] * shape[1] * shape[2] + 1)
     kind = 1 if shape[0] == 1 else 3
     for channels, bound, most_epochs, choice in CHOICES:

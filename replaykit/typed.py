@@ -9,10 +9,18 @@ import json
 from dataclasses import asdict, fields
 from typing import Any
 
-__all__ = ["check_type", "method_parameters", "check_method_options", "canonical_json", "checked_fields"]
+__all__ = ["check_positive_int", "check_type", "method_parameters", "check_method_options", "canonical_json", "checked_fields"]
 
 #: Constructor arguments of a distillation method the buffer sets itself (never from a configuration).
 BUFFER_CHOSEN = frozenset({"self", "ipc", "seed", "progress", "learner"})
+
+
+def check_positive_int(name: str, value: Any, error: type[Exception] = ValueError, allow_none: bool = False) -> None:
+    """Reject anything but an int >= 1 (a bool is no int: ``True`` is not a factor of 1); ``error`` names ``name``."""
+    if allow_none and value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise error(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
 
 
 def check_type(key: str, value: Any, kind: type) -> None:

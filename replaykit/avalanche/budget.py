@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from .. import codecs
+from ..typed import check_positive_int
 
 __all__ = ["image_cost_bytes", "images_for_bytes", "class_quotas"]
 
@@ -24,8 +25,7 @@ def image_cost_bytes(in_shape: Sequence[int], *, factor: int = 1, storage: str =
 def images_for_bytes(mem_bytes: int, in_shape: Sequence[int], *, factor: int = 1, storage: str = "uint8", bits: int = 8,
                      soft_classes: int = 0, logit_classes: int = 0) -> int:
     """How many images fit in ``mem_bytes`` (pixels + labels): 78,500 B hold 100 uint8 MNIST images, 398 at 2 bits."""
-    if not isinstance(mem_bytes, int) or isinstance(mem_bytes, bool) or mem_bytes < 1:
-        raise ValueError(f"mem_bytes must be a positive int, got {mem_bytes!r}")
+    check_positive_int("mem_bytes", mem_bytes)
     return mem_bytes // image_cost_bytes(in_shape, factor=factor, storage=storage, bits=bits, soft_classes=soft_classes,
                                          logit_classes=logit_classes)
 

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ..buffer import SyntheticBuffer
 from ..training import soft_cross_entropy
+from ..typed import check_positive_int
 
 if TYPE_CHECKING:
     from avalanche.training.templates import SupervisedTemplate
@@ -43,8 +44,7 @@ class HeldTargetsPlugin(SupervisedPlugin):
         super().__init__()
         if not (weight >= 0 and math.isfinite(weight)):
             raise ValueError(f"weight must be >= 0 and finite, got {weight!r}")
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-            raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+        check_positive_int("batch_size", batch_size, allow_none=True)
         self.storage_policy = storage_policy
         self.weight = float(weight)
         self.batch_size = batch_size

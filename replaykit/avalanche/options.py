@@ -13,7 +13,7 @@ from .. import distill as _distill
 from .. import registry as _registry
 from ..buffer import STORAGE_DTYPES
 from ..distill.dm import MatchingDistiller
-from ..typed import BUFFER_CHOSEN, canonical_json, check_method_options, check_type, checked_fields
+from ..typed import BUFFER_CHOSEN, canonical_json, check_positive_int, check_method_options, check_type, checked_fields
 from .budget import images_for_bytes
 
 __all__ = ["RECOMPRESS_MODES", "BufferConfig", "config_from", "resolve", "check_execution", "sized_by_content"]
@@ -236,8 +236,7 @@ def check_execution(config: BufferConfig, workers: int | None, group: Any, disti
     if (workers not in (None, 1) or group is not None) and config.learner_aware:
         raise ValueError("learner_aware distillation (asked for, or chosen by method='auto' for this budget) runs in this "
                          "process: it cannot be combined with workers or group")
-    if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 1):
-        raise ValueError(f"workers must be a positive int, got {workers!r}")
+    check_positive_int("workers", workers, allow_none=True)
     return None if distill_device is None else str(_resolve_device(distill_device))
 
 

@@ -21,6 +21,7 @@ from .options import RECOMPRESS_MODES, BufferConfig, _resolve_device, check_exec
 from .parts import _pad
 from .datasets import _LabelledImages, dataset_tensors, replay_transform
 from .distilling import ClassDistiller
+from ..typed import check_positive_int
 
 __all__ = ["DistilledBuffer", "RECOMPRESS_MODES"]
 
@@ -205,8 +206,7 @@ class DistilledBuffer(ClassDistiller, ExemplarsBuffer):
 
     def resize(self, strategy: Any, new_size: int) -> None:
         """Change M; held classes are re-compressed when it shrinks."""
-        if not isinstance(new_size, int) or new_size < 1:
-            raise ValueError(f"new_size must be a positive int, got {new_size!r}")
+        check_positive_int("new_size", new_size)
         self.max_size = new_size
         if self.synthetic is not None and len(self.synthetic):
             quotas = class_quotas(self.synthetic.classes, new_size)

@@ -8,6 +8,7 @@ import torch
 from avalanche.training.plugins import SupervisedPlugin
 
 from .. import codecs
+from ..typed import check_positive_int
 
 if TYPE_CHECKING:
     from avalanche.training.templates import SupervisedTemplate
@@ -47,8 +48,7 @@ class MixedResolutionPlugin(MixedViewPlugin):
     """:class:`MixedViewPlugin` for a buffer held at ``1/factor`` resolution (:func:`low_resolution_view`)."""
 
     def __init__(self, factor: int = 2, p: float = 0.5, seed: int = 0) -> None:
-        if not isinstance(factor, int) or factor < 1:
-            raise ValueError(f"factor must be a positive int, got {factor!r}")
+        check_positive_int("factor", factor)
         # full-resolution float storage at 1/factor: the view pools and upsamples (None at factor 1 or when it does not divide)
         super().__init__(codecs.compose(factor, codecs.make("float32")).view, p, seed)
         self.factor = factor

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import torch
 
 from .base import BufferFormatError, Codec, Codes
+from ..typed import check_positive_int
 
 __all__ = ["Downsample", "check_decoder", "decoder_meta", "upsample"]
 
@@ -36,8 +37,7 @@ def check_decoder(decoder: Any) -> int:
     if not isinstance(decoder, dict) or decoder.get("kind") != "upsample" or decoder.get("mode", "bilinear") != "bilinear":
         raise BufferFormatError(f"unknown decoder {decoder!r}; expected {{'kind': 'upsample', 'factor': f, 'mode': 'bilinear'}}")
     factor = decoder.get("factor")
-    if not isinstance(factor, int) or isinstance(factor, bool) or factor < 1:
-        raise BufferFormatError(f"decoder factor must be a positive int, got {factor!r}")
+    check_positive_int("decoder factor", factor, BufferFormatError)
     return factor
 
 
@@ -55,8 +55,7 @@ class Downsample(Codec):
     rank = 1000  # a composition: not a storage of its own
 
     def __init__(self, factor: int = 2, inner: Codec | None = None, space: str = "normalised") -> None:
-        if not isinstance(factor, int) or isinstance(factor, bool) or factor < 1:
-            raise ValueError(f"factor must be a positive int, got {factor!r}")
+        check_positive_int("factor", factor)
         if space not in SPACES:
             raise ValueError(f"space must be one of {SPACES}, got {space!r}")
         if inner is None:

@@ -18,6 +18,7 @@ import torch
 
 from ..buffer import SyntheticBuffer
 from ..device import resolve_device
+from ..typed import check_positive_int
 
 __all__ = ["Distiller", "DistillResult", "check_training_data", "check_loop_options"]
 
@@ -61,8 +62,7 @@ def check_training_data(images: torch.Tensor, labels: torch.Tensor, num_classes:
 
 def check_loop_options(iterations: int, time_budget: float | None, init: str) -> None:
     """Validate the options every learned (iterative) method shares; raise ``ValueError`` naming the bad one."""
-    if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
-        raise ValueError(f"iterations must be a positive int, got {iterations!r}")
+    check_positive_int("iterations", iterations)
     if time_budget is not None and not (isinstance(time_budget, (int, float)) and math.isfinite(time_budget) and time_budget > 0):
         raise ValueError(f"time_budget must be a positive number of seconds or None, got {time_budget!r}")
     if init not in ("real", "noise"):
@@ -87,8 +87,7 @@ class Distiller(abc.ABC):
     selects: ClassVar[bool] = False
 
     def __init__(self, ipc: int = 10, *, seed: int = 0, progress: bool = True, device: str | torch.device | None = "cpu") -> None:
-        if not isinstance(ipc, int) or isinstance(ipc, bool) or ipc < 1:
-            raise ValueError(f"ipc (images per class) must be a positive int, got {ipc!r}")
+        check_positive_int("ipc (images per class)", ipc)
         self.ipc = ipc
         self.seed = seed
         self.progress = progress

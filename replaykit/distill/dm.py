@@ -27,6 +27,7 @@ from ..jpeg_sim import simulate_jpeg
 from ..progress import progress_bar
 from .base import DistillResult, Distiller, check_loop_options
 from .features import RandomConvNets, class_index, derive_seed, embed, real_pick
+from ..typed import check_positive_int
 
 __all__ = ["MatchingDistiller", "DistributionMatching", "dsa_for"]
 
@@ -98,8 +99,7 @@ class MatchingDistiller(Distiller):
         check_loop_options(iterations, time_budget, "real" if init == "herding" else init)
         if batch_classes not in (None, True, False):
             raise ValueError(f"batch_classes must be True, False or None (auto: on for CUDA), got {batch_classes!r}")
-        if not isinstance(factor, int) or isinstance(factor, bool) or factor < 1:
-            raise ValueError(f"factor must be a positive int, got {factor!r}")
+        check_positive_int("factor", factor)
         if learner is not None and not callable(getattr(learner, "embed", None)):
             raise ValueError("learner must be a network with an .embed(images) method (a replaykit.networks network)")
         if bits not in (1, 2, 4, 8) or isinstance(bits, bool):

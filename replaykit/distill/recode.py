@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from .dm import MatchingDistiller
+from ..typed import check_positive_int
 
 __all__ = ["Recode"]
 
@@ -35,8 +36,7 @@ class Recode(MatchingDistiller):
             raise ValueError(f"recode starts from real images: init must be 'herding' or 'real', got {init!r}")
         if options.pop("batch_classes", None):
             raise ValueError("recode matches each class's own pairs: batch_classes=True is not supported")
-        if not isinstance(pairs, int) or isinstance(pairs, bool) or pairs < 1:
-            raise ValueError(f"pairs must be a positive int, got {pairs!r}")
+        check_positive_int("pairs", pairs)
         super().__init__(ipc, init=init, iterations=iterations, batch_classes=False, **options)
         self.pairs = pairs
         self._origin: dict[int, torch.Tensor] = {}

@@ -13,7 +13,7 @@ from .. import distill as _distill
 from .. import registry as _registry
 from ..buffer import STORAGE_DTYPES
 from ..distill.dm import MatchingDistiller
-from ..typed import BUFFER_CHOSEN, canonical_json, check_positive_int, check_method_options, check_type, checked_fields
+from ..typed import BUFFER_CHOSEN, canonical_json, check_method_options, check_positive_int, check_type, checked_fields
 from .budget import images_for_bytes
 
 __all__ = ["RECOMPRESS_MODES", "BufferConfig", "config_from", "resolve", "check_execution", "sized_by_content"]

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from replaykit.typed import check_positive_int  # standard library only: safe on the device
+
 WEIGHT_STORAGES = ("float32", "float16", "int8")
 SCALE_PREFIX = "scale."
 _INT8_MAX = 127
@@ -105,8 +107,7 @@ def decoder_factor(decoder: Any) -> int:
         raise CodecError(f"unknown image decoder {decoder!r}; this runtime decodes "
                          "{'kind': 'upsample', 'factor': f, 'mode': 'bilinear'}")
     factor = decoder.get("factor")
-    if not isinstance(factor, int) or isinstance(factor, bool) or factor < 1:
-        raise CodecError(f"decoder factor must be a positive int, got {factor!r}")
+    check_positive_int("decoder factor", factor, CodecError)
     return factor
 
 

@@ -80,9 +80,12 @@ def test_decoder_entries_are_validated():
     assert decoder_factor(None) == 1
     assert decoder_factor({"kind": "upsample", "factor": 3, "mode": "bilinear"}) == 3
     for bad in ({"kind": "upsample", "factor": 2, "mode": "nearest"}, {"kind": "jpeg"}, "upsample",
-                {"kind": "upsample", "factor": 0, "mode": "bilinear"}, {"kind": "upsample", "factor": 2.0, "mode": "bilinear"}):
+                {"kind": "upsample", "factor": 0, "mode": "bilinear"}, {"kind": "upsample", "factor": 2.0, "mode": "bilinear"},
+                {"kind": "upsample", "factor": True, "mode": "bilinear"}):
         with pytest.raises(CodecError):
             decoder_factor(bad)
+    with pytest.raises(CodecError, match="decoder factor must be a positive int, got 0"):
+        decoder_factor({"kind": "upsample", "factor": 0, "mode": "bilinear"})
     with pytest.raises(ValueError, match="N, C, H, W"):
         upsample_bilinear(np.zeros((3, 4, 4), np.float32), 2)
 

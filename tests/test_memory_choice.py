@@ -33,8 +33,6 @@ def test_each_budget_gets_the_first_row_that_holds_it(caplog):
             raw = shape[0] * shape[1] * shape[2] + 1
             probe = bound * raw if bound != float("inf") else 1e9
             epochs = int(most_epochs) if most_epochs != float("inf") else 50
-            if most_epochs == float("inf") and bound != float("inf"):
-                epochs = 1  # a bounded budget's row: the one epoch every row was validated at
             assert choose_memory(probe, shape, epochs) == choice
     assert "bytes per class" in caplog.text and "raw images" in caplog.text
     # one budget, two image kinds: 3,073 B per class is 1 raw CIFAR-10 image but ~3.9 raw MNIST images
@@ -45,6 +43,10 @@ def test_each_budget_gets_the_first_row_that_holds_it(caplog):
         choose_memory(100, (28, 28))
     # more epochs per experience change the grey choice at one raw image per class (validated at 5 epochs)
     assert choose_memory(785, (1, 28, 28)).mode == "distill" and choose_memory(785, (1, 28, 28), epochs=5).mode == "select"
+    # and at ten raw images per class: herding's selection for 1 epoch, the hybrid for 5 (both validated)
+    assert choose_memory(7_850, (1, 28, 28)).mode == "select"
+    five = choose_memory(7_850, (1, 28, 28), epochs=5)
+    assert (five.mode, five.method, five.core, five.storage, five.jpeg_quality) == ("hybrid", "dm", 0.1, "jpeg", 2)
     for bad in (0, 2.0, True):
         with pytest.raises(ValueError, match="epochs"):
             choose_memory(785, (1, 28, 28), epochs=bad)

@@ -27,6 +27,7 @@ from . import codecs
 from .codecs import BufferFormatError, Codec, Codes, check_decoder, check_pixel_bits, label_row_bytes, logit_row_bytes
 from .codecs import PIXEL_BITS, pack_levels, unpack_levels  # noqa: F401  (their home was here)
 from .codecs import upsample as decode_upsample
+from .codecs.jpeg import check_quality
 from .fileio import atomic_write, sha256_bytes
 from .typed import check_positive_int
 
@@ -226,10 +227,7 @@ class SyntheticBuffer:
     @property
     def jpeg_quality(self) -> int:
         """Quality of jpeg storage (``meta['jpeg_quality']``, 50 by default)."""
-        quality = self.meta.get("jpeg_quality", 50)
-        if not isinstance(quality, int) or not 1 <= quality <= 100:
-            raise BufferFormatError(f"jpeg_quality must be an int in [1, 100], got {quality!r}")
-        return quality
+        return check_quality(self.meta.get("jpeg_quality", 50))
 
     def _jpeg_codes(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(shared header, one body per image) of jpeg storage (see :meth:`codes`)."""

@@ -44,7 +44,8 @@ _NEEDS_MEMORY = {"replay", "class-balanced", "herding", "gdumb", "der", "distill
 _BYTES_ONLY = {"downsample", "jpeg"}
 #: Spec options each kind reads, with their type (``bool`` parses strictly from true/false/1/0).
 OPTION_TYPES: dict[str, dict[str, type]] = {
-    "distilled": {"learner_aware": bool, "mix": float, "soft": bool, "quality": int, "augment": bool, "logits": bool, "core": float, "fill": str},
+    "distilled": {"learner_aware": bool, "mix": float, "soft": bool, "quality": int, "augment": bool, "logits": bool, "core": float, "fill": str,
+                  "complement": bool},
     "downsample": {"factor": int, "mix": float, "bits": int, "augment": bool},
     "jpeg": {"quality": int, "augment": bool, "mix": float},
 }
@@ -125,6 +126,7 @@ class StrategySpec:
             extras += [f"mix={self.options['mix']}"] if "mix" in self.options else []
             extras += [f"core={self.options['core']}"] if "core" in self.options else []
             extras += [f"fill={self.options['fill']}"] if "fill" in self.options else []
+            extras += ["complement"] if self.options.get("complement") else []
             extras += [f"recompress={self.recompress}"] if self.recompress != "distill" else []
             extras += ["aug"] if self.options.get("augment") else []
             return " ".join([f"distilled-{self.method} {budget}"] + extras)
@@ -329,7 +331,7 @@ def make_strategy(spec: StrategySpec, config: RunConfig, *, progress: bool = Fal
     from avalanche.training.storage_policy import ClassBalancedBuffer, HerdingSelectionStrategy, ParametricBuffer
     from avalanche.training.supervised import DER, GDumb, JointTraining, Naive
 
-    from .avalanche import DistilledReplayPlugin, MixedViewPlugin
+    from .avalanche import BufferConfig, DistilledReplayPlugin, MixedViewPlugin
     from .compressed import CompressedReplayBuffer
 
     info = dataset_info(config.dataset)
@@ -371,15 +373,16 @@ def make_strategy(spec: StrategySpec, config: RunConfig, *, progress: bool = Fal
             plugins.append(MixedViewPlugin(policy.view, mix, seed=config.seed))
         return Naive(plugins=plugins, **common)
     else:  # distilled
-        plugin = DistilledReplayPlugin(
-            mem_size=m or None, method=spec.method, method_options=dict(spec.method_options), batch_size_mem=config.batch_size_mem,
-            storage=spec.storage, recompress=spec.recompress, dataset_meta=info.meta(), num_classes=info.num_classes, seed=config.seed,
-            progress=progress, mem_bytes=spec.mem_bytes or None, learner_aware=bool(spec.options.get("learner_aware", False)),
-            mix=float(spec.options.get("mix", 0.5)), soft_labels=bool(spec.options.get("soft", False)),
-            jpeg_quality=int(spec.options.get("quality", 50)), augment=bool(spec.options.get("augment", False)),
-            logits=bool(spec.options.get("logits", False)), core=spec.options.get("core"),
-            fill=str(spec.options.get("fill", "random")), epochs=config.epochs,
+        buffer = BufferConfig(
+            max_size=m or None, mem_bytes=spec.mem_bytes or None, method=spec.method, method_options=dict(spec.method_options),
+            recompress=spec.recompress, storage=spec.storage, jpeg_quality=int(spec.options.get("quality", 50)),
+            num_classes=info.num_classes, seed=config.seed, learner_aware=bool(spec.options.get("learner_aware", False)),
+            soft_labels=bool(spec.options.get("soft", False)), augment=bool(spec.options.get("augment", False)),
+            logits=bool(spec.options.get("logits", False)), core=spec.options.get("core"), fill=str(spec.options.get("fill", "random")),
+            complement=bool(spec.options.get("complement", False)), epochs=config.epochs,
         )
+        plugin = DistilledReplayPlugin(config=buffer, batch_size_mem=config.batch_size_mem, dataset_meta=info.meta(), progress=progress,
+                                       mix=float(spec.options.get("mix", 0.5)))
     return Naive(plugins=[plugin], **common)
 
 

@@ -610,6 +610,55 @@ def test_a_herding_fill_is_herding_s_own_pick_after_the_core(digits):
     assert not torch.equal(filled, random_fill.images)
 
 
+def test_a_complement_core_is_learned_beside_the_fill_that_every_class_keeps(digits):
+    x, y = digits
+    options = {"iterations": 3, "real_batch": 8, "width": 8}
+    common = dict(max_size=40, method="dm", method_options=options, core=0.5, recompress="prefix", num_classes=10, seed=2)
+    plain = DistilledBuffer(config=BufferConfig(**common), dataset_meta=DIGITS, progress=False)
+    complement = DistilledBuffer(config=BufferConfig(**common, complement=True), dataset_meta=DIGITS, progress=False)
+    a = y < 2
+    plain.update_from_tensors(x[a], y[a])
+    complement.update_from_tensors(x[a], y[a])
+    ours, theirs = (p.synthetic.images[p.synthetic.indices_of(0)] for p in (complement, plain))
+    assert complement.synthetic.counts() == {0: 20, 1: 20} and complement.synthetic.meta["complement"] is True
+    assert torch.equal(ours[2:], theirs[2:])  # the same real fill, picked first
+    assert not torch.equal(ours[:2], theirs[:2])  # a different core: learned beside the fill
+    seen = {}
+    real_make = distill.make
+
+    def spy(name, **kw):
+        if "beside" in kw:
+            seen.update({c: v.shape[0] for c, v in kw["beside"].items()})
+        return real_make(name, **kw)
+
+    complement_again = DistilledBuffer(config=BufferConfig(**common, complement=True), dataset_meta=DIGITS, progress=False)
+    distill.make = spy
+    try:
+        complement_again.update_from_tensors(x[a], y[a])
+    finally:
+        distill.make = real_make
+    assert seen == {0: 2, 1: 2}  # beside the 2 fill images each class keeps at its final quota of 4, not the 18 it holds now
+    assert torch.equal(complement_again.synthetic.images, complement.synthetic.images)  # same seed, same buffer
+
+
+def test_a_spec_s_complement_reaches_the_storage_policy():
+    strategy = make_strategy(StrategySpec("distilled", 40, "dm", {"iterations": 2}, recompress="prefix",
+                                          options={"core": 0.5, "complement": True, "logits": True}), CONFIG)
+    policy = next(p.storage_policy for p in strategy.plugins if isinstance(p, DistilledReplayPlugin))
+    assert policy.complement is True and policy.core == 0.5 and policy.logits is True and policy.max_size == 40
+
+
+def test_complement_needs_a_hybrid_core_and_dm():
+    with pytest.raises(ValueError, match="complement .* needs core below 1"):
+        BufferConfig(max_size=40, method="dm", num_classes=10, recompress="prefix", complement=True)
+    with pytest.raises(ValueError, match="complement .* needs core below 1"):
+        BufferConfig(max_size=40, method="dm", core=1.0, num_classes=10, recompress="prefix", complement=True)
+    with pytest.raises(ValueError, match="complement needs a method that matches beside"):
+        BufferConfig(max_size=40, method="dm-multi", core=0.5, num_classes=10, recompress="prefix", complement=True)
+    with pytest.raises(ValueError, match="complement='True' must be bool"):
+        BufferConfig(max_size=40, method="dm", core=0.5, num_classes=10, recompress="prefix", complement="True")
+
+
 def test_core_options_are_checked():
     with pytest.raises(ValueError, match="fill must be a selecting method"):
         DistilledBuffer(40, method="dm", core=0.5, num_classes=10, recompress="prefix", fill="dm")

@@ -167,6 +167,10 @@ def test_unknown_and_mistyped_keys_are_errors_naming_them():
     hybrid = parse_spec("distilled:78500B:dm:jpeg:core=0.1:fill=herding:recompress=prefix")
     assert hybrid.options["fill"] == "herding" and "fill=herding" in hybrid.label
     assert hybrid.identity != parse_spec("distilled:78500B:dm:jpeg:core=0.1:recompress=prefix").identity
+    complement = parse_spec("distilled:78500B:dm:jpeg:core=0.1:complement=1:recompress=prefix")
+    assert complement.options["complement"] is True and "complement" in complement.label
+    with pytest.raises(ValueError, match="complement='yes' is not a bool"):
+        parse_spec("distilled:78500B:dm:jpeg:core=0.1:complement=yes:recompress=prefix")
     with pytest.raises(ValueError, match="unknown distillation method 'dn'"):
         parse_spec("distilled:100:dn")
     with pytest.raises(ValueError, match="budget 'lots'"):

@@ -31,6 +31,7 @@ class ClassDistiller:
     progress: bool
     core: float | None
     fill: str
+    complement: bool
     num_classes: int | None
     max_size: int
     dataset_meta: dict[str, Any]
@@ -48,17 +49,19 @@ class ClassDistiller:
         masks = {c: labels == c for c in classes}
         ipcs = {c: min(quotas[c], int(masks[c].sum())) for c in classes}
         cores = {c: min(ipcs[c], self.core_ipc()) for c in classes} if self.core is not None else ipcs
+        fills = {c: self._real_fill(images[masks[c]], labels[masks[c]], ipcs[c] - cores[c], k, c) for c in classes} if self.core is not None else {}
+        extra = {c: {"beside": {c: self._kept_beside(fills[c])}} for c in classes if fills.get(c) is not None} if self.complement else {}
         if self.workers in (None, 1) and self.group is None:
-            parts = {c: self._run_method(images[masks[c]], labels[masks[c]], cores[c], k, c) for c in classes}
+            parts = {c: self._run_method(images[masks[c]], labels[masks[c]], cores[c], k, c, extra.get(c)) for c in classes}
         else:
             from ..distributed import ClassJob, distill_per_class
 
-            jobs = [ClassJob(self.method, dict(self.method_options, device=self._device()), cores[c], self._class_seed(c), images[masks[c]],
-                             labels[masks[c]], k, dict(self.dataset_meta)) for c in classes]
+            jobs = [ClassJob(self.method, dict(self.method_options, device=self._device(), **extra.get(c, {})), cores[c], self._class_seed(c),
+                             images[masks[c]], labels[masks[c]], k, dict(self.dataset_meta)) for c in classes]
             parts = dict(zip(classes, distill_per_class(jobs, workers=self.workers, group=self.group, all_ranks=self.group is not None)))
         if self.core is None:
             return parts
-        return {c: self._with_real_fill(parts[c], images[masks[c]], labels[masks[c]], ipcs[c] - cores[c], k, c) for c in classes}
+        return {c: parts[c] if fills[c] is None else SyntheticBuffer.concat([parts[c], fills[c]], meta=parts[c].meta) for c in classes}
 
     def core_ipc(self) -> int:
         """Distilled images per class with ``core``: its share of the final quota ``max_size // num_classes`` (at least 1)."""
@@ -66,16 +69,20 @@ class ClassDistiller:
             raise ValueError("core_ipc needs core and num_classes")
         return max(1, round(self.core * (self.max_size // self.num_classes)))
 
-    def _with_real_fill(self, core: SyntheticBuffer, images: torch.Tensor, labels: torch.Tensor, count: int, k: int,
-                        cls: int) -> SyntheticBuffer:
-        """``core`` followed by ``count`` real images of the class picked by ``fill`` in its order (stored at the core's
-        resolution)."""
+    def _real_fill(self, images: torch.Tensor, labels: torch.Tensor, count: int, k: int, cls: int) -> SyntheticBuffer | None:
+        """The real part of a hybrid memory: ``count`` images of the class picked by ``fill`` in its order, held at the
+        core's resolution after the core (``None`` when the core takes the whole quota)."""
         if count <= 0:
-            return core
+            return None
         fill = _distill.make(self.fill, ipc=count, seed=self._class_seed(cls) + 17, progress=False, device=self._device()).distill(
             images, labels, num_classes=k, meta=self.dataset_meta)
-        factor = core.decoder_factor
-        return SyntheticBuffer.concat([core, _downsampled(fill, factor)], meta=core.meta)
+        return _downsampled(fill, int(self.method_options.get("factor", 1)))
+
+    def _kept_beside(self, fill: SyntheticBuffer) -> torch.Tensor:
+        """The fill images a ``complement`` core is learned beside: the prefix every class keeps at its final quota, as it
+        will be replayed (stored, then decoded)."""
+        kept = max(1, min(len(fill), self.max_size // self.num_classes - self.core_ipc()))
+        return fill.subset(torch.arange(kept)).with_meta(**self._storage_meta()).quantized(self.storage).decoded_images()
 
     def _class_seed(self, cls: int) -> int:
         return self.seed * 1_000_003 + self._updates * 1009 + cls
@@ -105,18 +112,20 @@ class ClassDistiller:
         if part.decoder_factor != expected:
             raise RuntimeError(f"{self.method} returned images with decoder factor {part.decoder_factor}, the budget assumed {expected}")
 
-    def _run_method(self, images: torch.Tensor, labels: torch.Tensor, ipc: int, k: int, cls: int) -> SyntheticBuffer:
-        """The method on one class; its failure names the class and the reason (the held buffer is only replaced once
-        every class of an experience is done, so it stays as it was)."""
+    def _run_method(self, images: torch.Tensor, labels: torch.Tensor, ipc: int, k: int, cls: int,
+                    extra: dict[str, Any] | None = None) -> SyntheticBuffer:
+        """The method on one class (``extra``: options added for this class); its failure names the class and the
+        reason (the held buffer is only replaced once every class of an experience is done, so it stays as it was)."""
         try:
-            return self._run_method_on(images, labels, ipc, k, cls)
+            return self._run_method_on(images, labels, ipc, k, cls, extra)
         except Exception as exc:
             raise DistillationError(f"distilling class {cls} with {self.method!r} failed: {type(exc).__name__}: {exc}; "
                                     "the held buffer is unchanged") from exc
 
-    def _run_method_on(self, images: torch.Tensor, labels: torch.Tensor, ipc: int, k: int, cls: int) -> SyntheticBuffer:
+    def _run_method_on(self, images: torch.Tensor, labels: torch.Tensor, ipc: int, k: int, cls: int,
+                       extra: dict[str, Any] | None) -> SyntheticBuffer:
         seed = self._class_seed(cls)
-        options = dict(self.method_options)
+        options = dict(self.method_options, **(extra or {}))
         if self.learner_aware and getattr(self, "_learner", None) is not None:
             options["learner"] = self._learner
         if _distill.REGISTRY[self.method].selects:  # the stored form is the buffer's business: real images go through it as picked

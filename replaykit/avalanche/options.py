@@ -53,6 +53,7 @@ class BufferConfig:
     logits: bool = False
     core: float | None = None
     fill: str = "random"
+    complement: bool = False
     epochs: int = 1
 
     def __post_init__(self) -> None:
@@ -76,8 +77,8 @@ class BufferConfig:
         """``method="auto"`` chooses the method, its options, storage and logits from the bytes each class gets."""
         if self.mem_bytes is None or not self.num_classes:
             raise ValueError("method='auto' chooses by the bytes each class gets: it needs mem_bytes and num_classes")
-        if self.method_options or self.core is not None or self.fill != "random":
-            raise ValueError("method='auto' sets the method's options, core and fill itself: leave them unset")
+        if self.method_options or self.core is not None or self.fill != "random" or self.complement:
+            raise ValueError("method='auto' sets the method's options, core, fill and complement itself: leave them unset")
 
     def _check_method_options(self) -> None:
         method = _registry.lookup(_distill.REGISTRY, self.method, "distillation method")  # named before any work
@@ -87,6 +88,8 @@ class BufferConfig:
         object.__setattr__(self, "method_options", check_method_options(self.method, self.method_options))
         if self.learner_aware and not issubclass(method, MatchingDistiller):
             raise ValueError(f"learner_aware needs a matching method (dm, dm-multi), not {self.method!r}")
+        if getattr(method, "needs_learner", False) and not self.learner_aware:
+            raise ValueError(f"method {self.method!r} works on the learner: it needs learner_aware=True")
 
     def _check_combinations(self) -> None:
         if self.core is not None:
@@ -101,6 +104,10 @@ class BufferConfig:
             raise ValueError(f"fill must be a selecting method (random, herding, kcenter), got {self.fill!r}")
         if self.fill != "random" and self.core is None:
             raise ValueError(f"fill={self.fill!r} picks the real images of a hybrid memory: it needs core")
+        if self.complement and (self.core is None or self.core >= 1):
+            raise ValueError("complement learns a hybrid memory's core beside its real fill: it needs core below 1")
+        if self.complement and not getattr(_distill.REGISTRY[self.method], "learns_beside", False):
+            raise ValueError(f"complement needs a method that matches beside fixed images (dm), not {self.method!r}")
         if self.logits and not self.num_classes:
             raise ValueError("logits needs num_classes (the size of the learner's output)")
         if self.logits and self.recompress == "distill" and not getattr(_distill.REGISTRY[self.method], "selects", False):
@@ -173,7 +180,8 @@ _TYPES: dict[str, tuple[type, bool]] = {
     "max_size": (int, False), "mem_bytes": (int, False), "method": (str, True), "method_options": (dict, True),
     "recompress": (str, True), "storage": (str, True), "jpeg_quality": (int, True), "num_classes": (int, False),
     "seed": (int, True), "learner_aware": (bool, True), "soft_labels": (bool, True), "soft_temperature": (float, True),
-    "augment": (bool, True), "logits": (bool, True), "core": (float, False), "fill": (str, True), "epochs": (int, True),
+    "augment": (bool, True), "logits": (bool, True), "core": (float, False), "fill": (str, True), "complement": (bool, True),
+    "epochs": (int, True),
 }
 
 

@@ -103,6 +103,9 @@ class DistilledBuffer(ClassDistiller, ExemplarsBuffer):
         fill: how a hybrid memory picks its real images (a selecting method: ``"random"``, the default,
             ``"herding"`` or ``"kcenter"``), in that method's order so that the prefix kept as classes
             arrive is still its pick. Needs ``core``.
+        complement (set through ``config``): the fill is picked first and the core is learned beside the part of it
+            every class keeps (``dm`` matches the class against core and fill together), so the distilled images add
+            what the real ones lack rather than their mean again. Needs ``core`` below 1.
         epochs: epochs per experience of the strategy this buffer serves; ``method="auto"`` chooses for them
             (:func:`replaykit.memory_choice.choose_memory`) and the plugin refuses a strategy that trains otherwise.
         distill_device: where distillation runs. ``None`` (default): the strategy's device
@@ -127,6 +130,7 @@ class DistilledBuffer(ClassDistiller, ExemplarsBuffer):
     logits = _Resolved()
     core = _Resolved()
     fill = _Resolved()
+    complement = _Resolved()
     epochs = _Resolved()
 
     def __init__(
@@ -350,7 +354,7 @@ class DistilledBuffer(ClassDistiller, ExemplarsBuffer):
             mem_size=self.max_size,
             recompress=self.recompress,
             storage=self.storage,
-            **({"core": self.core, "core_ipc": self.core_ipc(), "fill": self.fill} if self.core is not None else {}),
+            **({"core": self.core, "core_ipc": self.core_ipc(), "fill": self.fill, "complement": self.complement} if self.core is not None else {}),
             **({"memory_choice": self.memory_choice} if self.memory_choice is not None else {}),
             seed=self.seed,
             experiences=self._updates,

@@ -2,7 +2,7 @@
 
 >>> from replaykit import distill
 >>> distill.available()                      # doctest: +SKIP
-['dm', 'dm-multi', 'gm', 'herding', 'kcenter', 'krr', 'random', 'recode', 'tm']
+['boundary', 'dm', 'dm-multi', 'gm', 'herding', 'kcenter', 'krr', 'random', 'recode', 'tm']
 >>> buffer = distill.make("dm", ipc=10).distill(images, labels)   # doctest: +SKIP
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from .. import registry as _registry
 from .base import DistillResult, Distiller, check_training_data
+from .boundary import BoundaryAnchors
 from .dm import DistributionMatching
 from .dm_multi import MultiLayerDistributionMatching
 from .herding import Herding
@@ -60,5 +61,6 @@ def _takes(cls: type, option: str) -> bool:
     return any(p.name == option or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
-for _cls in (RandomSubset, DistributionMatching, MultiLayerDistributionMatching, Herding, KCenter, GradientMatching, KernelRidgeDistiller, TrajectoryMatching, Recode):
+for _cls in (RandomSubset, DistributionMatching, MultiLayerDistributionMatching, Herding, KCenter, GradientMatching, KernelRidgeDistiller, TrajectoryMatching, Recode,
+             BoundaryAnchors):
     register(_cls)

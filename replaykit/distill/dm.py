@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -71,7 +71,15 @@ class MatchingDistiller(Distiller):
             class) instead of one per class. ``None`` (default): on for CUDA, off for the CPU, where
             small per-class batches are faster and give today's exact bytes. Same random draws either
             way; the images agree to float rounding.
+        beside: per class, fixed images (normalised, as they will be replayed) that the learned ones will be
+            held beside, e.g. the real part of a hybrid memory. The matching then compares the class with the
+            learned and fixed images together, so the learned images supply what the fixed ones lack instead
+            of repeating what they already hold. Runs the per-class loop; only methods that define
+            :meth:`match_loss_beside` (``dm``) take it.
     """
+
+    #: True where :meth:`match_loss_beside` is defined (the method takes ``beside``).
+    learns_beside: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -94,6 +102,7 @@ class MatchingDistiller(Distiller):
         progress: bool = True,
         device: str | torch.device | None = "cpu",
         batch_classes: bool | None = None,
+        beside: dict[int, torch.Tensor] | None = None,
     ) -> None:
         super().__init__(ipc, seed=seed, progress=progress, device=device)
         check_loop_options(iterations, time_budget, "real" if init == "herding" else init)
@@ -128,6 +137,26 @@ class MatchingDistiller(Distiller):
         self.learner_weight = float(learner_weight)
         self.batch_classes = batch_classes
         self._learner = learner
+        self._beside = self._checked_beside(beside)
+
+    def _checked_beside(self, beside: dict[int, torch.Tensor] | None) -> dict[int, torch.Tensor] | None:
+        """``beside`` validated: a dict of class -> finite float images ``[n, C, H, W]``, for a method that can use it."""
+        if beside is None:
+            return None
+        if not self.learns_beside:
+            raise ValueError(f"{self.name} cannot learn images beside fixed ones (beside): use dm")
+        if self.batch_classes:
+            raise ValueError("beside runs the per-class loop: leave batch_classes unset or False")
+        if not isinstance(beside, dict):
+            raise TypeError(f"beside must be a dict of class -> images, got {type(beside).__name__}")
+        for cls, fixed in beside.items():
+            if not isinstance(cls, int) or isinstance(cls, bool):
+                raise TypeError(f"beside's keys must be int classes, got {cls!r}")
+            if not isinstance(fixed, torch.Tensor) or fixed.ndim != 4 or not fixed.is_floating_point():
+                raise ValueError(f"beside[{cls}] must be float images [n, C, H, W], got {getattr(fixed, 'shape', type(fixed).__name__)}")
+            if not torch.isfinite(fixed).all():
+                raise ValueError(f"beside[{cls}] contains NaN or inf")
+        return {cls: fixed.detach().float() for cls, fixed in beside.items()}
 
     def match_loss(self, net, real: torch.Tensor, syn: torch.Tensor) -> torch.Tensor:
         """Discrepancy between the real and synthetic batches of one class under ``net``."""
@@ -140,12 +169,19 @@ class MatchingDistiller(Distiller):
         """
         return sum(self.match_loss(net, r, f) for r, f in zip(real.chunk(groups), syn.chunk(groups)))
 
+    def match_loss_beside(self, net, real: torch.Tensor, syn: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        """Discrepancy between the real batch and the synthetic images held together with ``fixed`` ones."""
+        raise NotImplementedError
+
     def distill(self, images, labels, *, num_classes=None, meta=None):  # noqa: D102 (documented in Distiller)
         self._dataset = (meta or {}).get("dataset")
         if (self.bits < 8 or self.jpeg_quality) and not {"mean", "std"} <= set(meta or {}):
             setting = f"bits={self.bits}" if self.bits < 8 else f"jpeg_quality={self.jpeg_quality}"
             raise ValueError(f"{setting} needs the dataset's mean and std in meta (dataset_info(name).meta())")
         self._norm = [torch.tensor((meta or {}).get(k, [0.0]), dtype=torch.float32).view(1, -1, 1, 1) for k in ("mean", "std")]
+        for cls, fixed in (self._beside or {}).items():
+            if isinstance(images, torch.Tensor) and fixed.shape[1:] != images.shape[1:]:
+                raise ValueError(f"beside[{cls}] holds images of shape {tuple(fixed.shape[1:])}, the data {tuple(images.shape[1:])}")
         return super().distill(images, labels, num_classes=num_classes, meta=meta)
 
     def _initial_images(self, images: torch.Tensor, index: torch.Tensor, cls: int, gen: torch.Generator) -> torch.Tensor:
@@ -204,7 +240,8 @@ class MatchingDistiller(Distiller):
         self._learner_copy = None
         opt = torch.optim.SGD(list(syn.values()), lr=self.lr, momentum=0.5)
         self._norm = [t.to(images.device) for t in getattr(self, "_norm", [])]  # once, not every iteration
-        batched = self.batch_classes if self.batch_classes is not None else images.device.type != "cpu"
+        batched = self.batch_classes if self.batch_classes is not None else images.device.type != "cpu" and self._beside is None
+        beside = {c: f.to(images.device) for c, f in (self._beside or {}).items() if c in classes and len(f)}
 
         done, stopped_by, per_iter = 0, "iterations", 0.0
         bar = progress_bar(total=self.iterations, enabled=self.progress, desc=self.name, leave=False)
@@ -220,12 +257,14 @@ class MatchingDistiller(Distiller):
                 total = self._batched_step(net, learner, dsa, images, index, gens, syn, classes, it)
             for c in classes if not batched else ():  # per class: smaller batches run faster on CPU than one big one
                 real, fake = self._class_pair(images, index[c], syn[c], gens[c], c)
-                if dsa is not None:  # siamese: one parameter draw applied to both batches
+                fixed = beside.get(c)
+                if dsa is not None:  # siamese: one parameter draw applied to both batches (and the fixed images)
                     params = dsa.reseed(derive_seed(self.seed, c, it, 3)).sample(1)
                     real, fake = dsa.apply(real, params), dsa.apply(fake, params)
-                loss = self.match_loss(net, real, fake)
+                    fixed = dsa.apply(fixed, params) if fixed is not None else None
+                loss = self._pair_loss(net, real, fake, fixed)
                 if learner is not None and self.learner_weight > 0:
-                    loss = loss + self.learner_weight * self.match_loss(learner, real, fake)
+                    loss = loss + self.learner_weight * self._pair_loss(learner, real, fake, fixed)
                 loss.backward()
                 total += float(loss.detach()) / len(classes)
             opt.step()
@@ -259,7 +298,12 @@ class MatchingDistiller(Distiller):
             extra["pixel_bits"] = self.bits
         if self.jpeg_quality:
             extra["learned_for_jpeg_quality"] = self.jpeg_quality
+        if beside:
+            extra["learned_beside"] = {str(c): len(f) for c, f in beside.items()}
         return DistillResult(out, ids.clone(), ids, extra)
+
+    def _pair_loss(self, net, real: torch.Tensor, fake: torch.Tensor, fixed: torch.Tensor | None) -> torch.Tensor:
+        return self.match_loss(net, real, fake) if fixed is None else self.match_loss_beside(net, real, fake, fixed)
 
 
     def _batched_step(self, net, learner, dsa: DSA | None, images: torch.Tensor, index: dict[int, torch.Tensor],
@@ -310,11 +354,23 @@ class DistributionMatching(MatchingDistiller):
     """``dm``: match the mean final embedding of each class (one layer)."""
 
     name = "dm"
+    learns_beside = True
 
     def match_loss(self, net, real: torch.Tensor, syn: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             real_mean = net.embed(real).mean(0)
         return ((real_mean - net.embed(syn).mean(0)) ** 2).sum()
+
+    def match_loss_beside(self, net, real: torch.Tensor, syn: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        """The mean embedding of synthetic and fixed images together against the real mean, scaled by
+        ``((n_syn + n_fixed) / n_syn) ** 2`` so that the step size means what it means without ``fixed``:
+        the same loss as matching the synthetic mean alone to ``real + n_fixed / n_syn * (real - fixed)``."""
+        with torch.no_grad():
+            real_mean = net.embed(real).mean(0)
+            fixed_sum = net.embed(fixed).sum(0)
+        n_syn, n_all = syn.shape[0], syn.shape[0] + fixed.shape[0]
+        union_mean = (net.embed(syn).sum(0) + fixed_sum) / n_all
+        return ((real_mean - union_mean) ** 2).sum() * (n_all / n_syn) ** 2
 
     def match_loss_grouped(self, net, real: torch.Tensor, syn: torch.Tensor, groups: int) -> torch.Tensor:
         with torch.no_grad():

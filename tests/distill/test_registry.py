@@ -9,6 +9,7 @@ import torch
 
 from replaykit import distill
 from replaykit.buffer import SyntheticBuffer
+from replaykit.networks import ConvNet
 
 
 def _tiny_options(name: str) -> dict:
@@ -19,7 +20,11 @@ def _tiny_options(name: str) -> dict:
         if "__init__" in vars(klass):
             accepted |= set(inspect.signature(klass.__init__).parameters)
     cheap = {"iterations": 2, "feature_epochs": 1, "width": 16, "feature_width": 8, "real_batch": 8}
-    return {k: v for k, v in cheap.items() if k in accepted}
+    options = {k: v for k, v in cheap.items() if k in accepted}
+    if getattr(cls, "needs_learner", False):  # an untrained network stands in for the learner
+        torch.manual_seed(0)
+        options["learner"] = ConvNet((1, 8, 8), 10, width=8, depth=2)
+    return options
 
 
 @pytest.fixture(scope="module")

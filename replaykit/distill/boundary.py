@@ -1,0 +1,99 @@
+"""``boundary``: real images moved, through the buffer's codec, to just inside the learner's decision boundary.
+
+Where a class keeps many images, typical real images already cover its distribution, and images learned to match
+class means (``dm``) add little: their held logits say "certainly this class", which the learner already knows.
+What a replay buffer with held logits must preserve is where the learner's boundaries are, and logits of images
+near a boundary carry the most of that (Heo et al., "Knowledge Distillation with Adversarial Samples Supporting
+Decision Boundary", AAAI 2019). This method starts from seeded random real images of each class and learns, for
+each, pixels whose *stored and decoded* form the learner classifies correctly with a small margin: the learner's
+logit of the class minus its best other logit is pulled to ``margin``. It needs the learner (``learner_aware``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from typing import ClassVar
+
+import torch
+
+from ..progress import progress_bar
+from .base import DistillResult
+from .dm import MatchingDistiller
+from .features import class_index, derive_seed
+
+__all__ = ["BoundaryAnchors"]
+
+
+class BoundaryAnchors(MatchingDistiller):
+    """``boundary``: per image, the learner's margin of its stored form pulled to ``margin``.
+
+    Extra args (besides :class:`~replaykit.distill.dm.MatchingDistiller`'s, of which ``iterations``, ``lr``,
+    ``jpeg_quality`` / ``bits`` / ``factor``, ``learner`` and ``time_budget`` are used; set the stored form to the
+    buffer's, so what is learned survives it):
+        margin: the learner's logit margin (class minus best other) each learned image is pulled to; > 0 keeps it
+            on its own class's side.
+    Optimised with Adam (``lr`` in normalised pixel units, default 0.02); starts from real images (``init="real"``).
+    """
+
+    name = "boundary"
+    #: It cannot run without the learner (a storage policy must be ``learner_aware``).
+    needs_learner: ClassVar[bool] = True
+
+    def __init__(self, ipc: int = 10, *, margin: float = 2.0, iterations: int = 50, lr: float = 0.02, **options) -> None:
+        if not (isinstance(margin, (int, float)) and not isinstance(margin, bool) and math.isfinite(margin) and margin > 0):
+            raise ValueError(f"margin must be a positive number of logits, got {margin!r}")
+        if options.get("init", "real") != "real":
+            raise ValueError(f"boundary starts from random real images: init must be 'real', got {options['init']!r}")
+        if options.pop("batch_classes", None):
+            raise ValueError("boundary learns each image on its own: batch_classes=True is not supported")
+        super().__init__(ipc, iterations=iterations, lr=lr, batch_classes=False, **options)
+        self.margin = float(margin)
+
+    def _distill(self, images: torch.Tensor, labels: torch.Tensor, classes: list[int], num_classes: int) -> DistillResult:
+        if self._learner is None:
+            raise ValueError("boundary moves images to the learner's boundary: it needs the learner (learner_aware=True)")
+        start = time.perf_counter()
+        learner = copy.deepcopy(self._learner).eval().requires_grad_(False).to(images.device)
+        gens = {c: torch.Generator().manual_seed(derive_seed(self.seed, c, 1)) for c in classes}
+        syn = torch.cat([self._initial_images(images, class_index(labels, c), c, gens[c]) for c in classes]).requires_grad_(True)
+        ids = torch.tensor([c for c in classes for _ in range(self.ipc)], dtype=torch.int64)
+        target = ids.to(images.device)
+        opt = torch.optim.Adam([syn], lr=self.lr)
+        done, stopped_by, per_iter = 0, "iterations", 0.0
+        bar = progress_bar(total=self.iterations, enabled=self.progress, desc=self.name, leave=False)
+        for _ in range(self.iterations):
+            if self.time_budget is not None and done and time.perf_counter() - start + per_iter > self.time_budget:
+                stopped_by = "time_budget"
+                break
+            opt.zero_grad(set_to_none=True)
+            loss = ((self._margins(learner, self._decoded(syn), target) - self.margin) ** 2).mean()
+            loss.backward()
+            opt.step()
+            done += 1
+            per_iter = (time.perf_counter() - start) / done
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss.detach()):.3g}")
+        bar.close()
+        with torch.no_grad():
+            reached = self._margins(learner, self._decoded(syn), target)
+        extra = {"iterations_done": done, "stopped_by": stopped_by, "label_kind": "hard", "learner_aware": True,
+                 "margin": self.margin, "margin_reached": round(float(reached.median()), 4)}
+        if self.jpeg_quality:
+            extra["learned_for_jpeg_quality"] = self.jpeg_quality
+        if self.bits < 8:
+            extra["pixel_bits"] = self.bits
+        if self.factor > 1:
+            from ..codecs import decoder_meta
+
+            extra["decoder"] = decoder_meta(self.factor)
+        return DistillResult(syn.detach(), ids.clone(), ids, extra)
+
+    @staticmethod
+    def _margins(learner: torch.nn.Module, images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per image: the learner's logit of its class minus the largest other logit."""
+        logits = learner(images)
+        own = logits.gather(1, target[:, None]).squeeze(1)
+        others = logits.scatter(1, target[:, None], float("-inf")).amax(1)
+        return own - others

@@ -244,10 +244,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.parameterisations = args.parameterisations or ["full"]
     if args.workers < 1:
         p.error(f"--workers must be >= 1, got {args.workers}")
-    args.methods = args.methods or distill.available()
+    standalone = [m for m in distill.available() if not getattr(distill.REGISTRY[m], "needs_learner", False)]
+    args.methods = args.methods or standalone
     unknown = [m for m in args.methods if m not in distill.REGISTRY]
     if unknown:
         p.error(f"unknown method(s) {unknown}; available: {distill.available()}")
+    learner_bound = [m for m in args.methods if m not in standalone]
+    if learner_bound:
+        p.error(f"method(s) {learner_bound} work on a continual learner; this protocol distils a dataset without one "
+                f"(available here: {standalone})")
     return args
 
 

@@ -222,6 +222,10 @@ def part_methods(args, device: torch.device, clock: Clock) -> list[dict[str, Any
         options: dict[str, Any] = {"ipc": 1 if args.quick else 10}
         if "time_budget" in accepted:
             options["time_budget"] = args.method_seconds
+        if getattr(distill.REGISTRY[name], "needs_learner", False):  # an untrained network stands in for the learner
+            from replaykit.networks import ConvNet
+
+            options["learner"] = ConvNet(tuple(x.shape[1:]), 10, width=8)
         if args.quick:
             options.update({k: v for k, v in {"iterations": 2, "feature_epochs": 1, "width": 8, "feature_width": 8, "expert_images": 64,
                                                "expert_epochs": 2, "max_start_epoch": 1, "match_epochs": 1, "syn_steps": 2,

@@ -87,7 +87,7 @@ class BufferConfig:
             raise ValueError(f"method_options must not set {sorted(clash)}: the buffer chooses them (device: distill_device=)")
         object.__setattr__(self, "method_options", check_method_options(self.method, self.method_options))
         if self.learner_aware and not issubclass(method, MatchingDistiller):
-            raise ValueError(f"learner_aware needs a matching method (dm, dm-multi), not {self.method!r}")
+            raise ValueError(f"learner_aware needs a method that takes the learner (dm, dm-multi, recode, boundary), not {self.method!r}")
         if getattr(method, "needs_learner", False) and not self.learner_aware:
             raise ValueError(f"method {self.method!r} works on the learner: it needs learner_aware=True")
 

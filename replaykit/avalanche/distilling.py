@@ -12,6 +12,7 @@ import torch
 from .. import distill as _distill
 from ..buffer import SyntheticBuffer
 from ..device import module_device
+from .options import BufferConfig
 from .parts import _downsampled, _float16_rows, _match_rows
 
 __all__ = ["ClassDistiller"]
@@ -32,6 +33,7 @@ class ClassDistiller:
     core: float | None
     fill: str
     complement: bool
+    resolved: BufferConfig  # the configuration in force (``factor`` and the rest)
     num_classes: int | None
     max_size: int
     dataset_meta: dict[str, Any]
@@ -76,7 +78,7 @@ class ClassDistiller:
             return None
         fill = _distill.make(self.fill, ipc=count, seed=self._class_seed(cls) + 17, progress=False, device=self._device()).distill(
             images, labels, num_classes=k, meta=self.dataset_meta)
-        return _downsampled(fill, int(self.method_options.get("factor", 1)))
+        return _downsampled(fill, self.resolved.factor)
 
     def _kept_beside(self, fill: SyntheticBuffer) -> torch.Tensor:
         """The fill images a ``complement`` core is learned beside: the prefix every class keeps at its final quota, as it
@@ -108,7 +110,7 @@ class ClassDistiller:
 
     def _check_budget(self, part: SyntheticBuffer) -> None:
         """The method must hold images at the resolution the byte budget was computed for."""
-        expected = int(self.method_options.get("factor", 1))
+        expected = self.resolved.factor
         if part.decoder_factor != expected:
             raise RuntimeError(f"{self.method} returned images with decoder factor {part.decoder_factor}, the budget assumed {expected}")
 

@@ -79,15 +79,7 @@ class BoundaryAnchors(MatchingDistiller):
         with torch.no_grad():
             reached = self._margins(learner, self._decoded(syn), target)
         extra = {"iterations_done": done, "stopped_by": stopped_by, "label_kind": "hard", "learner_aware": True,
-                 "margin": self.margin, "margin_reached": round(float(reached.median()), 4)}
-        if self.jpeg_quality:
-            extra["learned_for_jpeg_quality"] = self.jpeg_quality
-        if self.bits < 8:
-            extra["pixel_bits"] = self.bits
-        if self.factor > 1:
-            from ..codecs import decoder_meta
-
-            extra["decoder"] = decoder_meta(self.factor)
+                 "margin": self.margin, "margin_reached": round(float(reached.median()), 4), **self._stored_form_meta()}
         return DistillResult(syn.detach(), ids.clone(), ids, extra)
 
     @staticmethod

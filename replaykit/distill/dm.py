@@ -292,15 +292,21 @@ class MatchingDistiller(Distiller):
         }
         if batched:
             extra["batched_classes"] = True
-        if self.factor > 1:
-            extra["decoder"] = decoder_meta(self.factor)
-        if self.bits < 8:
-            extra["pixel_bits"] = self.bits
-        if self.jpeg_quality:
-            extra["learned_for_jpeg_quality"] = self.jpeg_quality
+        extra.update(self._stored_form_meta())
         if beside:
             extra["learned_beside"] = {str(c): len(f) for c, f in beside.items()}
         return DistillResult(out, ids.clone(), ids, extra)
+
+    def _stored_form_meta(self) -> dict[str, Any]:
+        """What the buffer needs to hold the learned images in the form they were learned for."""
+        meta: dict[str, Any] = {}
+        if self.factor > 1:
+            meta["decoder"] = decoder_meta(self.factor)
+        if self.bits < 8:
+            meta["pixel_bits"] = self.bits
+        if self.jpeg_quality:
+            meta["learned_for_jpeg_quality"] = self.jpeg_quality
+        return meta
 
     def _pair_loss(self, net, real: torch.Tensor, fake: torch.Tensor, fixed: torch.Tensor | None) -> torch.Tensor:
         return self.match_loss(net, real, fake) if fixed is None else self.match_loss_beside(net, real, fake, fixed)

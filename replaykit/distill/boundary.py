@@ -34,6 +34,9 @@ class BoundaryAnchors(MatchingDistiller):
     buffer's, so what is learned survives it):
         margin: the learner's logit margin (class minus best other) each learned image is pulled to; > 0 keeps it
             on its own class's side.
+        hinge: pull only images whose margin is below ``margin`` (a one-sided loss): images the learner already
+            classifies with that margin stay the real images they were, and only the ones it gets wrong or barely
+            right are moved onto their class's side, so their held logits stop teaching the confusion.
     Optimised with Adam (``lr`` in normalised pixel units, default 0.02); starts from real images (``init="real"``).
     """
 
@@ -41,15 +44,18 @@ class BoundaryAnchors(MatchingDistiller):
     #: It cannot run without the learner (a storage policy must be ``learner_aware``).
     needs_learner: ClassVar[bool] = True
 
-    def __init__(self, ipc: int = 10, *, margin: float = 2.0, iterations: int = 50, lr: float = 0.02, **options) -> None:
+    def __init__(self, ipc: int = 10, *, margin: float = 2.0, hinge: bool = False, iterations: int = 50, lr: float = 0.02, **options) -> None:
         if not (isinstance(margin, (int, float)) and not isinstance(margin, bool) and math.isfinite(margin) and margin > 0):
             raise ValueError(f"margin must be a positive number of logits, got {margin!r}")
         if options.get("init", "real") != "real":
             raise ValueError(f"boundary starts from random real images: init must be 'real', got {options['init']!r}")
         if options.pop("batch_classes", None):
             raise ValueError("boundary learns each image on its own: batch_classes=True is not supported")
+        if not isinstance(hinge, bool):
+            raise ValueError(f"hinge must be True or False, got {hinge!r}")
         super().__init__(ipc, iterations=iterations, lr=lr, batch_classes=False, **options)
         self.margin = float(margin)
+        self.hinge = hinge
 
     def _distill(self, images: torch.Tensor, labels: torch.Tensor, classes: list[int], num_classes: int) -> DistillResult:
         if self._learner is None:
@@ -68,7 +74,8 @@ class BoundaryAnchors(MatchingDistiller):
                 stopped_by = "time_budget"
                 break
             opt.zero_grad(set_to_none=True)
-            loss = ((self._margins(learner, self._decoded(syn), target) - self.margin) ** 2).mean()
+            gap = self._margins(learner, self._decoded(syn), target) - self.margin
+            loss = (gap.clamp(max=0) if self.hinge else gap).square().mean()
             loss.backward()
             opt.step()
             done += 1
@@ -79,7 +86,7 @@ class BoundaryAnchors(MatchingDistiller):
         with torch.no_grad():
             reached = self._margins(learner, self._decoded(syn), target)
         extra = {"iterations_done": done, "stopped_by": stopped_by, "label_kind": "hard", "learner_aware": True,
-                 "margin": self.margin, "margin_reached": round(float(reached.median()), 4), **self._stored_form_meta()}
+                 "margin": self.margin, "hinge": self.hinge, "margin_reached": round(float(reached.median()), 4), **self._stored_form_meta()}
         return DistillResult(syn.detach(), ids.clone(), ids, extra)
 
     @staticmethod

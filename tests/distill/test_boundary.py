@@ -42,6 +42,24 @@ def test_learned_images_sit_at_the_learner_s_margin_on_their_own_side(digits, le
     assert torch.equal(again.images, moved.images)
 
 
+def test_a_hinge_moves_only_the_images_below_the_margin(digits, learner):
+    x, y, _, _ = digits
+    options = dict(ipc=6, seed=2, learner=learner, progress=False)
+    start = distill.make("boundary", iterations=1, lr=1e-9, **options).distill(x, y, num_classes=10)
+    before = _margins(learner, start.images, start.labels)
+    target = float(before.median())  # about half the images start below it
+    moved = distill.make("boundary", iterations=60, margin=target, hinge=True, **options).distill(x, y, num_classes=10)
+    after = _margins(learner, moved.images, moved.labels)
+    above, below = before >= target + 0.05, before < target - 0.05
+    assert above.sum() >= 10 and below.sum() >= 10
+    kept = (moved.images - start.images).flatten(1).abs().amax(1)
+    assert float(kept[above].max()) < 1e-5, "an image already past the margin was moved"
+    assert float(kept[below].min()) > 1e-3 and bool((after[below] > before[below]).all())
+    assert float((after[below] - target).median()) > -0.2 and moved.meta["hinge"] is True
+    with pytest.raises(ValueError, match="hinge must be True or False"):
+        distill.make("boundary", ipc=1, hinge="False", learner=learner)
+
+
 def test_the_margin_is_reached_by_what_the_codec_keeps(digits, learner):
     x, y, _, _ = digits
     meta = dataset_info("digits").meta()

@@ -22,6 +22,7 @@ from ..progress import progress_bar
 from .base import DistillResult
 from .dm import MatchingDistiller
 from .features import class_index, derive_seed
+from .random_subset import RandomSubset
 
 __all__ = ["BoundaryAnchors"]
 
@@ -37,6 +38,9 @@ class BoundaryAnchors(MatchingDistiller):
         hinge: pull only images whose margin is below ``margin`` (a one-sided loss): images the learner already
             classifies with that margin stay the real images they were, and only the ones it gets wrong or barely
             right are moved onto their class's side, so their held logits stop teaching the confusion.
+        start: ``"real"`` (a seeded draw of the class's real images) or ``"random"``: exactly the images the
+            ``random`` method picks with the same seed and count, i.e. what a buffer's random twin holds, so a
+            comparison with that twin is paired (with ``hinge`` the images above the margin are the twin's own).
     Optimised with Adam (``lr`` in normalised pixel units, default 0.02); starts from real images (``init="real"``).
     """
 
@@ -44,18 +48,21 @@ class BoundaryAnchors(MatchingDistiller):
     #: It cannot run without the learner (a storage policy must be ``learner_aware``).
     needs_learner: ClassVar[bool] = True
 
-    def __init__(self, ipc: int = 10, *, margin: float = 2.0, hinge: bool = False, iterations: int = 50, lr: float = 0.02, **options) -> None:
+    def __init__(self, ipc: int = 10, *, margin: float = 2.0, hinge: bool = False, start: str = "real", iterations: int = 50, lr: float = 0.02, **options) -> None:
         if not (isinstance(margin, (int, float)) and not isinstance(margin, bool) and math.isfinite(margin) and margin > 0):
             raise ValueError(f"margin must be a positive number of logits, got {margin!r}")
         if options.get("init", "real") != "real":
             raise ValueError(f"boundary starts from random real images: init must be 'real', got {options['init']!r}")
         if options.pop("batch_classes", None):
             raise ValueError("boundary learns each image on its own: batch_classes=True is not supported")
+        if start not in ("real", "random"):
+            raise ValueError(f"boundary starts from real images: start must be 'real' or 'random', got {start!r}")
         if not isinstance(hinge, bool):
             raise ValueError(f"hinge must be True or False, got {hinge!r}")
         super().__init__(ipc, iterations=iterations, lr=lr, batch_classes=False, **options)
         self.margin = float(margin)
         self.hinge = hinge
+        self.start = start
 
     def _distill(self, images: torch.Tensor, labels: torch.Tensor, classes: list[int], num_classes: int) -> DistillResult:
         if self._learner is None:
@@ -63,7 +70,12 @@ class BoundaryAnchors(MatchingDistiller):
         start = time.perf_counter()
         learner = copy.deepcopy(self._learner).eval().requires_grad_(False).to(images.device)
         gens = {c: torch.Generator().manual_seed(derive_seed(self.seed, c, 1)) for c in classes}
-        syn = torch.cat([self._initial_images(images, class_index(labels, c), c, gens[c]) for c in classes]).requires_grad_(True)
+        if self.start == "random":  # the random twin's own picks, in its order
+            syn = RandomSubset(self.ipc, seed=self.seed)._distill(images, labels, classes, num_classes).images
+            syn = torch.nn.functional.avg_pool2d(syn, self.factor) if self.factor > 1 else syn
+        else:
+            syn = torch.cat([self._initial_images(images, class_index(labels, c), c, gens[c]) for c in classes])
+        syn = syn.clone().requires_grad_(True)
         ids = torch.tensor([c for c in classes for _ in range(self.ipc)], dtype=torch.int64)
         target = ids.to(images.device)
         opt = torch.optim.Adam([syn], lr=self.lr)
@@ -86,7 +98,7 @@ class BoundaryAnchors(MatchingDistiller):
         with torch.no_grad():
             reached = self._margins(learner, self._decoded(syn), target)
         extra = {"iterations_done": done, "stopped_by": stopped_by, "label_kind": "hard", "learner_aware": True,
-                 "margin": self.margin, "hinge": self.hinge, "margin_reached": round(float(reached.median()), 4), **self._stored_form_meta()}
+                 "margin": self.margin, "hinge": self.hinge, "start": self.start, "margin_reached": round(float(reached.median()), 4), **self._stored_form_meta()}
         return DistillResult(syn.detach(), ids.clone(), ids, extra)
 
     @staticmethod

@@ -60,6 +60,19 @@ def test_a_hinge_moves_only_the_images_below_the_margin(digits, learner):
         distill.make("boundary", ipc=1, hinge="False", learner=learner)
 
 
+def test_start_random_begins_from_the_random_twin_s_own_images(digits, learner):
+    x, y, _, _ = digits
+    twin = distill.make("random", ipc=5, seed=3).distill(x, y, num_classes=10)
+    moved = distill.make("boundary", ipc=5, seed=3, learner=learner, start="random", margin=50.0, hinge=True, iterations=1,
+                         lr=1e-9, progress=False).distill(x, y, num_classes=10)
+    assert torch.equal(moved.class_ids, twin.class_ids)
+    assert float((moved.images - twin.images).abs().max()) < 1e-6  # one tiny step from the twin's images
+    own = distill.make("boundary", ipc=5, seed=3, learner=learner, iterations=1, lr=1e-9, progress=False).distill(x, y, num_classes=10)
+    assert float((own.images - twin.images).abs().max()) > 0.5  # the default draw is a different one
+    with pytest.raises(ValueError, match="start must be 'real' or 'random'"):
+        distill.make("boundary", ipc=1, start="herding", learner=learner)
+
+
 def test_the_margin_is_reached_by_what_the_codec_keeps(digits, learner):
     x, y, _, _ = digits
     meta = dataset_info("digits").meta()

@@ -35,12 +35,13 @@ class BoundaryAnchors(MatchingDistiller):
     buffer's, so what is learned survives it):
         margin: the learner's logit margin (class minus best other) each learned image is pulled to; > 0 keeps it
             on its own class's side.
-        hinge: pull only images whose margin is below ``margin`` (a one-sided loss): images the learner already
-            classifies with that margin stay the real images they were, and only the ones it gets wrong or barely
-            right are moved onto their class's side, so their held logits stop teaching the confusion.
+        side: which images move (decided from where they start): ``"both"`` (every image is pulled to ``margin``),
+            ``"below"`` (only those under it are raised: images the learner gets wrong or barely right are moved onto their class's side, the
+            rest stay the real images they were) or ``"above"`` (only those over it are lowered: confidently held
+            images move toward the boundary, the ones already near it or across it stay as they were).
         start: ``"real"`` (a seeded draw of the class's real images) or ``"random"``: exactly the images the
             ``random`` method picks with the same seed and count, i.e. what a buffer's random twin holds, so a
-            comparison with that twin is paired (with ``hinge`` the images above the margin are the twin's own).
+            comparison with that twin is paired (with a one-sided ``side`` the images that do not move are the twin's own).
     Optimised with Adam (``lr`` in normalised pixel units, default 0.02); starts from real images (``init="real"``).
     """
 
@@ -48,7 +49,7 @@ class BoundaryAnchors(MatchingDistiller):
     #: It cannot run without the learner (a storage policy must be ``learner_aware``).
     needs_learner: ClassVar[bool] = True
 
-    def __init__(self, ipc: int = 10, *, margin: float = 2.0, hinge: bool = False, start: str = "real", iterations: int = 50, lr: float = 0.02, **options) -> None:
+    def __init__(self, ipc: int = 10, *, margin: float = 2.0, side: str = "both", start: str = "real", iterations: int = 50, lr: float = 0.02, **options) -> None:
         if not (isinstance(margin, (int, float)) and not isinstance(margin, bool) and math.isfinite(margin) and margin > 0):
             raise ValueError(f"margin must be a positive number of logits, got {margin!r}")
         if options.get("init", "real") != "real":
@@ -57,11 +58,11 @@ class BoundaryAnchors(MatchingDistiller):
             raise ValueError("boundary learns each image on its own: batch_classes=True is not supported")
         if start not in ("real", "random"):
             raise ValueError(f"boundary starts from real images: start must be 'real' or 'random', got {start!r}")
-        if not isinstance(hinge, bool):
-            raise ValueError(f"hinge must be True or False, got {hinge!r}")
+        if side not in ("both", "below", "above"):
+            raise ValueError(f"side must be 'both', 'below' or 'above', got {side!r}")
         super().__init__(ipc, iterations=iterations, lr=lr, batch_classes=False, **options)
         self.margin = float(margin)
-        self.hinge = hinge
+        self.side = side
         self.start = start
 
     def _distill(self, images: torch.Tensor, labels: torch.Tensor, classes: list[int], num_classes: int) -> DistillResult:
@@ -78,6 +79,11 @@ class BoundaryAnchors(MatchingDistiller):
         syn = syn.clone().requires_grad_(True)
         ids = torch.tensor([c for c in classes for _ in range(self.ipc)], dtype=torch.int64)
         target = ids.to(images.device)
+        # Which images move is decided once, from where they start: with a one-sided loss, Adam's momentum would carry
+        # images past the margin and then leave them there.
+        with torch.no_grad():
+            start_gap = self._margins(learner, self._decoded(syn), target) - self.margin
+        moving = {"both": torch.ones_like(start_gap), "below": (start_gap < 0).float(), "above": (start_gap > 0).float()}[self.side]
         opt = torch.optim.Adam([syn], lr=self.lr)
         done, stopped_by, per_iter = 0, "iterations", 0.0
         bar = progress_bar(total=self.iterations, enabled=self.progress, desc=self.name, leave=False)
@@ -87,7 +93,7 @@ class BoundaryAnchors(MatchingDistiller):
                 break
             opt.zero_grad(set_to_none=True)
             gap = self._margins(learner, self._decoded(syn), target) - self.margin
-            loss = (gap.clamp(max=0) if self.hinge else gap).square().mean()
+            loss = (gap * moving).square().mean()
             loss.backward()
             opt.step()
             done += 1
@@ -98,7 +104,7 @@ class BoundaryAnchors(MatchingDistiller):
         with torch.no_grad():
             reached = self._margins(learner, self._decoded(syn), target)
         extra = {"iterations_done": done, "stopped_by": stopped_by, "label_kind": "hard", "learner_aware": True,
-                 "margin": self.margin, "hinge": self.hinge, "start": self.start, "margin_reached": round(float(reached.median()), 4), **self._stored_form_meta()}
+                 "margin": self.margin, "side": self.side, "moved": int(moving.sum()), "start": self.start, "margin_reached": round(float(reached.median()), 4), **self._stored_form_meta()}
         return DistillResult(syn.detach(), ids.clone(), ids, extra)
 
     @staticmethod

@@ -42,28 +42,31 @@ def test_learned_images_sit_at_the_learner_s_margin_on_their_own_side(digits, le
     assert torch.equal(again.images, moved.images)
 
 
-def test_a_hinge_moves_only_the_images_below_the_margin(digits, learner):
+@pytest.mark.parametrize("side", ["below", "above"])
+def test_a_one_sided_pull_moves_only_the_images_on_its_side(digits, learner, side):
     x, y, _, _ = digits
     options = dict(ipc=6, seed=2, learner=learner, progress=False)
     start = distill.make("boundary", iterations=1, lr=1e-9, **options).distill(x, y, num_classes=10)
     before = _margins(learner, start.images, start.labels)
-    target = float(before.median())  # about half the images start below it
-    moved = distill.make("boundary", iterations=60, margin=target, hinge=True, **options).distill(x, y, num_classes=10)
+    target = float(before.median())  # about half the images start on each side of it
+    moved = distill.make("boundary", iterations=60, margin=target, side=side, **options).distill(x, y, num_classes=10)
     after = _margins(learner, moved.images, moved.labels)
     above, below = before >= target + 0.05, before < target - 0.05
-    assert above.sum() >= 10 and below.sum() >= 10
-    kept = (moved.images - start.images).flatten(1).abs().amax(1)
-    assert float(kept[above].max()) < 1e-5, "an image already past the margin was moved"
-    assert float(kept[below].min()) > 1e-3 and bool((after[below] > before[below]).all())
-    assert float((after[below] - target).median()) > -0.2 and moved.meta["hinge"] is True
-    with pytest.raises(ValueError, match="hinge must be True or False"):
-        distill.make("boundary", ipc=1, hinge="False", learner=learner)
+    still, pulled = (below, above) if side == "above" else (above, below)
+    assert still.sum() >= 10 and pulled.sum() >= 10
+    change = (moved.images - start.images).flatten(1).abs().amax(1)
+    assert float(change[still].max()) < 1e-5, "an image on the other side of the margin was moved"
+    assert float(change[pulled].min()) > 1e-3
+    assert float((after[pulled] - target).abs().median()) < float((before[pulled] - target).abs().median()) / 2
+    assert moved.meta["side"] == side
+    with pytest.raises(ValueError, match="side must be 'both', 'below' or 'above'"):
+        distill.make("boundary", ipc=1, side="up", learner=learner)
 
 
 def test_start_random_begins_from_the_random_twin_s_own_images(digits, learner):
     x, y, _, _ = digits
     twin = distill.make("random", ipc=5, seed=3).distill(x, y, num_classes=10)
-    moved = distill.make("boundary", ipc=5, seed=3, learner=learner, start="random", margin=50.0, hinge=True, iterations=1,
+    moved = distill.make("boundary", ipc=5, seed=3, learner=learner, start="random", margin=50.0, side="below", iterations=1,
                          lr=1e-9, progress=False).distill(x, y, num_classes=10)
     assert torch.equal(moved.class_ids, twin.class_ids)
     assert float((moved.images - twin.images).abs().max()) < 1e-6  # one tiny step from the twin's images

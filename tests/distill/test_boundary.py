@@ -76,6 +76,35 @@ def test_start_random_begins_from_the_random_twin_s_own_images(digits, learner):
         distill.make("boundary", ipc=1, start="herding", learner=learner)
 
 
+def test_the_block_basis_moves_whole_jpeg_blocks_and_keeps_codes_small(digits, learner):
+    x, y, _, _ = digits
+    big = torch.nn.functional.interpolate(x, size=(20, 20), mode="bilinear")  # 3x3 JPEG blocks, the last one cut
+    with seeded(0):
+        net = ConvNet(big.shape[1:], 10, width=16, depth=2)
+    train_classifier(net, big, y, epochs=3, seed=0)
+    meta = dict(dataset_info("digits").meta(), image_size=[20, 20])
+    options = dict(ipc=4, seed=1, learner=net, margin=0.5, iterations=40, jpeg_quality=5, start="random", progress=False)
+    twin = distill.make("random", ipc=4, seed=1).distill(big, y, num_classes=10, meta=meta)
+    blocks = distill.make("boundary", basis="blocks", **options).distill(big, y, num_classes=10, meta=meta)
+    pixels = distill.make("boundary", **options).distill(big, y, num_classes=10, meta=meta)
+    change = blocks.images - twin.images
+    for rows in (slice(0, 8), slice(8, 16), slice(16, 20)):
+        for cols in (slice(0, 8), slice(8, 16), slice(16, 20)):
+            block = change[:, :, rows, cols].flatten(1)
+            assert float((block - block[:, :1]).abs().max()) < 1e-5  # one offset per block
+    assert float(change.abs().max()) > 1e-2 and blocks.meta["basis"] == "blocks"
+    before = _margins(net, twin.images, twin.labels)
+    assert float((_margins(net, blocks.images, blocks.labels) - 0.5).abs().median()) < float((before - 0.5).abs().median())
+
+    def code_bytes(result) -> int:
+        return result.with_meta(jpeg_quality=5).nbytes("jpeg")
+
+    print(f"JPEG q5 bytes: twin {code_bytes(twin)}, blocks {code_bytes(blocks)}, pixels {code_bytes(pixels)}")
+    assert code_bytes(blocks) < code_bytes(pixels)
+    with pytest.raises(ValueError, match="basis must be 'pixels' or 'blocks'"):
+        distill.make("boundary", ipc=1, basis="dct", learner=learner)
+
+
 def test_the_margin_is_reached_by_what_the_codec_keeps(digits, learner):
     x, y, _, _ = digits
     meta = dataset_info("digits").meta()

@@ -12,7 +12,7 @@ from typing import Any
 __all__ = ["check_positive_int", "check_type", "method_parameters", "check_method_options", "canonical_json", "checked_fields"]
 
 #: Constructor arguments of a distillation method the buffer sets itself (never from a configuration).
-BUFFER_CHOSEN = frozenset({"self", "ipc", "seed", "progress", "learner"})
+BUFFER_CHOSEN = frozenset({"self", "ipc", "seed", "progress", "learner", "seen"})
 
 
 def check_positive_int(name: str, value: Any, error: type[Exception] = ValueError, allow_none: bool = False) -> None:

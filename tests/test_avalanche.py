@@ -12,7 +12,8 @@ from replaykit.avalanche import BufferConfig, DistilledBuffer, DistilledReplayPl
 from replaykit.buffer import SyntheticBuffer
 from replaykit.continual import RunConfig, StrategySpec, make_strategy, make_stream, run
 from replaykit.data import dataset_info, load_tensors
-from replaykit.training import accuracy
+from replaykit.networks import ConvNet
+from replaykit.training import accuracy, seeded, train_classifier
 
 DIGITS = dataset_info("digits").meta()
 # depth 2: the 8x8 digits are pooled to 2x2, where instance norm still has something to normalise
@@ -639,6 +640,27 @@ def test_a_complement_core_is_learned_beside_the_fill_that_every_class_keeps(dig
         distill.make = real_make
     assert seen == {0: 2, 1: 2}  # beside the 2 fill images each class keeps at its final quota of 4, not the 18 it holds now
     assert torch.equal(complement_again.synthetic.images, complement.synthetic.images)  # same seed, same buffer
+
+
+def test_the_buffer_tells_boundary_how_many_classes_the_learner_has_seen(digits):
+    x, y = digits
+    with seeded(0):
+        learner = ConvNet(x.shape[1:], 10, width=8, depth=2)
+    train_classifier(learner, x, y, epochs=2, seed=0)
+    options = {"iterations": 5, "margin": 0.5, "start": "random", "min_seen": 4}
+    common = dict(max_size=40, method_options=options, recompress="prefix", num_classes=10, seed=3, learner_aware=True)
+    moved = DistilledBuffer(config=BufferConfig(method="boundary", **common), dataset_meta=DIGITS, progress=False)
+    twin = DistilledBuffer(config=BufferConfig(method="random", **dict(common, method_options={}, learner_aware=False)),
+                           dataset_meta=DIGITS, progress=False)
+    for classes in ((0, 1), (2, 3)):
+        mask = (y == classes[0]) | (y == classes[1])
+        moved.update_from_tensors(x[mask], y[mask], learner=learner)
+        twin.update_from_tensors(x[mask], y[mask], learner=learner)
+    for cls, kept in ((0, True), (1, True), (2, False), (3, False)):  # 2 classes seen at the first experience, 4 at the second
+        ours, theirs = (b.synthetic.images[b.synthetic.indices_of(cls)] for b in (moved, twin))
+        assert torch.equal(ours, theirs) == kept, f"class {cls}"
+    with pytest.raises(ValueError, match=r"must not set \['seen'\]"):
+        BufferConfig(method="boundary", **dict(common, method_options={"seen": 10}))
 
 
 def test_a_spec_s_complement_reaches_the_storage_policy():

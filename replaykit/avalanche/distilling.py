@@ -53,6 +53,9 @@ class ClassDistiller:
         cores = {c: min(ipcs[c], self.core_ipc()) for c in classes} if self.core is not None else ipcs
         fills = {c: self._real_fill(images[masks[c]], labels[masks[c]], ipcs[c] - cores[c], k, c) for c in classes} if self.core is not None else {}
         extra = {c: {"beside": {c: self._kept_beside(fills[c])}} for c in classes if fills.get(c) is not None} if self.complement else {}
+        if getattr(_distill.REGISTRY[self.method], "counts_seen_classes", False):  # the classes the learner was trained on
+            for c in classes:
+                extra.setdefault(c, {})["seen"] = len(quotas)
         if self.workers in (None, 1) and self.group is None:
             parts = {c: self._run_method(images[masks[c]], labels[masks[c]], cores[c], k, c, extra.get(c)) for c in classes}
         else:

@@ -105,6 +105,21 @@ def test_the_block_basis_moves_whole_jpeg_blocks_and_keeps_codes_small(digits, l
         distill.make("boundary", ipc=1, basis="dct", learner=learner)
 
 
+def test_min_seen_keeps_the_start_images_until_the_learner_knows_enough_classes(digits, learner):
+    x, y, _, _ = digits
+    options = dict(ipc=3, seed=4, learner=learner, start="random", margin=0.5, iterations=30, min_seen=6, progress=False)
+    twin = distill.make("random", ipc=3, seed=4).distill(x, y, num_classes=10)
+    early = distill.make("boundary", seen=4, **options).distill(x, y, num_classes=10)
+    alone = distill.make("boundary", **options).distill(x, y, num_classes=10)  # no buffer said how many: nothing moves
+    late = distill.make("boundary", seen=6, **options).distill(x, y, num_classes=10)
+    assert torch.equal(early.images, twin.images) and torch.equal(alone.images, twin.images)
+    assert early.meta["moved"] == 0 and early.meta["iterations_done"] == 0 and early.meta["seen"] == 4
+    assert float((late.images - twin.images).abs().max()) > 1e-2 and late.meta["moved"] == 30
+    for bad, message in ((dict(min_seen=-1), "min_seen must be an int >= 0"), (dict(seen=0), "seen must be a positive int")):
+        with pytest.raises(ValueError, match=message):
+            distill.make("boundary", ipc=1, learner=learner, **bad)
+
+
 def test_the_margin_is_reached_by_what_the_codec_keeps(digits, learner):
     x, y, _, _ = digits
     meta = dataset_info("digits").meta()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 
@@ -38,22 +38,22 @@ class BoundaryAnchors(MatchingDistiller):
     buffer's, so what is learned survives it):
         margin: the learner's logit margin (class minus best other) each learned image is pulled to; > 0 keeps it
             on its own class's side.
-        side: which images move (decided from where they start): ``"both"`` (every image is pulled to ``margin``),
-            ``"below"`` (only those under it are raised: images the learner gets wrong or barely right are moved onto their class's side, the
-            rest stay the real images they were) or ``"above"`` (only those over it are lowered: confidently held
-            images move toward the boundary, the ones already near it or across it stay as they were).
+        side: which images move (decided from where they start): ``"both"`` (every image is pulled to
+            ``margin``), ``"below"`` (only those under it are raised: images the learner gets wrong or barely right
+            move onto their class's side, the rest stay the real images they were) or ``"above"`` (only those over
+            it are lowered toward the boundary; the ones near or across it stay as they were).
         start: ``"real"`` (a seeded draw of the class's real images) or ``"random"``: exactly the images the
             ``random`` method picks with the same seed and count, i.e. what a buffer's random twin holds, so a
-            comparison with that twin is paired (with a one-sided ``side`` the images that do not move are the twin's own).
-        basis: ``"pixels"`` (every stored pixel moves) or ``"blocks"``: one offset per 8x8 block of the stored image,
-            JPEG's own grid. Then only the blocks' means (their DC terms) change, which is about all JPEG q2 keeps,
-            and a moved image's code stays as large as its original's (moving pixels grew Fashion-MNIST's codes by
-            ~5 %, so the buffer held ~5 % fewer images than its twin).
-        min_seen: move images only when the learner has been trained on at least this many classes (``seen``, which a
-            buffer sets: the classes it holds after the experience); below it the start images are kept as they are. A
-            learner that knows two classes has one boundary: images moved to it at the first experience of
-            Split-Fashion-MNIST (seed 1, coat beside bag) were the worst-anchored of the run (-15 points on that
-            experience against the random twin) while later experiences gained.
+            comparison with that twin is paired (images that do not move are the twin's own).
+        basis: ``"pixels"`` (every stored pixel moves) or ``"blocks"``: one offset per 8x8 block of the stored
+            image, JPEG's own grid. Then only the blocks' means (their DC terms) change, about all that JPEG q2
+            keeps, and a moved image's code grows no larger than its original's (moving pixels grew Fashion-MNIST's
+            codes so that the buffer held ~5 % fewer images than its twin).
+        min_seen: move images only once the learner has been trained on at least this many classes (``seen``,
+            which a buffer sets: the classes it holds after the experience); before that the start images are kept
+            as they are. A learner that knows two classes has one boundary: images moved to it at the first
+            experience of Split-Fashion-MNIST (seed 1, coat beside bag) were the worst-anchored of the run (-15
+            points on that experience against the random twin) while later experiences gained.
     Optimised with Adam (``lr`` in normalised pixel units, default 0.02); starts from real images (``init="real"``).
     """
 
@@ -63,8 +63,9 @@ class BoundaryAnchors(MatchingDistiller):
     #: A buffer passes ``seen``, the number of classes the learner has been trained on.
     counts_seen_classes: ClassVar[bool] = True
 
-    def __init__(self, ipc: int = 10, *, margin: float = 2.0, side: str = "both", start: str = "real", basis: str = "pixels", min_seen: int = 0,
-                 seen: int | None = None, iterations: int = 50, lr: float = 0.02, **options) -> None:
+    def __init__(self, ipc: int = 10, *, margin: float = 2.0, side: str = "both", start: str = "real",
+                 basis: str = "pixels", min_seen: int = 0, seen: int | None = None, iterations: int = 50,
+                 lr: float = 0.02, **options) -> None:
         if not (isinstance(margin, (int, float)) and not isinstance(margin, bool) and math.isfinite(margin) and margin > 0):
             raise ValueError(f"margin must be a positive number of logits, got {margin!r}")
         if options.get("init", "real") != "real":
@@ -94,34 +95,11 @@ class BoundaryAnchors(MatchingDistiller):
             raise ValueError("boundary moves images to the learner's boundary: it needs the learner (learner_aware=True)")
         start = time.perf_counter()
         learner = copy.deepcopy(self._learner).eval().requires_grad_(False).to(images.device)
-        gens = {c: torch.Generator().manual_seed(derive_seed(self.seed, c, 1)) for c in classes}
-        if self.start == "random":  # the random twin's own picks, in its order
-            syn = RandomSubset(self.ipc, seed=self.seed)._distill(images, labels, classes, num_classes).images
-            syn = torch.nn.functional.avg_pool2d(syn, self.factor) if self.factor > 1 else syn
-        else:
-            syn = torch.cat([self._initial_images(images, class_index(labels, c), c, gens[c]) for c in classes])
-        base = syn.clone()
-        h, w = base.shape[2:]
-        if self.basis == "pixels":  # the pixels themselves are learned
-            learned = base.clone().requires_grad_(True)
-
-            def moved() -> torch.Tensor:
-                return learned
-        else:  # one offset per JPEG block
-            learned = torch.zeros(*base.shape[:2], -(-h // _BLOCK), -(-w // _BLOCK), device=base.device, requires_grad=True)
-
-            def moved() -> torch.Tensor:
-                return base + learned.repeat_interleave(_BLOCK, 2).repeat_interleave(_BLOCK, 3)[:, :, :h, :w]
-
+        base = self._start_images(images, labels, classes, num_classes)
+        learned, moved = self._parameterised(base)
         ids = torch.tensor([c for c in classes for _ in range(self.ipc)], dtype=torch.int64)
         target = ids.to(images.device)
-        # Which images move is decided once, from where they start: with a one-sided loss, Adam's momentum would carry
-        # images past the margin and then leave them there.
-        with torch.no_grad():
-            start_gap = self._margins(learner, self._decoded(base), target) - self.margin
-        moving = {"both": torch.ones_like(start_gap), "below": (start_gap < 0).float(), "above": (start_gap > 0).float()}[self.side]
-        if self.min_seen and (self.seen is None or self.seen < self.min_seen):
-            moving = torch.zeros_like(moving)  # too few classes known for a boundary worth learning
+        moving = self._moving(learner, base, target)
         opt = torch.optim.Adam([learned], lr=self.lr)
         done, stopped_by, per_iter = 0, "iterations", 0.0
         bar = progress_bar(total=self.iterations, enabled=self.progress, desc=self.name, leave=False)
@@ -143,8 +121,36 @@ class BoundaryAnchors(MatchingDistiller):
             syn = moved()
             reached = self._margins(learner, self._decoded(syn), target)
         extra = {"iterations_done": done, "stopped_by": stopped_by, "label_kind": "hard", "learner_aware": True,
-                 "margin": self.margin, "side": self.side, "moved": int(moving.sum()), "start": self.start, "basis": self.basis, "seen": self.seen, "margin_reached": round(float(reached.median()), 4), **self._stored_form_meta()}
+                 "margin": self.margin, "side": self.side, "moved": int(moving.sum()), "start": self.start,
+                 "basis": self.basis, "seen": self.seen, "margin_reached": round(float(reached.median()), 4),
+                 **self._stored_form_meta()}
         return DistillResult(syn.detach(), ids.clone(), ids, extra)
+
+    def _start_images(self, images: torch.Tensor, labels: torch.Tensor, classes: list[int], num_classes: int) -> torch.Tensor:
+        """The real images each class starts from, ``ipc`` per class in class order, at the stored resolution."""
+        if self.start == "random":  # the random twin's own picks, in its order
+            picked = RandomSubset(self.ipc, seed=self.seed)._distill(images, labels, classes, num_classes).images
+            return torch.nn.functional.avg_pool2d(picked, self.factor) if self.factor > 1 else picked.clone()
+        gens = {c: torch.Generator().manual_seed(derive_seed(self.seed, c, 1)) for c in classes}
+        return torch.cat([self._initial_images(images, class_index(labels, c), c, gens[c]) for c in classes])
+
+    def _parameterised(self, base: torch.Tensor) -> tuple[torch.Tensor, Callable[[], torch.Tensor]]:
+        """What Adam learns, and the images it stands for: the pixels themselves, or one offset per JPEG block."""
+        if self.basis == "pixels":
+            learned = base.clone().requires_grad_(True)
+            return learned, lambda: learned
+        h, w = base.shape[2:]
+        offsets = torch.zeros(*base.shape[:2], -(-h // _BLOCK), -(-w // _BLOCK), device=base.device, requires_grad=True)
+        return offsets, lambda: base + offsets.repeat_interleave(_BLOCK, 2).repeat_interleave(_BLOCK, 3)[:, :, :h, :w]
+
+    def _moving(self, learner: torch.nn.Module, base: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """1 for each image that moves, 0 for one kept as it starts: decided once, from where the images start (with
+        a one-sided loss, Adam's momentum would carry images past the margin and leave them there)."""
+        if self.min_seen and (self.seen is None or self.seen < self.min_seen):
+            return torch.zeros(len(base), device=base.device)  # too few classes known for a boundary worth learning
+        with torch.no_grad():
+            gap = self._margins(learner, self._decoded(base), target) - self.margin
+        return {"both": torch.ones_like(gap), "below": (gap < 0).float(), "above": (gap > 0).float()}[self.side]
 
     @staticmethod
     def _margins(learner: torch.nn.Module, images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

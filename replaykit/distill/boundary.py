@@ -19,6 +19,7 @@ from typing import Callable, ClassVar
 import torch
 
 from ..progress import progress_bar
+from ..typed import check_positive_int
 from .base import DistillResult
 from .dm import MatchingDistiller
 from .features import class_index, derive_seed
@@ -78,8 +79,7 @@ class BoundaryAnchors(MatchingDistiller):
             raise ValueError(f"basis must be 'pixels' or 'blocks', got {basis!r}")
         if not (isinstance(min_seen, int) and not isinstance(min_seen, bool) and min_seen >= 0):
             raise ValueError(f"min_seen must be an int >= 0, got {min_seen!r}")
-        if seen is not None and not (isinstance(seen, int) and not isinstance(seen, bool) and seen >= 1):
-            raise ValueError(f"seen must be a positive int (the classes the learner was trained on) or None, got {seen!r}")
+        check_positive_int("seen", seen, allow_none=True)  # the classes the learner was trained on (a buffer sets it)
         if side not in ("both", "below", "above"):
             raise ValueError(f"side must be 'both', 'below' or 'above', got {side!r}")
         super().__init__(ipc, iterations=iterations, lr=lr, batch_classes=False, **options)
@@ -130,7 +130,7 @@ class BoundaryAnchors(MatchingDistiller):
         """The real images each class starts from, ``ipc`` per class in class order, at the stored resolution."""
         if self.start == "random":  # the random twin's own picks, in its order
             picked = RandomSubset(self.ipc, seed=self.seed).distill(images, labels, num_classes=num_classes).images
-            return torch.nn.functional.avg_pool2d(picked, self.factor) if self.factor > 1 else picked.clone()
+            return torch.nn.functional.avg_pool2d(picked, self.factor) if self.factor > 1 else picked
         gens = {c: torch.Generator().manual_seed(derive_seed(self.seed, c, 1)) for c in classes}
         return torch.cat([self._initial_images(images, class_index(labels, c), c, gens[c]) for c in classes])
 
@@ -148,9 +148,11 @@ class BoundaryAnchors(MatchingDistiller):
         a one-sided loss, Adam's momentum would carry images past the margin and leave them there)."""
         if self.min_seen and (self.seen is None or self.seen < self.min_seen):
             return torch.zeros(len(base), device=base.device)  # too few classes known for a boundary worth learning
+        if self.side == "both":
+            return torch.ones(len(base), device=base.device)
         with torch.no_grad():
             gap = self._margins(learner, self._decoded(base), target) - self.margin
-        return {"both": torch.ones_like(gap), "below": (gap < 0).float(), "above": (gap > 0).float()}[self.side]
+        return (gap < 0).float() if self.side == "below" else (gap > 0).float()
 
     @staticmethod
     def _margins(learner: torch.nn.Module, images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ declared written.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import tempfile
@@ -50,7 +51,7 @@ def _avg_pool2d_backward(grad, inp, kernel, stride, padding, ceil_mode, count_in
     n, c, h, w = grad.shape
     column = torch.arange(kh * w * kw, device=grad.device) % (w * kw) // kw
     spread = (column == torch.arange(w, device=grad.device)[:, None]).to(grad.dtype)      # [w, kh*w*kw]
-    g = (grad @ (spread / (kh * kw))).reshape(n, c, h * kh, w * kw)
+    g = (grad.reshape(n * c * h, w) @ (spread / (kh * kw))).reshape(n, c, h * kh, w * kw)
     if tuple(g.shape[2:]) == tuple(inp.shape[2:]):
         return g
     # Rows / columns that floor-mode pooling dropped get no gradient.
@@ -64,38 +65,64 @@ def _threshold_backward(grad, inp, threshold):
 
 
 def _conv_weight_grad(grad, inp, kh: int, kw: int, ph: int, pw: int) -> torch.Tensor:
-    """dL/dW of a stride-1 convolution as matrix products over the shifted input (im2col by taps).
+    """dL/dW of a stride-1 convolution with few input channels: the taps stacked into one product over the batch.
 
     The textbook form, a convolution of the input with the output gradient as kernel, hands onnxruntime a
     28x28 kernel over the batch as channels: its slowest node, about a third of a full-mode MNIST step.
-    Here tap (i, j) of every filter is (out channels x pixels) times (pixels x in channels), summed over the
-    batch. With few input channels the taps are stacked into one product over the whole batch (a
-    matrix-vector product per tap is slow). With many, each tap is one batched product with one contiguous
-    window of the flattened, padded input: rows keep their padded width and the output gradient gets
-    matching zero columns, so the columns that wrap into the next row count zero (cutting each tap as a
-    2-D window copied runs of 14 floats: at two threads those copies were the step's costliest op)."""
-    n, c_out, h_out, w_out = grad.shape
-    c_in = inp.shape[1]
-    if c_in <= _STACKED_TAPS_MAX_CHANNELS:
-        padded = F.pad(inp.transpose(0, 1), (pw, pw, ph, ph))                         # [Ci, N, Hp, Wp]
-        rows = grad.transpose(0, 1).reshape(c_out, -1)                                 # [Co, N*P]
-        shifted = [padded[:, :, i: i + h_out, j: j + w_out].reshape(c_in, -1) for i in range(kh) for j in range(kw)]
-        return (rows @ torch.cat(shifted).t()).reshape(c_out, kh, kw, c_in).permute(0, 3, 1, 2)
-    width = w_out + kw - 1                                                              # padded row width
-    # One spare padded row at the bottom keeps the last tap's window inside the flattened input.
-    flat = F.pad(inp, (pw, pw, ph, ph + 1)).reshape(n, c_in, -1)                       # [N, Ci, (Hp+1)*Wp]
-    rows = F.pad(grad, (0, kw - 1)).reshape(n, c_out, -1)                              # [N, Co, H*Wp]
-    length = h_out * width
-    taps = [flat[:, :, i * width + j: i * width + j + length] for i in range(kh) for j in range(kw)]
-    per_tap = torch.stack([rows @ tap.transpose(1, 2) for tap in taps]).sum(1)        # [taps, Co, Ci]
-    return per_tap.permute(1, 2, 0).reshape(c_out, c_in, kh, kw)
+    Here tap (i, j) of every filter is (out channels x pixels) times (pixels x in channels), all taps in one
+    product over the whole batch (a matrix-vector product per tap is slow)."""
+    c_out, c_in = grad.shape[1], inp.shape[1]
+    h_out, w_out = grad.shape[2], grad.shape[3]
+    padded = F.pad(inp.transpose(0, 1), (pw, pw, ph, ph))                             # [Ci, N, Hp, Wp]
+    rows = grad.transpose(0, 1).reshape(c_out, -1)                                     # [Co, N*P]
+    shifted = [padded[:, :, i: i + h_out, j: j + w_out].reshape(c_in, -1) for i in range(kh) for j in range(kw)]
+    return (rows @ torch.cat(shifted).t()).reshape(c_out, kh, kw, c_in).permute(0, 3, 1, 2)
 
 
-_STACKED_TAPS_MAX_CHANNELS = 4
+#: From this many input channels on, a convolution, its input gradient and its weight gradient are products of
+#: :func:`_pixel_major_columns`; fewer keep onnxruntime's Conv and :func:`_conv_weight_grad`.
+_PIXEL_MAJOR_MIN_CHANNELS = 8
+
+
+def _pixel_major_columns(nchw: torch.Tensor, kh: int, kw: int, ph: int, pw: int) -> torch.Tensor:
+    """im2col with pixels as rows: [N, C, H, W] -> [N, H_out*W_out, kh*kw*C] for a stride-1 convolution.
+
+    onnxruntime's Conv multiplies (out channels x taps*channels) by (taps*channels x pixels) per image, at less
+    than half the rate of its matrix product with pixels as rows (a 32 -> 32 3x3 convolution of 64 14x14 maps:
+    1.9 ms against 0.75 ms at two threads; oneDNN, PyTorch's, takes 0.9 ms). The columns are one Gather of the
+    flattened, padded, channels-last map (whole channel runs per copy); nine Slices and a Concat of the same
+    columns took three times as long."""
+    n, c, h, w = nchw.shape
+    h_out, w_out = h + 2 * ph - kh + 1, w + 2 * pw - kw + 1
+    flat = F.pad(nchw.permute(0, 2, 3, 1), (0, 0, pw, pw, ph, ph)).reshape(n, -1, c)       # [N, Hp*Wp, C]
+    arange = functools.partial(torch.arange, device=nchw.device)
+    row = arange(h_out)[:, None, None, None] + arange(kh)[None, None, :, None]
+    col = arange(w_out)[None, :, None, None] + arange(kw)[None, None, None, :]
+    index = (row * (w + 2 * pw) + col).reshape(-1)                                        # pixel-major, tap-minor
+    return flat.index_select(1, index).reshape(n, h_out * w_out, kh * kw * c)
+
+
+def _convolution(inp, weight, bias, stride, padding, dilation, transposed, output_padding, groups):
+    """Convolutions with many input channels as one product of the pixel-major columns with the weight (the weight
+    gradient reuses the columns); the rest stay onnxruntime's Conv."""
+    if (transposed or groups != 1 or weight.ndim != 4 or any(s != 1 for s in stride) or any(d != 1 for d in dilation)
+            or inp.shape[1] < _PIXEL_MAJOR_MIN_CHANNELS):
+        return NotImplemented
+    n = inp.shape[0]
+    c_out, c_in, kh, kw = weight.shape
+    columns = _pixel_major_columns(inp, kh, kw, padding[0], padding[1])
+    h_out, w_out = inp.shape[2] + 2 * padding[0] - kh + 1, inp.shape[3] + 2 * padding[1] - kw + 1
+    out = columns.reshape(-1, kh * kw * c_in) @ weight.permute(0, 2, 3, 1).reshape(c_out, -1).t()
+    if bias is not None:
+        out = out + bias
+    return out.reshape(n, h_out, w_out, c_out).permute(0, 3, 1, 2)
 
 
 def _convolution_backward(grad, inp, weight, bias_sizes, stride, padding, dilation, transposed, output_padding, groups, mask):
-    """Conv2d backward as two forward convolutions (stride 1, no dilation, one group)."""
+    """Conv2d backward (stride 1, no dilation, one group): the input gradient as a forward convolution (so
+    pixel-major too where the gradient has many channels); the weight gradient as per-image products of the
+    input's pixel-major columns, the forward's own, with the channels-last output gradient, the input gradient's
+    own, where the input has many channels."""
     if transposed or groups != 1 or any(s != 1 for s in stride) or any(d != 1 for d in dilation) or weight.ndim != 4:
         raise NotImplementedError("edge export supports plain stride-1 Conv2d layers only")
     kh, kw = weight.shape[2], weight.shape[3]
@@ -104,7 +131,14 @@ def _convolution_backward(grad, inp, weight, bias_sizes, stride, padding, dilati
     if mask[0]:
         flipped = weight.flip(2, 3).transpose(0, 1)
         grad_input = F.conv2d(grad, flipped, padding=(kh - 1 - ph, kw - 1 - pw))
-    if mask[1]:
+    if mask[1] and inp.shape[1] >= _PIXEL_MAJOR_MIN_CHANNELS:
+        # (taps*in channels x pixels) times (pixels x out channels) per image, summed over the batch: about half
+        # the time of one product per tap (a 32 -> 32 3x3 layer on 64 14x14 maps: 2.2 ms against 4.1 ms).
+        n, c_out = grad.shape[:2]
+        channels_last = grad.permute(0, 2, 3, 1).reshape(n, -1, c_out)                 # as the input gradient's
+        per_image = _pixel_major_columns(inp, kh, kw, ph, pw).transpose(1, 2) @ channels_last
+        grad_weight = per_image.sum(0).reshape(kh, kw, inp.shape[1], c_out).permute(3, 2, 0, 1)
+    elif mask[1]:
         grad_weight = _conv_weight_grad(grad, inp, kh, kw, ph, pw)
     if mask[2]:
         grad_bias = grad.sum((0, 2, 3))
@@ -155,7 +189,10 @@ def _native_group_norm(input, weight, bias, batch_size, num_channels, flattened_
     return out, (rough.double() + correction).float(), rstd.float()
 
 
-def _decompositions() -> dict:
+def _decompositions(pixel_major_forward: bool = True) -> dict:
+    """The exporter's decomposition table. ``pixel_major_forward=False`` keeps forward convolutions as Conv: the
+    pixel-major form pays only where a weight gradient reuses its columns (an inference graph or a head-mode step
+    with it ran 12-45 % slower)."""
     from torch._decomp import core_aten_decompositions
 
     table = dict(core_aten_decompositions())
@@ -163,6 +200,8 @@ def _decompositions() -> dict:
     # share its statistics with the decomposed backward, which drifts from PyTorch over many steps.
     table[aten.native_group_norm.default] = _native_group_norm
     table[aten.avg_pool2d_backward.default] = _avg_pool2d_backward
+    if pixel_major_forward:
+        table[aten.convolution.default] = _convolution
     table[aten.convolution_backward.default] = _convolution_backward
     table[aten.threshold_backward.default] = _threshold_backward
     return table
@@ -197,6 +236,109 @@ def _drop_unit_sums(graph: torch.fx.GraphModule) -> int:
     graph.graph.lint()
     graph.recompile()
     return removed
+
+
+def _shared_repeats(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """One node for computations traced twice: a convolution's pixel-major columns (its forward and its weight
+    gradient) and its channels-last output gradient (its input and weight gradients); onnxruntime runs both."""
+    from torch.fx.passes.dialect.common.cse_pass import CSEPass
+
+    shared = CSEPass()(graph).graph_module
+    shared.recompile()
+    return shared
+
+
+def _taps_with_ones(x: torch.Tensor, kh: int, kw: int, ph: int, pw: int) -> torch.Tensor:
+    """[N, C, H, W] -> [N, C*kh*kw + 1, H_out*W_out]: each channel's taps in the weight's order, then a row of ones
+    (so one product also gives the plain sums)."""
+    n, c, h, w = x.shape
+    h_out, w_out = h + 2 * ph - kh + 1, w + 2 * pw - kw + 1
+    padded = F.pad(x, (pw, pw, ph, ph))
+    taps = torch.stack([padded[:, :, i: i + h_out, j: j + w_out] for i in range(kh) for j in range(kw)], 2)
+    ones = torch.ones_like(padded[:, :1, :h_out, :w_out]).reshape(n, 1, -1)
+    return torch.cat([taps.reshape(n, c * kh * kw, h_out * w_out), ones], 1)
+
+
+class _FirstConvNorm(torch.autograd.Function):
+    """The network's first convolution and its group norm, with a backward that never forms the norm's input gradient.
+
+    The first layer needs no input gradient, and its weight gradient is linear in the norm's input gradient
+    ``c1 * g + c2 * y + c3`` (per sample and channel ``c``; ``y`` the convolution's output). Against each tap of the
+    input, ``g`` needs one product per image ([C x pixels] x [pixels x taps]); ``y`` is the convolution of the input,
+    so its sums against the taps are the weight times the input's own tap Gram matrix (taps x taps per image; the
+    terms are combined in float64). The norm's sums over ``g`` and ``g * y`` come out of the same products. What is
+    left at the feature map's size is the ReLU mask and the pooling backward: the norm's five element-wise passes,
+    its two reductions and the weight gradient's transpose over 32 channels of 28x28 had taken about a sixth of a
+    full-mode MNIST step."""
+
+    @staticmethod
+    def forward(x, weight, bias, gamma, beta, groups: int, eps: float, padding: tuple[int, int]):
+        y = F.conv2d(x, weight, bias, padding=padding)
+        n, c, h, w = y.shape
+        return aten.native_group_norm(y, gamma, beta, n, c, h * w, groups, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, weight, bias, gamma, _beta, groups, _eps, padding = inputs
+        _out, mean, rstd = output
+        ctx.save_for_backward(x, weight, bias, gamma, mean, rstd)
+        ctx.groups, ctx.padding = groups, padding
+        ctx.mark_non_differentiable(mean, rstd)
+
+    @staticmethod
+    def backward(ctx, grad, _grad_mean, _grad_rstd):
+        x, weight, bias, gamma, mean, rstd = ctx.saved_tensors
+        groups, (ph, pw) = ctx.groups, ctx.padding
+        n, c, h, w = grad.shape
+        per_group = c // groups
+        taps = _taps_with_ones(x, weight.shape[2], weight.shape[3], ph, pw)      # [N, T+1, P]
+        t = taps.shape[1] - 1
+        grad_taps = grad.reshape(n, c, h * w) @ taps.transpose(1, 2)              # [N, C, T+1]: sums of g * tap
+        weight_and_bias = torch.cat([weight.reshape(c, t), bias.reshape(c, 1)], 1)
+        db = grad_taps[:, :, t]                                                  # sum of g
+        ds = (grad_taps * weight_and_bias).sum(2)                                # sum of g * y
+        # aten's group norm backward coefficients (input gradient = c1 * g + c2 * y + c3), in float64.
+        mean64, rstd64 = mean.double(), rstd.double()
+        ds_group = (ds * gamma).reshape(n, groups, per_group).sum(2).double()
+        db_group = (db * gamma).reshape(n, groups, per_group).sum(2).double()
+        scale = 1.0 / (h * w * per_group)
+        c2 = (db_group * mean64 - ds_group) * rstd64 * rstd64 * rstd64 * scale
+        c3 = -c2 * mean64 - db_group * rstd64 * scale
+        c1 = (rstd64[:, :, None] * gamma.double().reshape(1, groups, per_group)).reshape(n, c, 1)
+        c2 = c2[:, :, None].expand(n, groups, per_group).reshape(n, c, 1)
+        c3 = c3[:, :, None].expand(n, groups, per_group).reshape(n, c, 1)
+        gram = taps @ taps.transpose(1, 2)                                       # [N, T+1, T+1]
+        y_taps = weight_and_bias.double() @ gram.double()                        # [N, C, T+1]: sums of y * tap
+        d_all = (c1 * grad_taps.double() + c2 * y_taps + c3 * gram[:, t:, :]).sum(0)
+        d_weight = d_all[:, :t].to(weight.dtype).reshape(weight.shape)
+        d_bias = d_all[:, t].to(bias.dtype)
+        mean_c = mean.reshape(n, groups, 1).expand(n, groups, per_group).reshape(n, c)
+        rstd_c = rstd.reshape(n, groups, 1).expand(n, groups, per_group).reshape(n, c)
+        d_gamma = ((ds - db * mean_c) * rstd_c).sum(0)
+        return None, d_weight, d_bias, d_gamma, db.sum(0), None, None, None
+
+
+def _fusable_first_block(model: nn.Module) -> nn.Sequential | None:
+    """The block that sees the input when it starts with a plain Conv2d (with bias) and an affine GroupNorm."""
+    features = getattr(model, "features", None)
+    if not isinstance(features, nn.Sequential) or not len(features) or not isinstance(features[0], nn.Sequential):
+        return None
+    block = features[0]
+    if len(block) < 2 or not isinstance(block[0], nn.Conv2d) or not isinstance(block[1], nn.GroupNorm):
+        return None
+    conv, norm = block[0], block[1]
+    plain = (conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1 and conv.bias is not None
+             and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
+    return block if plain and norm.affine else None
+
+
+def _first_block_forward(block: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    conv, norm = block[0], block[1]
+    out, _mean, _rstd = _FirstConvNorm.apply(x, conv.weight, conv.bias, norm.weight, norm.bias, norm.num_groups,
+                                             norm.eps, tuple(conv.padding))
+    for layer in block[2:]:
+        out = layer(out)
+    return out
 
 
 # ----------------------------------------------------------------- pure functions
@@ -237,16 +379,33 @@ def make_step_fn(model: nn.Module, frozen: Sequence[str], trainable: Sequence[st
                 logit_weight: torch.Tensor) -> torch.Tensor:
         return replay_loss(functional_call(model, {**fixed, **train}, (x,)), targets, ce_weight, logit_weight)
 
+    first = _fusable_first_block(model)
+    fused = first is not None and any(name.startswith("features.0.0.") for name in trainable)
+
     def step(*args: torch.Tensor):
+        if fused:
+            # The traced step only: the first block's backward without the norm's input gradient.
+            first.forward = functools.partial(_first_block_forward, first)
+        try:
+            return _step(*args)
+        finally:
+            if fused:
+                del first.forward
+
+    def _step(*args: torch.Tensor):
         fixed = dict(zip(frozen, args[:nf]))
         params = args[nf: nf + nt]
         state = args[nf + nt: nf + 2 * nt]
         x, targets, ce_weight, logit_weight, lr, momentum, weight_decay = args[nf + 2 * nt:]
         grads, loss = grad_and_value(loss_of)(dict(zip(trainable, params)), fixed, x, targets, ce_weight, logit_weight)
-        # torch.optim.SGD: g += wd * p; v = momentum * v + g; p -= lr * v
-        new_state = [momentum * v + grads[name] + weight_decay * p for name, p, v in zip(trainable, params, state)]
-        new_params = [p - lr * v for p, v in zip(params, new_state)]
-        return (loss, *new_params, *new_state)
+        # torch.optim.SGD: g += wd * p; v = momentum * v + g; p -= lr * v. Element-wise, so done once on all the
+        # parameters laid end to end (the same values; a handful of nodes instead of six per parameter).
+        flat = [torch.cat([t.reshape(-1) for t in ts]) for ts in (params, state, [grads[name] for name in trainable])]
+        new_state = momentum * flat[1] + flat[2] + weight_decay * flat[0]
+        new_params = flat[0] - lr * new_state
+        sizes = [p.numel() for p in params]
+        unflat = [[t.reshape(p.shape) for t, p in zip(torch.split(f, sizes), params)] for f in (new_params, new_state)]
+        return (loss, *unflat[0], *unflat[1])
 
     return step
 
@@ -285,8 +444,11 @@ def _rename(model, old_to_new: dict[str, str]) -> None:
 
 
 def trace_to_onnx(fn: Callable, args: Sequence[torch.Tensor], input_names: Sequence[str], output_names: Sequence[str],
-                  batch_inputs: Sequence[int]) -> bytes:
-    """Trace ``fn`` with make_fx, export with the dynamo exporter, name the graph's inputs and outputs."""
+                  batch_inputs: Sequence[int], pixel_major_forward: bool = False) -> bytes:
+    """Trace ``fn`` with make_fx, export with the dynamo exporter, name the graph's inputs and outputs.
+
+    ``pixel_major_forward``: convolutions with many input channels as products of pixel-major columns (for a step
+    that also takes their weight gradients; see :func:`_decompositions`)."""
     import onnx
     import onnx.inliner
     from torch.fx.experimental.proxy_tensor import make_fx
@@ -296,8 +458,9 @@ def trace_to_onnx(fn: Callable, args: Sequence[torch.Tensor], input_names: Seque
     # No duck sizing: a batch that happens to equal a kernel size (3) must not share its symbol, or the
     # im2col weight gradient's loop over kernel taps would fix the batch along with the kernel.
     with fx_config.patch(use_duck_shape=False):
-        graph = make_fx(fn, decomposition_table=_decompositions(), tracing_mode="symbolic")(*args)
+        graph = make_fx(fn, decomposition_table=_decompositions(pixel_major_forward), tracing_mode="symbolic")(*args)
     _drop_unit_sums(graph)
+    graph = _shared_repeats(graph)
     batch = torch.export.Dim("batch", min=1)
     dynamic = tuple({0: batch} if i in batch_inputs else None for i in range(len(args)))
     program = torch.onnx.export(_Traced(graph).eval(), tuple(args), dynamo=True, dynamic_shapes=(dynamic,), verbose=False,
@@ -540,7 +703,8 @@ def export(
 
     model_bytes = trace_to_onnx(forward_fn, [named[n] for n in names] + [example_x],
                                 [PARAM_PREFIX + n for n in names] + ["x"], ["logits"], [len(names)])
-    step_bytes = trace_to_onnx(step_fn, step_args, step_inputs, step_outputs, [nb, nb + 1, nb + 2, nb + 3])
+    step_bytes = trace_to_onnx(step_fn, step_args, step_inputs, step_outputs, [nb, nb + 1, nb + 2, nb + 3],
+                               pixel_major_forward=mode == "full")
     if frozen:
         # Head mode: the device never changes the feature extractor, so its parameters become constants
         # of the step graph (onnxruntime pre-packs them: faster steps, measured in benchmarks/log/JOURNAL.md under

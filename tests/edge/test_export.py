@@ -303,7 +303,7 @@ def test_export_from_cuda_copies_and_leaves_the_callers_model_there(tmp_path, tr
 @pytest.mark.parametrize("channels_in", [1, 3, 8])
 @pytest.mark.parametrize("kernel,padding", [(3, 1), (5, 2), (3, 0)])
 def test_weight_gradient_by_taps_equals_autograd(channels_in, kernel, padding):
-    """The exported conv weight gradient (one product per tap, or stacked taps for few channels) is autograd's."""
+    """The exported conv weight gradient for few input channels (stacked taps) is autograd's."""
     from edge.exporter import _conv_weight_grad
 
     gen = torch.Generator().manual_seed(channels_in * 10 + kernel)
@@ -318,6 +318,78 @@ def test_weight_gradient_by_taps_equals_autograd(channels_in, kernel, padding):
     # Each entry sums 4 x 9 x 9 products of magnitude ~1 in float32: within a few times autograd's own round-off.
     allowed = 4 * (expected.double() - exact).abs().max().item() + 1e-6
     assert (got.double() - exact).abs().max().item() <= allowed
+
+
+@pytest.mark.parametrize("kernel,padding", [(3, 1), (5, 2), (3, 0), (1, 0)])
+def test_pixel_major_convolution_and_its_backward_equal_autograd(kernel, padding):
+    """With many input channels the traced convolution, its input gradient and its weight gradient are products of
+    pixel-major columns (no Conv left in the graph); in float64 they equal PyTorch's convolution and autograd's."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from edge.exporter import _PIXEL_MAJOR_MIN_CHANNELS, _convolution, _decompositions
+
+    gen = torch.Generator().manual_seed(kernel * 10 + padding)
+    c_in = _PIXEL_MAJOR_MIN_CHANNELS
+    x = torch.randn(3, c_in, 7, 6, generator=gen, dtype=torch.float64)
+    weight = torch.randn(c_in, c_in, kernel, kernel, generator=gen, dtype=torch.float64)
+    bias = torch.randn(c_in, generator=gen, dtype=torch.float64)
+    upstream = torch.randn(3, c_in, 7 + 2 * padding - kernel + 1, 6 + 2 * padding - kernel + 1, generator=gen,
+                           dtype=torch.float64)
+
+    def forward_and_grads(x, weight, bias, upstream):
+        out, pull = torch.func.vjp(lambda *a: torch.nn.functional.conv2d(*a, padding=padding), x, weight, bias)
+        return (out, *pull(upstream))
+
+    traced = make_fx(forward_and_grads, decomposition_table=_decompositions())(x, weight, bias, upstream)
+    assert not any(node.target is torch.ops.aten.convolution.default for node in traced.graph.nodes)
+    for got, want in zip(traced(x, weight, bias, upstream), forward_and_grads(x, weight, bias, upstream)):
+        assert got.shape == want.shape and torch.allclose(got, want, rtol=0, atol=1e-12)
+    # Fewer channels than the threshold stay onnxruntime's Conv.
+    assert _convolution(x[:, :c_in - 1], weight[:, :c_in - 1], bias, [1, 1], [padding] * 2, [1, 1], False, [0, 0], 1) is NotImplemented
+
+
+@pytest.mark.parametrize("groups,channels_in", [(6, 1), (2, 3)])
+def test_first_block_backward_equals_autograd(groups, channels_in):
+    """The first convolution + group norm, whose backward never forms the norm's input gradient, gives autograd's
+    gradients for every parameter: equal in float64, and in float32 at most a few times autograd's own distance
+    from the float64 gradients."""
+    from edge.exporter import _FirstConvNorm
+
+    gen = torch.Generator().manual_seed(groups)
+    base = [torch.randn(5, channels_in, 10, 9, generator=gen, dtype=torch.float64) + 0.5,
+            0.3 * torch.randn(6, channels_in, 3, 3, generator=gen, dtype=torch.float64),
+            torch.randn(6, generator=gen, dtype=torch.float64),
+            1 + 0.2 * torch.randn(6, generator=gen, dtype=torch.float64),
+            torch.randn(6, generator=gen, dtype=torch.float64)]
+    upstream = torch.randn(5, 6, 10, 9, generator=gen, dtype=torch.float64)
+
+    def grads(dtype, fused):
+        x, *params = [t.to(dtype) for t in base]
+        params = [p.requires_grad_() for p in params]
+        weight, bias, gamma, beta = params
+        if fused:
+            out = _FirstConvNorm.apply(x, weight, bias, gamma, beta, groups, 1e-5, (1, 1))[0]
+        else:
+            out = torch.nn.functional.group_norm(torch.nn.functional.conv2d(x, weight, bias, padding=1), groups, gamma, beta)
+        return [g.double() for g in torch.autograd.grad(out, params, upstream.to(dtype))]
+
+    exact = grads(torch.float64, False)
+    for got, want in zip(grads(torch.float64, True), exact):
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-10)
+    for got, own, want in zip(grads(torch.float32, True), grads(torch.float32, False), exact):
+        assert (got - want).abs().max() <= 4 * (own - want).abs().max() + 1e-5
+
+
+def test_first_block_is_fused_only_for_a_plain_convolution_and_group_norm():
+    """The export-only first-block backward applies to ConvNet's conv + instance norm, not to batch norm, no norm or
+    networks without a convolutional first block."""
+    from edge.exporter import _fusable_first_block
+    from replaykit.networks import MLP, ConvNet
+
+    assert _fusable_first_block(ConvNet((1, 8, 8), 3, width=4, depth=1)) is not None
+    for model in (ConvNet((1, 8, 8), 3, width=4, depth=1, norm="batch"), ConvNet((1, 8, 8), 3, width=4, depth=1, norm="none"),
+                  MLP((1, 8, 8), 3)):
+        assert _fusable_first_block(model) is None
 
 
 def test_drop_unit_sums_removes_only_sums_over_length_one_axes():

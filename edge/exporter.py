@@ -102,11 +102,15 @@ def _pixel_major_columns(nchw: torch.Tensor, kh: int, kw: int, ph: int, pw: int)
     return flat.index_select(1, index).reshape(n, h_out * w_out, kh * kw * c)
 
 
+def _plain_convolution(weight, stride, dilation, transposed, groups) -> bool:
+    """A 2-D, stride-1, undilated, single-group, non-transposed convolution: what these decompositions handle."""
+    return not transposed and groups == 1 and weight.ndim == 4 and all(s == 1 for s in stride) and all(d == 1 for d in dilation)
+
+
 def _convolution(inp, weight, bias, stride, padding, dilation, transposed, output_padding, groups):
     """Convolutions with many input channels as one product of the pixel-major columns with the weight (the weight
     gradient reuses the columns); the rest stay onnxruntime's Conv."""
-    if (transposed or groups != 1 or weight.ndim != 4 or any(s != 1 for s in stride) or any(d != 1 for d in dilation)
-            or inp.shape[1] < _PIXEL_MAJOR_MIN_CHANNELS):
+    if not _plain_convolution(weight, stride, dilation, transposed, groups) or inp.shape[1] < _PIXEL_MAJOR_MIN_CHANNELS:
         return NotImplemented
     n = inp.shape[0]
     c_out, c_in, kh, kw = weight.shape
@@ -123,7 +127,7 @@ def _convolution_backward(grad, inp, weight, bias_sizes, stride, padding, dilati
     pixel-major too where the gradient has many channels); the weight gradient as per-image products of the
     input's pixel-major columns, the forward's own, with the channels-last output gradient, the input gradient's
     own, where the input has many channels."""
-    if transposed or groups != 1 or any(s != 1 for s in stride) or any(d != 1 for d in dilation) or weight.ndim != 4:
+    if not _plain_convolution(weight, stride, dilation, transposed, groups):
         raise NotImplementedError("edge export supports plain stride-1 Conv2d layers only")
     kh, kw = weight.shape[2], weight.shape[3]
     ph, pw = padding
@@ -380,7 +384,8 @@ def make_step_fn(model: nn.Module, frozen: Sequence[str], trainable: Sequence[st
         return replay_loss(functional_call(model, {**fixed, **train}, (x,)), targets, ce_weight, logit_weight)
 
     first = _fusable_first_block(model)
-    fused = first is not None and any(name.startswith("features.0.0.") for name in trainable)
+    parameters = dict(model.named_parameters())
+    fused = first is not None and any(parameters[name] is first[0].weight for name in trainable)
 
     def step(*args: torch.Tensor):
         if fused:

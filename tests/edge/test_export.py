@@ -348,35 +348,38 @@ def test_pixel_major_convolution_and_its_backward_equal_autograd(kernel, padding
     assert _convolution(x[:, :c_in - 1], weight[:, :c_in - 1], bias, [1, 1], [padding] * 2, [1, 1], False, [0, 0], 1) is NotImplemented
 
 
-@pytest.mark.parametrize("groups,channels_in", [(6, 1), (2, 3)])
-def test_first_block_backward_equals_autograd(groups, channels_in):
-    """The first convolution + group norm, whose backward never forms the norm's input gradient, gives autograd's
-    gradients for every parameter: equal in float64, and in float32 at most a few times autograd's own distance
-    from the float64 gradients."""
-    from edge.exporter import _FirstConvNorm
+@pytest.mark.parametrize("groups,channels_in,pooled", [(6, 1, False), (2, 3, False), (6, 1, True), (3, 2, True)])
+def test_first_block_equals_autograd(groups, channels_in, pooled):
+    """The first convolution + group norm (+ ReLU + 2x2 average pooling), with statistics from the taps' moments and
+    a backward that never forms the norm's input gradient, gives autograd's output and gradients for every
+    parameter: equal in float64, and in float32 at most a few times autograd's own distance from float64."""
+    from edge.exporter import _FirstBlock
 
     gen = torch.Generator().manual_seed(groups)
-    base = [torch.randn(5, channels_in, 10, 9, generator=gen, dtype=torch.float64) + 0.5,
+    base = [torch.randn(5, channels_in, 10, 8, generator=gen, dtype=torch.float64) + 0.5,
             0.3 * torch.randn(6, channels_in, 3, 3, generator=gen, dtype=torch.float64),
             torch.randn(6, generator=gen, dtype=torch.float64),
             1 + 0.2 * torch.randn(6, generator=gen, dtype=torch.float64),
             torch.randn(6, generator=gen, dtype=torch.float64)]
-    upstream = torch.randn(5, 6, 10, 9, generator=gen, dtype=torch.float64)
+    upstream = torch.randn(5, 6, *((5, 4) if pooled else (10, 8)), generator=gen, dtype=torch.float64)
 
-    def grads(dtype, fused):
+    def run(dtype, fused):
         x, *params = [t.to(dtype) for t in base]
         params = [p.requires_grad_() for p in params]
         weight, bias, gamma, beta = params
         if fused:
-            out = _FirstConvNorm.apply(x, weight, bias, gamma, beta, groups, 1e-5, (1, 1))[0]
+            out = _FirstBlock.apply(x, weight, bias, gamma, beta, groups, 1e-5, (1, 1), pooled)[0].permute(0, 3, 1, 2)
         else:
             out = torch.nn.functional.group_norm(torch.nn.functional.conv2d(x, weight, bias, padding=1), groups, gamma, beta)
-        return [g.double() for g in torch.autograd.grad(out, params, upstream.to(dtype))]
+            if pooled:
+                out = torch.nn.functional.avg_pool2d(torch.relu(out), 2)
+        grads = torch.autograd.grad(out, params, upstream.to(dtype))
+        return [t.detach().double() for t in (out, *grads)]
 
-    exact = grads(torch.float64, False)
-    for got, want in zip(grads(torch.float64, True), exact):
-        assert torch.allclose(got, want, rtol=1e-10, atol=1e-10)
-    for got, own, want in zip(grads(torch.float32, True), grads(torch.float32, False), exact):
+    exact = run(torch.float64, False)
+    for got, want in zip(run(torch.float64, True), exact):
+        assert got.shape == want.shape and torch.allclose(got, want, rtol=1e-10, atol=1e-10)
+    for got, own, want in zip(run(torch.float32, True), run(torch.float32, False), exact):
         assert (got - want).abs().max() <= 4 * (own - want).abs().max() + 1e-5
 
 

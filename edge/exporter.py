@@ -60,9 +60,11 @@ def _avg_pool2d_backward(grad, inp, kernel, stride, padding, ceil_mode, count_in
 
 
 def _threshold_backward(grad, inp, threshold):
-    """ReLU backward as ``grad * (inp > threshold)`` instead of aten's Where (onnxruntime's Where on a feature map
-    took about as long as a convolution in the profile); the same values, up to the sign of a zero."""
-    return grad * (inp > threshold).to(grad.dtype)
+    """ReLU backward as ``grad * ceil(clamp(inp - threshold, 0, 1))``, the mask ``inp > threshold`` as 0 / 1 floats:
+    onnxruntime's Where on a feature map took about as long as a convolution, and a Greater and a Cast of the bool
+    map (0.5 + 0.65 ms on 64 MNIST maps of 32 channels) twice as long as the clamp and ceil. The same values, up to
+    the sign of a zero."""
+    return grad * (inp - threshold if threshold else inp).clamp(0, 1).ceil()
 
 
 def _conv_weight_grad(grad, inp, kh: int, kw: int, ph: int, pw: int) -> torch.Tensor:
@@ -506,6 +508,40 @@ def _rename(model, old_to_new: dict[str, str]) -> None:
                 node.output[i] = old_to_new[name]
 
 
+def _relu_masks_as_hard_sigmoid(proto) -> int:
+    """Rewrite each ReLU mask ``Ceil(Clip(x, 0, 1))`` (see :func:`_threshold_backward`) as one
+    ``HardSigmoid(x, alpha=FLT_MAX, beta=0)`` = ``clamp(FLT_MAX * x, 0, 1)``: 1 for every positive normal x (FLT_MAX
+    times the smallest is 4), 0 for x <= 0. One pass instead of two (HardSigmoid runs at the ReLU's speed, 0.24 ms on
+    64 x 784 x 32 floats, where Clip + Ceil took 1.0 ms in the step). Only positive subnormals (< 1.2e-38) would get a
+    fraction instead of 1. Returns how many were rewritten."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer if not t.dims}
+    producers = {out: node for node in graph.node for out in node.output}
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    rewritten, dropped = 0, set()
+    for node in graph.node:
+        clip = producers.get(node.input[0]) if node.op_type == "Ceil" else None
+        if (clip is None or clip.op_type != "Clip" or len(clip.input) != 3 or uses.get(clip.output[0]) != 1
+                or constants.get(clip.input[1]) != 0.0 or constants.get(clip.input[2]) != 1.0
+                or any(o.name == clip.output[0] for o in graph.output)):
+            continue
+        hard = onnx.helper.make_node("HardSigmoid", [clip.input[0]], list(node.output), name=node.name,
+                                     alpha=float(np.finfo(np.float32).max), beta=0.0)
+        node.CopyFrom(hard)
+        dropped.add(id(clip))
+        rewritten += 1
+    kept = [node for node in graph.node if id(node) not in dropped]
+    del graph.node[:]
+    graph.node.extend(kept)
+    return rewritten
+
+
 def trace_to_onnx(fn: Callable, args: Sequence[torch.Tensor], input_names: Sequence[str], output_names: Sequence[str],
                   batch_inputs: Sequence[int], pixel_major_forward: bool = False) -> bytes:
     """Trace ``fn`` with make_fx, export with the dynamo exporter, name the graph's inputs and outputs.
@@ -538,6 +574,7 @@ def trace_to_onnx(fn: Callable, args: Sequence[torch.Tensor], input_names: Seque
     mapping = {v.name: n for v, n in zip(proto.graph.input, input_names)}
     mapping.update({v.name: n for v, n in zip(proto.graph.output, output_names)})
     _rename(proto, mapping)
+    _relu_masks_as_hard_sigmoid(proto)
     del proto.functions[:]
     _strip_metadata(proto)
     domains = {node.domain for node in proto.graph.node} | {op.domain for op in proto.opset_import}

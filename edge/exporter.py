@@ -87,20 +87,24 @@ def _conv_weight_grad(grad, inp, kh: int, kw: int, ph: int, pw: int) -> torch.Te
 _PIXEL_MAJOR_MIN_CHANNELS = 8
 
 
-def _pixel_major_columns(nchw: torch.Tensor, kh: int, kw: int, ph: int, pw: int) -> torch.Tensor:
-    """im2col with pixels as rows: [N, C, H, W] -> [N, H_out*W_out, kh*kw*C] for a stride-1 convolution.
+def _pixel_major_columns(nhwc: torch.Tensor, kh: int, kw: int, ph: int, pw: int,
+                         order: torch.Tensor | None = None) -> torch.Tensor:
+    """im2col with pixels as rows: channels-last [N, H, W, C] -> [N, H_out*W_out, kh*kw*C] for a stride-1
+    convolution, pixels row-major or in ``order`` (the row-major index of each row).
 
     onnxruntime's Conv multiplies (out channels x taps*channels) by (taps*channels x pixels) per image, at less
     than half the rate of its matrix product with pixels as rows (a 32 -> 32 3x3 convolution of 64 14x14 maps:
     1.9 ms against 0.75 ms at two threads; oneDNN, PyTorch's, takes 0.9 ms). The columns are one Gather of the
     flattened, padded, channels-last map (whole channel runs per copy); nine Slices and a Concat of the same
     columns took three times as long."""
-    n, c, h, w = nchw.shape
+    n, h, w, c = nhwc.shape
     h_out, w_out = h + 2 * ph - kh + 1, w + 2 * pw - kw + 1
-    flat = F.pad(nchw.permute(0, 2, 3, 1), (0, 0, pw, pw, ph, ph)).reshape(n, -1, c)       # [N, Hp*Wp, C]
-    arange = functools.partial(torch.arange, device=nchw.device)
-    row = arange(h_out)[:, None, None, None] + arange(kh)[None, None, :, None]
-    col = arange(w_out)[None, :, None, None] + arange(kw)[None, None, None, :]
+    flat = F.pad(nhwc, (0, 0, pw, pw, ph, ph)).reshape(n, -1, c)                          # [N, Hp*Wp, C]
+    arange = functools.partial(torch.arange, device=nhwc.device)
+    if order is None:
+        order = arange(h_out * w_out)
+    row = (order // w_out)[:, None, None] + arange(kh)[None, :, None]
+    col = (order % w_out)[:, None, None] + arange(kw)[None, None, :]
     index = (row * (w + 2 * pw) + col).reshape(-1)                                        # pixel-major, tap-minor
     return flat.index_select(1, index).reshape(n, h_out * w_out, kh * kw * c)
 
@@ -117,7 +121,7 @@ def _convolution(inp, weight, bias, stride, padding, dilation, transposed, outpu
         return NotImplemented
     n = inp.shape[0]
     c_out, c_in, kh, kw = weight.shape
-    columns = _pixel_major_columns(inp, kh, kw, padding[0], padding[1])
+    columns = _pixel_major_columns(inp.permute(0, 2, 3, 1), kh, kw, padding[0], padding[1])
     h_out, w_out = inp.shape[2] + 2 * padding[0] - kh + 1, inp.shape[3] + 2 * padding[1] - kw + 1
     out = columns.reshape(-1, kh * kw * c_in) @ weight.permute(0, 2, 3, 1).reshape(c_out, -1).t()
     if bias is not None:
@@ -143,7 +147,7 @@ def _convolution_backward(grad, inp, weight, bias_sizes, stride, padding, dilati
         # the time of one product per tap (a 32 -> 32 3x3 layer on 64 14x14 maps: 2.2 ms against 4.1 ms).
         n, c_out = grad.shape[:2]
         channels_last = grad.permute(0, 2, 3, 1).reshape(n, -1, c_out)                 # as the input gradient's
-        per_image = _pixel_major_columns(inp, kh, kw, ph, pw).transpose(1, 2) @ channels_last
+        per_image = _pixel_major_columns(inp.permute(0, 2, 3, 1), kh, kw, ph, pw).transpose(1, 2) @ channels_last
         grad_weight = per_image.sum(0).reshape(kh, kw, inp.shape[1], c_out).permute(3, 2, 0, 1)
     elif mask[1]:
         grad_weight = _conv_weight_grad(grad, inp, kh, kw, ph, pw)
@@ -307,9 +311,19 @@ class _FirstBlock(torch.autograd.Function):
         h, w = x.shape[2] + 2 * padding[0] - kh + 1, x.shape[3] + 2 * padding[1] - kw + 1
         taps = _taps_with_ones(x, kh, kw, padding[0], padding[1], pooled)   # [N, T+1, P]
         t = taps.shape[1] - 1
-        tap_mean = _mean_over_last_two(taps.reshape(n, t + 1, -1, w))[:, :t]  # [N, T], float64
-        gram = taps @ taps.transpose(1, 2)                                   # [N, T+1, T+1]
-        cov = gram[:, :t, :t].double() / (h * w) - tap_mean[:, :, None] * tap_mean[:, None, :]
+        # Moments about the taps' own float32-rounded means ``r`` (the ones row's is exactly 1): the Gram matrix
+        # of raw taps would cancel away digits when the input's mean is large against its spread.
+        sums = _mean_over_last_two(taps.reshape(n, t + 1, -1, w)) * (h * w)   # [N, T+1], float64
+        tap_mean = sums[:, :t] / (h * w)
+        rough = (sums / (h * w)).to(x.dtype)
+        centred = taps - rough[:, :, None]
+        moments = (centred @ centred.transpose(1, 2)).double()              # [N, T+1, T+1] about r
+        off = tap_mean - rough[:, :t].double()                               # mean - r
+        cov = moments[:, :t, :t] / (h * w) - off[:, :, None] * off[:, None, :]
+        # The raw Gram matrix, in float64, for the backward: sum (x - r)(x - r)' + r s' + s r' - P r r'.
+        r64 = rough.double()
+        outer = r64[:, :, None] * sums[:, None, :]
+        gram = moments + outer + outer.transpose(1, 2) - (h * w) * r64[:, :, None] * r64[:, None, :]
         w64 = weight.reshape(c, t).double()
         mean_c = tap_mean @ w64.T + bias.double()                            # [N, C]
         var_c = ((w64 @ cov) * w64).sum(2)                                   # [N, C]
@@ -346,10 +360,10 @@ class _FirstBlock(torch.autograd.Function):
         t, p = taps.shape[1] - 1, taps.shape[2]
         if ctx.pooled:   # pooling's backward (a broadcast over the four phases) and the ReLU's
             grad = active.reshape(n, 4, -1, c) * (grad.reshape(n, 1, -1, c) * 0.25)
-        grad_taps = (taps @ grad.reshape(n, p, c)).transpose(1, 2)              # [N, C, T+1]: sums of g * tap
-        weight_and_bias = torch.cat([weight.reshape(c, t), bias.reshape(c, 1)], 1)
-        db = grad_taps[:, :, t]                                                  # sum of g
-        ds = (grad_taps * weight_and_bias).sum(2)                                # sum of g * y
+        grad_taps = taps @ grad.reshape(n, p, c)                                 # [N, T+1, C]: sums of g * tap
+        weight_and_bias = torch.cat([weight.reshape(c, t), bias.reshape(c, 1)], 1).T   # [T+1, C]
+        db = grad_taps[:, t, :]                                                  # sum of g
+        ds = (grad_taps * weight_and_bias).sum(1)                                # sum of g * y
         # aten's group norm backward coefficients (input gradient = c1 * g + c2 * y + c3), in float64.
         mean64, rstd64 = mean.double(), rstd.double()
         ds_group = (ds * gamma).reshape(n, groups, per_group).sum(2).double()
@@ -357,13 +371,13 @@ class _FirstBlock(torch.autograd.Function):
         scale = 1.0 / (p * per_group)
         c2 = (db_group * mean64 - ds_group) * rstd64 * rstd64 * rstd64 * scale
         c3 = -c2 * mean64 - db_group * rstd64 * scale
-        c1 = (rstd64[:, :, None] * gamma.double().reshape(1, groups, per_group)).reshape(n, c, 1)
-        c2 = c2[:, :, None].expand(n, groups, per_group).reshape(n, c, 1)
-        c3 = c3[:, :, None].expand(n, groups, per_group).reshape(n, c, 1)
-        y_taps = weight_and_bias.double() @ gram.double()                        # [N, C, T+1]: sums of y * tap
-        d_all = (c1 * grad_taps.double() + c2 * y_taps + c3 * gram[:, t:, :]).sum(0)
-        d_weight = d_all[:, :t].to(weight.dtype).reshape(weight.shape)
-        d_bias = d_all[:, t].to(bias.dtype)
+        c1 = (rstd64[:, :, None] * gamma.double().reshape(1, groups, per_group)).reshape(n, 1, c)
+        c2 = c2[:, :, None].expand(n, groups, per_group).reshape(n, 1, c)
+        c3 = c3[:, :, None].expand(n, groups, per_group).reshape(n, 1, c)
+        y_taps = gram @ weight_and_bias.double()                                 # [N, T+1, C]: sums of y * tap
+        d_all = (c1 * grad_taps.double() + c2 * y_taps + c3 * gram[:, :, t:]).sum(0)   # [T+1, C]
+        d_weight = d_all[:t].T.to(weight.dtype).reshape(weight.shape)
+        d_bias = d_all[t].to(bias.dtype)
         mean_c = mean.reshape(n, groups, 1).expand(n, groups, per_group).reshape(n, c)
         rstd_c = rstd.reshape(n, groups, 1).expand(n, groups, per_group).reshape(n, c)
         d_gamma = ((ds - db * mean_c) * rstd_c).sum(0)
@@ -405,6 +419,142 @@ def _first_block_forward(block: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _pooling_order(h: int, w: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixels of an [h, w] map in the order of a floor-mode 2x2 pooling's phases: the (0, 0) pixels of the pooled
+    region, then (0, 1), (1, 0), (1, 1) (each row-major over the pooled map), then what the pooling drops (rows, then
+    columns). Returns ``order`` (the row-major index of each position) and ``position`` (its inverse)."""
+    hh, wh = h // 2, w // 2
+    arange = functools.partial(torch.arange, device=device)
+    ids = arange(h * w).reshape(h, w)
+    order = torch.cat([ids[: 2 * hh, : 2 * wh].reshape(hh, 2, wh, 2).permute(1, 3, 0, 2).reshape(-1),
+                       ids[2 * hh:].reshape(-1), ids[: 2 * hh, 2 * wh:].reshape(-1)])
+    y, x = arange(h)[:, None], arange(w)[None, :]
+    pooled = (y % 2 * 2 + x % 2) * (hh * wh) + y // 2 * wh + x // 2
+    dropped_row = 4 * hh * wh + (y - 2 * hh) * w + x
+    dropped_col = 4 * hh * wh + (h - 2 * hh) * w + y * (w - 2 * wh) + (x - 2 * wh)
+    position = torch.where(y >= 2 * hh, dropped_row, torch.where(x >= 2 * wh, dropped_col, pooled)).reshape(-1)
+    return order, position
+
+
+class _ChannelsLastBlock(torch.autograd.Function):
+    """A block after the first (convolution with many input channels, group norm, ReLU, 2x2 average pooling) on
+    channels-last maps with pixels in the pooling's phase order, forward and backward written out for the step graph.
+
+    The convolution is one product of the pixel-major columns (a Gather whose index also puts the pixels in phase
+    order), the norm reduces over pixels of the channels-last map, pooling sums four contiguous quarters; backward,
+    the pooling is a broadcast, the norm aten's coefficient form ``c1 * g + c2 * z + c3``, the weight gradient the
+    columns against the gradient per image, and the input gradient one product of the gradient's own columns (a
+    Gather from the phase-ordered gradient with a zero row for the padding) with the flipped weight. Traced through
+    channels-first modules, each block had cost two transposes of its map each way and onnxruntime's pooling."""
+
+    @staticmethod
+    def forward(x, weight, bias, gamma, beta, groups: int, eps: float, padding: tuple[int, int]):
+        n, h_in, w_in, c_in = x.shape
+        c, _, kh, kw = weight.shape
+        h, w = h_in + 2 * padding[0] - kh + 1, w_in + 2 * padding[1] - kw + 1
+        order, _ = _pooling_order(h, w, x.device)
+        columns = _pixel_major_columns(x, kh, kw, padding[0], padding[1], order)            # [N, P, kh*kw*Ci]
+        z = (columns.reshape(-1, kh * kw * c_in) @ weight.permute(0, 2, 3, 1).reshape(c, -1).t() + bias).reshape(n, h * w, c)
+        # Group norm as `_native_group_norm` computes it: a float32 first-pass mean, sums of rows in float32 and
+        # beyond in float64, the scale and shift rounded once.
+        per_group = c // groups
+        count = h * w * per_group
+
+        def group_sums(t):   # [N, P, C] -> float64 [N, G]
+            return t.reshape(n, h, w, groups, per_group).sum(2).double().sum((1, 3))
+
+        def per_channel(t):  # [N, G] -> [N, 1, C]
+            return t[:, :, None].expand(n, groups, per_group).reshape(n, 1, c)
+
+        rough = (group_sums(z) / count).to(x.dtype)
+        centred = z - per_channel(rough)
+        correction = group_sums(centred) / count
+        var = (group_sums(centred * centred) / count - correction * correction).clamp_min(0.0)
+        rstd = torch.rsqrt(var + eps)
+        scale = per_channel(rstd) * gamma.double()
+        shift = beta.double() - per_channel(correction) * scale
+        y = centred * scale.to(x.dtype) + shift.to(x.dtype)
+        active = y.clamp(0, 1).ceil()                                       # the ReLU's mask (one HardSigmoid)
+        quarter = (h // 2) * (w // 2)
+        out = torch.relu(y[:, : 4 * quarter]).reshape(n, 4, quarter, c).sum(1) * 0.25
+        return out.reshape(n, h // 2, w // 2, c), columns, centred, correction.to(x.dtype), rstd.to(x.dtype), active
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, weight, _bias, gamma, _beta, groups, _eps, padding = inputs
+        _out, columns, centred, correction, rstd, active = output
+        ctx.save_for_backward(weight, gamma, columns, centred, correction, rstd, active)
+        ctx.groups, ctx.padding, ctx.in_shape = groups, padding, tuple(x.shape[1:3])
+        ctx.mark_non_differentiable(columns, centred, correction, rstd, active)
+
+    @staticmethod
+    def backward(ctx, grad, *_not_differentiable):
+        weight, gamma, columns, centred, correction, rstd, active = ctx.saved_tensors
+        groups, (ph, pw), (h_in, w_in) = ctx.groups, ctx.padding, ctx.in_shape
+        c, c_in, kh, kw = weight.shape
+        n, hh, wh = grad.shape[0], grad.shape[1], grad.shape[2]
+        p = centred.shape[1]
+        per_group = c // groups
+        # Pooling's backward (a broadcast over the phases; dropped pixels get nothing) and the ReLU's.
+        g = active[:, : 4 * hh * wh].reshape(n, 4, hh * wh, c) * (grad.reshape(n, 1, hh * wh, c) * 0.25)
+        g = g.reshape(n, 4 * hh * wh, c)
+        if p > 4 * hh * wh:
+            g = torch.cat([g, torch.zeros_like(centred[:, 4 * hh * wh:])], 1)
+        # Group norm: input gradient = c1 * g + c2 * centred + c3 (aten's coefficients about the rough mean).
+        ds = (g * centred).sum(1)                                            # [N, C]
+        db = g.sum(1)
+        ds_group = (ds * gamma).reshape(n, groups, per_group).sum(2)
+        db_group = (db * gamma).reshape(n, groups, per_group).sum(2)
+        scale = 1.0 / (p * per_group)
+        c2 = (db_group * correction - ds_group) * rstd * rstd * rstd * scale
+        c3 = -c2 * correction - db_group * rstd * scale
+        c1 = rstd[:, :, None] * gamma.reshape(1, groups, per_group)
+
+        def per_channel(t):
+            return t.reshape(n, groups, -1).expand(n, groups, per_group).reshape(n, 1, c)
+
+        g_z = g * per_channel(c1) + (centred * per_channel(c2) + per_channel(c3))        # [N, P, C]
+        correction_c = per_channel(correction).reshape(n, c)
+        d_gamma = ((ds - db * correction_c) * per_channel(rstd).reshape(n, c)).sum(0)
+        d_beta = db.sum(0)
+        d_bias = g_z.sum((0, 1))
+        d_weight = (columns.transpose(1, 2) @ g_z).sum(0).reshape(kh, kw, c_in, c).permute(3, 2, 0, 1)
+        # Input gradient: for input pixel (y, x) and tap (i, j), the gradient at output (y + ph - i, x + pw - j),
+        # found by its phase-order position, or the zero row past the end where that is outside the map.
+        h, w = h_in + 2 * ph - kh + 1, w_in + 2 * pw - kw + 1
+        _, position = _pooling_order(h, w, grad.device)
+        arange = functools.partial(torch.arange, device=grad.device)
+        yo = arange(h_in)[:, None, None, None] + ph - arange(kh)[None, None, :, None]
+        xo = arange(w_in)[None, :, None, None] + pw - arange(kw)[None, None, None, :]
+        inside = (yo >= 0) & (yo < h) & (xo >= 0) & (xo < w)
+        index = torch.where(inside, position[(yo.clamp(0, h - 1) * w + xo.clamp(0, w - 1))], p).reshape(-1)
+        padded = torch.cat([g_z, torch.zeros_like(g_z[:, :1])], 1)          # [N, P + 1, C]
+        grad_columns = padded.index_select(1, index).reshape(n * h_in * w_in, kh * kw * c)
+        d_x = (grad_columns @ weight.permute(2, 3, 0, 1).reshape(kh * kw * c, c_in)).reshape(n, h_in, w_in, c_in)
+        return d_x, d_weight, d_bias, d_gamma, d_beta, None, None, None
+
+
+def _fusable_later_block(block: nn.Module) -> bool:
+    """A block after the first that :class:`_ChannelsLastBlock` computes: a plain Conv2d with bias and many input
+    channels, an affine GroupNorm, a ReLU and a 2x2 average pooling, nothing else."""
+    if not isinstance(block, nn.Sequential) or len(block) != 4:
+        return False
+    conv, norm, relu, pool = block
+    return (isinstance(conv, nn.Conv2d) and conv.in_channels >= _PIXEL_MAJOR_MIN_CHANNELS and conv.stride == (1, 1)
+            and conv.dilation == (1, 1) and conv.groups == 1 and conv.bias is not None and conv.padding_mode == "zeros"
+            and not isinstance(conv.padding, str) and isinstance(norm, nn.GroupNorm) and norm.affine
+            and isinstance(relu, nn.ReLU) and isinstance(pool, nn.AvgPool2d) and _pair(pool.kernel_size) == (2, 2)
+            and _pair(pool.stride or pool.kernel_size) == (2, 2) and _pair(pool.padding) == (0, 0)
+            and not pool.ceil_mode and pool.divisor_override is None)
+
+
+def _later_block_forward(block: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    conv, norm = block[0], block[1]
+    out = _ChannelsLastBlock.apply(x.permute(0, 2, 3, 1), conv.weight, conv.bias, norm.weight, norm.bias,
+                                   norm.num_groups, norm.eps, tuple(conv.padding))[0]
+    return out.permute(0, 3, 1, 2)   # channels-first for the modules around it; onnxruntime cancels the transposes
+
+
 # ----------------------------------------------------------------- pure functions
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean over the batch of -sum(p * log softmax); one-hot rows give the usual cross-entropy.
@@ -443,19 +593,22 @@ def make_step_fn(model: nn.Module, frozen: Sequence[str], trainable: Sequence[st
                 logit_weight: torch.Tensor) -> torch.Tensor:
         return replay_loss(functional_call(model, {**fixed, **train}, (x,)), targets, ce_weight, logit_weight)
 
+    # The traced step only: the first block without the norm's input gradient, the later ones channels-last.
+    trained = {id(p) for name, p in model.named_parameters() if name in trainable}
     first = _fusable_first_block(model)
-    parameters = dict(model.named_parameters())
-    fused = first is not None and any(parameters[name] is first[0].weight for name in trainable)
+    patches = {first: _first_block_forward} if first is not None and id(first[0].weight) in trained else {}
+    for block in list(getattr(model, "features", []))[1:]:
+        if _fusable_later_block(block) and id(block[0].weight) in trained:
+            patches[block] = _later_block_forward
 
     def step(*args: torch.Tensor):
-        if fused:
-            # The traced step only: the first block's backward without the norm's input gradient.
-            first.forward = functools.partial(_first_block_forward, first)
+        for block, forward in patches.items():
+            block.forward = functools.partial(forward, block)
         try:
             return _step(*args)
         finally:
-            if fused:
-                del first.forward
+            for block in patches:
+                del block.forward
 
     def _step(*args: torch.Tensor):
         fixed = dict(zip(frozen, args[:nf]))

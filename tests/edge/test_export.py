@@ -383,6 +383,118 @@ def test_first_block_equals_autograd(groups, channels_in, pooled):
         assert (got - want).abs().max() <= 4 * (own - want).abs().max() + 1e-5
 
 
+def test_first_block_statistics_stay_accurate_when_the_input_mean_dwarfs_its_spread():
+    """The norm's statistics come from the taps' moments about their own means, so an input with mean 20 and spread
+    1 loses no more digits than PyTorch's float32 group norm: near the ReLU's zero, the fused output's error is at
+    most PyTorch's own (a Gram matrix of the raw taps would lose a factor ~400 to cancellation)."""
+    from edge.exporter import _FirstBlock
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 1, 12, 12, generator=gen, dtype=torch.float64) + 20.0
+    weight = 0.3 * torch.randn(8, 1, 3, 3, generator=gen, dtype=torch.float64)
+    bias, gamma, beta = (torch.randn(8, generator=gen, dtype=torch.float64) for _ in range(3))
+    exact = torch.nn.functional.group_norm(torch.nn.functional.conv2d(x, weight, bias, padding=1), 8, gamma, beta)
+    f32 = [t.float() for t in (x, weight, bias, gamma, beta)]
+    eager = torch.nn.functional.group_norm(torch.nn.functional.conv2d(*f32[:3], padding=1), 8, *f32[3:])
+    fused = _FirstBlock.apply(*f32, 8, 1e-5, (1, 1), False)[0].permute(0, 3, 1, 2)
+    near = exact.abs() < 0.1
+    fused_error = float((fused.double() - exact)[near].abs().max())
+    eager_error = float((eager.double() - exact)[near].abs().max())
+    assert near.sum() > 100 and fused_error <= max(eager_error, 2e-7), (fused_error, eager_error)
+
+
+@pytest.mark.parametrize("kernel,padding,size", [((3, 3), (1, 1), (10, 8)), ((2, 2), (0, 0), (9, 7)),
+                                                 ((5, 3), (2, 1), (8, 6))])
+def test_taps_in_pooling_phases_are_the_row_major_taps_reordered(kernel, padding, size):
+    """The phase-ordered taps (a Gather of whole windows of the input's phases) hold the same columns as the row-major
+    taps, pixel (2y + dy, 2x + dx) at position ((dy * 2 + dx) * H/2 + y) * W/2 + x."""
+    from edge.exporter import _taps_with_ones
+
+    x = torch.randn(2, 2, *size, generator=torch.Generator().manual_seed(3))
+    plain = _taps_with_ones(x, *kernel, *padding)
+    h_out, w_out = size[0] + 2 * padding[0] - kernel[0] + 1, size[1] + 2 * padding[1] - kernel[1] + 1
+    assert h_out % 2 == 0 and w_out % 2 == 0
+    order = torch.arange(h_out * w_out).reshape(h_out // 2, 2, w_out // 2, 2).permute(1, 3, 0, 2).reshape(-1)
+    assert torch.equal(_taps_with_ones(x, *kernel, *padding, pooled=True), plain[:, :, order])
+
+
+def test_relu_masks_become_one_hard_sigmoid_that_gives_the_same_mask():
+    """``Ceil(Clip(x, 0, 1))`` becomes ``HardSigmoid(x, alpha=FLT_MAX)``, which gives 1 for every positive normal float
+    and 0 otherwise; a Clip with other bounds, or whose output is used elsewhere, is left alone."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edge.exporter import _relu_masks_as_hard_sigmoid
+
+    def graph(low: float, extra_use: bool):
+        nodes = [helper.make_node("Clip", ["x", "low", "high"], ["clipped"]), helper.make_node("Ceil", ["clipped"], ["y"])]
+        outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [6])]
+        if extra_use:
+            nodes.append(helper.make_node("Neg", ["clipped"], ["z"]))
+            outputs.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, [6]))
+        inits = [helper.make_tensor("low", TensorProto.FLOAT, [], [low]), helper.make_tensor("high", TensorProto.FLOAT, [], [1.0])]
+        return helper.make_model(helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [6])],
+                                                   outputs, inits), opset_imports=[helper.make_opsetid("", 18)])
+
+    model = graph(0.0, False)
+    assert _relu_masks_as_hard_sigmoid(model) == 1
+    assert [n.op_type for n in model.graph.node] == ["HardSigmoid"]
+    onnx.checker.check_model(model)
+    x = np.array([-3.0, -1e-30, 0.0, 1.2e-38, 1e-7, 7.0], dtype=np.float32)
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(["y"], {"x": x})[0]
+    assert np.array_equal(y, (x > 0).astype(np.float32))
+    for low, extra_use in ((-1.0, False), (0.0, True)):
+        assert _relu_masks_as_hard_sigmoid(graph(low, extra_use)) == 0
+
+
+@pytest.mark.parametrize("size", [(8, 6), (7, 7), (6, 5)])
+def test_pooling_order_lists_every_pixel_once_phases_first(size):
+    from edge.exporter import _pooling_order
+
+    h, w = size
+    order, position = _pooling_order(h, w)
+    assert torch.equal(torch.sort(order).values, torch.arange(h * w))
+    assert torch.equal(position[order], torch.arange(h * w))
+    quarter = (h // 2) * (w // 2)
+    for k, (dy, dx) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
+        ys, xs = order[k * quarter: (k + 1) * quarter] // w, order[k * quarter: (k + 1) * quarter] % w
+        assert torch.equal(ys, 2 * (torch.arange(quarter) // (w // 2)) + dy)
+        assert torch.equal(xs, 2 * (torch.arange(quarter) % (w // 2)) + dx)
+
+
+@pytest.mark.parametrize("groups,size", [(8, (6, 6)), (4, (7, 7)), (8, (5, 6))])
+def test_channels_last_block_equals_autograd(groups, size):
+    """A later block (pixel-major convolution, group norm, ReLU, 2x2 average pooling, channels-last, pixels in phase
+    order, backward written out) gives autograd's output and gradients, the input's included: equal in float64, and
+    in float32 at most a few times autograd's own distance from float64."""
+    from edge.exporter import _ChannelsLastBlock
+
+    gen = torch.Generator().manual_seed(groups + size[1])
+    base = [torch.randn(3, 8, *size, generator=gen, dtype=torch.float64),
+            0.2 * torch.randn(8, 8, 3, 3, generator=gen, dtype=torch.float64),
+            torch.randn(8, generator=gen, dtype=torch.float64),
+            1 + 0.2 * torch.randn(8, generator=gen, dtype=torch.float64),
+            torch.randn(8, generator=gen, dtype=torch.float64)]
+    upstream = torch.randn(3, 8, size[0] // 2, size[1] // 2, generator=gen, dtype=torch.float64)
+
+    def run(dtype, fused):
+        x, weight, bias, gamma, beta = [t.to(dtype).requires_grad_() for t in base]
+        if fused:
+            out = _ChannelsLastBlock.apply(x.permute(0, 2, 3, 1), weight, bias, gamma, beta, groups, 1e-5, (1, 1))[0]
+            out = out.permute(0, 3, 1, 2)
+        else:
+            out = torch.nn.functional.group_norm(torch.nn.functional.conv2d(x, weight, bias, padding=1), groups, gamma, beta)
+            out = torch.nn.functional.avg_pool2d(torch.relu(out), 2)
+        grads = torch.autograd.grad(out, [x, weight, bias, gamma, beta], upstream.to(dtype))
+        return [t.detach().double() for t in (out, *grads)]
+
+    exact = run(torch.float64, False)
+    for got, want in zip(run(torch.float64, True), exact):
+        assert got.shape == want.shape and torch.allclose(got, want, rtol=1e-10, atol=1e-10)
+    for got, own, want in zip(run(torch.float32, True), run(torch.float32, False), exact):
+        assert (got - want).abs().max() <= 4 * (own - want).abs().max() + 1e-5
+
+
 def test_first_block_is_fused_only_for_a_plain_convolution_and_group_norm():
     """The export-only first-block backward applies to ConvNet's conv + instance norm, not to batch norm, no norm or
     networks without a convolutional first block."""

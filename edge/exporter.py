@@ -289,14 +289,13 @@ def _taps_with_ones(x: torch.Tensor, kh: int, kw: int, ph: int, pw: int, pooled:
 
 class _FirstBlock(torch.autograd.Function):
     """The network's first convolution and its group norm (and, with ``pooled``, the ReLU and 2x2 average pooling
-    after them), traced for the step graph with a forward and a backward that never pass over the convolution's
-    output more than the ReLU needs.
+    after them), traced for the step graph with a forward and a backward written out.
 
-    Forward: the norm's statistics come from the input's tap moments (mean: the weight times the taps' means;
-    variance: the weight against the taps' covariance, from their float32 Gram matrix centred in float64), and its
-    scale and shift fold into one weight per image, so the normalised output is one product. With ``pooled`` the
-    pixels come in the pooling's four phases, so pooling is a sum of four contiguous quarters and its backward a
-    broadcast over them.
+    Forward: the norm's statistics come from the filter's response to the taps centred on their means (two sums of
+    it); its scale and shift then fold into one weight per image, so the normalised output is a second product of
+    the same taps instead of a centring, a scaling and a shift over the feature map. With ``pooled`` the pixels
+    come in the pooling's four phases, so pooling is a sum of four contiguous quarters and its backward a broadcast
+    over them.
 
     Backward: the first layer needs no input gradient, and its weight gradient is linear in the norm's input gradient
     ``c1 * g + c2 * y + c3`` (per sample and channel ``c``; ``y`` the convolution's output). Against each tap of the

@@ -345,7 +345,7 @@ class _FirstBlock(torch.autograd.Function):
         stats = (mean_g.to(x.dtype), rstd.to(x.dtype), taps, gram)
         if not pooled:
             return out.reshape(n, h, w, c), *stats, out[:, :0]
-        active = out.clamp(0, 1).ceil()           # the ReLU's mask, for the backward (a Cast of a bool map is slower)
+        active = out.clamp(0, 1).ceil()                                     # the ReLU's mask (one HardSigmoid)
         out = torch.relu(out).reshape(n, 4, -1, c).sum(1) * 0.25
         return out.reshape(n, h // 2, w // 2, c), *stats, active
 
@@ -398,21 +398,30 @@ def _fusable_first_block(model: nn.Module) -> nn.Sequential | None:
     block = features[0]
     if len(block) < 2 or not isinstance(block[0], nn.Conv2d) or not isinstance(block[1], nn.GroupNorm):
         return None
-    conv, norm = block[0], block[1]
-    plain = (conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1 and conv.bias is not None
-             and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
-    return block if plain and norm.affine else None
+    return block if _plain_conv_with_bias(block[0]) and block[1].affine else None
+
+
+def _plain_conv_with_bias(conv: nn.Conv2d) -> bool:
+    """A stride-1, undilated, single-group, zero-padded Conv2d with a bias and numeric padding."""
+    return (conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1 and conv.bias is not None
+            and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
+
+
+def _halving_avg_pool(pool: nn.Module) -> bool:
+    """A floor-mode, unpadded 2x2 average pooling with stride 2."""
+    return (isinstance(pool, nn.AvgPool2d) and _pair(pool.kernel_size) == (2, 2)
+            and _pair(pool.stride or pool.kernel_size) == (2, 2) and _pair(pool.padding) == (0, 0)
+            and not pool.ceil_mode and pool.divisor_override is None)
 
 
 def _pools_by_two(block: nn.Sequential, x: torch.Tensor) -> bool:
     """Whether the fused block goes on with a ReLU and a 2x2 average pooling that tiles its (even-sized) output."""
-    if len(block) < 4 or not isinstance(block[2], nn.ReLU) or not isinstance(block[3], nn.AvgPool2d):
+    if len(block) < 4 or not isinstance(block[2], nn.ReLU) or not _halving_avg_pool(block[3]):
         return False
-    pool, conv = block[3], block[0]
+    conv = block[0]
     h = x.shape[2] + 2 * conv.padding[0] - conv.kernel_size[0] + 1
     w = x.shape[3] + 2 * conv.padding[1] - conv.kernel_size[1] + 1
-    return (_pair(pool.kernel_size) == (2, 2) and _pair(pool.stride or pool.kernel_size) == (2, 2)
-            and _pair(pool.padding) == (0, 0) and pool.divisor_override is None and h % 2 == 0 and w % 2 == 0)
+    return h % 2 == 0 and w % 2 == 0
 
 
 def _first_block_forward(block: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
@@ -546,12 +555,8 @@ def _fusable_later_block(block: nn.Module) -> bool:
     if not isinstance(block, nn.Sequential) or len(block) != 4:
         return False
     conv, norm, relu, pool = block
-    return (isinstance(conv, nn.Conv2d) and conv.in_channels >= _PIXEL_MAJOR_MIN_CHANNELS and conv.stride == (1, 1)
-            and conv.dilation == (1, 1) and conv.groups == 1 and conv.bias is not None and conv.padding_mode == "zeros"
-            and not isinstance(conv.padding, str) and isinstance(norm, nn.GroupNorm) and norm.affine
-            and isinstance(relu, nn.ReLU) and isinstance(pool, nn.AvgPool2d) and _pair(pool.kernel_size) == (2, 2)
-            and _pair(pool.stride or pool.kernel_size) == (2, 2) and _pair(pool.padding) == (0, 0)
-            and not pool.ceil_mode and pool.divisor_override is None)
+    return (isinstance(conv, nn.Conv2d) and conv.in_channels >= _PIXEL_MAJOR_MIN_CHANNELS and _plain_conv_with_bias(conv)
+            and isinstance(norm, nn.GroupNorm) and norm.affine and isinstance(relu, nn.ReLU) and _halving_avg_pool(pool))
 
 
 def _later_block_forward(block: nn.Sequential, x: torch.Tensor) -> torch.Tensor:

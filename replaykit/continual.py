@@ -45,7 +45,7 @@ _BYTES_ONLY = {"downsample", "jpeg"}
 #: Spec options each kind reads, with their type (``bool`` parses strictly from true/false/1/0).
 OPTION_TYPES: dict[str, dict[str, type]] = {
     "distilled": {"learner_aware": bool, "mix": float, "soft": bool, "quality": int, "augment": bool, "logits": bool, "core": float, "fill": str,
-                  "complement": bool, "calibrate": bool},
+                  "complement": bool},
     "downsample": {"factor": int, "mix": float, "bits": int, "augment": bool},
     "jpeg": {"quality": int, "augment": bool, "mix": float},
 }
@@ -127,7 +127,6 @@ class StrategySpec:
             extras += [f"core={self.options['core']}"] if "core" in self.options else []
             extras += [f"fill={self.options['fill']}"] if "fill" in self.options else []
             extras += ["complement"] if self.options.get("complement") else []
-            extras += ["calibrated"] if self.options.get("calibrate") else []
             extras += [f"recompress={self.recompress}"] if self.recompress != "distill" else []
             extras += ["aug"] if self.options.get("augment") else []
             return " ".join([f"distilled-{self.method} {budget}"] + extras)
@@ -380,8 +379,7 @@ def make_strategy(spec: StrategySpec, config: RunConfig, *, progress: bool = Fal
             num_classes=info.num_classes, seed=config.seed, learner_aware=bool(spec.options.get("learner_aware", False)),
             soft_labels=bool(spec.options.get("soft", False)), augment=bool(spec.options.get("augment", False)),
             logits=bool(spec.options.get("logits", False)), core=spec.options.get("core"), fill=str(spec.options.get("fill", "random")),
-            complement=bool(spec.options.get("complement", False)), calibrate_logits=bool(spec.options.get("calibrate", False)),
-            epochs=config.epochs,
+            complement=bool(spec.options.get("complement", False)), epochs=config.epochs,
         )
         plugin = DistilledReplayPlugin(config=buffer, batch_size_mem=config.batch_size_mem, dataset_meta=info.meta(), progress=progress,
                                        mix=float(spec.options.get("mix", 0.5)))

@@ -681,61 +681,6 @@ def test_complement_needs_a_hybrid_core_and_dm():
         BufferConfig(max_size=40, method="dm", core=0.5, num_classes=10, recompress="prefix", complement="True")
 
 
-def _trained_learner(x: torch.Tensor, y: torch.Tensor) -> ConvNet:
-    with seeded(0):
-        learner = ConvNet(x.shape[1:], 10, width=8, depth=2)
-    train_classifier(learner, x, y, epochs=2, seed=0)
-    return learner
-
-
-def test_calibrated_logits_rescale_only_the_learned_core_to_the_learner_s_scale_on_real_images(digits):
-    x, y = digits
-    learner = _trained_learner(x, y)
-    common = dict(max_size=40, method="dm", method_options={"iterations": 30, "real_batch": 16, "width": 8}, core=0.5,
-                  recompress="prefix", num_classes=10, seed=1, logits=True, storage="uint8")
-    own, calibrated = (DistilledBuffer(config=BufferConfig(**common, calibrate_logits=c), dataset_meta=DIGITS, progress=False)
-                       for c in (False, True))
-    a = y < 2
-    for policy in (own, calibrated):
-        policy.update_from_tensors(x[a], y[a], learner=learner)
-    assert torch.equal(own.synthetic.images, calibrated.synthetic.images)  # the same images: only their logits differ
-    for cls in (0, 1):
-        rows = own.synthetic.indices_of(cls)
-        theirs, ours = own.synthetic.logits[rows], calibrated.synthetic.logits[rows]
-        assert torch.equal(ours[2:], theirs[2:])  # the real fill keeps the learner's own logits
-        with torch.no_grad():
-            learner.eval()
-            scale = learner(x[y == cls]).norm(dim=1).mean()
-        ratio = theirs[:2].norm(dim=1) / scale
-        assert (ratio - 1).abs().min() > 0.02  # the learned core's own logits are off the real images' scale (3-7 % here)
-        torch.testing.assert_close(ours[:2].norm(dim=1), scale.expand(2), rtol=0.005, atol=0)  # int8 rows: 1/127 steps
-        torch.testing.assert_close(torch.nn.functional.cosine_similarity(ours[:2], theirs[:2]), torch.ones(2), rtol=0, atol=1e-3)
-
-
-def test_calibration_leaves_a_selecting_twin_as_it_was(digits):
-    x, y = digits
-    learner = _trained_learner(x, y)
-    common = dict(max_size=20, method="random", recompress="prefix", num_classes=10, seed=4, logits=True, storage="uint8")
-    plain, calibrated = (DistilledBuffer(config=BufferConfig(**common, calibrate_logits=c), dataset_meta=DIGITS, progress=False)
-                         for c in (False, True))
-    for policy in (plain, calibrated):
-        policy.update_from_tensors(x[y < 2], y[y < 2], learner=learner)
-    assert torch.equal(plain.synthetic.images, calibrated.synthetic.images)
-    assert torch.equal(plain.synthetic.logits, calibrated.synthetic.logits)
-
-
-def test_calibrated_logits_need_logits_and_reach_the_policy_from_a_spec():
-    with pytest.raises(ValueError, match="calibrate_logits .* needs logits=True"):
-        BufferConfig(max_size=40, method="dm", num_classes=10, recompress="prefix", core=0.5, calibrate_logits=True)
-    with pytest.raises(ValueError, match="calibrate_logits='yes' must be bool"):
-        BufferConfig(max_size=40, method="dm", num_classes=10, recompress="prefix", logits=True, calibrate_logits="yes")
-    strategy = make_strategy(StrategySpec("distilled", 40, "dm", {"iterations": 2}, recompress="prefix",
-                                          options={"core": 0.5, "logits": True, "calibrate": True}), CONFIG)
-    policy = next(p.storage_policy for p in strategy.plugins if isinstance(p, DistilledReplayPlugin))
-    assert policy.calibrate_logits is True and policy.resolved.calibrate_logits is True
-    assert "calibrated" in StrategySpec("distilled", 40, "dm", options={"logits": True, "calibrate": True}).label
-
-
 def test_core_options_are_checked():
     with pytest.raises(ValueError, match="fill must be a selecting method"):
         DistilledBuffer(40, method="dm", core=0.5, num_classes=10, recompress="prefix", fill="dm")

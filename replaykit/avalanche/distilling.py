@@ -18,20 +18,6 @@ from .parts import _downsampled, _float16_rows, _match_rows
 __all__ = ["ClassDistiller"]
 
 
-def _logits_of(learner: torch.nn.Module, images: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
-    """The learner's outputs on ``images`` in eval mode (``batch_size`` at a time; all at once by default), computed
-    where it lives and returned on the host."""
-    was_training = learner.training
-    learner.eval()
-    step = batch_size or max(1, len(images))
-    try:
-        with torch.no_grad():
-            device = module_device(learner)
-            return torch.cat([learner(images[i:i + step].to(device)).cpu() for i in range(0, len(images), step)])
-    finally:
-        learner.train(was_training)
-
-
 class DistillationError(RuntimeError):
     """Distilling one class of an experience failed; the message names the class and the reason."""
 
@@ -54,18 +40,14 @@ class ClassDistiller:
     storage: str
     soft_temperature: float
     learner_aware: bool
-    calibrate_logits: bool
     recompress: str
     workers: int | None
     group: Any
     _updates: int
 
     def _distill_new_classes(self, images: torch.Tensor, labels: torch.Tensor, classes: list[int], quotas: dict[int, int],
-                             k: int) -> dict[int, tuple[SyntheticBuffer, int]]:
-        """One distillation per new class: here, or sharded over ``workers`` / ``group`` (same seeds, same bytes).
-
-        Each class maps to its images and how many of the first ones a learning method made (0 for a selecting one;
-        the rest are a hybrid's real fill)."""
+                             k: int) -> dict[int, SyntheticBuffer]:
+        """One distillation per new class: here, or sharded over ``workers`` / ``group`` (same seeds, same bytes)."""
         masks = {c: labels == c for c in classes}
         ipcs = {c: min(quotas[c], int(masks[c].sum())) for c in classes}
         cores = {c: min(ipcs[c], self.core_ipc()) for c in classes} if self.core is not None else ipcs
@@ -82,10 +64,9 @@ class ClassDistiller:
             jobs = [ClassJob(self.method, dict(self.method_options, device=self._device(), **extra.get(c, {})), cores[c], self._class_seed(c),
                              images[masks[c]], labels[masks[c]], k, dict(self.dataset_meta)) for c in classes]
             parts = dict(zip(classes, distill_per_class(jobs, workers=self.workers, group=self.group, all_ranks=self.group is not None)))
-        learned = {c: 0 if getattr(_distill.REGISTRY[self.method], "selects", False) else len(parts[c]) for c in classes}
-        if self.core is not None:
-            parts = {c: parts[c] if fills[c] is None else SyntheticBuffer.concat([parts[c], fills[c]], meta=parts[c].meta) for c in classes}
-        return {c: (parts[c], learned[c]) for c in classes}
+        if self.core is None:
+            return parts
+        return {c: parts[c] if fills[c] is None else SyntheticBuffer.concat([parts[c], fills[c]], meta=parts[c].meta) for c in classes}
 
     def core_ipc(self) -> int:
         """Distilled images per class with ``core``: its share of the final quota ``max_size // num_classes`` (at least 1)."""
@@ -111,22 +92,14 @@ class ClassDistiller:
     def _class_seed(self, cls: int) -> int:
         return self.seed * 1_000_003 + self._updates * 1009 + cls
 
-    def _learner_outputs(self, part: SyntheticBuffer, learner: torch.nn.Module, k: int, learned: int = 0,
-                         real: torch.Tensor | None = None) -> torch.Tensor:
-        """The learner's logits ``[N, k]`` on the images of ``part`` as they will be replayed (stored, then decoded).
-
-        With ``calibrate_logits``, the rows of the first ``learned`` images (what a learning method made) are rescaled
-        to the mean norm of the learner's logits on ``real``, the class's real images. Why: a learned image lies off
-        the data the learner was trained on and its logits come out at another scale, which the replayed MSE term would
-        then teach the network; the direction, the dark knowledge, stays."""
-        images = part.with_meta(**self._storage_meta()).quantized(self.storage).decoded_images()
-        logits = _logits_of(learner, images)
-        if self.calibrate_logits and learned:
-            if real is None or not len(real):
-                raise ValueError("calibrate_logits needs the class's real images to take the learner's logit scale from")
-            scale = _logits_of(learner, real, batch_size=512).norm(dim=1).mean()
-            rows = logits[:learned]
-            logits[:learned] = rows * (scale / rows.norm(dim=1, keepdim=True).clamp_min(torch.finfo(rows.dtype).tiny))
+    def _learner_outputs(self, part: SyntheticBuffer, learner: torch.nn.Module, k: int) -> torch.Tensor:
+        """The learner's logits ``[N, k]`` on the images of ``part`` as they will be replayed (stored, then decoded)."""
+        was_training = learner.training
+        learner.eval()
+        with torch.no_grad():  # computed where the learner lives, kept on the host with the buffer
+            images = part.with_meta(**self._storage_meta()).quantized(self.storage).decoded_images()
+            logits = learner(images.to(module_device(learner))).cpu()
+        learner.train(was_training)
         if logits.shape[1] != k:
             logits = torch.nn.functional.pad(logits, (0, k - logits.shape[1]), value=-1e4)[:, :k]
         return logits

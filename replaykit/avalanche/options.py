@@ -54,7 +54,6 @@ class BufferConfig:
     core: float | None = None
     fill: str = "random"
     complement: bool = False
-    calibrate_logits: bool = False
     epochs: int = 1
 
     def __post_init__(self) -> None:
@@ -109,8 +108,6 @@ class BufferConfig:
             raise ValueError("complement learns a hybrid memory's core beside its real fill: it needs core below 1")
         if self.complement and not getattr(_distill.REGISTRY[self.method], "learns_beside", False):
             raise ValueError(f"complement needs a method that matches beside fixed images (dm), not {self.method!r}")
-        if self.calibrate_logits and not self.logits:
-            raise ValueError("calibrate_logits rescales the logits held for learned images: it needs logits=True")
         if self.logits and not self.num_classes:
             raise ValueError("logits needs num_classes (the size of the learner's output)")
         if self.logits and self.recompress == "distill" and not getattr(_distill.REGISTRY[self.method], "selects", False):
@@ -184,7 +181,7 @@ _TYPES: dict[str, tuple[type, bool]] = {
     "recompress": (str, True), "storage": (str, True), "jpeg_quality": (int, True), "num_classes": (int, False),
     "seed": (int, True), "learner_aware": (bool, True), "soft_labels": (bool, True), "soft_temperature": (float, True),
     "augment": (bool, True), "logits": (bool, True), "core": (float, False), "fill": (str, True), "complement": (bool, True),
-    "calibrate_logits": (bool, True), "epochs": (int, True),
+    "epochs": (int, True),
 }
 
 

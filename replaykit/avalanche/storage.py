@@ -106,11 +106,6 @@ class DistilledBuffer(ClassDistiller, ExemplarsBuffer):
         complement (set through ``config``): the fill is picked first and the core is learned beside the part of it
             every class keeps (``dm`` matches the class against core and fill together), so the distilled images add
             what the real ones lack rather than their mean again. Needs ``core`` below 1.
-        calibrate_logits (set through ``config``): with ``logits``, the logits held for a learned image (what a
-            learning method made, not a selected or filled real one) are rescaled to the mean norm of the learner's
-            logits on the class's real images: a learned image's logits come out at another scale, which the replayed
-            MSE term would teach. Selected real images keep theirs, so a selecting twin is unchanged by it. Needs
-            ``logits``.
         epochs: epochs per experience of the strategy this buffer serves; ``method="auto"`` chooses for them
             (:func:`replaykit.memory_choice.choose_memory`) and the plugin refuses a strategy that trains otherwise.
         distill_device: where distillation runs. ``None`` (default): the strategy's device
@@ -136,7 +131,6 @@ class DistilledBuffer(ClassDistiller, ExemplarsBuffer):
     core = _Resolved()
     fill = _Resolved()
     complement = _Resolved()
-    calibrate_logits = _Resolved()
     epochs = _Resolved()
 
     def __init__(
@@ -265,12 +259,12 @@ class DistilledBuffer(ClassDistiller, ExemplarsBuffer):
         distilled = self._distill_new_classes(images, labels, new_classes, quotas, k)
         for cls in bar:
             bar.set_postfix(cls=cls, ipc=quotas[cls])
-            fresh, learned = distilled[cls]
+            fresh = distilled[cls]
             self._check_budget(fresh)
             if self.soft_labels and learner is not None:
                 fresh = self._learner_labels(fresh, learner, k)
             if self.logits:
-                fresh = fresh.with_logits(self._learner_outputs(fresh, learner, k, learned, images[labels == cls]))
+                fresh = fresh.with_logits(self._learner_outputs(fresh, learner, k))
             if held is not None and cls in held.classes:  # new data for a class already held
                 joined = SyntheticBuffer.concat([_pad(held.select_classes([cls]), k), fresh])
                 fresh = self._recompress(joined, {cls: quotas[cls]}, desc=f"{exp_tag} merge")

@@ -87,6 +87,11 @@ def _conv_weight_grad(grad, inp, kh: int, kw: int, ph: int, pw: int) -> torch.Te
 _PIXEL_MAJOR_MIN_CHANNELS = 8
 
 
+def _conv_output_size(h: int, w: int, kh: int, kw: int, ph: int, pw: int) -> tuple[int, int]:
+    """The output height and width of a stride-1, undilated convolution with a ``kh x kw`` kernel and ``ph, pw`` padding."""
+    return h + 2 * ph - kh + 1, w + 2 * pw - kw + 1
+
+
 def _pixel_major_columns(nhwc: torch.Tensor, kh: int, kw: int, ph: int, pw: int,
                          order: torch.Tensor | None = None) -> torch.Tensor:
     """im2col with pixels as rows: channels-last [N, H, W, C] -> [N, H_out*W_out, kh*kw*C] for a stride-1
@@ -98,7 +103,7 @@ def _pixel_major_columns(nhwc: torch.Tensor, kh: int, kw: int, ph: int, pw: int,
     flattened, padded, channels-last map (whole channel runs per copy); nine Slices and a Concat of the same
     columns took three times as long."""
     n, h, w, c = nhwc.shape
-    h_out, w_out = h + 2 * ph - kh + 1, w + 2 * pw - kw + 1
+    h_out, w_out = _conv_output_size(h, w, kh, kw, ph, pw)
     flat = F.pad(nhwc, (0, 0, pw, pw, ph, ph)).reshape(n, -1, c)                          # [N, Hp*Wp, C]
     arange = functools.partial(torch.arange, device=nhwc.device)
     if order is None:
@@ -122,7 +127,7 @@ def _convolution(inp, weight, bias, stride, padding, dilation, transposed, outpu
     n = inp.shape[0]
     c_out, c_in, kh, kw = weight.shape
     columns = _pixel_major_columns(inp.permute(0, 2, 3, 1), kh, kw, padding[0], padding[1])
-    h_out, w_out = inp.shape[2] + 2 * padding[0] - kh + 1, inp.shape[3] + 2 * padding[1] - kw + 1
+    h_out, w_out = _conv_output_size(inp.shape[2], inp.shape[3], kh, kw, *padding)
     out = columns.reshape(-1, kh * kw * c_in) @ weight.permute(0, 2, 3, 1).reshape(c_out, -1).t()
     if bias is not None:
         out = out + bias
@@ -266,7 +271,7 @@ def _taps_with_ones(x: torch.Tensor, kh: int, kw: int, ph: int, pw: int, pooled:
     map. There a tap of one phase is a window of one of the padded input's own four phases, so the taps are a few
     windows and one Gather of whole windows (a Gather per pixel took 0.7 ms on MNIST, this 0.1)."""
     n, c, h, w = x.shape
-    h_out, w_out = h + 2 * ph - kh + 1, w + 2 * pw - kw + 1
+    h_out, w_out = _conv_output_size(h, w, kh, kw, ph, pw)
     if not pooled:
         padded = F.pad(x, (pw, pw, ph, ph))
         taps = torch.stack([padded[:, :, i: i + h_out, j: j + w_out] for i in range(kh) for j in range(kw)], 2)
@@ -307,7 +312,7 @@ class _FirstBlock(torch.autograd.Function):
     def forward(x, weight, bias, gamma, beta, groups: int, eps: float, padding: tuple[int, int], pooled: bool):
         n, c = x.shape[0], weight.shape[0]
         kh, kw = weight.shape[2], weight.shape[3]
-        h, w = x.shape[2] + 2 * padding[0] - kh + 1, x.shape[3] + 2 * padding[1] - kw + 1
+        h, w = _conv_output_size(x.shape[2], x.shape[3], kh, kw, *padding)
         taps = _taps_with_ones(x, kh, kw, padding[0], padding[1], pooled)   # [N, T+1, P]
         t = taps.shape[1] - 1
         # Taps about their own float32-rounded means ``r`` (the ones row kept), for the statistics and the product:
@@ -419,8 +424,7 @@ def _pools_by_two(block: nn.Sequential, x: torch.Tensor) -> bool:
     if len(block) < 4 or not isinstance(block[2], nn.ReLU) or not _halving_avg_pool(block[3]):
         return False
     conv = block[0]
-    h = x.shape[2] + 2 * conv.padding[0] - conv.kernel_size[0] + 1
-    w = x.shape[3] + 2 * conv.padding[1] - conv.kernel_size[1] + 1
+    h, w = _conv_output_size(x.shape[2], x.shape[3], *conv.kernel_size, *conv.padding)
     return h % 2 == 0 and w % 2 == 0
 
 
@@ -466,7 +470,7 @@ class _ChannelsLastBlock(torch.autograd.Function):
     def forward(x, weight, bias, gamma, beta, groups: int, eps: float, padding: tuple[int, int]):
         n, h_in, w_in, c_in = x.shape
         c, _, kh, kw = weight.shape
-        h, w = h_in + 2 * padding[0] - kh + 1, w_in + 2 * padding[1] - kw + 1
+        h, w = _conv_output_size(h_in, w_in, kh, kw, *padding)
         order, _ = _pooling_order(h, w, x.device)
         columns = _pixel_major_columns(x, kh, kw, padding[0], padding[1], order)            # [N, P, kh*kw*Ci]
         z = (columns.reshape(-1, kh * kw * c_in) @ weight.permute(0, 2, 3, 1).reshape(c, -1).t() + bias).reshape(n, h * w, c)
@@ -536,7 +540,7 @@ class _ChannelsLastBlock(torch.autograd.Function):
         d_weight = (columns.transpose(1, 2) @ g_z).sum(0).reshape(kh, kw, c_in, c).permute(3, 2, 0, 1)
         # Input gradient: for input pixel (y, x) and tap (i, j), the gradient at output (y + ph - i, x + pw - j),
         # found by its phase-order position, or the zero row past the end where that is outside the map.
-        h, w = h_in + 2 * ph - kh + 1, w_in + 2 * pw - kw + 1
+        h, w = _conv_output_size(h_in, w_in, kh, kw, ph, pw)
         _, position = _pooling_order(h, w, grad.device)
         arange = functools.partial(torch.arange, device=grad.device)
         yo = arange(h_in)[:, None, None, None] + ph - arange(kh)[None, None, :, None]

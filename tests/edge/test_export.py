@@ -389,6 +389,15 @@ def test_first_block_equals_autograd(groups, channels_in, pooled):
     _assert_equals_autograd(run)
 
 
+def _conv_group_norm_references(x, weight, bias, gamma, beta):
+    """A padded 3x3 convolution and an 8-group norm of float64 inputs: the float64 result, the inputs in float32, and
+    PyTorch's float32 result (the error a fused form is held to)."""
+    exact = torch.nn.functional.group_norm(torch.nn.functional.conv2d(x, weight, bias, padding=1), 8, gamma, beta)
+    f32 = [t.float() for t in (x, weight, bias, gamma, beta)]
+    eager = torch.nn.functional.group_norm(torch.nn.functional.conv2d(*f32[:3], padding=1), 8, *f32[3:])
+    return exact, f32, eager
+
+
 def test_first_block_statistics_stay_accurate_when_the_input_mean_dwarfs_its_spread():
     """The norm's statistics come from the taps' moments about their own means, so an input with mean 20 and spread
     1 loses no more digits than PyTorch's float32 group norm: near the ReLU's zero, the fused output's error is at
@@ -399,9 +408,7 @@ def test_first_block_statistics_stay_accurate_when_the_input_mean_dwarfs_its_spr
     x = torch.randn(16, 1, 12, 12, generator=gen, dtype=torch.float64) + 20.0
     weight = 0.3 * torch.randn(8, 1, 3, 3, generator=gen, dtype=torch.float64)
     bias, gamma, beta = (torch.randn(8, generator=gen, dtype=torch.float64) for _ in range(3))
-    exact = torch.nn.functional.group_norm(torch.nn.functional.conv2d(x, weight, bias, padding=1), 8, gamma, beta)
-    f32 = [t.float() for t in (x, weight, bias, gamma, beta)]
-    eager = torch.nn.functional.group_norm(torch.nn.functional.conv2d(*f32[:3], padding=1), 8, *f32[3:])
+    exact, f32, eager = _conv_group_norm_references(x, weight, bias, gamma, beta)
     fused = _FirstBlock.apply(*f32, 8, 1e-5, (1, 1), False)[0].permute(0, 3, 1, 2)
     near = exact.abs() < 0.1
     fused_error = float((fused.double() - exact)[near].abs().max())
@@ -414,7 +421,7 @@ def test_first_block_statistics_stay_accurate_on_images_with_correlated_pixels()
     its taps: a variance taken as w' Cov w from a float32 Gram matrix lost most digits there (1.7e-4 off float64 on
     MNIST; here 2.4e-5 against PyTorch's 1.9e-6). Digit-like images (flat background, smooth strokes) and an edge
     filter, run by onnxruntime: the fused output stays within a few times PyTorch's own float32 error."""
-    from edge.exporter import _FirstBlock
+    from edge.exporter import _FirstBlock, trace_to_onnx
 
     gen = torch.Generator().manual_seed(1)
     noise = torch.randn(16, 1, 20, 20, generator=gen, dtype=torch.float64)
@@ -424,10 +431,7 @@ def test_first_block_statistics_stay_accurate_on_images_with_correlated_pixels()
     edge_filter = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], dtype=torch.float64)
     weight = edge_filter.expand(8, 1, 3, 3) * (1 + 0.1 * torch.randn(8, 1, 1, 1, generator=gen, dtype=torch.float64))
     bias, gamma, beta = (torch.randn(8, generator=gen, dtype=torch.float64) for _ in range(3))
-    exact = torch.nn.functional.group_norm(torch.nn.functional.conv2d(x, weight, bias, padding=1), 8, gamma, beta)
-    f32 = [t.float() for t in (x, weight, bias, gamma, beta)]
-    eager = torch.nn.functional.group_norm(torch.nn.functional.conv2d(*f32[:3], padding=1), 8, *f32[3:])
-    from edge.exporter import trace_to_onnx
+    exact, f32, eager = _conv_group_norm_references(x, weight, bias, gamma, beta)
 
     def block(*args):
         return _FirstBlock.apply(*args, 8, 1e-5, (1, 1), False)[0].permute(0, 3, 1, 2)

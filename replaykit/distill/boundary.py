@@ -23,7 +23,7 @@ from ..typed import check_positive_int
 from .base import DistillResult
 from .dm import MatchingDistiller
 from .features import class_index, derive_seed
-from .random_subset import RandomSubset
+from .random_subset import random_picks
 
 __all__ = ["BoundaryAnchors"]
 
@@ -129,7 +129,8 @@ class BoundaryAnchors(MatchingDistiller):
     def _start_images(self, images: torch.Tensor, labels: torch.Tensor, classes: list[int], num_classes: int) -> torch.Tensor:
         """The real images each class starts from, ``ipc`` per class in class order, at the stored resolution."""
         if self.start == "random":  # the random twin's own picks, in its order
-            picked = RandomSubset(self.ipc, seed=self.seed).distill(images, labels, num_classes=num_classes).images
+            picks = random_picks(labels, classes, self.ipc, self.seed)
+            picked = torch.cat([images[picks[c]] for c in classes])
             return torch.nn.functional.avg_pool2d(picked, self.factor) if self.factor > 1 else picked
         gens = {c: torch.Generator().manual_seed(derive_seed(self.seed, c, 1)) for c in classes}
         return torch.cat([self._initial_images(images, class_index(labels, c), c, gens[c]) for c in classes])

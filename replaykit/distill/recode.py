@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import torch
 
+from .base import DistillResult
 from .dm import MatchingDistiller
+from .random_subset import random_picks
 from ..typed import check_positive_int
 
 __all__ = ["Recode"]
@@ -26,24 +28,36 @@ class Recode(MatchingDistiller):
     Extra args (besides :class:`~replaykit.distill.dm.MatchingDistiller`'s; set ``jpeg_quality`` or ``bits`` /
     ``factor`` to the buffer's storage, else there is nothing to learn):
         pairs: images per class matched per iteration (a random subset of the class's set).
-    ``init`` is ``"herding"`` (default) or ``"real"`` (a seeded random draw); ``real_batch`` is not used.
+    ``init`` is ``"herding"`` (default), ``"real"`` (a seeded random draw) or ``"random"``: exactly the images the
+    ``random`` method keeps with the same seed and count, i.e. what a buffer's random twin holds, so the comparison
+    with that twin is paired and measures what the re-learning alone adds. ``real_batch`` is not used.
     """
 
     name = "recode"
 
     def __init__(self, ipc: int = 10, *, pairs: int = 64, init: str = "herding", iterations: int = 200, **options) -> None:
-        if init not in ("herding", "real"):
-            raise ValueError(f"recode starts from real images: init must be 'herding' or 'real', got {init!r}")
+        if init not in ("herding", "real", "random"):
+            raise ValueError(f"recode starts from real images: init must be 'herding', 'real' or 'random', got {init!r}")
         if options.pop("batch_classes", None):
             raise ValueError("recode matches each class's own pairs: batch_classes=True is not supported")
         check_positive_int("pairs", pairs)
-        super().__init__(ipc, init=init, iterations=iterations, batch_classes=False, **options)
+        super().__init__(ipc, init="real" if init == "random" else init, iterations=iterations, batch_classes=False, **options)
+        self.init = init
         self.pairs = pairs
         self._origin: dict[int, torch.Tensor] = {}
+        self._twin: dict[int, torch.Tensor] = {}
+
+    def _distill(self, images: torch.Tensor, labels: torch.Tensor, classes: list[int], num_classes: int) -> DistillResult:
+        self._twin = random_picks(labels, classes, self.ipc, self.seed) if self.init == "random" else {}
+        try:
+            return super()._distill(images, labels, classes, num_classes)
+        finally:
+            self._twin = {}
 
     def _start_index(self, images: torch.Tensor, index: torch.Tensor, cls: int) -> torch.Tensor:
-        self._origin[cls] = super()._start_index(images, index, cls)  # each learned image keeps its original
-        return self._origin[cls]
+        picked = self._twin[cls] if self.init == "random" else super()._start_index(images, index, cls)
+        self._origin[cls] = picked  # each learned image keeps its original
+        return picked
 
     def _class_pair(self, images: torch.Tensor, index: torch.Tensor, syn: torch.Tensor, gen: torch.Generator,
                     cls: int) -> tuple[torch.Tensor, torch.Tensor]:

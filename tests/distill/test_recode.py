@@ -33,6 +33,21 @@ def test_recode_codes_look_more_like_their_originals_than_plain_jpeg(digits):
     assert distance(learned.images) < 0.9 * distance(originals)
 
 
+def test_recode_from_random_starts_from_exactly_the_random_methods_picks(digits):
+    """``init="random"`` re-learns what a buffer's random twin holds (same seed, same count, same order), and learns."""
+    x, y = digits
+    meta = dataset_info("digits").meta()
+    twin = distill.make("random", ipc=7, seed=3, progress=False).distill(x, y, meta=meta)
+    options = dict(ipc=7, jpeg_quality=10, width=16, depth=2, seed=3, progress=False, init="random")
+    start = distill.make("recode", iterations=1, lr=1e-12, **options).distill(x, y, meta=meta)
+    assert torch.equal(start.class_ids, twin.class_ids)
+    assert torch.allclose(start.images, twin.images, atol=1e-6)
+    learned = distill.make("recode", iterations=10, **options).distill(x, y, meta=meta)
+    assert (learned.images - twin.images).abs().amax() > 1e-2
+    herding = distill.make("recode", iterations=1, lr=1e-12, **dict(options, init="herding")).distill(x, y, meta=meta)
+    assert not torch.allclose(herding.images, twin.images)  # the option changes the start
+
+
 def test_recode_rejects_options_it_cannot_honour():
     with pytest.raises(ValueError, match="init"):
         distill.make("recode", init="noise")

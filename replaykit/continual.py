@@ -45,7 +45,7 @@ _BYTES_ONLY = {"downsample", "jpeg"}
 #: Spec options each kind reads, with their type (``bool`` parses strictly from true/false/1/0).
 OPTION_TYPES: dict[str, dict[str, type]] = {
     "distilled": {"learner_aware": bool, "mix": float, "soft": bool, "quality": int, "augment": bool, "logits": bool, "core": float, "fill": str,
-                  "complement": bool},
+                  "complement": bool, "alpha": float},
     "downsample": {"factor": int, "mix": float, "bits": int, "augment": bool},
     "jpeg": {"quality": int, "augment": bool, "mix": float},
 }
@@ -68,8 +68,8 @@ class StrategySpec:
     The budget is ``mem_size`` images or ``mem_bytes`` bytes (distilled and compressed replay).
     ``options``: ``factor`` / ``quality`` for compressed replay; for distilled replay
     ``learner_aware`` and ``logits`` (bools: the learner as a feature extractor; its logits held and
-    replayed DER-style) besides the method's own ``method_options``; ``augment`` (bool) for
-    both: replayed images go through DSA's random transforms.
+    replayed DER-style, with weight ``alpha``, DER's alpha, default 0.1) besides the method's own
+    ``method_options``; ``augment`` (bool) for both: replayed images go through DSA's random transforms.
     """
 
     kind: str
@@ -96,6 +96,8 @@ class StrategySpec:
             _check_type(key, value, types[key])
         if self.kind == "distilled":
             check_method_options(self.method, self.method_options)
+            if "alpha" in self.options and not self.options.get("logits"):
+                raise ValueError("option 'alpha' weights the held logits' replay: it needs logits=1")
         elif self.method_options:
             raise ValueError(f"method_options {sorted(self.method_options)} mean nothing for strategy {self.kind!r}")
 
@@ -123,6 +125,7 @@ class StrategySpec:
             extras += ["learner"] if self.options.get("learner_aware") else []
             extras += ["soft"] if self.options.get("soft") else []
             extras += ["logits"] if self.options.get("logits") else []
+            extras += [f"alpha={self.options['alpha']}"] if "alpha" in self.options else []
             extras += [f"mix={self.options['mix']}"] if "mix" in self.options else []
             extras += [f"core={self.options['core']}"] if "core" in self.options else []
             extras += [f"fill={self.options['fill']}"] if "fill" in self.options else []
@@ -382,7 +385,7 @@ def make_strategy(spec: StrategySpec, config: RunConfig, *, progress: bool = Fal
             complement=bool(spec.options.get("complement", False)), epochs=config.epochs,
         )
         plugin = DistilledReplayPlugin(config=buffer, batch_size_mem=config.batch_size_mem, dataset_meta=info.meta(), progress=progress,
-                                       mix=float(spec.options.get("mix", 0.5)))
+                                       mix=float(spec.options.get("mix", 0.5)), logit_loss_weight=float(spec.options.get("alpha", 0.1)))
     return Naive(plugins=[plugin], **common)
 
 

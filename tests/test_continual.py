@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from replaykit.continual import KINDS, RunConfig, StrategySpec, class_order, forgetting, make_stream, parse_spec, run
+from replaykit.continual import KINDS, RunConfig, StrategySpec, class_order, forgetting, make_stream, make_strategy, parse_spec, run
 
 CONFIG = RunConfig(dataset="digits", epochs=2, width=8, depth=2, batch_size=32, batch_size_mem=32, seed=1)
 
@@ -52,6 +52,20 @@ def test_parse_spec_and_labels():
     assert parse_spec("jpeg:78500B:quality=2:mix=0.5").label == "jpeg q2 78500B mix=0.5"
     with pytest.raises(ValueError, match="budget in bytes"):
         parse_spec("downsample:100")
+    with pytest.raises(ValueError, match="needs logits=1"):
+        parse_spec("distilled:7850B:random:jpeg:quality=2:alpha=0.3")
+
+
+def test_alpha_reaches_the_logit_replay_weight():
+    """``alpha`` (DER's weight on the held logits) is part of the spec and what the strategy's logit replay uses."""
+    spec = parse_spec("distilled:7850B:random:jpeg:quality=2:logits=1:mix=0.5:alpha=0.3")
+    assert spec.label == "distilled-random 7850B jpeg q2 logits alpha=0.3 mix=0.5"
+    assert spec.identity != parse_spec("distilled:7850B:random:jpeg:quality=2:logits=1:mix=0.5").identity
+    config = RunConfig(dataset="digits", width=8, train_per_class=5, test_per_class=2)
+    weights = [p.logit_loss_weight for p in make_strategy(spec, config).plugins if hasattr(p, "logit_loss_weight")]
+    default = [p.logit_loss_weight for p in make_strategy(parse_spec("distilled:7850B:random:jpeg:quality=2:logits=1"), config).plugins
+               if hasattr(p, "logit_loss_weight")]
+    assert weights == [0.3] and default == [0.1]
     with pytest.raises(ValueError, match="mean nothing"):
         parse_spec("replay:100:factor=2")
 

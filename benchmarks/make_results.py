@@ -45,14 +45,14 @@ SELECTIONS = ("random", "herding", "kcenter")
 README_IMAGES_PER_CLASS = (1, 10)
 
 TEXT = {
-    "intro": [
-        "Written by `python benchmarks/make_results.py` from the JSON files in `benchmarks/results/`; do not edit by hand",
-        "(`tests/benchmarks/test_make_results.py` fails when this page and the JSON disagree). How every figure is",
-        "measured: [PROTOCOL.md](PROTOCOL.md). The dated journal of how these results were reached, including",
+    "intro": [  # one line per paragraph: the page is capped at MAX_LINES
+        "Written by `python benchmarks/make_results.py` from the JSON files in `benchmarks/results/`; do not edit by hand "
+        "(`tests/benchmarks/test_make_results.py` fails when this page and the JSON disagree). How every figure is "
+        "measured: [PROTOCOL.md](PROTOCOL.md). The dated journal of how these results were reached, including "
         "superseded runs: [log/JOURNAL.md](log/JOURNAL.md).",
         "",
-        "Accuracy is % on the real test set; `a ± b` is the mean and standard deviation (population, as the benchmark",
-        "scripts compute it) over the seeds or networks named; *bytes* are everything a buffer holds (pixels at their",
+        "Accuracy is % on the real test set; `a ± b` is the mean and standard deviation (population, as the benchmark "
+        "scripts compute it) over the seeds or networks named; *bytes* are everything a buffer holds (pixels at their "
         "stored precision, labels, logits, codec state), *images* how many images those bytes hold.",
     ],
     "class_incremental": "Five experiences of two classes, one head, ConvNet-3; every strategy in a table has the same "

@@ -98,6 +98,8 @@ class StrategySpec:
             check_method_options(self.method, self.method_options)
             if "alpha" in self.options and not self.options.get("logits"):
                 raise ValueError("option 'alpha' weights the held logits' replay: it needs logits=1")
+            if not 0 <= self.options.get("alpha", 0.1) < float("inf"):
+                raise ValueError(f"option 'alpha' must be >= 0 and finite, got {self.options['alpha']!r}")
         elif self.method_options:
             raise ValueError(f"method_options {sorted(self.method_options)} mean nothing for strategy {self.kind!r}")
 

@@ -54,6 +54,9 @@ def test_parse_spec_and_labels():
         parse_spec("downsample:100")
     with pytest.raises(ValueError, match="needs logits=1"):
         parse_spec("distilled:7850B:random:jpeg:quality=2:alpha=0.3")
+    for bad in ("-0.1", "nan", "inf"):
+        with pytest.raises(ValueError, match="'alpha' must be >= 0 and finite"):
+            parse_spec(f"distilled:7850B:random:jpeg:quality=2:logits=1:alpha={bad}")
 
 
 def test_alpha_reaches_the_logit_replay_weight():

@@ -96,10 +96,11 @@ class StrategySpec:
             _check_type(key, value, types[key])
         if self.kind == "distilled":
             check_method_options(self.method, self.method_options)
-            if "alpha" in self.options and not self.options.get("logits"):
+            alpha = self.options.get("alpha")
+            if alpha is not None and not self.options.get("logits"):
                 raise ValueError("option 'alpha' weights the held logits' replay: it needs logits=1")
-            if not 0 <= self.options.get("alpha", 0.1) < float("inf"):
-                raise ValueError(f"option 'alpha' must be >= 0 and finite, got {self.options['alpha']!r}")
+            if alpha is not None and not 0 <= alpha < float("inf"):
+                raise ValueError(f"option 'alpha' must be >= 0 and finite, got {alpha!r}")
         elif self.method_options:
             raise ValueError(f"method_options {sorted(self.method_options)} mean nothing for strategy {self.kind!r}")
 
@@ -386,8 +387,9 @@ def make_strategy(spec: StrategySpec, config: RunConfig, *, progress: bool = Fal
             logits=bool(spec.options.get("logits", False)), core=spec.options.get("core"), fill=str(spec.options.get("fill", "random")),
             complement=bool(spec.options.get("complement", False)), epochs=config.epochs,
         )
+        weight = {"logit_loss_weight": spec.options["alpha"]} if "alpha" in spec.options else {}  # else the plugin's default
         plugin = DistilledReplayPlugin(config=buffer, batch_size_mem=config.batch_size_mem, dataset_meta=info.meta(), progress=progress,
-                                       mix=float(spec.options.get("mix", 0.5)), logit_loss_weight=float(spec.options.get("alpha", 0.1)))
+                                       mix=float(spec.options.get("mix", 0.5)), **weight)
     return Naive(plugins=[plugin], **common)
 
 

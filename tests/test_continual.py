@@ -57,6 +57,8 @@ def test_parse_spec_and_labels():
     for bad in ("-0.1", "nan", "inf"):
         with pytest.raises(ValueError, match="'alpha' must be >= 0 and finite"):
             parse_spec(f"distilled:7850B:random:jpeg:quality=2:logits=1:alpha={bad}")
+    with pytest.raises(ValueError, match="mean nothing"):
+        parse_spec("replay:100:factor=2")
 
 
 def test_alpha_reaches_the_logit_replay_weight():
@@ -69,8 +71,6 @@ def test_alpha_reaches_the_logit_replay_weight():
     default = [p.logit_loss_weight for p in make_strategy(parse_spec("distilled:7850B:random:jpeg:quality=2:logits=1"), config).plugins
                if hasattr(p, "logit_loss_weight")]
     assert weights == [0.3] and default == [0.1]
-    with pytest.raises(ValueError, match="mean nothing"):
-        parse_spec("replay:100:factor=2")
 
 
 def test_forgetting_from_the_accuracy_matrix():

@@ -95,7 +95,7 @@ class BoundaryAnchors(MatchingDistiller):
             raise ValueError("boundary moves images to the learner's boundary: it needs the learner (learner_aware=True)")
         start = time.perf_counter()
         learner = copy.deepcopy(self._learner).eval().requires_grad_(False).to(images.device)
-        base = self._start_images(images, labels, classes, num_classes)
+        base = self._start_images(images, labels, classes)
         learned, moved = self._parameterised(base)
         ids = torch.tensor([c for c in classes for _ in range(self.ipc)], dtype=torch.int64)
         target = ids.to(images.device)
@@ -126,7 +126,7 @@ class BoundaryAnchors(MatchingDistiller):
                  **self._stored_form_meta()}
         return DistillResult(syn.detach(), ids.clone(), ids, extra)
 
-    def _start_images(self, images: torch.Tensor, labels: torch.Tensor, classes: list[int], num_classes: int) -> torch.Tensor:
+    def _start_images(self, images: torch.Tensor, labels: torch.Tensor, classes: list[int]) -> torch.Tensor:
         """The real images each class starts from, ``ipc`` per class in class order, at the stored resolution."""
         if self.start == "random":  # the random twin's own picks, in its order
             picks = random_picks(labels, classes, self.ipc, self.seed)

@@ -44,20 +44,17 @@ class Recode(MatchingDistiller):
         super().__init__(ipc, init="real" if init == "random" else init, iterations=iterations, batch_classes=False, **options)
         self.init = init
         self.pairs = pairs
-        self._origin: dict[int, torch.Tensor] = {}
-        self._twin: dict[int, torch.Tensor] = {}
+        self._origin: dict[int, torch.Tensor] = {}  # per class, the real images the learned ones started from
 
     def _distill(self, images: torch.Tensor, labels: torch.Tensor, classes: list[int], num_classes: int) -> DistillResult:
-        self._twin = random_picks(labels, classes, self.ipc, self.seed) if self.init == "random" else {}
-        try:
-            return super()._distill(images, labels, classes, num_classes)
-        finally:
-            self._twin = {}
+        if self.init == "random":  # drawn for all classes at once: one seeded stream, as the random method draws it
+            self._origin = random_picks(labels, classes, self.ipc, self.seed)
+        return super()._distill(images, labels, classes, num_classes)
 
     def _start_index(self, images: torch.Tensor, index: torch.Tensor, cls: int) -> torch.Tensor:
-        picked = self._twin[cls] if self.init == "random" else super()._start_index(images, index, cls)
-        self._origin[cls] = picked  # each learned image keeps its original
-        return picked
+        if self.init != "random":
+            self._origin[cls] = super()._start_index(images, index, cls)
+        return self._origin[cls]
 
     def _class_pair(self, images: torch.Tensor, index: torch.Tensor, syn: torch.Tensor, gen: torch.Generator,
                     cls: int) -> tuple[torch.Tensor, torch.Tensor]:
